@@ -1,0 +1,64 @@
+//! Typed errors of the library. Each names the file and, where there is one, the tensor or
+//! key, with what was expected and what was found.
+
+use std::path::PathBuf;
+
+use crate::ggml::FfiError;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+
+    #[error("{path}: not a valid GGUF file: {reason}")]
+    BadGguf { path: PathBuf, reason: String },
+
+    #[error("{path}: not a valid safetensors file: {reason}")]
+    BadSafetensors { path: PathBuf, reason: String },
+
+    #[error("{path}: truncated: {what} ends at byte {needed}, but the file has {got} bytes")]
+    Truncated { path: PathBuf, what: String, needed: u64, got: u64 },
+
+    #[error("{path}: unsupported architecture {got}; sage supports {expected}")]
+    UnknownArchitecture { path: PathBuf, got: String, expected: String },
+
+    #[error("{path}: missing tensor '{tensor}'")]
+    MissingTensor { path: PathBuf, tensor: String },
+
+    #[error("{path}: tensor '{tensor}' has wrong shape; expected {expected}, got {got}")]
+    WrongShape { path: PathBuf, tensor: String, expected: String, got: String },
+
+    #[error("{path}: tensor '{tensor}' has unsupported type {got}; expected {expected}")]
+    UnsupportedDtype { path: PathBuf, tensor: String, got: String, expected: String },
+
+    #[error("{path}: '{key}': {reason}")]
+    Config { path: PathBuf, key: String, reason: String },
+
+    #[error("{path}: {reason}")]
+    Tokenizer { path: PathBuf, reason: String },
+
+    #[error("{path}: not a usable sage model directory: {reason}")]
+    BadModelDir { path: PathBuf, reason: String },
+
+    #[error("{path}: {reason}")]
+    Output { path: PathBuf, reason: String },
+
+    #[error("{path}: tensor '{tensor}': {source}")]
+    Tensor { path: PathBuf, tensor: String, source: FfiError },
+
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// Attach a path to an `io::Error`.
+pub(crate) trait IoContext<T> {
+    fn at(self, path: impl Into<PathBuf>) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn at(self, path: impl Into<PathBuf>) -> Result<T> {
+        self.map_err(|source| Error::Io { path: path.into(), source })
+    }
+}

@@ -1,0 +1,151 @@
+//! File helpers: positioned reads with a truncation check, and writers that only ever leave
+//! a file under its final name once it is complete (write to `NAME.partial`, fsync, rename).
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, IoContext, Result};
+use crate::ggml::Gguf;
+
+/// Read `len` bytes at `offset`; a short file is a `Truncated` error naming `what`.
+pub fn read_at(file: &File, path: &Path, offset: u64, len: u64, what: &str) -> Result<Vec<u8>> {
+    let file_len = file.metadata().at(path)?.len();
+    let end = offset.checked_add(len).unwrap_or(u64::MAX);
+    if end > file_len {
+        return Err(Error::Truncated { path: path.to_path_buf(), what: what.to_string(), needed: end, got: file_len });
+    }
+    let mut buf = vec![0u8; len as usize];
+    file.read_exact_at(&mut buf, offset).at(path)?;
+    Ok(buf)
+}
+
+pub fn partial_name(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".partial");
+    PathBuf::from(s)
+}
+
+/// A file written under `NAME.partial` and renamed to `NAME` by `finish`; dropped unfinished,
+/// the partial file is removed.
+pub struct AtomicFile {
+    file: Option<File>,
+    tmp: PathBuf,
+    path: PathBuf,
+    pub written: u64,
+}
+
+impl AtomicFile {
+    pub fn create(path: &Path) -> Result<AtomicFile> {
+        let tmp = partial_name(path);
+        let file = File::create(&tmp).at(&tmp)?;
+        Ok(AtomicFile { file: Some(file), tmp, path: path.to_path_buf(), written: 0 })
+    }
+
+    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.file.as_mut().expect("written after finish").write_all(bytes).at(&self.tmp)?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Pad with zeros to a multiple of `align`.
+    pub fn pad_to(&mut self, align: u64) -> Result<()> {
+        let pad = self.written.next_multiple_of(align) - self.written;
+        if pad > 0 {
+            self.write(&vec![0u8; pad as usize])?;
+        }
+        Ok(())
+    }
+
+    /// fsync and rename into place.
+    pub fn finish(mut self) -> Result<()> {
+        let file = self.file.take().expect("finished twice");
+        file.sync_all().at(&self.tmp)?;
+        drop(file);
+        std::fs::rename(&self.tmp, &self.path).at(&self.path)?;
+        Ok(())
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Streams a GGUF file: the metadata of a prepared `Gguf` first, then each declared tensor's
+/// data in declaration order, each checked against its declared size and padded.
+pub struct GgufStream {
+    out: AtomicFile,
+    tensors: Vec<(String, u64)>,
+    next: usize,
+    alignment: u64,
+    /// Where the data of the next tensor starts.
+    starts_at: u64,
+}
+
+impl GgufStream {
+    pub fn create(g: &Gguf, path: &Path) -> Result<GgufStream> {
+        let mut out = AtomicFile::create(path)?;
+        out.write(&g.meta_bytes())?;
+        let tensors = g.tensors().into_iter().map(|t| (t.name, t.size)).collect();
+        let starts_at = out.written;
+        Ok(GgufStream { out, tensors, next: 0, alignment: g.alignment(), starts_at })
+    }
+
+    /// Name of the next tensor expected.
+    pub fn next_name(&self) -> Option<&str> {
+        self.tensors.get(self.next).map(|(n, _)| n.as_str())
+    }
+
+    /// Write the data of the next declared tensor, which must be `name` of the declared size.
+    /// Large tensors may come in pieces: `write_part` then `end_tensor`.
+    pub fn write_tensor(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        self.write_part(name, bytes)?;
+        self.end_tensor(name)
+    }
+
+    pub fn write_part(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        self.check_name(name)?;
+        self.out.write(bytes)
+    }
+
+    pub fn end_tensor(&mut self, name: &str) -> Result<()> {
+        self.check_name(name)?;
+        let (_, size) = &self.tensors[self.next];
+        let start = self.starts_at;
+        if self.out.written - start != *size {
+            return Err(Error::Output {
+                path: self.out.path.clone(),
+                reason: format!("tensor '{name}': wrote {} bytes, declared {size}", self.out.written - start),
+            });
+        }
+        self.out.pad_to(self.alignment)?;
+        self.next += 1;
+        self.starts_at = self.out.written;
+        Ok(())
+    }
+
+    fn check_name(&self, name: &str) -> Result<()> {
+        match self.tensors.get(self.next) {
+            Some((n, _)) if n == name => Ok(()),
+            other => Err(Error::Output {
+                path: self.out.path.clone(),
+                reason: format!("tensor '{name}' written where {:?} was declared", other.map(|o| &o.0)),
+            }),
+        }
+    }
+
+    pub fn finish(self) -> Result<()> {
+        if self.next != self.tensors.len() {
+            return Err(Error::Output {
+                path: self.out.path.clone(),
+                reason: format!("only {} of {} tensors written", self.next, self.tensors.len()),
+            });
+        }
+        self.out.finish()
+    }
+}
