@@ -1,0 +1,275 @@
+//! The model directory sage-convert writes and sage reads:
+//!
+//! ```text
+//! DIR/base.gguf              hyperparameters, tokenizer, every non-expert tensor, the manifest
+//! DIR/tokenizer.json         the same tokenizer for the tokenizers crate
+//! DIR/experts/blk.NNN.bin    one shard per layer: a 4 KiB header, then one record per expert
+//! ```
+//!
+//! A record is the expert's gate, up and down projections back to back, starting on a 4 KiB
+//! boundary, so one expert is one contiguous, aligned read (or mapping). The manifest
+//! (`sage.experts.blk.N.*` keys in base.gguf) lists per layer which experts exist, their
+//! offsets and the three types. `base.gguf` is written last: a directory without it, or with
+//! the `.sage-incomplete` marker, is an unfinished conversion and is refused.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use crate::config::ModelConfig;
+use crate::error::{Error, IoContext, Result};
+use crate::ggml::{GgmlType, Gguf, GgufArray, GgufTensorInfo, GgufValue};
+use crate::io::read_at;
+use crate::names::*;
+use crate::source::open_gguf_checked;
+
+pub const BASE: &str = "base.gguf";
+pub const TOKENIZER: &str = "tokenizer.json";
+pub const EXPERT_DIR: &str = "experts";
+pub const INCOMPLETE_MARKER: &str = ".sage-incomplete";
+pub const FORMAT_VERSION: u32 = 1;
+/// Alignment of shard records (and size of the shard header): a page, so one expert can be
+/// mapped on its own or read with O_DIRECT.
+pub const RECORD_ALIGN: u64 = 4096;
+pub const SHARD_MAGIC: &[u8; 8] = b"SAGEXPRT";
+
+/// Relative path of layer `il`'s shard.
+pub fn shard_name(il: u32) -> String {
+    format!("{EXPERT_DIR}/blk.{il:03}.bin")
+}
+
+/// The experts of one layer as stored in its shard.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExpertLayer {
+    pub il: u32,
+    /// Shard path relative to the model directory.
+    pub file: String,
+    /// Expert ids present, ascending.
+    pub ids: Vec<u32>,
+    /// File offset of each expert's record (same order as `ids`).
+    pub offsets: Vec<u64>,
+    /// Types of gate, up, down.
+    pub types: [GgmlType; 3],
+    /// Shapes (ggml order) of gate, up, down.
+    pub shapes: [[u64; 2]; 3],
+}
+
+impl ExpertLayer {
+    /// Bytes of each projection.
+    pub fn sizes(&self) -> [u64; 3] {
+        std::array::from_fn(|p| self.types[p].tensor_size(&self.shapes[p]).unwrap_or(0))
+    }
+
+    /// Bytes of one expert's record (gate + up + down, no padding).
+    pub fn record_size(&self) -> u64 {
+        self.sizes().iter().sum()
+    }
+
+    /// Distance between records in the shard.
+    pub fn stride(&self) -> u64 {
+        self.record_size().next_multiple_of(RECORD_ALIGN)
+    }
+
+    /// The size the shard file must have.
+    pub fn file_size(&self) -> u64 {
+        RECORD_ALIGN + self.ids.len() as u64 * self.stride()
+    }
+
+    pub fn slot_of(&self, expert: u32) -> Option<usize> {
+        self.ids.binary_search(&expert).ok()
+    }
+}
+
+/// The shard header: magic, format version, layer, expert count, record stride, conversion id.
+pub fn shard_header(layer: &ExpertLayer, conversion_id: &str) -> Vec<u8> {
+    let mut h = Vec::with_capacity(RECORD_ALIGN as usize);
+    h.extend_from_slice(SHARD_MAGIC);
+    h.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h.extend_from_slice(&layer.il.to_le_bytes());
+    h.extend_from_slice(&(layer.ids.len() as u32).to_le_bytes());
+    h.extend_from_slice(&0u32.to_le_bytes());
+    h.extend_from_slice(&layer.stride().to_le_bytes());
+    let mut id = [0u8; 32];
+    let b = conversion_id.as_bytes();
+    id[..b.len().min(32)].copy_from_slice(&b[..b.len().min(32)]);
+    h.extend_from_slice(&id);
+    h.resize(RECORD_ALIGN as usize, 0);
+    h
+}
+
+/// Where the experts are, as recorded in base.gguf.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Manifest {
+    pub conversion_id: String,
+    pub source: String,
+    pub layers: Vec<ExpertLayer>,
+}
+
+impl Manifest {
+    pub fn write_gguf(&self, g: &mut Gguf) -> Result<()> {
+        let mut kv = vec![
+            (SAGE_FORMAT_VERSION.to_string(), GgufValue::U32(FORMAT_VERSION)),
+            (SAGE_CONVERSION_ID.to_string(), GgufValue::Str(self.conversion_id.clone())),
+            (SAGE_SOURCE.to_string(), GgufValue::Str(self.source.clone())),
+            (SAGE_EXPERT_ALIGNMENT.to_string(), GgufValue::U32(RECORD_ALIGN as u32)),
+        ];
+        for l in &self.layers {
+            kv.push((sage_layer_key(l.il, "file"), GgufValue::Str(l.file.clone())));
+            kv.push((sage_layer_key(l.il, "ids"), GgufValue::Array(GgufArray::U32(l.ids.clone()))));
+            kv.push((sage_layer_key(l.il, "offsets"), GgufValue::Array(GgufArray::U64(l.offsets.clone()))));
+            kv.push((sage_layer_key(l.il, "types"), GgufValue::Array(GgufArray::U32(l.types.map(|t| t.raw()).to_vec()))));
+            kv.push((
+                sage_layer_key(l.il, "shapes"),
+                GgufValue::Array(GgufArray::U64(l.shapes.iter().flatten().copied().collect())),
+            ));
+        }
+        for (k, v) in &kv {
+            g.set(k, v).map_err(|e| Error::Usage(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    pub fn read_gguf(g: &Gguf, path: &Path, cfg: &ModelConfig) -> Result<Manifest> {
+        let bad = |key: &str, reason: String| Error::Config { path: path.to_path_buf(), key: key.to_string(), reason };
+        match g.get(SAGE_FORMAT_VERSION) {
+            Some(GgufValue::U32(FORMAT_VERSION)) => {}
+            None => {
+                return Err(Error::BadModelDir {
+                    path: path.to_path_buf(),
+                    reason: format!("no '{SAGE_FORMAT_VERSION}': this GGUF has no sage expert manifest"),
+                })
+            }
+            Some(v) => return Err(bad(SAGE_FORMAT_VERSION, format!("expected {FORMAT_VERSION}, got {v:?}"))),
+        }
+        let string = |key: &str| match g.get(key) {
+            Some(GgufValue::Str(s)) => Ok(s),
+            other => Err(bad(key, format!("expected a string, got {other:?}"))),
+        };
+        let mut layers = Vec::new();
+        for il in 0..cfg.n_layer {
+            let key = |f: &str| sage_layer_key(il, f);
+            let file = string(&key("file"))?;
+            if file != shard_name(il) {
+                // Paths come from the file, so only sage's own layout is accepted.
+                return Err(bad(&key("file"), format!("expected '{}', got '{file}'", shard_name(il))));
+            }
+            let ids = match g.get(&key("ids")) {
+                Some(GgufValue::Array(GgufArray::U32(v))) => v,
+                other => return Err(bad(&key("ids"), format!("expected a u32 array, got {other:?}"))),
+            };
+            if ids.is_empty() || ids.windows(2).any(|w| w[0] >= w[1]) || ids.iter().any(|&e| e >= cfg.n_expert) {
+                return Err(bad(&key("ids"), format!("expected ascending ids below {}, got {ids:?}", cfg.n_expert)));
+            }
+            let offsets = match g.get(&key("offsets")) {
+                Some(GgufValue::Array(GgufArray::U64(v))) if v.len() == ids.len() => v,
+                other => return Err(bad(&key("offsets"), format!("expected {} u64 offsets, got {other:?}", ids.len()))),
+            };
+            let types = match g.get(&key("types")) {
+                Some(GgufValue::Array(GgufArray::U32(v))) if v.len() == 3 => v,
+                other => return Err(bad(&key("types"), format!("expected 3 ggml type ids, got {other:?}"))),
+            };
+            let types: [Option<GgmlType>; 3] = std::array::from_fn(|p| GgmlType::from_raw(types[p]));
+            let types = match types {
+                [Some(a), Some(b), Some(c)] => [a, b, c],
+                _ => return Err(bad(&key("types"), "unknown ggml type id".into())),
+            };
+            let shapes = match g.get(&key("shapes")) {
+                Some(GgufValue::Array(GgufArray::U64(v))) if v.len() == 6 => [[v[0], v[1]], [v[2], v[3]], [v[4], v[5]]],
+                other => return Err(bad(&key("shapes"), format!("expected 6 u64 dims, got {other:?}"))),
+            };
+            let want = [[cfg.n_embd, cfg.n_ff_exp], [cfg.n_embd, cfg.n_ff_exp], [cfg.n_ff_exp, cfg.n_embd]];
+            if shapes != want || (0..3).any(|p| types[p].tensor_size(&shapes[p]).is_none()) {
+                return Err(bad(&key("shapes"), format!("expected {want:?} fitting {types:?}, got {shapes:?}")));
+            }
+            let layer = ExpertLayer { il, file, ids, offsets, types, shapes };
+            for (i, &off) in layer.offsets.iter().enumerate() {
+                if off != RECORD_ALIGN + i as u64 * layer.stride() {
+                    return Err(bad(&key("offsets"), format!("offset {off} of expert {} is not where its record lies", layer.ids[i])));
+                }
+            }
+            layers.push(layer);
+        }
+        Ok(Manifest { conversion_id: string(SAGE_CONVERSION_ID)?, source: string(SAGE_SOURCE).unwrap_or_default(), layers })
+    }
+}
+
+/// An opened, validated model directory.
+pub struct ModelDir {
+    pub path: PathBuf,
+    pub base_path: PathBuf,
+    pub base: Gguf,
+    pub base_file: File,
+    pub base_tensors: Vec<GgufTensorInfo>,
+    pub config: ModelConfig,
+    pub manifest: Manifest,
+    shards: Vec<File>,
+}
+
+impl ModelDir {
+    /// Open `dir`, checking that the conversion finished, that base.gguf is whole, and that
+    /// every shard exists with the header and size the manifest says.
+    pub fn open(dir: &Path) -> Result<ModelDir> {
+        let bad = |reason: String| Error::BadModelDir { path: dir.to_path_buf(), reason };
+        if !dir.is_dir() {
+            return Err(bad("not a directory".into()));
+        }
+        if dir.join(INCOMPLETE_MARKER).exists() {
+            return Err(bad(format!(
+                "it holds an unfinished conversion ({INCOMPLETE_MARKER} is present); run sage-convert again with --force"
+            )));
+        }
+        let base_path = dir.join(BASE);
+        if !base_path.is_file() {
+            return Err(bad(format!("{BASE} is missing")));
+        }
+        let (base, base_file, base_tensors) = open_gguf_checked(&base_path)?;
+        let config = ModelConfig::read_gguf(&base, &base_path)?;
+        let manifest = Manifest::read_gguf(&base, &base_path, &config)?;
+        let mut shards = Vec::new();
+        for l in &manifest.layers {
+            let p = dir.join(&l.file);
+            let f = File::open(&p).at(&p)?;
+            let len = f.metadata().at(&p)?.len();
+            if len != l.file_size() {
+                let what = format!("{} experts of {} bytes", l.ids.len(), l.record_size());
+                return Err(Error::Truncated { path: p, what, needed: l.file_size(), got: len });
+            }
+            let header = read_at(&f, &p, 0, RECORD_ALIGN, "shard header")?;
+            if header != shard_header(l, &manifest.conversion_id) {
+                return Err(Error::BadModelDir {
+                    path: p,
+                    reason: format!(
+                        "shard header does not match base.gguf (layer {}, {} experts, conversion {}): the files come from different conversions",
+                        l.il,
+                        l.ids.len(),
+                        manifest.conversion_id
+                    ),
+                });
+            }
+            shards.push(f);
+        }
+        Ok(ModelDir { path: dir.to_path_buf(), base_path, base, base_file, base_tensors, config, manifest, shards })
+    }
+
+    /// Bytes of expert `expert` of layer `il` (gate, up, down back to back).
+    pub fn read_expert(&self, il: u32, expert: u32) -> Result<Vec<u8>> {
+        let l = &self.manifest.layers[il as usize];
+        let slot = l.slot_of(expert).ok_or_else(|| Error::BadModelDir {
+            path: self.path.clone(),
+            reason: format!("layer {il} has no expert {expert} (pool {:?})", l.ids),
+        })?;
+        read_at(&self.shards[il as usize], &self.path.join(&l.file), l.offsets[slot], l.record_size(), &format!("expert {expert}"))
+    }
+
+    /// Data of a base tensor.
+    pub fn read_base(&self, t: &GgufTensorInfo) -> Result<Vec<u8>> {
+        read_at(&self.base_file, &self.base_path, self.base.data_offset() + t.offset, t.size, &format!("tensor '{}'", t.name))
+    }
+
+    pub fn base_bytes(&self) -> u64 {
+        self.base_tensors.iter().map(|t| t.size).sum()
+    }
+
+    pub fn expert_bytes(&self) -> u64 {
+        self.manifest.layers.iter().map(|l| l.record_size() * l.ids.len() as u64).sum()
+    }
+}

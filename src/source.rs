@@ -1,0 +1,469 @@
+//! Inputs of the converter: a Hugging Face safetensors checkpoint or a llama.cpp GGUF, both
+//! seen through one interface that yields tensors under llama.cpp's names, one at a time.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, SafeTensors};
+
+use crate::config::{read_hf_config, HfLayout, ModelConfig};
+use crate::error::{Error, IoContext, Result};
+use crate::ggml::{GgmlType, Gguf, GgufTensorInfo, GgufValue, Mapped};
+use crate::io::read_at;
+use crate::names::*;
+use crate::tokenizer::TokenizerData;
+
+/// Type and shape (ggml order: ne[0] is the row length) of a source tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorMeta {
+    pub ty: GgmlType,
+    pub ne: Vec<u64>,
+}
+
+impl TensorMeta {
+    pub fn size(&self) -> u64 {
+        self.ty.tensor_size(&self.ne).unwrap_or(0)
+    }
+}
+
+/// A tensor's bytes as stored in the source.
+pub struct TensorData {
+    pub meta: TensorMeta,
+    pub bytes: Vec<u8>,
+}
+
+/// A checkpoint to convert.
+pub trait Source {
+    /// The file or directory given by the user.
+    fn path(&self) -> &Path;
+    fn config(&self) -> &ModelConfig;
+    fn tokenizer(&self) -> Result<TokenizerData>;
+    /// Meta of a non-expert tensor under its llama.cpp name; Ok(None) when absent.
+    fn base_meta(&self, name: &str) -> Result<Option<TensorMeta>>;
+    fn base_tensor(&self, name: &str) -> Result<TensorData>;
+    /// Meta of one expert's projection (2-D).
+    fn expert_meta(&self, il: u32, e: u32, proj: Proj) -> Result<TensorMeta>;
+    fn expert(&self, il: u32, e: u32, proj: Proj) -> Result<TensorData>;
+    /// A short description for the manifest (`sage.source`).
+    fn describe(&self) -> String;
+    /// Metadata to carry into base.gguf as it is (a GGUF's own keys); sage's keys override.
+    fn extra_kv(&self) -> Vec<(String, GgufValue)> {
+        Vec::new()
+    }
+    /// The source's own name for a base tensor, for error messages (`model.norm.weight`).
+    fn source_name(&self, name: &str) -> String {
+        name.to_string()
+    }
+    /// The source's own name for one expert's projection, for error messages.
+    fn expert_source_name(&self, il: u32, e: u32, proj: Proj) -> String {
+        format!("blk.{il}.{}.weight[expert {e}]", proj.exps())
+    }
+}
+
+/// Open a checkpoint: a directory with `config.json` (Hugging Face) or a `.gguf` file.
+pub fn open(path: &Path) -> Result<Box<dyn Source>> {
+    if path.is_dir() {
+        Ok(Box::new(HfSource::open(path)?))
+    } else if path.is_file() {
+        Ok(Box::new(GgufSource::open(path)?))
+    } else {
+        // Not there (or not readable): let the OS say why.
+        std::fs::metadata(path).at(path)?;
+        Err(Error::Usage(format!("{}: neither a checkpoint directory nor a GGUF file", path.display())))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hugging Face safetensors
+
+struct StEntry {
+    file: usize,
+    dtype: Dtype,
+    /// Hugging Face shape (outermost first).
+    shape: Vec<u64>,
+    /// Absolute byte range in the file.
+    start: u64,
+    end: u64,
+}
+
+pub struct HfSource {
+    dir: PathBuf,
+    layout: HfLayout,
+    config: ModelConfig,
+    files: Vec<(PathBuf, File)>,
+    tensors: BTreeMap<String, StEntry>,
+}
+
+fn ggml_type_of(dtype: Dtype) -> Option<GgmlType> {
+    match dtype {
+        Dtype::F32 => Some(GgmlType::F32),
+        Dtype::F16 => Some(GgmlType::F16),
+        Dtype::BF16 => Some(GgmlType::BF16),
+        _ => None,
+    }
+}
+
+impl HfSource {
+    pub fn open(dir: &Path) -> Result<HfSource> {
+        let (layout, config) = read_hf_config(&dir.join("config.json"))?;
+        let index = dir.join("model.safetensors.index.json");
+        let names: Vec<String> = if index.exists() {
+            let text = std::fs::read_to_string(&index).at(&index)?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::BadSafetensors { path: index.clone(), reason: e.to_string() })?;
+            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::BadSafetensors {
+                path: index.clone(),
+                reason: "no 'weight_map' object".into(),
+            })?;
+            let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
+            files.sort();
+            files.dedup();
+            for f in &files {
+                // Names from the input never become paths outside the checkpoint directory.
+                if f.contains('/') || f.contains('\\') || f.starts_with('.') {
+                    return Err(Error::BadSafetensors { path: index.clone(), reason: format!("file name '{f}' is not a plain file name") });
+                }
+            }
+            files
+        } else {
+            let mut files: Vec<String> = std::fs::read_dir(dir)
+                .at(dir)?
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".safetensors"))
+                .collect();
+            files.sort();
+            files
+        };
+        if names.is_empty() {
+            return Err(Error::BadSafetensors { path: dir.to_path_buf(), reason: "no *.safetensors files".into() });
+        }
+        let mut files = Vec::new();
+        let mut tensors = BTreeMap::new();
+        for (fi, name) in names.iter().enumerate() {
+            let path = dir.join(name);
+            let file = File::open(&path).at(&path)?;
+            let map = Mapped::open(&file).at(&path)?;
+            let bad = |reason: String| Error::BadSafetensors { path: path.clone(), reason };
+            let (n, meta) = SafeTensors::read_metadata(map.bytes()).map_err(|e| match e {
+                safetensors::SafeTensorError::MetadataIncompleteBuffer | safetensors::SafeTensorError::InvalidHeaderLength => {
+                    Error::Truncated {
+                        path: path.clone(),
+                        what: "tensor data".into(),
+                        needed: header_end(map.bytes()),
+                        got: map.bytes().len() as u64,
+                    }
+                }
+                other => bad(other.to_string()),
+            })?;
+            let data_start = 8 + n as u64;
+            for (tname, info) in meta.tensors() {
+                if !keep_hf_name(layout, &tname) {
+                    continue;
+                }
+                let (b, e) = info.data_offsets;
+                tensors.insert(
+                    tname,
+                    StEntry {
+                        file: fi,
+                        dtype: info.dtype,
+                        shape: info.shape.iter().map(|&s| s as u64).collect(),
+                        start: data_start + b as u64,
+                        end: data_start + e as u64,
+                    },
+                );
+            }
+            files.push((path, file));
+        }
+        Ok(HfSource { dir: dir.to_path_buf(), layout, config, files, tensors })
+    }
+
+    /// Hugging Face name of a base tensor (llama.cpp name in).
+    fn hf_base_name(&self, name: &str) -> Option<String> {
+        let p = self.layout.model_prefix();
+        match name {
+            TOKEN_EMBD => return Some(format!("{p}embed_tokens.weight")),
+            OUTPUT_NORM => return Some(format!("{p}norm.weight")),
+            OUTPUT => return Some(self.layout.lm_head().into()),
+            _ => {}
+        }
+        let rest = name.strip_prefix("blk.")?;
+        let (il, rest) = rest.split_once('.')?;
+        let suffix = rest.strip_suffix(".weight")?;
+        let hf = match suffix {
+            ATTN_NORM => "input_layernorm",
+            ATTN_Q => "self_attn.q_proj",
+            ATTN_K => "self_attn.k_proj",
+            ATTN_V => "self_attn.v_proj",
+            ATTN_OUT => "self_attn.o_proj",
+            ATTN_Q_NORM => "self_attn.q_norm",
+            ATTN_K_NORM => "self_attn.k_norm",
+            FFN_NORM => "post_attention_layernorm",
+            FFN_GATE_INP => "mlp.gate",
+            _ => return None,
+        };
+        Some(format!("{p}layers.{il}.{hf}.weight"))
+    }
+
+    fn entry_meta(&self, hf_name: &str, e: &StEntry) -> Result<TensorMeta> {
+        let ty = ggml_type_of(e.dtype).ok_or_else(|| Error::UnsupportedDtype {
+            path: self.files[e.file].0.clone(),
+            tensor: hf_name.to_string(),
+            got: format!("{:?}", e.dtype),
+            expected: "F32, F16 or BF16".into(),
+        })?;
+        Ok(TensorMeta { ty, ne: e.shape.iter().rev().copied().collect() })
+    }
+
+    fn read(&self, hf_name: &str, e: &StEntry, start: u64, len: u64) -> Result<Vec<u8>> {
+        let (path, file) = &self.files[e.file];
+        read_at(file, path, start, len, &format!("tensor '{hf_name}'"))
+    }
+
+    fn fused(&self, il: u32, which: &str) -> Option<(String, &StEntry)> {
+        let n = format!("{}layers.{il}.mlp.experts.{which}", self.layout.model_prefix());
+        self.tensors.get(&n).map(|e| (n, e))
+    }
+
+    fn per_expert_name(&self, il: u32, e: u32, proj: Proj) -> String {
+        format!("{}layers.{il}.mlp.experts.{e}.{}.weight", self.layout.model_prefix(), proj.hf())
+    }
+
+    fn missing(&self, tensor: String) -> Error {
+        Error::MissingTensor { path: self.dir.clone(), tensor }
+    }
+}
+
+/// Which safetensors names belong to the text model (Omni's audio, vision and talker parts do not).
+fn keep_hf_name(layout: HfLayout, name: &str) -> bool {
+    match layout {
+        HfLayout::Qwen3Moe => true,
+        HfLayout::Qwen3OmniThinker => name.starts_with("thinker.model.") || name.starts_with("thinker.lm_head."),
+    }
+}
+
+/// Where the data section of a safetensors buffer claims to end (for truncation messages).
+fn header_end(buf: &[u8]) -> u64 {
+    let Some(n) = buf.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap())) else { return 8 };
+    let Some(h) = buf.get(8..(8 + n as usize).min(buf.len())) else { return 8 + n };
+    let max_end = serde_json::from_slice::<serde_json::Value>(h)
+        .ok()
+        .and_then(|v| {
+            v.as_object().map(|o| {
+                o.values()
+                    .filter_map(|t| t.get("data_offsets")?.get(1)?.as_u64())
+                    .max()
+                    .unwrap_or(0)
+            })
+        })
+        .unwrap_or(0);
+    8 + n + max_end
+}
+
+impl Source for HfSource {
+    fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn tokenizer(&self) -> Result<TokenizerData> {
+        TokenizerData::from_hf_dir(&self.dir, &self.config)
+    }
+
+    fn base_meta(&self, name: &str) -> Result<Option<TensorMeta>> {
+        let hf = self.hf_base_name(name).ok_or_else(|| self.missing(name.to_string()))?;
+        match self.tensors.get(&hf) {
+            Some(e) => Ok(Some(self.entry_meta(&hf, e)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn base_tensor(&self, name: &str) -> Result<TensorData> {
+        let hf = self.hf_base_name(name).ok_or_else(|| self.missing(name.to_string()))?;
+        let e = self.tensors.get(&hf).ok_or_else(|| self.missing(hf.clone()))?;
+        let meta = self.entry_meta(&hf, e)?;
+        let bytes = self.read(&hf, e, e.start, e.end - e.start)?;
+        Ok(TensorData { meta, bytes })
+    }
+
+    fn expert_meta(&self, il: u32, e: u32, proj: Proj) -> Result<TensorMeta> {
+        let name = self.per_expert_name(il, e, proj);
+        if let Some(entry) = self.tensors.get(&name) {
+            return self.entry_meta(&name, entry);
+        }
+        // transformers 5 in memory (and checkpoints saved that way): gate_up_proj [E, 2F, D]
+        // (gate rows first) and down_proj [E, D, F].
+        let which = if proj == Proj::Down { "down_proj" } else { "gate_up_proj" };
+        let (fname, entry) = self.fused(il, which).ok_or_else(|| self.missing(name))?;
+        let m = self.entry_meta(&fname, entry)?;
+        if m.ne.len() != 3 || (proj != Proj::Down && m.ne[1] % 2 != 0) || e as u64 >= m.ne[2] {
+            return Err(Error::WrongShape {
+                path: self.files[entry.file].0.clone(),
+                tensor: fname,
+                expected: format!("[n_expert > {e}, rows, cols] (3 dims)"),
+                got: format!("{:?}", entry.shape),
+            });
+        }
+        let rows = if proj == Proj::Down { m.ne[1] } else { m.ne[1] / 2 };
+        Ok(TensorMeta { ty: m.ty, ne: vec![m.ne[0], rows] })
+    }
+
+    fn expert(&self, il: u32, e: u32, proj: Proj) -> Result<TensorData> {
+        let meta = self.expert_meta(il, e, proj)?;
+        let name = self.per_expert_name(il, e, proj);
+        if let Some(entry) = self.tensors.get(&name) {
+            let bytes = self.read(&name, entry, entry.start, entry.end - entry.start)?;
+            return Ok(TensorData { meta, bytes });
+        }
+        let which = if proj == Proj::Down { "down_proj" } else { "gate_up_proj" };
+        let (fname, entry) = self.fused(il, which).ok_or_else(|| self.missing(name))?;
+        let size = meta.size();
+        let per_expert = if proj == Proj::Down { size } else { 2 * size };
+        let mut start = entry.start + e as u64 * per_expert;
+        if proj == Proj::Up {
+            start += size;
+        }
+        let bytes = self.read(&fname, entry, start, size)?;
+        Ok(TensorData { meta, bytes })
+    }
+
+    fn describe(&self) -> String {
+        format!("Hugging Face checkpoint {}", self.dir.file_name().unwrap_or_default().to_string_lossy())
+    }
+
+    fn source_name(&self, name: &str) -> String {
+        self.hf_base_name(name).unwrap_or_else(|| name.to_string())
+    }
+
+    fn expert_source_name(&self, il: u32, e: u32, proj: Proj) -> String {
+        let name = self.per_expert_name(il, e, proj);
+        if self.tensors.contains_key(&name) {
+            return name;
+        }
+        let which = if proj == Proj::Down { "down_proj" } else { "gate_up_proj" };
+        format!("{}layers.{il}.mlp.experts.{which}[{e}]", self.layout.model_prefix())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// llama.cpp GGUF
+
+pub struct GgufSource {
+    path: PathBuf,
+    file: File,
+    gguf: Gguf,
+    config: ModelConfig,
+    tensors: BTreeMap<String, GgufTensorInfo>,
+}
+
+/// Open a GGUF file and check that every tensor's data lies inside it.
+pub fn open_gguf_checked(path: &Path) -> Result<(Gguf, File, Vec<GgufTensorInfo>)> {
+    let file = File::open(path).at(path)?;
+    let gguf = Gguf::open(path).map_err(|e| Error::BadGguf { path: path.to_path_buf(), reason: e.to_string() })?;
+    let len = file.metadata().at(path)?.len();
+    let data = gguf.data_offset();
+    let infos = gguf.tensors();
+    for t in &infos {
+        let end = data.saturating_add(t.offset).saturating_add(t.size);
+        if end > len {
+            return Err(Error::Truncated { path: path.to_path_buf(), what: format!("tensor '{}'", t.name), needed: end, got: len });
+        }
+    }
+    Ok((gguf, file, infos))
+}
+
+impl GgufSource {
+    pub fn open(path: &Path) -> Result<GgufSource> {
+        let (gguf, file, infos) = open_gguf_checked(path)?;
+        let config = ModelConfig::read_gguf(&gguf, path)?;
+        let tensors = infos.into_iter().map(|t| (t.name.clone(), t)).collect();
+        Ok(GgufSource { path: path.to_path_buf(), file, gguf, config, tensors })
+    }
+
+    fn info(&self, name: &str) -> Result<&GgufTensorInfo> {
+        self.tensors.get(name).ok_or_else(|| Error::MissingTensor { path: self.path.clone(), tensor: name.to_string() })
+    }
+
+    fn meta_of(&self, t: &GgufTensorInfo) -> Result<TensorMeta> {
+        let ty = t.ty.ok_or_else(|| Error::UnsupportedDtype {
+            path: self.path.clone(),
+            tensor: t.name.clone(),
+            got: format!("ggml type id {}", t.raw_type),
+            expected: "a type this ggml build knows".into(),
+        })?;
+        Ok(TensorMeta { ty, ne: t.ne.clone() })
+    }
+
+    fn read(&self, t: &GgufTensorInfo, rel: u64, len: u64) -> Result<Vec<u8>> {
+        read_at(&self.file, &self.path, self.gguf.data_offset() + t.offset + rel, len, &format!("tensor '{}'", t.name))
+    }
+}
+
+impl Source for GgufSource {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn tokenizer(&self) -> Result<TokenizerData> {
+        TokenizerData::from_gguf(&self.gguf, &self.path)
+    }
+
+    fn base_meta(&self, name: &str) -> Result<Option<TensorMeta>> {
+        match self.tensors.get(name) {
+            Some(t) => Ok(Some(self.meta_of(t)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn base_tensor(&self, name: &str) -> Result<TensorData> {
+        let t = self.info(name)?;
+        let meta = self.meta_of(t)?;
+        let bytes = self.read(t, 0, t.size)?;
+        Ok(TensorData { meta, bytes })
+    }
+
+    fn expert_meta(&self, il: u32, e: u32, proj: Proj) -> Result<TensorMeta> {
+        let name = format!("blk.{il}.{}.weight", proj.exps());
+        let t = self.info(&name)?;
+        let m = self.meta_of(t)?;
+        if m.ne.len() != 3 || e as u64 >= m.ne[2] {
+            return Err(Error::WrongShape {
+                path: self.path.clone(),
+                tensor: name,
+                expected: format!("3 dims with more than {e} experts"),
+                got: format!("{:?}", m.ne),
+            });
+        }
+        Ok(TensorMeta { ty: m.ty, ne: m.ne[..2].to_vec() })
+    }
+
+    fn expert(&self, il: u32, e: u32, proj: Proj) -> Result<TensorData> {
+        let meta = self.expert_meta(il, e, proj)?;
+        let t = self.info(&format!("blk.{il}.{}.weight", proj.exps()))?;
+        let size = meta.size();
+        let bytes = self.read(t, e as u64 * size, size)?;
+        Ok(TensorData { meta, bytes })
+    }
+
+    fn describe(&self) -> String {
+        format!("GGUF {}", self.path.file_name().unwrap_or_default().to_string_lossy())
+    }
+
+    fn extra_kv(&self) -> Vec<(String, GgufValue)> {
+        // general.file_type would be stale after re-quantizing; alignment is the writer's own.
+        self.gguf
+            .keys()
+            .into_iter()
+            .filter(|k| !k.starts_with(SAGE_PREFIX) && k != "general.alignment" && k != GENERAL_FILE_TYPE)
+            .filter_map(|k| self.gguf.get(&k).map(|v| (k, v)))
+            .collect()
+    }
+}
