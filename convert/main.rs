@@ -1,0 +1,144 @@
+//! sage-convert: a Hugging Face checkpoint or a llama.cpp GGUF in, a sage model directory out.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use sage::convert::{convert, parse_expert_spec, ConvertOptions};
+use sage::inspect::{human_bytes, inspect};
+use sage::quant::parse_quant;
+
+/// Convert a Qwen3-MoE checkpoint (Hugging Face directory or llama.cpp GGUF) into a sage model
+/// directory: base.gguf (everything but the experts) plus one expert shard per layer.
+#[derive(Parser)]
+#[command(name = "sage-convert", version, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    convert: ConvertArgs,
+    /// More log output (-v: info, -vv: debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json) or a
+    /// llama.cpp .gguf file of architecture qwen3moe.
+    #[arg(required = true)]
+    input: Option<PathBuf>,
+    /// Output model directory.
+    #[arg(short, long, required = true)]
+    out: Option<PathBuf>,
+    /// Type for base and experts: f32, f16, bf16, q8_0, q6_k, q5_k, q4_k, q4_0, q3_k, q2_k.
+    /// Without it, tensors keep the source's type (GGUF tensor bytes are copied as they are).
+    #[arg(long)]
+    quant: Option<String>,
+    /// Type for the base's matrices (embeddings, attention, output); norms and the router stay f32.
+    #[arg(long)]
+    quant_base: Option<String>,
+    /// Type for the experts.
+    #[arg(long)]
+    quant_experts: Option<String>,
+    /// Keep only these experts in every layer, e.g. `0-7` or `0,3,5-9` (a pool).
+    #[arg(long)]
+    experts: Option<String>,
+    /// Replace a model already in the output directory.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a model directory as one standard GGUF that llama.cpp loads.
+    Merge {
+        /// sage model directory.
+        dir: PathBuf,
+        /// Output .gguf file.
+        #[arg(short, long)]
+        out: PathBuf,
+        /// Replace an existing output file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show architecture, hyperparameters, tensor counts, bytes and types of a model
+    /// directory or GGUF.
+    Inspect {
+        path: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).format_timestamp(None).init();
+    sage::ggml::route_logs();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sage-convert: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Some(Command::Merge { dir, out, force }) => {
+            let r = sage::merge::merge(&dir, &out, force).with_context(|| format!("merging {}", dir.display()))?;
+            println!("wrote {} ({} tensors, {} experts per layer, {})", out.display(), r.n_tensors, r.n_expert, human_bytes(r.bytes));
+        }
+        Some(Command::Inspect { path, json }) => {
+            let i = inspect(&path).with_context(|| format!("inspecting {}", path.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&i)?);
+            } else {
+                print!("{i}");
+            }
+        }
+        None => {
+            let a = cli.convert;
+            let (input, out) = (a.input.expect("required by clap"), a.out.expect("required by clap"));
+            let q = a.quant.as_deref().map(parse_quant).transpose()?;
+            let qb = a.quant_base.as_deref().map(parse_quant).transpose()?.or(q);
+            let qe = a.quant_experts.as_deref().map(parse_quant).transpose()?.or(q);
+            let experts = match &a.experts {
+                Some(spec) => {
+                    let src = sage::source::open(&input).with_context(|| format!("reading {}", input.display()))?;
+                    Some(parse_expert_spec(spec, src.config().n_expert)?)
+                }
+                None => None,
+            };
+            let opts = ConvertOptions {
+                quant_base: qb,
+                quant_experts: qe,
+                experts,
+                force: a.force,
+                progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            let r = convert(&input, &out, &opts).with_context(|| format!("converting {} to {}", input.display(), out.display()))?;
+            for f in &r.fallbacks {
+                println!("fallback: {f}");
+            }
+            println!(
+                "wrote {}: base {} tensors, {}; experts {} per layer, {} (conversion {})",
+                r.out.display(),
+                r.n_base_tensors,
+                human_bytes(r.base_bytes),
+                r.n_experts_per_layer,
+                human_bytes(r.expert_bytes),
+                r.conversion_id
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,393 @@
+//! sage-convert's pipeline: a checkpoint in, a model directory out (see `model_dir`).
+//!
+//! Everything is planned and checked before the first byte is written (tensor presence,
+//! shapes, types), then tensors stream one at a time: memory use is about one tensor, not
+//! the model. Files appear under their final names only when complete, base.gguf last.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::path::{Path, PathBuf};
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::config::ModelConfig;
+use crate::error::{Error, IoContext, Result};
+use crate::ggml::{dequantize, quantize, GgmlType, Gguf, GgufValue};
+use crate::io::{AtomicFile, GgufStream};
+use crate::model_dir::*;
+use crate::names::*;
+use crate::quant::fit;
+use crate::source::{self, Source, TensorData, TensorMeta};
+
+#[derive(Clone, Debug, Default)]
+pub struct ConvertOptions {
+    /// Type of the big non-expert tensors (embeddings, attention, output); None keeps the
+    /// source's type.
+    pub quant_base: Option<GgmlType>,
+    /// Type of the experts; None keeps the source's type.
+    pub quant_experts: Option<GgmlType>,
+    /// Keep only these expert ids in every layer (a pool); None keeps all.
+    pub experts: Option<Vec<u32>>,
+    /// Replace a model already in the output directory.
+    pub force: bool,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct ConvertReport {
+    pub out: PathBuf,
+    pub conversion_id: String,
+    /// One line per tensor whose requested type did not fit its rows.
+    pub fallbacks: Vec<String>,
+    pub base_bytes: u64,
+    pub expert_bytes: u64,
+    pub n_base_tensors: usize,
+    pub n_experts_per_layer: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Role {
+    /// 1-D norm weights: always f32, as llama.cpp keeps them.
+    Norm,
+    /// The router (`ffn_gate_inp`): always f32, as llama.cpp keeps it.
+    Router,
+    /// Matrices that take the requested base type.
+    Weight,
+}
+
+struct Planned {
+    name: String,
+    src: TensorMeta,
+    target: GgmlType,
+}
+
+/// Non-expert tensors of a Qwen3-MoE model with their expected shapes (ggml order).
+fn base_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<u64>, Role)> {
+    let (e, v) = (cfg.n_embd, cfg.n_vocab);
+    let q = cfg.n_head as u64 * cfg.head_dim;
+    let kv = cfg.n_head_kv as u64 * cfg.head_dim;
+    let mut t = vec![(TOKEN_EMBD.to_string(), vec![e, v], Role::Weight)];
+    for il in 0..cfg.n_layer {
+        t.push((blk(il, ATTN_NORM), vec![e], Role::Norm));
+        t.push((blk(il, ATTN_Q), vec![e, q], Role::Weight));
+        t.push((blk(il, ATTN_K), vec![e, kv], Role::Weight));
+        t.push((blk(il, ATTN_V), vec![e, kv], Role::Weight));
+        t.push((blk(il, ATTN_OUT), vec![q, e], Role::Weight));
+        t.push((blk(il, ATTN_Q_NORM), vec![cfg.head_dim], Role::Norm));
+        t.push((blk(il, ATTN_K_NORM), vec![cfg.head_dim], Role::Norm));
+        t.push((blk(il, FFN_NORM), vec![e], Role::Norm));
+        t.push((blk(il, FFN_GATE_INP), vec![e, cfg.n_expert as u64], Role::Router));
+    }
+    t.push((OUTPUT_NORM.to_string(), vec![e], Role::Norm));
+    t.push((OUTPUT.to_string(), vec![e, v], Role::Weight));
+    t
+}
+
+fn expert_shape(cfg: &ModelConfig, p: Proj) -> [u64; 2] {
+    match p {
+        Proj::Gate | Proj::Up => [cfg.n_embd, cfg.n_ff_exp],
+        Proj::Down => [cfg.n_ff_exp, cfg.n_embd],
+    }
+}
+
+/// Parse an expert list: `0-7`, `1,3,5`, `0-3,8`.
+pub fn parse_expert_spec(spec: &str, n_expert: u32) -> Result<Vec<u32>> {
+    let bad = |why: String| Error::Usage(format!("--experts '{spec}': {why}"));
+    let mut ids = Vec::new();
+    for part in spec.split(',').map(str::trim) {
+        let num = |s: &str| s.trim().parse::<u32>().map_err(|_| bad(format!("'{s}' is not an expert id")));
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (num(a)?, num(b)?),
+            None => (num(part)?, num(part)?),
+        };
+        if a > b {
+            return Err(bad(format!("range {a}-{b} is empty")));
+        }
+        if b >= n_expert {
+            return Err(bad(format!("expert {b} does not exist; the model has experts 0-{}", n_expert - 1)));
+        }
+        ids.extend(a..=b);
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
+
+fn new_conversion_id() -> String {
+    let s = RandomState::new();
+    let mut h = s.build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u32(std::process::id());
+    let a = h.finish();
+    h.write_u64(a);
+    format!("{a:016x}{:016x}", h.finish())
+}
+
+/// Decide a tensor's output type, noting any fallback.
+fn choose(name: &str, role: Role, src: &TensorMeta, wanted: Option<GgmlType>, fallbacks: &mut Vec<String>) -> GgmlType {
+    match role {
+        Role::Norm | Role::Router => GgmlType::F32,
+        Role::Weight => {
+            let w = wanted.unwrap_or(src.ty);
+            let got = fit(w, src.ne[0]);
+            if got != w {
+                fallbacks.push(format!(
+                    "{name}: rows of {} do not fit {w} blocks of {}; using {got}",
+                    src.ne[0],
+                    w.block_size()
+                ));
+            }
+            got
+        }
+    }
+}
+
+fn check_convertible(path: &Path, name: &str, from: GgmlType, to: GgmlType) -> Result<()> {
+    if from != to && !(from.can_dequantize() && to.can_quantize()) {
+        return Err(Error::UnsupportedDtype {
+            path: path.to_path_buf(),
+            tensor: name.to_string(),
+            got: format!("{from} (cannot be converted to {to})"),
+            expected: "a type ggml can convert".into(),
+        });
+    }
+    Ok(())
+}
+
+fn transcode(path: &Path, name: &str, data: TensorData, target: GgmlType) -> Result<Vec<u8>> {
+    if data.meta.ty == target {
+        return Ok(data.bytes);
+    }
+    let err = |source| Error::Tensor { path: path.to_path_buf(), tensor: name.to_string(), source };
+    let n_per_row = data.meta.ne[0];
+    let f = dequantize(data.meta.ty, &data.bytes, n_per_row).map_err(err)?;
+    drop(data);
+    quantize(target, &f, n_per_row).map_err(err)
+}
+
+fn shape_err(path: &Path, name: &str, expected: &[u64], got: &[u64]) -> Error {
+    Error::WrongShape {
+        path: path.to_path_buf(),
+        tensor: name.to_string(),
+        expected: dims(expected),
+        got: dims(got),
+    }
+}
+
+/// `256 x 512` (ggml order, as llama.cpp prints shapes).
+pub fn dims(ne: &[u64]) -> String {
+    ne.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(" x ")
+}
+
+/// Make the output directory ready, refusing to touch a model in it without `force`.
+/// Only sage's own files are removed; anything else in the directory is left alone.
+fn prepare_output(input: &Path, out: &Path, force: bool) -> Result<()> {
+    let out_err = |reason: String| Error::Output { path: out.to_path_buf(), reason };
+    if out.exists() {
+        if !out.is_dir() {
+            return Err(out_err("exists and is not a directory".into()));
+        }
+        let canon_out = out.canonicalize().at(out)?;
+        let canon_in = input.canonicalize().at(input)?;
+        if canon_in.starts_with(&canon_out) {
+            return Err(out_err(format!("holds the input {}; choose another output directory", input.display())));
+        }
+        let non_empty = std::fs::read_dir(out).at(out)?.next().is_some();
+        if non_empty && !force {
+            let what = if out.join(BASE).exists() { "a model" } else if out.join(INCOMPLETE_MARKER).exists() { "an unfinished conversion" } else { "files" };
+            return Err(out_err(format!("already holds {what}; pass --force to replace it")));
+        }
+        // The model stops looking complete before anything else changes.
+        for name in [BASE, TOKENIZER] {
+            let p = out.join(name);
+            if p.exists() {
+                std::fs::remove_file(&p).at(&p)?;
+            }
+        }
+        let experts = out.join(EXPERT_DIR);
+        if experts.is_dir() {
+            for e in std::fs::read_dir(&experts).at(&experts)?.filter_map(|e| e.ok()) {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n.starts_with("blk.") && (n.ends_with(".bin") || n.ends_with(".bin.partial")) {
+                    std::fs::remove_file(e.path()).at(e.path())?;
+                }
+            }
+        }
+        for e in std::fs::read_dir(out).at(out)?.filter_map(|e| e.ok()) {
+            if e.file_name().to_string_lossy().ends_with(".partial") {
+                std::fs::remove_file(e.path()).at(e.path())?;
+            }
+        }
+    } else {
+        std::fs::create_dir_all(out).at(out)?;
+    }
+    let experts = out.join(EXPERT_DIR);
+    std::fs::create_dir_all(&experts).at(&experts)?;
+    Ok(())
+}
+
+fn progress_bar(total: u64, show: bool) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, {eta}) {msg}")
+            .expect("valid template"),
+    );
+    pb
+}
+
+/// Convert the checkpoint at `input` into a model directory at `out`.
+pub fn convert(input: &Path, out: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
+    let src = source::open(input)?;
+    convert_source(src.as_ref(), out, opts)
+}
+
+pub fn convert_source(src: &dyn Source, out: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
+    let cfg = src.config().clone();
+    let path = src.path().to_path_buf();
+    let ids: Vec<u32> = match &opts.experts {
+        Some(ids) => ids.clone(),
+        None => (0..cfg.n_expert).collect(),
+    };
+    if let Some(&bad) = ids.iter().find(|&&e| e >= cfg.n_expert) {
+        return Err(Error::Usage(format!("expert {bad} does not exist; the model has experts 0-{}", cfg.n_expert - 1)));
+    }
+    if (ids.len() as u32) < cfg.n_expert_used {
+        return Err(Error::Usage(format!(
+            "a pool of {} experts is smaller than the {} experts each token uses",
+            ids.len(),
+            cfg.n_expert_used
+        )));
+    }
+
+    // 1. Plan and check everything before writing.
+    let mut fallbacks = Vec::new();
+    let mut planned = Vec::new();
+    for (name, want, role) in base_tensors(&cfg) {
+        let meta = match src.base_meta(&name)? {
+            Some(m) => m,
+            None if name == OUTPUT && cfg.tie_word_embeddings => continue,
+            None => return Err(Error::MissingTensor { path: path.clone(), tensor: src.source_name(&name) }),
+        };
+        if meta.ne != want {
+            return Err(shape_err(&path, &src.source_name(&name), &want, &meta.ne));
+        }
+        let wanted = if role == Role::Weight { opts.quant_base } else { None };
+        let target = choose(&name, role, &meta, wanted, &mut fallbacks);
+        check_convertible(&path, &name, meta.ty, target)?;
+        planned.push(Planned { name, src: meta, target });
+    }
+    let mut layers = Vec::new();
+    let mut src_expert_bytes = 0;
+    for il in 0..cfg.n_layer {
+        let mut types = [GgmlType::F32; 3];
+        for p in Proj::ALL {
+            let want = expert_shape(&cfg, p);
+            let mut target = None;
+            for &e in &ids {
+                let m = src.expert_meta(il, e, p)?;
+                let name = src.expert_source_name(il, e, p);
+                if m.ne != want {
+                    return Err(shape_err(&path, &name, &want, &m.ne));
+                }
+                let t = *target.get_or_insert_with(|| {
+                    choose(&format!("blk.{il}.{}.weight", p.exps()), Role::Weight, &m, opts.quant_experts, &mut fallbacks)
+                });
+                check_convertible(&path, &name, m.ty, t)?;
+                src_expert_bytes += m.size();
+            }
+            types[p.index()] = target.expect("pool is not empty");
+        }
+        let shapes = Proj::ALL.map(|p| expert_shape(&cfg, p));
+        let mut layer = ExpertLayer { il, file: shard_name(il), ids: ids.clone(), offsets: vec![], types, shapes };
+        layer.offsets = (0..ids.len() as u64).map(|i| RECORD_ALIGN + i * layer.stride()).collect();
+        layers.push(layer);
+    }
+    let tokenizer = src.tokenizer()?;
+    for f in &fallbacks {
+        log::warn!("{f}");
+    }
+
+    // 2. Write: shards, tokenizer.json, then base.gguf (the commit point), then drop the marker.
+    prepare_output(&path, out, opts.force)?;
+    let conversion_id = new_conversion_id();
+    let marker = out.join(INCOMPLETE_MARKER);
+    std::fs::write(&marker, format!("conversion {conversion_id} of {}
+", path.display())).at(&marker)?;
+    let src_base_bytes: u64 = planned.iter().map(|p| p.src.size()).sum();
+    let pb = progress_bar(src_base_bytes + src_expert_bytes, opts.progress);
+
+    let mut expert_bytes = 0;
+    for layer in &layers {
+        let il = layer.il;
+        pb.set_message(format!("experts of layer {il}"));
+        let shard_path = out.join(&layer.file);
+        let mut f = AtomicFile::create(&shard_path)?;
+        f.write(&shard_header(layer, &conversion_id))?;
+        for &e in &layer.ids {
+            for p in Proj::ALL {
+                let data = src.expert(il, e, p)?;
+                let n = data.bytes.len() as u64;
+                let bytes = transcode(&path, &format!("blk.{il}.{}.weight[{e}]", p.exps()), data, layer.types[p.index()])?;
+                debug_assert_eq!(bytes.len() as u64, layer.sizes()[p.index()]);
+                f.write(&bytes)?;
+                pb.inc(n);
+            }
+            f.pad_to(RECORD_ALIGN)?;
+        }
+        expert_bytes += layer.record_size() * layer.ids.len() as u64;
+        f.finish()?;
+    }
+
+    let tok_path = out.join(TOKENIZER);
+    let mut tf = AtomicFile::create(&tok_path)?;
+    tf.write(tokenizer.json.as_bytes())?;
+    tf.finish()?;
+
+    let mut g = Gguf::new_empty();
+    let set = |g: &mut Gguf, k: &str, v: &GgufValue| g.set(k, v).map_err(|e| Error::Usage(format!("{k}: {e}")));
+    for (k, v) in src.extra_kv() {
+        set(&mut g, &k, &v)?;
+    }
+    cfg.write_gguf(&mut g)?;
+    set(&mut g, "general.quantization_version", &GgufValue::U32(2))?;
+    for (k, v) in &tokenizer.gguf_kv {
+        set(&mut g, k, v)?;
+    }
+    let manifest = Manifest { conversion_id: conversion_id.clone(), source: src.describe(), layers };
+    manifest.write_gguf(&mut g)?;
+    for t in &planned {
+        g.add_tensor(&t.name, t.target, &t.src.ne)
+            .map_err(|e| Error::Tensor { path: path.clone(), tensor: t.name.clone(), source: e })?;
+    }
+    let base_path = out.join(BASE);
+    let mut stream = GgufStream::create(&g, &base_path)?;
+    let mut base_bytes = 0;
+    for t in &planned {
+        pb.set_message(t.name.clone());
+        let data = src.base_tensor(&t.name)?;
+        let n = data.bytes.len() as u64;
+        let bytes = transcode(&path, &t.name, data, t.target)?;
+        base_bytes += bytes.len() as u64;
+        stream.write_tensor(&t.name, &bytes)?;
+        pb.inc(n);
+    }
+    stream.finish()?;
+    std::fs::remove_file(&marker).at(&marker)?;
+    if let Ok(d) = std::fs::File::open(out) {
+        let _ = d.sync_all();
+    }
+    pb.finish_and_clear();
+    Ok(ConvertReport {
+        out: out.to_path_buf(),
+        conversion_id,
+        fallbacks,
+        base_bytes,
+        expert_bytes,
+        n_base_tensors: planned.len(),
+        n_experts_per_layer: ids.len(),
+    })
+}

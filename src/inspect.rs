@@ -1,0 +1,192 @@
+//! `sage-convert inspect`: what a model directory or a GGUF holds.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::model_dir::ModelDir;
+use crate::names::Proj;
+use crate::source::open_gguf_checked;
+
+/// Count and bytes of tensors of one type.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Tally {
+    pub count: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Inspection {
+    pub path: PathBuf,
+    /// "model directory" or "gguf".
+    pub kind: String,
+    pub architecture: String,
+    pub config: ModelConfig,
+    pub conversion_id: Option<String>,
+    pub source: Option<String>,
+    pub n_base_tensors: u64,
+    pub base_bytes: u64,
+    pub base_types: BTreeMap<String, Tally>,
+    /// Expert projections (3 per expert).
+    pub n_expert_tensors: u64,
+    pub expert_bytes: u64,
+    pub expert_types: BTreeMap<String, Tally>,
+    /// Expert ids present in each layer.
+    pub experts_per_layer: Vec<Vec<u32>>,
+}
+
+fn add(map: &mut BTreeMap<String, Tally>, ty: &str, count: u64, bytes: u64) {
+    let t = map.entry(ty.to_string()).or_default();
+    t.count += count;
+    t.bytes += bytes;
+}
+
+pub fn inspect(path: &Path) -> Result<Inspection> {
+    let mut base_types = BTreeMap::new();
+    let mut expert_types = BTreeMap::new();
+    if path.is_dir() {
+        let m = ModelDir::open(path)?;
+        for t in &m.base_tensors {
+            add(&mut base_types, &ty_name(t.ty), 1, t.size);
+        }
+        for l in &m.manifest.layers {
+            let sizes = l.sizes();
+            for p in Proj::ALL {
+                let n = l.ids.len() as u64;
+                add(&mut expert_types, l.types[p.index()].name(), n, n * sizes[p.index()]);
+            }
+        }
+        return Ok(Inspection {
+            path: path.to_path_buf(),
+            kind: "model directory".into(),
+            architecture: crate::names::ARCH.into(),
+            n_base_tensors: m.base_tensors.len() as u64,
+            base_bytes: m.base_bytes(),
+            base_types,
+            n_expert_tensors: m.manifest.layers.iter().map(|l| 3 * l.ids.len() as u64).sum(),
+            expert_bytes: m.expert_bytes(),
+            expert_types,
+            experts_per_layer: m.manifest.layers.iter().map(|l| l.ids.clone()).collect(),
+            conversion_id: Some(m.manifest.conversion_id.clone()),
+            source: Some(m.manifest.source.clone()),
+            config: m.config,
+        });
+    }
+    let (g, _file, tensors) = open_gguf_checked(path)?;
+    let config = ModelConfig::read_gguf(&g, path)?;
+    let mut experts_per_layer = vec![Vec::new(); config.n_layer as usize];
+    let (mut n_base, mut base_bytes, mut n_exp, mut exp_bytes) = (0, 0, 0, 0);
+    for t in &tensors {
+        if t.name.ends_with("_exps.weight") {
+            let n = t.ne.get(2).copied().unwrap_or(1);
+            add(&mut expert_types, &ty_name(t.ty), n, t.size);
+            n_exp += n;
+            exp_bytes += t.size;
+            let il: Option<usize> = t.name.split('.').nth(1).and_then(|s| s.parse().ok());
+            if let Some(ids) = il.and_then(|il| experts_per_layer.get_mut(il)) {
+                *ids = (0..n as u32).collect();
+            }
+        } else {
+            add(&mut base_types, &ty_name(t.ty), 1, t.size);
+            n_base += 1;
+            base_bytes += t.size;
+        }
+    }
+    Ok(Inspection {
+        path: path.to_path_buf(),
+        kind: "gguf".into(),
+        architecture: crate::names::ARCH.into(),
+        config,
+        conversion_id: None,
+        source: None,
+        n_base_tensors: n_base,
+        base_bytes,
+        base_types,
+        n_expert_tensors: n_exp,
+        expert_bytes: exp_bytes,
+        expert_types,
+        experts_per_layer,
+    })
+}
+
+fn ty_name(t: Option<crate::ggml::GgmlType>) -> String {
+    t.map(|t| t.name().to_string()).unwrap_or_else(|| "unknown".into())
+}
+
+/// `1.23 GiB (1320702443 bytes)`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut x = n as f64;
+    let mut u = 0;
+    while x >= 1024.0 && u < UNITS.len() - 1 {
+        x /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{x:.2} {} ({n} bytes)", UNITS[u])
+    }
+}
+
+/// `0-7`, `0-3,6`.
+pub fn id_ranges(ids: &[u32]) -> String {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < ids.len() {
+        let mut j = i;
+        while j + 1 < ids.len() && ids[j + 1] == ids[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j { ids[i].to_string() } else { format!("{}-{}", ids[i], ids[j]) });
+        i = j + 1;
+    }
+    out.join(",")
+}
+
+fn types_line(map: &BTreeMap<String, Tally>) -> String {
+    map.iter().map(|(t, v)| format!("{t}: {} ({})", v.count, human_bytes(v.bytes))).collect::<Vec<_>>().join(", ")
+}
+
+impl fmt::Display for Inspection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.config;
+        writeln!(f, "{}: {}", self.kind, self.path.display())?;
+        writeln!(f, "  architecture    {} ({})", self.architecture, c.name)?;
+        if let Some(id) = &self.conversion_id {
+            writeln!(f, "  conversion      {id} from {}", self.source.as_deref().unwrap_or("?"))?;
+        }
+        writeln!(f, "  layers          {}", c.n_layer)?;
+        writeln!(f, "  n_embd          {}", c.n_embd)?;
+        writeln!(f, "  heads           {} query, {} KV, head_dim {}", c.n_head, c.n_head_kv, c.head_dim)?;
+        writeln!(f, "  vocab           {}", c.n_vocab)?;
+        writeln!(f, "  context         {}", c.n_ctx_train)?;
+        writeln!(f, "  experts         {} per layer, {} used per token, FFN {}, norm_topk_prob {}", c.n_expert, c.n_expert_used, c.n_ff_exp, c.norm_topk_prob)?;
+        writeln!(f, "  rope theta      {}", c.rope_theta)?;
+        writeln!(f, "  rms eps         {:e}", c.rms_eps)?;
+        writeln!(f, "  base            {} tensors, {}", self.n_base_tensors, human_bytes(self.base_bytes))?;
+        writeln!(f, "                  {}", types_line(&self.base_types))?;
+        writeln!(f, "  experts         {} expert projections, {}", self.n_expert_tensors, human_bytes(self.expert_bytes))?;
+        writeln!(f, "                  {}", types_line(&self.expert_types))?;
+        let total = self.base_bytes + self.expert_bytes;
+        writeln!(f, "  total           {}", human_bytes(total))?;
+        write!(f, "  experts/layer  ")?;
+        // Group equal layers: "blk.0-47: 128 (0-127)".
+        let mut i = 0;
+        while i < self.experts_per_layer.len() {
+            let mut j = i;
+            while j + 1 < self.experts_per_layer.len() && self.experts_per_layer[j + 1] == self.experts_per_layer[i] {
+                j += 1;
+            }
+            let ids = &self.experts_per_layer[i];
+            let layers = if i == j { format!("{i}") } else { format!("{i}-{j}") };
+            write!(f, " blk.{layers}: {} ({})", ids.len(), id_ranges(ids))?;
+            i = j + 1;
+        }
+        writeln!(f)
+    }
+}

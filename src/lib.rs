@@ -1,0 +1,20 @@
+//! sage: run Mixture-of-Experts language models on devices whose memory is smaller than the
+//! model. This crate holds the converter (`convert`, `merge`, `inspect`) and the model
+//! directory format (`model_dir`) the runtime streams experts from.
+//!
+//! All FFI and `unsafe` live in [`ggml`].
+
+pub mod config;
+pub mod convert;
+pub mod error;
+pub mod ggml;
+pub mod inspect;
+pub mod io;
+pub mod merge;
+pub mod model_dir;
+pub mod names;
+pub mod quant;
+pub mod source;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

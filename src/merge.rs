@@ -1,0 +1,108 @@
+//! `sage-convert merge`: a model directory back into one standard GGUF that unmodified
+//! llama.cpp loads (stacked `blk.N.ffn_*_exps` tensors; a pool becomes a model with fewer
+//! experts and a router cut to the same rows).
+
+use std::path::Path;
+
+use crate::convert::dims;
+use crate::error::{Error, Result};
+use crate::ggml::{Gguf, GgufValue};
+use crate::io::GgufStream;
+use crate::model_dir::ModelDir;
+use crate::names::*;
+
+#[derive(Debug)]
+pub struct MergeReport {
+    pub n_tensors: usize,
+    pub n_expert: u32,
+    pub bytes: u64,
+}
+
+/// Write `dir` as one GGUF at `out`.
+pub fn merge(dir: &Path, out: &Path, force: bool) -> Result<MergeReport> {
+    let m = ModelDir::open(dir)?;
+    if out.exists() && !force {
+        return Err(Error::Output { path: out.to_path_buf(), reason: "already exists; pass --force to replace it".into() });
+    }
+    let layers = &m.manifest.layers;
+    let n_pool = layers[0].ids.len();
+    if let Some(l) = layers.iter().find(|l| l.ids.len() != n_pool) {
+        return Err(Error::BadModelDir {
+            path: dir.to_path_buf(),
+            reason: format!(
+                "layer {} keeps {} experts but layer 0 keeps {n_pool}; a single GGUF needs the same count in every layer",
+                l.il,
+                l.ids.len()
+            ),
+        });
+    }
+    let pooled = n_pool as u32 != m.config.n_expert;
+
+    let mut g = Gguf::new_empty();
+    for key in m.base.keys() {
+        if key.starts_with(SAGE_PREFIX) || key == "general.alignment" {
+            continue;
+        }
+        let v = m.base.get(&key).expect("listed key");
+        g.set(&key, &v).map_err(|e| Error::Usage(format!("{key}: {e}")))?;
+    }
+    if pooled {
+        g.set(&arch_key(K_EXPERT_COUNT), &GgufValue::U32(n_pool as u32)).map_err(|e| Error::Usage(e.to_string()))?;
+    }
+    let tensor_err = |name: &str, e| Error::Tensor { path: out.to_path_buf(), tensor: name.to_string(), source: e };
+    let is_router = |name: &str| name.ends_with(&format!("{FFN_GATE_INP}.weight"));
+    for t in &m.base_tensors {
+        let ty = t.ty.expect("checked when opened");
+        let mut ne = t.ne.clone();
+        if pooled && is_router(&t.name) {
+            ne[1] = n_pool as u64;
+        }
+        g.add_tensor(&t.name, ty, &ne).map_err(|e| tensor_err(&t.name, e))?;
+    }
+    for l in layers {
+        for p in Proj::ALL {
+            let [ne0, ne1] = l.shapes[p.index()];
+            let name = format!("blk.{}.{}.weight", l.il, p.exps());
+            g.add_tensor(&name, l.types[p.index()], &[ne0, ne1, n_pool as u64]).map_err(|e| tensor_err(&name, e))?;
+        }
+    }
+
+    let mut s = GgufStream::create(&g, out)?;
+    let mut bytes = 0u64;
+    for t in &m.base_tensors {
+        let data = m.read_base(t)?;
+        let data = if pooled && is_router(&t.name) {
+            let row = t.size / t.ne[1];
+            let il: usize = t.name.split('.').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| Error::BadModelDir {
+                path: dir.to_path_buf(),
+                reason: format!("router tensor '{}' does not name its layer", t.name),
+            })?;
+            let ids = &layers.get(il).ok_or_else(|| Error::WrongShape {
+                path: m.base_path.clone(),
+                tensor: t.name.clone(),
+                expected: format!("a layer below {}", layers.len()),
+                got: dims(&t.ne),
+            })?.ids;
+            ids.iter().flat_map(|&e| &data[(e as u64 * row) as usize..((e as u64 + 1) * row) as usize]).copied().collect()
+        } else {
+            data
+        };
+        bytes += data.len() as u64;
+        s.write_tensor(&t.name, &data)?;
+    }
+    for l in layers {
+        let sizes = l.sizes();
+        for p in Proj::ALL {
+            let name = format!("blk.{}.{}.weight", l.il, p.exps());
+            let start: u64 = sizes[..p.index()].iter().sum();
+            for &e in &l.ids {
+                let rec = m.read_expert(l.il, e)?;
+                s.write_part(&name, &rec[start as usize..(start + sizes[p.index()]) as usize])?;
+                bytes += sizes[p.index()];
+            }
+            s.end_tensor(&name)?;
+        }
+    }
+    s.finish()?;
+    Ok(MergeReport { n_tensors: g.n_tensors(), n_expert: n_pool as u32, bytes })
+}
