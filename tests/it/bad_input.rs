@@ -1,0 +1,178 @@
+//! Bad input: a clear error naming the file and tensor, and nothing that looks like a model
+//! left behind.
+
+use std::path::{Path, PathBuf};
+
+use sage::convert::{convert, ConvertOptions};
+use sage::ggml::{GgmlType, GgufValue};
+use sage::merge::merge;
+use sage::model_dir::ModelDir;
+
+use crate::util::*;
+
+/// Convert a damaged copy and return the error text; the output must not look complete.
+fn convert_err(input: &Path, dir: &Path) -> String {
+    let out = dir.join("out");
+    let e = convert(input, &out, &opts(Some(GgmlType::Q8_0))).err().expect("conversion should fail").to_string();
+    assert!(!out.join("base.gguf").exists(), "a failed conversion left base.gguf: {e}");
+    e
+}
+
+fn damaged_copy(dir: &Path) -> PathBuf {
+    let c = dir.join("ckpt");
+    copy_dir(&plain(), &c);
+    c
+}
+
+#[test]
+fn unknown_architecture() {
+    let dir = tmp();
+    let c = damaged_copy(dir.path());
+    let cfg = std::fs::read_to_string(c.join("config.json")).unwrap().replace("Qwen3MoeForCausalLM", "MixtralForCausalLM");
+    std::fs::write(c.join("config.json"), cfg).unwrap();
+    let e = convert_err(&c, dir.path());
+    assert!(e.contains("config.json: unsupported architecture 'MixtralForCausalLM'; sage supports Qwen3MoeForCausalLM"), "{e}");
+}
+
+#[test]
+fn gguf_of_another_architecture() {
+    let dir = tmp();
+    let mut g = sage::ggml::Gguf::new_empty();
+    g.set("general.architecture", &GgufValue::Str("llama".into())).unwrap();
+    let p = dir.path().join("llama.gguf");
+    std::fs::write(&p, g.meta_bytes()).unwrap();
+    let e = convert_err(&p, dir.path());
+    assert!(e.contains("llama.gguf: unsupported architecture 'llama'; sage supports 'qwen3moe'"), "{e}");
+}
+
+#[test]
+fn missing_tensor() {
+    let dir = tmp();
+    let c = damaged_copy(dir.path());
+    rewrite_safetensors(&c.join("model.safetensors"), |m| {
+        m.remove("model.layers.1.self_attn.k_proj.weight");
+    });
+    let e = convert_err(&c, dir.path());
+    assert!(e.contains("missing tensor 'model.layers.1.self_attn.k_proj.weight'"), "{e}");
+
+    copy_dir(&plain(), &c);
+    rewrite_safetensors(&c.join("model.safetensors"), |m| {
+        m.remove("model.layers.0.mlp.experts.6.up_proj.weight");
+    });
+    let e = convert_err(&c, dir.path());
+    assert!(e.contains("missing tensor 'model.layers.0.mlp.experts.6.up_proj.weight'"), "{e}");
+}
+
+#[test]
+fn wrong_shape() {
+    let dir = tmp();
+    let c = damaged_copy(dir.path());
+    rewrite_safetensors(&c.join("model.safetensors"), |m| {
+        let t = m.get_mut("model.layers.1.self_attn.k_proj.weight").unwrap();
+        t.1 = vec![64, 256];
+        t.2.truncate(64 * 256 * 2);
+    });
+    let e = convert_err(&c, dir.path());
+    assert!(
+        e.contains("tensor 'model.layers.1.self_attn.k_proj.weight' has wrong shape; expected 256 x 128, got 256 x 64"),
+        "{e}"
+    );
+    copy_dir(&plain(), &c);
+    rewrite_safetensors(&c.join("model.safetensors"), |m| {
+        let t = m.get_mut("model.layers.1.mlp.experts.3.down_proj.weight").unwrap();
+        t.1 = vec![128, 512];
+    });
+    let e = convert_err(&c, dir.path());
+    assert!(e.contains("'model.layers.1.mlp.experts.3.down_proj.weight' has wrong shape; expected 256 x 256, got 512 x 128"), "{e}");
+}
+
+#[test]
+fn unsupported_dtype() {
+    let dir = tmp();
+    let c = damaged_copy(dir.path());
+    rewrite_safetensors(&c.join("model.safetensors"), |m| {
+        let t = m.get_mut("model.layers.0.self_attn.q_proj.weight").unwrap();
+        t.0 = safetensors::Dtype::I16;
+    });
+    let e = convert_err(&c, dir.path());
+    assert!(
+        e.contains("model.safetensors: tensor 'model.layers.0.self_attn.q_proj.weight' has unsupported type I16; expected F32, F16 or BF16"),
+        "{e}"
+    );
+}
+
+#[test]
+fn truncated_safetensors() {
+    let dir = tmp();
+    let c = damaged_copy(dir.path());
+    let f = c.join("model.safetensors");
+    let len = std::fs::metadata(&f).unwrap().len();
+    for cut in [len - 1, len / 2, 100, 4] {
+        let bytes = std::fs::read(plain().join("model.safetensors")).unwrap();
+        std::fs::write(&f, &bytes[..cut as usize]).unwrap();
+        let e = convert_err(&c, dir.path());
+        assert!(e.contains("model.safetensors") && (e.contains("truncated") || e.contains("not a valid safetensors")), "cut at {cut}: {e}");
+        if cut > 1000 {
+            assert!(e.contains(&format!("truncated: tensor data ends at byte {len}, but the file has {cut} bytes")), "{e}");
+        }
+    }
+}
+
+#[test]
+fn truncated_gguf() {
+    let dir = tmp();
+    let (m, _) = convert_into(&plain(), dir.path(), &opts(Some(GgmlType::Q8_0)));
+    let whole = dir.path().join("whole.gguf");
+    merge(&m, &whole, false).unwrap();
+    let bytes = std::fs::read(&whole).unwrap();
+    let data_start = sage::ggml::Gguf::open(&whole).unwrap().data_offset() as usize;
+    let cut_file = dir.path().join("cut.gguf");
+    // Positions in the header, the metadata, the tensor infos and the tensor data.
+    for cut in [0, 3, 10, 24, 200, 5000, data_start - 10, data_start + 10, bytes.len() / 2, bytes.len() - 1] {
+        std::fs::write(&cut_file, &bytes[..cut]).unwrap();
+        let e = convert_err(&cut_file, dir.path());
+        assert!(e.contains("cut.gguf"), "cut at {cut}: {e}");
+        if cut > data_start {
+            assert!(e.contains("truncated: tensor '") && e.contains(&format!("but the file has {cut} bytes")), "cut at {cut}: {e}");
+        } else {
+            assert!(e.contains("not a valid GGUF file"), "cut at {cut}: {e}");
+        }
+    }
+}
+
+#[test]
+fn output_directory_not_writable() {
+    let dir = tmp();
+    // Below a regular file no directory can be made, even as root.
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let out = file.join("model");
+    let e = convert(&plain(), &out, &ConvertOptions::default()).unwrap_err().to_string();
+    assert!(e.contains(&format!("{}: Not a directory", out.display())), "{e}");
+    let e = convert(&plain(), &file, &ConvertOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("a-file: exists and is not a directory"), "{e}");
+    let e = convert(&plain(), &plain(), &ConvertOptions { force: true, ..Default::default() }).unwrap_err().to_string();
+    assert!(e.contains("holds the input"), "{e}");
+}
+
+#[test]
+fn damaged_model_directory_is_refused() {
+    let dir = tmp();
+    let (m, _) = convert_into(&plain(), dir.path(), &opts(Some(GgmlType::Q8_0)));
+    let shard = m.join("experts/blk.001.bin");
+    let bytes = std::fs::read(&shard).unwrap();
+    std::fs::write(&shard, &bytes[..bytes.len() - 4096]).unwrap();
+    let e = ModelDir::open(&m).err().unwrap().to_string();
+    assert!(e.contains("blk.001.bin: truncated: 8 experts of") && e.contains(&format!("the file has {} bytes", bytes.len() - 4096)), "{e}");
+    // A shard from another conversion of the same model.
+    let (other, _) = convert_into(&plain(), &dir.path().join("o"), &opts(Some(GgmlType::Q8_0)));
+    std::fs::copy(other.join("experts/blk.001.bin"), &shard).unwrap();
+    let e = ModelDir::open(&m).err().unwrap().to_string();
+    assert!(e.contains("the files come from different conversions"), "{e}");
+    std::fs::remove_file(&shard).unwrap();
+    let e = ModelDir::open(&m).err().unwrap().to_string();
+    assert!(e.contains("blk.001.bin: No such file"), "{e}");
+    std::fs::remove_file(m.join("base.gguf")).unwrap();
+    let e = ModelDir::open(&m).err().unwrap().to_string();
+    assert!(e.contains("base.gguf is missing"), "{e}");
+}

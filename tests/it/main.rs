@@ -1,0 +1,6 @@
+//! Integration tests against the committed fixtures (see scripts/make_fixtures.py).
+
+mod bad_input;
+mod convert;
+mod parity;
+mod util;

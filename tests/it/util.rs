@@ -1,0 +1,175 @@
+//! Shared helpers: fixture paths, the stored transformers reference, temp directories,
+//! conversions, and llama.cpp (through llama-cpp-2) as the reference engine.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+use sage::convert::{convert, ConvertOptions, ConvertReport};
+use sage::ggml::GgmlType;
+use safetensors::SafeTensors;
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn plain() -> PathBuf {
+    fixtures().join("tiny-qwen3moe")
+}
+
+pub fn omni() -> PathBuf {
+    fixtures().join("tiny-qwen3-omni")
+}
+
+pub fn tmp() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("sage-test-").tempdir().unwrap()
+}
+
+/// One prompt of the transformers reference (scripts/make_fixtures.py).
+pub struct RefPrompt {
+    pub name: String,
+    pub text: String,
+    pub ids: Vec<i32>,
+    /// [n_tokens][n_vocab], f32 transformers, eager attention.
+    pub logits: Vec<Vec<f32>>,
+    /// The same with routing restricted to `reference_pool()`.
+    pub pool_logits: Vec<Vec<f32>>,
+}
+
+pub fn reference() -> Vec<RefPrompt> {
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("reference.json")).unwrap()).unwrap();
+    let bytes = std::fs::read(fixtures().join("reference.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let rows = |name: &str| -> Vec<Vec<f32>> {
+        let t = st.tensor(name).unwrap();
+        let n_vocab = t.shape()[1];
+        let v: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        v.chunks(n_vocab).map(|r| r.to_vec()).collect()
+    };
+    meta["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let name = p["name"].as_str().unwrap().to_string();
+            let ids = st.tensor(&format!("{name}.ids")).unwrap();
+            RefPrompt {
+                text: p["text"].as_str().unwrap().to_string(),
+                ids: ids.data().chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect(),
+                logits: rows(&format!("{name}.logits")),
+                pool_logits: rows(&format!("{name}.pool_logits")),
+                name,
+            }
+        })
+        .collect()
+}
+
+pub fn reference_pool() -> Vec<u32> {
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("reference.json")).unwrap()).unwrap();
+    meta["pool"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+}
+
+pub fn opts(quant: Option<GgmlType>) -> ConvertOptions {
+    ConvertOptions { quant_base: quant, quant_experts: quant, ..Default::default() }
+}
+
+/// Convert `input` into `<tmp>/model`.
+pub fn convert_into(input: &Path, dir: &Path, opts: &ConvertOptions) -> (PathBuf, ConvertReport) {
+    let out = dir.join("model");
+    let r = convert(input, &out, opts).unwrap_or_else(|e| panic!("converting {}: {e}", input.display()));
+    (out, r)
+}
+
+/// Copy a fixture checkpoint so a test can damage it.
+pub fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+}
+
+/// Rewrite a safetensors file through `edit` on (name -> (dtype, shape, bytes)).
+pub fn rewrite_safetensors(
+    path: &Path,
+    edit: impl FnOnce(&mut BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>),
+) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut m: BTreeMap<_, _> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
+        .collect();
+    edit(&mut m);
+    let views: Vec<(String, safetensors::tensor::TensorView)> = m
+        .iter()
+        .map(|(n, (d, s, b))| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// llama.cpp as the reference engine
+
+pub fn backend() -> &'static LlamaBackend {
+    static B: OnceLock<LlamaBackend> = OnceLock::new();
+    B.get_or_init(|| {
+        sage::ggml::route_logs();
+        LlamaBackend::init().unwrap()
+    })
+}
+
+pub fn load_llama(gguf: &Path) -> LlamaModel {
+    LlamaModel::load_from_file(backend(), gguf, &LlamaModelParams::default())
+        .unwrap_or_else(|e| panic!("llama.cpp failed to load {}: {e}", gguf.display()))
+}
+
+/// llama.cpp's logits at every position of `ids`, with f32 KV and flash attention off (the
+/// setting that agrees tightly with an f32 transformers reference).
+pub fn llama_logits(model: &LlamaModel, ids: &[i32]) -> Vec<Vec<f32>> {
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(256))
+        .with_n_batch(256)
+        .with_n_ubatch(256)
+        .with_n_threads(2)
+        .with_n_threads_batch(2)
+        .with_type_k(KvCacheType::F32)
+        .with_type_v(KvCacheType::F32)
+        .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED);
+    let mut ctx = model.new_context(backend(), params).unwrap();
+    let mut batch = LlamaBatch::new(ids.len(), 1);
+    for (i, &id) in ids.iter().enumerate() {
+        batch.add(llama_cpp_2::token::LlamaToken(id), i as i32, &[0], true).unwrap();
+    }
+    ctx.decode(&mut batch).unwrap();
+    (0..ids.len()).map(|i| ctx.get_logits_ith(i as i32).to_vec()).collect()
+}
+
+pub fn llama_tokenize(model: &LlamaModel, text: &str) -> Vec<i32> {
+    model.vocab().tokenize(text.as_bytes(), false, true).into_iter().map(|t| t.0).collect()
+}
+
+pub fn tokenizers_ids(tokenizer_json: &Path, text: &str) -> Vec<i32> {
+    let t = tokenizers::Tokenizer::from_file(tokenizer_json).unwrap();
+    t.encode(text, false).unwrap().get_ids().iter().map(|&i| i as i32).collect()
+}
+
+pub fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len(), "positions");
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| {
+            assert_eq!(x.len(), y.len(), "vocab");
+            x.iter().zip(y).map(|(p, q)| (p - q).abs())
+        })
+        .fold(0f32, f32::max)
+}
