@@ -199,7 +199,15 @@ pub fn read_hf_config(path: &Path) -> Result<(HfLayout, ModelConfig)> {
         return Err(cfg_err(path, &o.key(&["num_key_value_heads"]), format!("{n_head} heads are not a multiple of {n_head_kv}")));
     }
     let cfg = ModelConfig {
-        name: root.get("_name_or_path").and_then(|n| n.as_str()).unwrap_or(&arch).to_string(),
+        name: match root.get("_name_or_path").and_then(|n| n.as_str()) {
+            Some(n) if !n.is_empty() => n.to_string(),
+            // The checkpoint's directory name, as llama.cpp's converter does.
+            _ => path
+                .parent()
+                .and_then(|d| d.file_name())
+                .map(|d| d.to_string_lossy().into_owned())
+                .unwrap_or(arch.clone()),
+        },
         n_vocab: o.u64(&["vocab_size"])?,
         n_embd,
         n_layer: o.u32(&["num_hidden_layers"])?,
@@ -357,6 +365,20 @@ mod tests {
         let (_, b) = read_hf_config(&write(d.path(), &v5)).unwrap();
         assert_eq!(a, b);
         assert_eq!((a.n_expert, a.rope_theta, a.head_dim), (8, 1e6, 16));
+    }
+
+    #[test]
+    fn published_configs_read_as_the_real_models() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/configs");
+        let (l, q) = read_hf_config(&dir.join("qwen3-30b-a3b.config.json")).unwrap();
+        let (lo, o) = read_hf_config(&dir.join("qwen3-omni-30b-a3b-instruct.config.json")).unwrap();
+        assert_eq!((l, lo), (HfLayout::Qwen3Moe, HfLayout::Qwen3OmniThinker));
+        for c in [&q, &o] {
+            assert_eq!((c.n_layer, c.n_embd, c.n_head, c.n_head_kv, c.head_dim), (48, 2048, 32, 4, 128));
+            assert_eq!((c.n_expert, c.n_expert_used, c.n_ff_exp, c.norm_topk_prob), (128, 8, 768, true));
+            assert_eq!((c.rope_theta, c.rms_eps), (1e6, 1e-6));
+        }
+        assert_eq!((q.n_vocab, o.n_vocab), (151936, 152064));
     }
 
     #[test]

@@ -12,12 +12,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, IoContext, Result};
-use crate::ggml::{dequantize, quantize, GgmlType, Gguf, GgufValue};
+use crate::ggml::{dequantize_into, quantize_into, GgmlType, Gguf, GgufValue};
 use crate::io::{AtomicFile, GgufStream};
 use crate::model_dir::*;
 use crate::names::*;
 use crate::quant::fit;
-use crate::source::{self, Source, TensorData, TensorMeta};
+use crate::source::{self, Source, TensorMeta};
 
 #[derive(Clone, Debug, Default)]
 pub struct ConvertOptions {
@@ -155,15 +155,29 @@ fn check_convertible(path: &Path, name: &str, from: GgmlType, to: GgmlType) -> R
     Ok(())
 }
 
-fn transcode(path: &Path, name: &str, data: TensorData, target: GgmlType) -> Result<Vec<u8>> {
-    if data.meta.ty == target {
-        return Ok(data.bytes);
+/// Rows of a large tensor converted at a time: bounds memory to a few such slices
+/// whatever the tensor's size (a 151936-row embedding is 1.2 GB in f32).
+const CHUNK_BYTES: u64 = 32 << 20;
+
+/// Converts tensor bytes between types, reusing its buffers from tensor to tensor.
+#[derive(Default)]
+struct Transcoder {
+    src: Vec<u8>,
+    f32: Vec<f32>,
+    out: Vec<u8>,
+}
+
+impl Transcoder {
+    /// `self.src` (rows of `ne0` elements of `from`) as `to`.
+    fn run(&mut self, path: &Path, name: &str, from: GgmlType, ne0: u64, to: GgmlType) -> Result<&[u8]> {
+        if from == to {
+            return Ok(&self.src);
+        }
+        let err = |source| Error::Tensor { path: path.to_path_buf(), tensor: name.to_string(), source };
+        dequantize_into(from, &self.src, ne0, &mut self.f32).map_err(err)?;
+        quantize_into(to, &self.f32, ne0, &mut self.out).map_err(err)?;
+        Ok(&self.out)
     }
-    let err = |source| Error::Tensor { path: path.to_path_buf(), tensor: name.to_string(), source };
-    let n_per_row = data.meta.ne[0];
-    let f = dequantize(data.meta.ty, &data.bytes, n_per_row).map_err(err)?;
-    drop(data);
-    quantize(target, &f, n_per_row).map_err(err)
 }
 
 fn shape_err(path: &Path, name: &str, expected: &[u64], got: &[u64]) -> Error {
@@ -320,6 +334,7 @@ pub fn convert_source(src: &dyn Source, out: &Path, opts: &ConvertOptions) -> Re
     let src_base_bytes: u64 = planned.iter().map(|p| p.src.size()).sum();
     let pb = progress_bar(src_base_bytes + src_expert_bytes, opts.progress);
 
+    let mut tc = Transcoder::default();
     let mut expert_bytes = 0;
     for layer in &layers {
         let il = layer.il;
@@ -329,12 +344,13 @@ pub fn convert_source(src: &dyn Source, out: &Path, opts: &ConvertOptions) -> Re
         f.write(&shard_header(layer, &conversion_id))?;
         for &e in &layer.ids {
             for p in Proj::ALL {
-                let data = src.expert(il, e, p)?;
-                let n = data.bytes.len() as u64;
-                let bytes = transcode(&path, &format!("blk.{il}.{}.weight[{e}]", p.exps()), data, layer.types[p.index()])?;
+                let meta = src.expert_meta(il, e, p)?;
+                src.read_expert(il, e, p, &mut tc.src)?;
+                let name = src.expert_source_name(il, e, p);
+                let bytes = tc.run(&path, &name, meta.ty, meta.ne[0], layer.types[p.index()])?;
                 debug_assert_eq!(bytes.len() as u64, layer.sizes()[p.index()]);
-                f.write(&bytes)?;
-                pb.inc(n);
+                f.write(bytes)?;
+                pb.inc(meta.size());
             }
             f.pad_to(RECORD_ALIGN)?;
         }
@@ -368,12 +384,17 @@ pub fn convert_source(src: &dyn Source, out: &Path, opts: &ConvertOptions) -> Re
     let mut base_bytes = 0;
     for t in &planned {
         pb.set_message(t.name.clone());
-        let data = src.base_tensor(&t.name)?;
-        let n = data.bytes.len() as u64;
-        let bytes = transcode(&path, &t.name, data, t.target)?;
-        base_bytes += bytes.len() as u64;
-        stream.write_tensor(&t.name, &bytes)?;
-        pb.inc(n);
+        let (n_rows, row) = (t.src.n_rows(), t.src.row_size());
+        let step = (CHUNK_BYTES / row.max(1)).max(1);
+        for r0 in (0..n_rows).step_by(step as usize) {
+            let rows = r0..(r0 + step).min(n_rows);
+            src.read_base(&t.name, rows.clone(), &mut tc.src)?;
+            let bytes = tc.run(&path, &src.source_name(&t.name), t.src.ty, t.src.ne[0], t.target)?;
+            base_bytes += bytes.len() as u64;
+            stream.write_part(&t.name, bytes)?;
+            pb.inc((rows.end - rows.start) * row);
+        }
+        stream.end_tensor(&t.name)?;
     }
     stream.finish()?;
     std::fs::remove_file(&marker).at(&marker)?;

@@ -100,7 +100,7 @@ impl GgmlType {
 
     /// Whether ggml can convert this type to f32 (needed to re-quantize).
     pub fn can_dequantize(self) -> bool {
-        self.traits().to_float.is_some()
+        self == GgmlType::F32 || self.traits().to_float.is_some()
     }
 
     /// Whether ggml can quantize f32 into this type without an importance matrix.
@@ -136,13 +136,30 @@ pub enum FfiError {
 
 /// Convert `src` (whole rows of `ty`, `n_per_row` elements each) to f32.
 pub fn dequantize(ty: GgmlType, src: &[u8], n_per_row: u64) -> Result<Vec<f32>, FfiError> {
+    let mut out = Vec::new();
+    dequantize_into(ty, src, n_per_row, &mut out)?;
+    Ok(out)
+}
+
+/// `dequantize` into a reused buffer (no allocation once it is large enough).
+pub fn dequantize_into(ty: GgmlType, src: &[u8], n_per_row: u64, out: &mut Vec<f32>) -> Result<(), FfiError> {
+    if ty == GgmlType::F32 {
+        // ggml has no to_float for f32 itself.
+        if n_per_row == 0 || src.len() as u64 % (4 * n_per_row) != 0 {
+            return Err(FfiError::BadLength { what: "dequantize", ty, n_per_row, got: src.len() });
+        }
+        out.clear();
+        out.extend(src.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+        return Ok(());
+    }
     let to_float = ty.traits().to_float.ok_or(FfiError::NoDequantize(ty))?;
     let row = ty.row_size(n_per_row).filter(|&r| r > 0 && src.len() as u64 % r == 0).ok_or(
         FfiError::BadLength { what: "dequantize", ty, n_per_row, got: src.len() },
     )?;
     let n_rows = src.len() as u64 / row;
     let n = (n_rows * n_per_row) as usize;
-    let mut out = vec![0f32; n];
+    out.clear();
+    out.resize(n, 0.0);
     // Split by rows across threads; each part is whole blocks.
     let threads = worker_threads().min(n_rows.max(1) as usize);
     let rows_per = n_rows.div_ceil(threads as u64).max(1);
@@ -161,11 +178,18 @@ pub fn dequantize(ty: GgmlType, src: &[u8], n_per_row: u64) -> Result<Vec<f32>, 
             });
         }
     });
-    Ok(out)
+    Ok(())
 }
 
 /// Quantize `src` (rows of `n_per_row` f32) into `ty` with ggml's own quantizer.
 pub fn quantize(ty: GgmlType, src: &[f32], n_per_row: u64) -> Result<Vec<u8>, FfiError> {
+    let mut out = Vec::new();
+    quantize_into(ty, src, n_per_row, &mut out)?;
+    Ok(out)
+}
+
+/// `quantize` into a reused buffer (no allocation once it is large enough).
+pub fn quantize_into(ty: GgmlType, src: &[f32], n_per_row: u64, out: &mut Vec<u8>) -> Result<(), FfiError> {
     if !ty.can_quantize() {
         return Err(FfiError::NoQuantize(ty));
     }
@@ -173,7 +197,8 @@ pub fn quantize(ty: GgmlType, src: &[f32], n_per_row: u64) -> Result<Vec<u8>, Ff
         FfiError::BadLength { what: "quantize", ty, n_per_row, got: src.len() * 4 },
     )?;
     let n_rows = src.len() as u64 / n_per_row;
-    let mut out = vec![0u8; (n_rows * row) as usize];
+    out.clear();
+    out.resize((n_rows * row) as usize, 0);
     // SAFETY: ggml_quantize_init only fills ggml's lookup tables for `ty`; it guards itself
     // with a critical section and is safe to call more than once.
     unsafe { sys::ggml_quantize_init(ty.0) };
@@ -204,7 +229,7 @@ pub fn quantize(ty: GgmlType, src: &[f32], n_per_row: u64) -> Result<Vec<u8>, Ff
             });
         }
     });
-    Ok(out)
+    Ok(())
 }
 
 fn worker_threads() -> usize {
@@ -659,6 +684,29 @@ impl Gguf {
             sys::gguf_get_meta_data(self.c(), buf.as_mut_ptr() as *mut c_void);
             buf
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// llama.cpp's own quantizer (a reference for conversion speed)
+
+/// Re-quantize a whole GGUF with `llama_model_quantize`, every quantizable tensor to q4_K
+/// (`pure`), on `nthread` threads; as `llama-quantize --pure IN OUT Q4_K_S` does.
+pub fn llama_quantize_pure_q4_k(input: &Path, output: &Path, nthread: i32) -> Result<(), FfiError> {
+    route_logs();
+    let (i, o) = (cstring(&input.to_string_lossy())?, cstring(&output.to_string_lossy())?);
+    // SAFETY: default params are plain values; the pointers in them are null (no imatrix or
+    // overrides), which llama.cpp accepts.
+    let mut params = unsafe { sys::llama_model_quantize_default_params() };
+    params.nthread = nthread;
+    params.ftype = sys::LLAMA_FTYPE_MOSTLY_Q4_K_S;
+    params.pure_ = true;
+    // SAFETY: both paths are valid C strings and params lives across the call.
+    let rc = unsafe { sys::llama_model_quantize(i.as_ptr(), o.as_ptr(), &params) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(FfiError::Gguf(format!("llama_model_quantize failed ({rc}): {}", take_last_error())))
     }
 }
 

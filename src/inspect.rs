@@ -117,8 +117,8 @@ fn ty_name(t: Option<crate::ggml::GgmlType>) -> String {
     t.map(|t| t.name().to_string()).unwrap_or_else(|| "unknown".into())
 }
 
-/// `1.23 GiB (1320702443 bytes)`.
-pub fn human_bytes(n: u64) -> String {
+/// `1.23 GiB`.
+pub fn short_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut x = n as f64;
     let mut u = 0;
@@ -129,7 +129,16 @@ pub fn human_bytes(n: u64) -> String {
     if u == 0 {
         format!("{n} B")
     } else {
-        format!("{x:.2} {} ({n} bytes)", UNITS[u])
+        format!("{x:.2} {}", UNITS[u])
+    }
+}
+
+/// `1.23 GiB (1320702443 bytes)`.
+pub fn human_bytes(n: u64) -> String {
+    if n < 1024 {
+        short_bytes(n)
+    } else {
+        format!("{} ({n} bytes)", short_bytes(n))
     }
 }
 
@@ -149,7 +158,7 @@ pub fn id_ranges(ids: &[u32]) -> String {
 }
 
 fn types_line(map: &BTreeMap<String, Tally>) -> String {
-    map.iter().map(|(t, v)| format!("{t}: {} ({})", v.count, human_bytes(v.bytes))).collect::<Vec<_>>().join(", ")
+    map.iter().map(|(t, v)| format!("{t}: {} × {}", v.count, short_bytes(v.bytes))).collect::<Vec<_>>().join("; ")
 }
 
 impl fmt::Display for Inspection {

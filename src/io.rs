@@ -11,14 +11,21 @@ use crate::ggml::Gguf;
 
 /// Read `len` bytes at `offset`; a short file is a `Truncated` error naming `what`.
 pub fn read_at(file: &File, path: &Path, offset: u64, len: u64, what: &str) -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    read_at_into(file, path, offset, len, what, &mut buf)?;
+    Ok(buf)
+}
+
+/// `read_at` into a reused buffer.
+pub fn read_at_into(file: &File, path: &Path, offset: u64, len: u64, what: &str, buf: &mut Vec<u8>) -> Result<()> {
     let file_len = file.metadata().at(path)?.len();
     let end = offset.checked_add(len).unwrap_or(u64::MAX);
     if end > file_len {
         return Err(Error::Truncated { path: path.to_path_buf(), what: what.to_string(), needed: end, got: file_len });
     }
-    let mut buf = vec![0u8; len as usize];
-    file.read_exact_at(&mut buf, offset).at(path)?;
-    Ok(buf)
+    buf.clear();
+    buf.resize(len as usize, 0);
+    file.read_exact_at(buf, offset).at(path)
 }
 
 pub fn partial_name(path: &Path) -> PathBuf {

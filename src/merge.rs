@@ -69,9 +69,21 @@ pub fn merge(dir: &Path, out: &Path, force: bool) -> Result<MergeReport> {
 
     let mut s = GgufStream::create(&g, out)?;
     let mut bytes = 0u64;
+    let mut buf = Vec::new();
     for t in &m.base_tensors {
+        if !(pooled && is_router(&t.name)) {
+            // Copied a slice at a time: memory stays small whatever the tensor's size.
+            let step = (32u64 << 20).next_multiple_of(t.size / t.ne[1..].iter().product::<u64>().max(1)).max(1);
+            for start in (0..t.size).step_by(step as usize) {
+                m.read_base_range(t, start..(start + step).min(t.size), &mut buf)?;
+                s.write_part(&t.name, &buf)?;
+            }
+            s.end_tensor(&t.name)?;
+            bytes += t.size;
+            continue;
+        }
         let data = m.read_base(t)?;
-        let data = if pooled && is_router(&t.name) {
+        let data = {
             let row = t.size / t.ne[1];
             let il: usize = t.name.split('.').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| Error::BadModelDir {
                 path: dir.to_path_buf(),
@@ -83,9 +95,7 @@ pub fn merge(dir: &Path, out: &Path, force: bool) -> Result<MergeReport> {
                 expected: format!("a layer below {}", layers.len()),
                 got: dims(&t.ne),
             })?.ids;
-            ids.iter().flat_map(|&e| &data[(e as u64 * row) as usize..((e as u64 + 1) * row) as usize]).copied().collect()
-        } else {
-            data
+            ids.iter().flat_map(|&e| &data[(e as u64 * row) as usize..((e as u64 + 1) * row) as usize]).copied().collect::<Vec<u8>>()
         };
         bytes += data.len() as u64;
         s.write_tensor(&t.name, &data)?;

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use crate::config::ModelConfig;
 use crate::error::{Error, IoContext, Result};
 use crate::ggml::{GgmlType, Gguf, GgufArray, GgufTensorInfo, GgufValue};
-use crate::io::read_at;
+use crate::io::{read_at, read_at_into};
 use crate::names::*;
 use crate::source::open_gguf_checked;
 
@@ -263,6 +263,12 @@ impl ModelDir {
     /// Data of a base tensor.
     pub fn read_base(&self, t: &GgufTensorInfo) -> Result<Vec<u8>> {
         read_at(&self.base_file, &self.base_path, self.base.data_offset() + t.offset, t.size, &format!("tensor '{}'", t.name))
+    }
+
+    /// Bytes `range` (relative to the tensor's start) of a base tensor into `buf`.
+    pub fn read_base_range(&self, t: &GgufTensorInfo, range: std::ops::Range<u64>, buf: &mut Vec<u8>) -> Result<()> {
+        let at = self.base.data_offset() + t.offset + range.start;
+        read_at_into(&self.base_file, &self.base_path, at, range.end - range.start, &format!("tensor '{}'", t.name), buf)
     }
 
     pub fn base_bytes(&self) -> u64 {

@@ -10,7 +10,8 @@ use safetensors::tensor::{Dtype, SafeTensors};
 use crate::config::{read_hf_config, HfLayout, ModelConfig};
 use crate::error::{Error, IoContext, Result};
 use crate::ggml::{GgmlType, Gguf, GgufTensorInfo, GgufValue, Mapped};
-use crate::io::read_at;
+use crate::io::read_at_into;
+use std::ops::Range;
 use crate::names::*;
 use crate::tokenizer::TokenizerData;
 
@@ -25,12 +26,16 @@ impl TensorMeta {
     pub fn size(&self) -> u64 {
         self.ty.tensor_size(&self.ne).unwrap_or(0)
     }
-}
 
-/// A tensor's bytes as stored in the source.
-pub struct TensorData {
-    pub meta: TensorMeta,
-    pub bytes: Vec<u8>,
+    /// Bytes of one row (ne[0] elements).
+    pub fn row_size(&self) -> u64 {
+        self.ty.row_size(self.ne[0]).unwrap_or(0)
+    }
+
+    /// Number of rows (all dimensions past the first).
+    pub fn n_rows(&self) -> u64 {
+        self.ne[1..].iter().product()
+    }
 }
 
 /// A checkpoint to convert.
@@ -41,10 +46,13 @@ pub trait Source {
     fn tokenizer(&self) -> Result<TokenizerData>;
     /// Meta of a non-expert tensor under its llama.cpp name; Ok(None) when absent.
     fn base_meta(&self, name: &str) -> Result<Option<TensorMeta>>;
-    fn base_tensor(&self, name: &str) -> Result<TensorData>;
+    /// Rows `rows` of a non-expert tensor, as stored, into `buf` (large tensors are
+    /// converted a slice of rows at a time).
+    fn read_base(&self, name: &str, rows: Range<u64>, buf: &mut Vec<u8>) -> Result<()>;
     /// Meta of one expert's projection (2-D).
     fn expert_meta(&self, il: u32, e: u32, proj: Proj) -> Result<TensorMeta>;
-    fn expert(&self, il: u32, e: u32, proj: Proj) -> Result<TensorData>;
+    /// One expert's projection, as stored, into `buf`.
+    fn read_expert(&self, il: u32, e: u32, proj: Proj, buf: &mut Vec<u8>) -> Result<()>;
     /// A short description for the manifest (`sage.source`).
     fn describe(&self) -> String;
     /// Metadata to carry into base.gguf as it is (a GGUF's own keys); sage's keys override.
@@ -216,9 +224,9 @@ impl HfSource {
         Ok(TensorMeta { ty, ne: e.shape.iter().rev().copied().collect() })
     }
 
-    fn read(&self, hf_name: &str, e: &StEntry, start: u64, len: u64) -> Result<Vec<u8>> {
+    fn read(&self, hf_name: &str, e: &StEntry, start: u64, len: u64, buf: &mut Vec<u8>) -> Result<()> {
         let (path, file) = &self.files[e.file];
-        read_at(file, path, start, len, &format!("tensor '{hf_name}'"))
+        read_at_into(file, path, start, len, &format!("tensor '{hf_name}'"), buf)
     }
 
     fn fused(&self, il: u32, which: &str) -> Option<(String, &StEntry)> {
@@ -282,12 +290,11 @@ impl Source for HfSource {
         }
     }
 
-    fn base_tensor(&self, name: &str) -> Result<TensorData> {
+    fn read_base(&self, name: &str, rows: Range<u64>, buf: &mut Vec<u8>) -> Result<()> {
         let hf = self.hf_base_name(name).ok_or_else(|| self.missing(name.to_string()))?;
         let e = self.tensors.get(&hf).ok_or_else(|| self.missing(hf.clone()))?;
-        let meta = self.entry_meta(&hf, e)?;
-        let bytes = self.read(&hf, e, e.start, e.end - e.start)?;
-        Ok(TensorData { meta, bytes })
+        let row = self.entry_meta(&hf, e)?.row_size();
+        self.read(&hf, e, e.start + rows.start * row, (rows.end - rows.start) * row, buf)
     }
 
     fn expert_meta(&self, il: u32, e: u32, proj: Proj) -> Result<TensorMeta> {
@@ -312,12 +319,11 @@ impl Source for HfSource {
         Ok(TensorMeta { ty: m.ty, ne: vec![m.ne[0], rows] })
     }
 
-    fn expert(&self, il: u32, e: u32, proj: Proj) -> Result<TensorData> {
+    fn read_expert(&self, il: u32, e: u32, proj: Proj, buf: &mut Vec<u8>) -> Result<()> {
         let meta = self.expert_meta(il, e, proj)?;
         let name = self.per_expert_name(il, e, proj);
         if let Some(entry) = self.tensors.get(&name) {
-            let bytes = self.read(&name, entry, entry.start, entry.end - entry.start)?;
-            return Ok(TensorData { meta, bytes });
+            return self.read(&name, entry, entry.start, entry.end - entry.start, buf);
         }
         let which = if proj == Proj::Down { "down_proj" } else { "gate_up_proj" };
         let (fname, entry) = self.fused(il, which).ok_or_else(|| self.missing(name))?;
@@ -327,8 +333,7 @@ impl Source for HfSource {
         if proj == Proj::Up {
             start += size;
         }
-        let bytes = self.read(&fname, entry, start, size)?;
-        Ok(TensorData { meta, bytes })
+        self.read(&fname, entry, start, size, buf)
     }
 
     fn describe(&self) -> String {
@@ -398,8 +403,9 @@ impl GgufSource {
         Ok(TensorMeta { ty, ne: t.ne.clone() })
     }
 
-    fn read(&self, t: &GgufTensorInfo, rel: u64, len: u64) -> Result<Vec<u8>> {
-        read_at(&self.file, &self.path, self.gguf.data_offset() + t.offset + rel, len, &format!("tensor '{}'", t.name))
+    fn read(&self, t: &GgufTensorInfo, rel: u64, len: u64, buf: &mut Vec<u8>) -> Result<()> {
+        let at = self.gguf.data_offset() + t.offset + rel;
+        read_at_into(&self.file, &self.path, at, len, &format!("tensor '{}'", t.name), buf)
     }
 }
 
@@ -423,11 +429,10 @@ impl Source for GgufSource {
         }
     }
 
-    fn base_tensor(&self, name: &str) -> Result<TensorData> {
+    fn read_base(&self, name: &str, rows: Range<u64>, buf: &mut Vec<u8>) -> Result<()> {
         let t = self.info(name)?;
-        let meta = self.meta_of(t)?;
-        let bytes = self.read(t, 0, t.size)?;
-        Ok(TensorData { meta, bytes })
+        let row = self.meta_of(t)?.row_size();
+        self.read(t, rows.start * row, (rows.end - rows.start) * row, buf)
     }
 
     fn expert_meta(&self, il: u32, e: u32, proj: Proj) -> Result<TensorMeta> {
@@ -445,12 +450,10 @@ impl Source for GgufSource {
         Ok(TensorMeta { ty: m.ty, ne: m.ne[..2].to_vec() })
     }
 
-    fn expert(&self, il: u32, e: u32, proj: Proj) -> Result<TensorData> {
-        let meta = self.expert_meta(il, e, proj)?;
+    fn read_expert(&self, il: u32, e: u32, proj: Proj, buf: &mut Vec<u8>) -> Result<()> {
+        let size = self.expert_meta(il, e, proj)?.size();
         let t = self.info(&format!("blk.{il}.{}.weight", proj.exps()))?;
-        let size = meta.size();
-        let bytes = self.read(t, e as u64 * size, size)?;
-        Ok(TensorData { meta, bytes })
+        self.read(t, e as u64 * size, size, buf)
     }
 
     fn describe(&self) -> String {

@@ -10,7 +10,7 @@ use sage::inspect::inspect;
 use sage::merge::merge;
 use sage::model_dir::{ModelDir, RECORD_ALIGN};
 use sage::names::Proj;
-use sage::source::{self, Source, TensorData, TensorMeta};
+use sage::source::{self, Source, TensorMeta};
 
 use crate::util::*;
 
@@ -82,8 +82,9 @@ fn q8_0_experts_hold_the_source_weights_in_gate_up_down_order() {
         for p in Proj::ALL {
             let got = dequantize(GgmlType::Q8_0, &rec[at..at + sizes[p.index()] as usize], 256).unwrap();
             at += sizes[p.index()] as usize;
-            let s = src.expert(il, e, p).unwrap();
-            let want = dequantize(s.meta.ty, &s.bytes, 256).unwrap();
+            let mut raw = Vec::new();
+            src.read_expert(il, e, p, &mut raw).unwrap();
+            let want = dequantize(src.expert_meta(il, e, p).unwrap().ty, &raw, 256).unwrap();
             // q8_0: error per weight at most half a step of its block's scale d = max|x|/127,
             // plus the f16 rounding of d (< 0.07 d): 0.6 d (as in the ggml module's unit test).
             for (blk_got, blk_want) in got.chunks(32).zip(want.chunks(32)) {
@@ -233,17 +234,17 @@ impl Source for FailingSource {
     fn base_meta(&self, name: &str) -> sage::Result<Option<TensorMeta>> {
         self.0.base_meta(name)
     }
-    fn base_tensor(&self, name: &str) -> sage::Result<TensorData> {
-        self.0.base_tensor(name)
+    fn read_base(&self, name: &str, rows: std::ops::Range<u64>, buf: &mut Vec<u8>) -> sage::Result<()> {
+        self.0.read_base(name, rows, buf)
     }
     fn expert_meta(&self, il: u32, e: u32, proj: Proj) -> sage::Result<TensorMeta> {
         self.0.expert_meta(il, e, proj)
     }
-    fn expert(&self, il: u32, e: u32, proj: Proj) -> sage::Result<TensorData> {
+    fn read_expert(&self, il: u32, e: u32, proj: Proj, buf: &mut Vec<u8>) -> sage::Result<()> {
         if (il, e, proj) == (1, 5, Proj::Down) {
             return Err(sage::Error::Usage("injected read failure".into()));
         }
-        self.0.expert(il, e, proj)
+        self.0.read_expert(il, e, proj, buf)
     }
     fn describe(&self) -> String {
         self.0.describe()
@@ -281,7 +282,7 @@ fn cli_converts_inspects_and_merges() {
     assert!(stdout.contains("experts 8 per layer"), "{stdout}");
     let (ok, stdout, _) = run(&["inspect", out.to_str().unwrap()]);
     assert!(ok);
-    assert!(stdout.contains("q8_0: 10") && stdout.contains("q4_K: 48") && stdout.contains("blk.0-1: 8 (0-7)"), "{stdout}");
+    assert!(stdout.contains("q8_0: 10 ×") && stdout.contains("q4_K: 48 ×") && stdout.contains("blk.0-1: 8 (0-7)"), "{stdout}");
     let (ok, stdout, _) = run(&["inspect", "--json", out.to_str().unwrap()]);
     assert!(ok);
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
@@ -296,4 +297,27 @@ fn cli_converts_inspects_and_merges() {
     assert!(!ok && stderr.contains("converting /nonexistent/ckpt") && stderr.contains("No such file"), "{stderr}");
     let (ok, _, stderr) = run(&[plain().to_str().unwrap(), "-o", "x", "--quant", "q4_k_m"]);
     assert!(!ok && stderr.contains("unknown quant type 'q4_k_m'"), "{stderr}");
+}
+
+#[test]
+fn f32_f16_and_bf16_sources_convert_alike() {
+    // The bf16 fixture rewritten as f32 (exact) and as f16 (rounded once): converted to f16,
+    // all three give the same bytes, since f16(bf16 value) is the same from any of them.
+    let dir = tmp();
+    let want = convert_into(&plain(), dir.path(), &opts(Some(GgmlType::F16))).0;
+    for (ty, dtype) in [(GgmlType::F32, safetensors::Dtype::F32), (GgmlType::F16, safetensors::Dtype::F16)] {
+        let c = dir.path().join(format!("src-{ty}"));
+        copy_dir(&plain(), &c);
+        rewrite_safetensors(&c.join("model.safetensors"), |m| {
+            for t in m.values_mut() {
+                let f = dequantize(GgmlType::BF16, &t.2, *t.1.last().unwrap() as u64).unwrap();
+                t.2 = sage::ggml::quantize(ty, &f, *t.1.last().unwrap() as u64).unwrap();
+                t.0 = dtype;
+            }
+        });
+        let got = convert(&c, &dir.path().join(format!("out-{ty}")), &opts(Some(GgmlType::F16))).unwrap().out;
+        assert_eq!(gguf_contents(&got.join("base.gguf")), gguf_contents(&want.join("base.gguf")), "{ty} source");
+        let (a, b) = (ModelDir::open(&got).unwrap(), ModelDir::open(&want).unwrap());
+        assert_eq!(a.read_expert(1, 6).unwrap(), b.read_expert(1, 6).unwrap(), "{ty} source");
+    }
 }
