@@ -15,6 +15,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::ggml::{dequantize_into, quantize_into, GgmlType, Gguf, GgufValue};
 use crate::io::{AtomicFile, GgufStream};
 use crate::model_dir::*;
+use crate::model_dir::{base_tensors, Role};
 use crate::names::*;
 use crate::quant::fit;
 use crate::source::{self, Source, TensorMeta};
@@ -46,49 +47,17 @@ pub struct ConvertReport {
     pub n_experts_per_layer: usize,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Role {
-    /// 1-D norm weights: always f32, as llama.cpp keeps them.
-    Norm,
-    /// The router (`ffn_gate_inp`): always f32, as llama.cpp keeps it.
-    Router,
-    /// Matrices that take the requested base type.
-    Weight,
+fn expert_shape(cfg: &ModelConfig, p: Proj) -> [u64; 2] {
+    match p {
+        Proj::Gate | Proj::Up => [cfg.n_embd, cfg.n_ff_exp],
+        Proj::Down => [cfg.n_ff_exp, cfg.n_embd],
+    }
 }
 
 struct Planned {
     name: String,
     src: TensorMeta,
     target: GgmlType,
-}
-
-/// Non-expert tensors of a Qwen3-MoE model with their expected shapes (ggml order).
-fn base_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<u64>, Role)> {
-    let (e, v) = (cfg.n_embd, cfg.n_vocab);
-    let q = cfg.n_head as u64 * cfg.head_dim;
-    let kv = cfg.n_head_kv as u64 * cfg.head_dim;
-    let mut t = vec![(TOKEN_EMBD.to_string(), vec![e, v], Role::Weight)];
-    for il in 0..cfg.n_layer {
-        t.push((blk(il, ATTN_NORM), vec![e], Role::Norm));
-        t.push((blk(il, ATTN_Q), vec![e, q], Role::Weight));
-        t.push((blk(il, ATTN_K), vec![e, kv], Role::Weight));
-        t.push((blk(il, ATTN_V), vec![e, kv], Role::Weight));
-        t.push((blk(il, ATTN_OUT), vec![q, e], Role::Weight));
-        t.push((blk(il, ATTN_Q_NORM), vec![cfg.head_dim], Role::Norm));
-        t.push((blk(il, ATTN_K_NORM), vec![cfg.head_dim], Role::Norm));
-        t.push((blk(il, FFN_NORM), vec![e], Role::Norm));
-        t.push((blk(il, FFN_GATE_INP), vec![e, cfg.n_expert as u64], Role::Router));
-    }
-    t.push((OUTPUT_NORM.to_string(), vec![e], Role::Norm));
-    t.push((OUTPUT.to_string(), vec![e, v], Role::Weight));
-    t
-}
-
-fn expert_shape(cfg: &ModelConfig, p: Proj) -> [u64; 2] {
-    match p {
-        Proj::Gate | Proj::Up => [cfg.n_embd, cfg.n_ff_exp],
-        Proj::Down => [cfg.n_ff_exp, cfg.n_embd],
-    }
 }
 
 /// Parse an expert list: `0-7`, `1,3,5`, `0-3,8`.

@@ -5,6 +5,7 @@
 //! All FFI and `unsafe` live in [`ggml`].
 
 pub mod config;
+pub mod engine;
 pub mod convert;
 pub mod error;
 pub mod ggml;

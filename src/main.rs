@@ -1,25 +1,30 @@
 //! sage: run Mixture-of-Experts models with experts streamed through a fixed-size arena.
-//!
-//! The runtime (`sage run`) is not built yet; today this binary inspects model directories.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
-use clap::{Parser, Subcommand};
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use sage::engine::generate::{chat_prompt, load_tokenizer};
+use sage::engine::sampler::{Sampler, SamplerParams};
+use sage::engine::{ArenaSize, Engine, EngineOptions, KvType};
+use sage::inspect::short_bytes;
 
 #[derive(Parser)]
 #[command(name = "sage", version, about = "Run Mixture-of-Experts models on devices smaller than the model")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// More log output (-v: info, -vv: debug).
+    /// More log output (-v: info, e.g. the pool in effect; -vv: debug).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Generate text from a model directory made by sage-convert.
+    Run(RunArgs),
     /// Show what a model directory (from sage-convert) or a GGUF holds.
     Inspect {
         path: PathBuf,
@@ -29,12 +34,186 @@ enum Command {
     },
 }
 
+#[derive(Args)]
+struct RunArgs {
+    /// Model directory (from sage-convert).
+    dir: PathBuf,
+    /// The prompt.
+    #[arg(short, long)]
+    prompt: String,
+    /// Wrap the prompt in the Qwen chat template.
+    #[arg(long)]
+    chat: bool,
+    /// Bytes for the expert arena, e.g. 2GiB, 512MiB, 100000000 (default: every expert).
+    #[arg(long, conflicts_with = "arena_experts")]
+    arena: Option<String>,
+    /// The arena as a number of expert slots.
+    #[arg(long)]
+    arena_experts: Option<usize>,
+    /// CPU threads (default: all cores).
+    #[arg(short, long)]
+    threads: Option<usize>,
+    /// Context length in tokens (KV cache size).
+    #[arg(long, default_value_t = 4096)]
+    ctx: usize,
+    /// Most tokens to generate.
+    #[arg(short = 'n', long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temp: f32,
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Repetition penalty over the last 64 tokens (1.0 is off).
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// f32 KV cache (default f16), the setting that agrees tightly with llama.cpp's reference runs.
+    #[arg(long)]
+    exact: bool,
+    /// Compute device: cpu, gpu, or a device name (CUDA/Metal need the `cuda`/`metal` features).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Print speed, expert hit rate, bytes read, stalls, peak RSS and arena bytes to stderr.
+    #[arg(long)]
+    stats: bool,
+    /// One JSON object per line: {"id", "text"} per token, then {"stats": {...}}.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `2GiB`, `512MiB`, `1.5GB`, `4096`.
+fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.trim().parse().with_context(|| format!("'{s}' is not a size like 2GiB or 512MiB"))?;
+    let mul = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        u => bail!("unknown size unit '{u}' in '{s}' (use B, KiB, MiB, GiB, KB, MB, GB)"),
+    };
+    if !(n >= 0.0) {
+        bail!("'{s}' is not a size");
+    }
+    Ok((n * mul) as u64)
+}
+
+fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+fn run(a: RunArgs) -> anyhow::Result<()> {
+    let arena = match (&a.arena, a.arena_experts) {
+        (Some(s), _) => ArenaSize::Bytes(parse_size(s)?),
+        (None, Some(n)) => ArenaSize::Experts(n),
+        (None, None) => ArenaSize::All,
+    };
+    let opts = EngineOptions {
+        device: a.device.clone(),
+        threads: a.threads.unwrap_or(EngineOptions::default().threads),
+        n_ctx: a.ctx,
+        arena,
+        kv_type: if a.exact { KvType::F32 } else { KvType::F16 },
+        ..Default::default()
+    };
+    let tokenizer = load_tokenizer(&a.dir).with_context(|| format!("loading the tokenizer of {}", a.dir.display()))?;
+    let mut engine = Engine::load(&a.dir, opts).with_context(|| format!("loading {}", a.dir.display()))?;
+    for (il, ids) in engine.pool().iter().enumerate() {
+        log::info!("pool blk.{il}: {} experts ({})", ids.len(), sage::inspect::id_ranges(ids));
+    }
+    let text = if a.chat { chat_prompt(&a.prompt) } else { a.prompt.clone() };
+    let ids: Vec<u32> = tokenizer.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?.get_ids().to_vec();
+    let mut sampler = Sampler::new(SamplerParams {
+        temp: a.temp,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        repeat_penalty: a.repeat_penalty,
+        seed: a.seed,
+        ..Default::default()
+    });
+    let mut stdout = std::io::stdout().lock();
+    let json = a.json;
+    let g = engine.generate(&tokenizer, &ids, a.max_tokens, &mut sampler, |id, piece| {
+        if json {
+            let _ = writeln!(stdout, "{}", serde_json::json!({"id": id, "text": piece}));
+        } else {
+            let _ = write!(stdout, "{piece}");
+            let _ = stdout.flush();
+        }
+    })?;
+    if !json {
+        writeln!(stdout)?;
+    }
+    let st = &g.stats.sched;
+    let n_tok = g.stats.tokens_evaluated.max(1);
+    let stats = serde_json::json!({
+        "device": engine.device_name(),
+        "prompt_tokens": g.prompt_tokens,
+        "generated_tokens": g.tokens.len(),
+        "stop": g.stop,
+        "prompt_tok_per_s": g.prompt_tok_per_s(),
+        "gen_tok_per_s": g.gen_tok_per_s(),
+        "expert_hits": st.hits,
+        "expert_misses": st.misses,
+        "expert_hit_rate": st.hit_rate(),
+        "bytes_read": st.bytes_read,
+        "bytes_read_per_token": st.bytes_read / n_tok,
+        "load_stall_s": st.stall.as_secs_f64(),
+        "arena_bytes": engine.arena_bytes(),
+        "arena_slots": engine.n_slots(),
+        "peak_rss_bytes": peak_rss_bytes(),
+    });
+    if json {
+        writeln!(stdout, "{}", serde_json::json!({ "stats": stats }))?;
+    } else if a.stats {
+        eprintln!(
+            "prompt: {} tokens, {:.1} tok/s | generated: {} tokens, {:.1} tok/s (stop: {})",
+            g.prompt_tokens,
+            g.prompt_tok_per_s(),
+            g.tokens.len(),
+            g.gen_tok_per_s(),
+            g.stop
+        );
+        eprintln!(
+            "experts: hit rate {:.1}% ({} hits, {} misses), {} read from shards ({} per token), {:.3} s stalled on loads",
+            100.0 * st.hit_rate(),
+            st.hits,
+            st.misses,
+            short_bytes(st.bytes_read),
+            short_bytes(st.bytes_read / n_tok),
+            st.stall.as_secs_f64()
+        );
+        eprintln!(
+            "memory: arena {} ({} slots of {}), peak RSS {} | device {}",
+            short_bytes(engine.arena_bytes() as u64),
+            engine.n_slots(),
+            short_bytes(engine.slot_bytes() as u64),
+            peak_rss_bytes().map(short_bytes).unwrap_or_else(|| "?".into()),
+            engine.device_name()
+        );
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = ["warn", "info", "debug"][cli.verbose.min(2) as usize];
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).format_timestamp(None).init();
     sage::ggml::route_logs();
     let result: anyhow::Result<()> = match cli.command {
+        Command::Run(a) => run(a),
         Command::Inspect { path, json } => sage::inspect::inspect(&path)
             .with_context(|| format!("inspecting {}", path.display()))
             .and_then(|i| {
@@ -52,5 +231,20 @@ fn main() -> ExitCode {
             eprintln!("sage: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("512 MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1.5GB").unwrap(), 1_500_000_000);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("2 parsecs").unwrap_err().to_string().contains("unknown size unit"));
+        assert!(parse_size("lots").is_err());
     }
 }

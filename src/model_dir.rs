@@ -22,6 +22,7 @@ use crate::io::{read_at, read_at_into};
 use crate::names::*;
 use crate::source::open_gguf_checked;
 
+
 pub const BASE: &str = "base.gguf";
 pub const TOKENIZER: &str = "tokenizer.json";
 pub const EXPERT_DIR: &str = "experts";
@@ -31,6 +32,39 @@ pub const FORMAT_VERSION: u32 = 1;
 /// mapped on its own or read with O_DIRECT.
 pub const RECORD_ALIGN: u64 = 4096;
 pub const SHARD_MAGIC: &[u8; 8] = b"SAGEXPRT";
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Role {
+    /// 1-D norm weights: always f32, as llama.cpp keeps them.
+    Norm,
+    /// The router (`ffn_gate_inp`): always f32, as llama.cpp keeps it.
+    Router,
+    /// Matrices that take the requested base type.
+    Weight,
+}
+
+
+/// Non-expert tensors of a Qwen3-MoE model with their expected shapes (ggml order).
+pub fn base_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<u64>, Role)> {
+    let (e, v) = (cfg.n_embd, cfg.n_vocab);
+    let q = cfg.n_head as u64 * cfg.head_dim;
+    let kv = cfg.n_head_kv as u64 * cfg.head_dim;
+    let mut t = vec![(TOKEN_EMBD.to_string(), vec![e, v], Role::Weight)];
+    for il in 0..cfg.n_layer {
+        t.push((blk(il, ATTN_NORM), vec![e], Role::Norm));
+        t.push((blk(il, ATTN_Q), vec![e, q], Role::Weight));
+        t.push((blk(il, ATTN_K), vec![e, kv], Role::Weight));
+        t.push((blk(il, ATTN_V), vec![e, kv], Role::Weight));
+        t.push((blk(il, ATTN_OUT), vec![q, e], Role::Weight));
+        t.push((blk(il, ATTN_Q_NORM), vec![cfg.head_dim], Role::Norm));
+        t.push((blk(il, ATTN_K_NORM), vec![cfg.head_dim], Role::Norm));
+        t.push((blk(il, FFN_NORM), vec![e], Role::Norm));
+        t.push((blk(il, FFN_GATE_INP), vec![e, cfg.n_expert as u64], Role::Router));
+    }
+    t.push((OUTPUT_NORM.to_string(), vec![e], Role::Norm));
+    t.push((OUTPUT.to_string(), vec![e, v], Role::Weight));
+    t
+}
 
 /// Relative path of layer `il`'s shard.
 pub fn shard_name(il: u32) -> String {
@@ -223,6 +257,30 @@ impl ModelDir {
         }
         let (base, base_file, base_tensors) = open_gguf_checked(&base_path)?;
         let config = ModelConfig::read_gguf(&base, &base_path)?;
+        for (name, want, _) in self::base_tensors(&config) {
+            let t = base_tensors.iter().find(|t| t.name == name);
+            match t {
+                None if name == OUTPUT => {} // tied to the token embedding
+                None => return Err(Error::MissingTensor { path: base_path.clone(), tensor: name }),
+                Some(t) if t.ne != want => {
+                    return Err(Error::WrongShape {
+                        path: base_path.clone(),
+                        tensor: name,
+                        expected: crate::convert::dims(&want),
+                        got: crate::convert::dims(&t.ne),
+                    })
+                }
+                Some(t) if t.ty.is_none() => {
+                    return Err(Error::UnsupportedDtype {
+                        path: base_path.clone(),
+                        tensor: name,
+                        got: format!("ggml type id {}", t.raw_type),
+                        expected: "a type this ggml build knows".into(),
+                    })
+                }
+                Some(_) => {}
+            }
+        }
         let manifest = Manifest::read_gguf(&base, &base_path, &config)?;
         let mut shards = Vec::new();
         for l in &manifest.layers {

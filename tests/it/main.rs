@@ -2,5 +2,6 @@
 
 mod bad_input;
 mod convert;
+mod engine;
 mod parity;
 mod util;

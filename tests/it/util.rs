@@ -128,9 +128,30 @@ pub fn backend() -> &'static LlamaBackend {
     })
 }
 
+/// llama.cpp with its default parameters.
 pub fn load_llama(gguf: &Path) -> LlamaModel {
     LlamaModel::load_from_file(backend(), gguf, &LlamaModelParams::default())
         .unwrap_or_else(|e| panic!("llama.cpp failed to load {}: {e}", gguf.display()))
+}
+
+/// llama.cpp's logits at every position of `ids`, evaluating one token per decode call.
+pub fn llama_logits_stepwise(model: &LlamaModel, ids: &[i32]) -> Vec<Vec<f32>> {
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(256))
+        .with_n_threads(2)
+        .with_n_threads_batch(2)
+        .with_type_k(KvCacheType::F32)
+        .with_type_v(KvCacheType::F32)
+        .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED);
+    let mut ctx = model.new_context(backend(), params).unwrap();
+    let mut out = Vec::new();
+    for (i, &id) in ids.iter().enumerate() {
+        let mut batch = LlamaBatch::new(1, 1);
+        batch.add(llama_cpp_2::token::LlamaToken(id), i as i32, &[0], true).unwrap();
+        ctx.decode(&mut batch).unwrap();
+        out.push(ctx.get_logits_ith(0).to_vec());
+    }
+    out
 }
 
 /// llama.cpp's logits at every position of `ids`, with f32 KV and flash attention off (the
@@ -152,6 +173,35 @@ pub fn llama_logits(model: &LlamaModel, ids: &[i32]) -> Vec<Vec<f32>> {
     }
     ctx.decode(&mut batch).unwrap();
     (0..ids.len()).map(|i| ctx.get_logits_ith(i as i32).to_vec()).collect()
+}
+
+/// llama.cpp greedy decoding: the prompt in one batch, then one token at a time, argmax.
+pub fn llama_greedy(model: &LlamaModel, prompt: &[i32], n: usize) -> Vec<i32> {
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(256))
+        .with_n_threads(2)
+        .with_n_threads_batch(2)
+        .with_type_k(KvCacheType::F32)
+        .with_type_v(KvCacheType::F32)
+        .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED);
+    let mut ctx = model.new_context(backend(), params).unwrap();
+    let mut batch = LlamaBatch::new(prompt.len(), 1);
+    for (i, &id) in prompt.iter().enumerate() {
+        batch.add(llama_cpp_2::token::LlamaToken(id), i as i32, &[0], i + 1 == prompt.len()).unwrap();
+    }
+    ctx.decode(&mut batch).unwrap();
+    let mut last = (prompt.len() - 1) as i32;
+    let mut out = Vec::new();
+    for step in 0..n {
+        let logits = ctx.get_logits_ith(last);
+        let next = logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as i32;
+        out.push(next);
+        let mut b = LlamaBatch::new(1, 1);
+        b.add(llama_cpp_2::token::LlamaToken(next), (prompt.len() + step) as i32, &[0], true).unwrap();
+        ctx.decode(&mut b).unwrap();
+        last = 0;
+    }
+    out
 }
 
 pub fn llama_tokenize(model: &LlamaModel, text: &str) -> Vec<i32> {

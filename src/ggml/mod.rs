@@ -16,7 +16,7 @@ use llama_cpp_sys_2 as sys;
 
 /// A ggml tensor type, known to be a valid id of this ggml build.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]
-pub struct GgmlType(u32);
+pub struct GgmlType(pub(crate) u32);
 
 impl GgmlType {
     pub const F32: GgmlType = GgmlType(sys::GGML_TYPE_F32);
@@ -275,7 +275,7 @@ pub fn route_logs() {
     });
 }
 
-fn take_last_error() -> String {
+pub(crate) fn take_last_error() -> String {
     LAST_GGML_ERROR.with(|e| std::mem::take(&mut *e.borrow_mut()))
 }
 
@@ -804,3 +804,6 @@ mod tests {
         assert!(matches!(err, FfiError::Gguf(ref m) if !m.is_empty()), "{err}");
     }
 }
+
+mod compute;
+pub use compute::*;

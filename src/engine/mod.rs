@@ -1,0 +1,550 @@
+//! The runtime: the base resident on a ggml backend, experts streamed from the shards into a
+//! fixed-size arena, and the Qwen3-MoE forward pass built from ggml ops.
+//!
+//! Per layer and batch the engine runs two graphs: (A) attention and the router logits, read
+//! back so the router (`router.rs`) picks experts on the CPU; the scheduler (`scheduler.rs`)
+//! makes them resident in arena slots; (B) the experts' SwiGLU FFN through `mul_mat_id` over
+//! slot ids. When a batch needs more distinct experts in a layer than the arena has slots,
+//! (B) runs once per group of experts, each group's contribution added to the residual.
+
+pub mod generate;
+pub mod router;
+pub mod sampler;
+pub mod scheduler;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::config::ModelConfig;
+use crate::error::{Error, IoContext, Result};
+use crate::ggml::{Allocator, Backend, Buffer, Context, GgmlType, GgufValue, Mapped, TensorSet, ROPE_TYPE_NEOX};
+use crate::model_dir::ModelDir;
+use crate::names::*;
+use router::route;
+use scheduler::{Lru, SchedStats, Scheduler};
+
+/// How big the expert arena is.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ArenaSize {
+    /// At most this many bytes.
+    Bytes(u64),
+    /// This many expert slots.
+    Experts(usize),
+    /// One slot per expert present in the model directory.
+    All,
+}
+
+/// Element type of the KV cache.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum KvType {
+    F32,
+    F16,
+}
+
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// Device name: "cpu", "gpu", or one listed by `ggml::devices()`.
+    pub device: String,
+    pub threads: usize,
+    /// KV cache length in tokens.
+    pub n_ctx: usize,
+    pub arena: ArenaSize,
+    pub kv_type: KvType,
+    /// Most tokens evaluated in one graph.
+    pub n_batch: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            device: "cpu".into(),
+            threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            n_ctx: 4096,
+            arena: ArenaSize::All,
+            kv_type: KvType::F16,
+            n_batch: 512,
+        }
+    }
+}
+
+/// Figures of a run (the scheduler's, plus time spent computing).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct EngineStats {
+    pub sched: SchedStats,
+    pub tokens_evaluated: u64,
+    pub compute: Duration,
+}
+
+/// Indices of one layer's tensors in the weight set.
+struct LayerW {
+    attn_norm: usize,
+    q: usize,
+    k: usize,
+    v: usize,
+    o: usize,
+    q_norm: usize,
+    k_norm: usize,
+    ffn_norm: usize,
+    router: usize,
+}
+
+pub struct Engine {
+    pub config: ModelConfig,
+    dir: ModelDir,
+    backend: Backend,
+    weights: TensorSet,
+    _weights_buf: Buffer,
+    layers: Vec<LayerW>,
+    tok_embd: usize,
+    output_norm: usize,
+    output: usize,
+    /// k[il] and v[il]: [head_dim * n_head_kv, n_ctx].
+    kv: TensorSet,
+    _kv_buf: Buffer,
+    /// Per layer gate/up/down views of the arena ([ne0, ne1, n_slots], slot stride apart),
+    /// then one raw byte view of the whole arena (index 3 * n_layer).
+    arena: TensorSet,
+    arena_buf: Buffer,
+    slot_stride: usize,
+    /// hidden, ffn_inp, normed: [n_embd, n_batch] f32 carried between graphs.
+    state: TensorSet,
+    _state_buf: Buffer,
+    alloc: Allocator,
+    sched: Scheduler,
+    shards: Vec<Mapped>,
+    /// Per layer: which experts exist (the pool).
+    present: Vec<Vec<bool>>,
+    opts: EngineOptions,
+    n_past: usize,
+    pub eos: Option<u32>,
+    stats: EngineStats,
+}
+
+const GRAPH_NODES: usize = 1024;
+const GRAPH_TENSORS: usize = 1024;
+
+fn ffi(path: &Path, what: &str, e: crate::ggml::FfiError) -> Error {
+    Error::Tensor { path: path.to_path_buf(), tensor: what.to_string(), source: e }
+}
+
+impl Engine {
+    /// Open a model directory and load its base onto the device.
+    pub fn load(dir: &Path, opts: EngineOptions) -> Result<Engine> {
+        let md = ModelDir::open(dir)?;
+        let cfg = md.config.clone();
+        let base_path = md.base_path.clone();
+        if opts.n_ctx == 0 || opts.n_batch == 0 {
+            return Err(Error::Usage("context and batch sizes must be positive".into()));
+        }
+
+        // Arena geometry first: a too-small arena is an error before anything is loaded.
+        let record_max = md.manifest.layers.iter().map(|l| l.record_size()).max().unwrap_or(0);
+        let slot_stride = record_max.next_multiple_of(4096) as usize;
+        let total_experts: usize = md.manifest.layers.iter().map(|l| l.ids.len()).sum();
+        let n_slots = match opts.arena {
+            ArenaSize::All => total_experts,
+            ArenaSize::Experts(n) => n.min(total_experts),
+            ArenaSize::Bytes(b) => ((b / slot_stride as u64) as usize).min(total_experts),
+        };
+        if n_slots < cfg.n_expert_used as usize {
+            return Err(Error::Usage(format!(
+                "the arena holds {n_slots} experts of {slot_stride} bytes, but each token uses {}: give it at least {} bytes (--arena) or {} experts (--arena-experts)",
+                cfg.n_expert_used,
+                cfg.n_expert_used as usize * slot_stride,
+                cfg.n_expert_used
+            )));
+        }
+
+        let backend = Backend::open(&opts.device, opts.threads).map_err(|e| Error::Usage(e.to_string()))?;
+        log::info!("device {}; arena {n_slots} slots of {slot_stride} bytes", backend.name());
+
+        // Base weights.
+        let mut weights = TensorSet::new(md.base_tensors.len() + 1);
+        let mut index = std::collections::HashMap::new();
+        for t in &md.base_tensors {
+            let ne: Vec<i64> = t.ne.iter().map(|&n| n as i64).collect();
+            index.insert(t.name.clone(), weights.add(t.ty.expect("checked when opened"), &ne, &t.name));
+        }
+        let weights_buf = backend.alloc_ctx_tensors(weights.context()).map_err(|e| ffi(&base_path, "base weights", e))?;
+        let mut buf = Vec::new();
+        for (i, t) in md.base_tensors.iter().enumerate() {
+            let dst = weights.get(i);
+            // A slice at a time, so reading a large embedding needs no second copy of it.
+            let step = 32u64 << 20;
+            let mut at = 0;
+            while at < t.size {
+                let end = (at + step).min(t.size);
+                md.read_base_range(t, at..end, &mut buf)?;
+                dst.write(at as usize, &buf);
+                at = end;
+            }
+        }
+        let get = |name: &str| -> Result<usize> {
+            index.get(name).copied().ok_or_else(|| Error::MissingTensor { path: base_path.clone(), tensor: name.to_string() })
+        };
+        let layers = (0..cfg.n_layer)
+            .map(|il| {
+                Ok(LayerW {
+                    attn_norm: get(&blk(il, ATTN_NORM))?,
+                    q: get(&blk(il, ATTN_Q))?,
+                    k: get(&blk(il, ATTN_K))?,
+                    v: get(&blk(il, ATTN_V))?,
+                    o: get(&blk(il, ATTN_OUT))?,
+                    q_norm: get(&blk(il, ATTN_Q_NORM))?,
+                    k_norm: get(&blk(il, ATTN_K_NORM))?,
+                    ffn_norm: get(&blk(il, FFN_NORM))?,
+                    router: get(&blk(il, FFN_GATE_INP))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let tok_embd = get(TOKEN_EMBD)?;
+        let output = get(OUTPUT).unwrap_or(tok_embd);
+        let output_norm = get(OUTPUT_NORM)?;
+
+        // KV cache.
+        let kv_ty = match opts.kv_type {
+            KvType::F32 => GgmlType::F32,
+            KvType::F16 => GgmlType::F16,
+        };
+        let n_embd_kv = (cfg.head_dim * cfg.n_head_kv as u64) as i64;
+        let mut kv = TensorSet::new(2 * cfg.n_layer as usize);
+        for il in 0..cfg.n_layer {
+            kv.add(kv_ty, &[n_embd_kv, opts.n_ctx as i64], &format!("cache_k_l{il}"));
+            kv.add(kv_ty, &[n_embd_kv, opts.n_ctx as i64], &format!("cache_v_l{il}"));
+        }
+        let kv_buf = backend.alloc_ctx_tensors(kv.context()).map_err(|e| ffi(dir, "KV cache", e))?;
+        kv_buf.clear(0);
+
+        // The arena: one buffer, fixed size, allocated once.
+        let arena_bytes = n_slots * slot_stride;
+        let arena_buf = backend.alloc_buffer(arena_bytes).map_err(|e| ffi(dir, "expert arena", e))?;
+        arena_buf.clear(0);
+        let mut arena = TensorSet::new(3 * cfg.n_layer as usize + 1);
+        for l in &md.manifest.layers {
+            let sizes = l.sizes();
+            let mut off = 0usize;
+            for p in Proj::ALL {
+                let [ne0, ne1] = l.shapes[p.index()];
+                let i = arena.add(l.types[p.index()], &[ne0 as i64, ne1 as i64, n_slots as i64], &format!("arena.{}.{}", l.il, p.exps()));
+                let t = arena.get(i);
+                t.set_outer_strides(slot_stride);
+                arena_buf.place(t, off).map_err(|e| ffi(dir, "expert arena", e))?;
+                off += sizes[p.index()] as usize;
+            }
+        }
+        let raw = arena.add(GgmlType::I8, &[arena_bytes as i64], "arena.bytes");
+        arena_buf.place(arena.get(raw), 0).map_err(|e| ffi(dir, "expert arena", e))?;
+
+        let mut state = TensorSet::new(3);
+        for name in ["hidden", "ffn_inp", "normed"] {
+            state.add(GgmlType::F32, &[cfg.n_embd as i64, opts.n_batch as i64], name);
+        }
+        let state_buf = backend.alloc_ctx_tensors(state.context()).map_err(|e| ffi(dir, "activations", e))?;
+
+        let mut shards = Vec::new();
+        for l in &md.manifest.layers {
+            let p = dir.join(&l.file);
+            let f = std::fs::File::open(&p).at(&p)?;
+            shards.push(Mapped::open(&f).at(&p)?);
+        }
+        let present = md
+            .manifest
+            .layers
+            .iter()
+            .map(|l| (0..cfg.n_expert).map(|e| l.slot_of(e).is_some()).collect())
+            .collect();
+        let eos = match md.base.get(TOK_EOS) {
+            Some(GgufValue::U32(id)) => Some(id),
+            Some(GgufValue::I32(id)) if id >= 0 => Some(id as u32),
+            _ => None,
+        };
+        let alloc = Allocator::new(&backend);
+        Ok(Engine {
+            config: cfg,
+            dir: md,
+            weights,
+            _weights_buf: weights_buf,
+            layers,
+            tok_embd,
+            output_norm,
+            output,
+            kv,
+            _kv_buf: kv_buf,
+            arena,
+            arena_buf,
+            slot_stride,
+            state,
+            _state_buf: state_buf,
+            alloc,
+            sched: Scheduler::new(n_slots, Box::new(Lru::new(n_slots))),
+            shards,
+            present,
+            n_past: 0,
+            eos,
+            stats: EngineStats::default(),
+            backend,
+            opts,
+        })
+    }
+
+    pub fn device_name(&self) -> String {
+        self.backend.name()
+    }
+
+    /// Bytes of the expert arena (fixed for the engine's life).
+    pub fn arena_bytes(&self) -> usize {
+        self.arena_buf.size()
+    }
+
+    pub fn n_slots(&self) -> usize {
+        self.sched.n_slots()
+    }
+
+    pub fn slot_bytes(&self) -> usize {
+        self.slot_stride
+    }
+
+    /// Expert ids present in each layer (the pool in effect).
+    pub fn pool(&self) -> Vec<Vec<u32>> {
+        self.dir.manifest.layers.iter().map(|l| l.ids.clone()).collect()
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        EngineStats { sched: self.sched.stats.clone(), ..self.stats.clone() }
+    }
+
+    pub fn n_past(&self) -> usize {
+        self.n_past
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.opts.n_ctx
+    }
+
+    /// Forget the context (the arena keeps its experts).
+    pub fn reset(&mut self) {
+        self.n_past = 0;
+    }
+
+    /// Evaluate `tokens` after the current context. Returns logits for every token when
+    /// `all_logits`, else for the last one only (row-major [n][n_vocab]).
+    pub fn eval(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+        if self.n_past + tokens.len() > self.opts.n_ctx {
+            return Err(Error::Usage(format!(
+                "{} tokens after {} do not fit the context of {} (--ctx)",
+                tokens.len(),
+                self.n_past,
+                self.opts.n_ctx
+            )));
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as u64 >= self.config.n_vocab) {
+            return Err(Error::Usage(format!("token id {t} is outside the vocabulary of {}", self.config.n_vocab)));
+        }
+        let mut out = Vec::new();
+        let chunks: Vec<&[u32]> = tokens.chunks(self.opts.n_batch).collect();
+        for (ci, chunk) in chunks.iter().enumerate() {
+            let last = ci + 1 == chunks.len();
+            let logits = self.eval_batch(chunk, all_logits || !last)?;
+            if all_logits || last {
+                out.extend(logits);
+            }
+        }
+        Ok(out)
+    }
+
+    fn eval_batch(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+        let n = tokens.len();
+        for il in 0..self.config.n_layer {
+            let logits = self.attention(il, tokens)?;
+            self.experts(il, n, &logits)?;
+        }
+        let out = self.output_logits(n, all_logits)?;
+        self.n_past += n;
+        self.stats.tokens_evaluated += n as u64;
+        Ok(out)
+    }
+
+    /// Graph A of layer `il`: attention (storing this batch's K and V), residual, FFN norm and
+    /// the router logits, which are returned ([n][n_expert]).
+    fn attention(&mut self, il: u32, tokens: &[u32]) -> Result<Vec<f32>> {
+        let cfg = &self.config;
+        let n = tokens.len() as i64;
+        let (hd, nh, nkv) = (cfg.head_dim as i64, cfg.n_head as i64, cfg.n_head_kv as i64);
+        let n_embd = cfg.n_embd as i64;
+        let n_past = self.n_past as i64;
+        let n_kv = n_past + n;
+        let eps = cfg.rms_eps;
+        let ctx = Context::new(GRAPH_TENSORS, GRAPH_NODES);
+        let w = &self.weights;
+        let lw = &self.layers[il as usize];
+        let (hidden_s, ffn_inp_s, normed_s) = (self.state.get(0), self.state.get(1), self.state.get(2));
+        let row = hidden_s.nb()[1];
+
+        let ids = ctx.new_tensor(GgmlType::I32, &[n]);
+        let x = if il == 0 {
+            ids.set_input();
+            ctx.get_rows(w.get(self.tok_embd), ids)
+        } else {
+            ctx.view_2d(hidden_s, n_embd, n, row, 0)
+        };
+        let pos = ctx.new_tensor(GgmlType::I32, &[n]);
+        pos.set_input();
+        let mask = ctx.new_tensor(GgmlType::F32, &[n_kv, n]);
+        mask.set_input();
+
+        let cur = ctx.mul(ctx.rms_norm(x, eps), w.get(lw.attn_norm));
+        let rope = |t| ctx.rope(t, pos, hd as i32, ROPE_TYPE_NEOX, cfg.n_ctx_train as i32, cfg.rope_theta);
+        let q = ctx.reshape_3d(ctx.mul_mat(w.get(lw.q), cur), hd, nh, n);
+        let q = rope(ctx.mul(ctx.rms_norm(q, eps), w.get(lw.q_norm)));
+        let k = ctx.reshape_3d(ctx.mul_mat(w.get(lw.k), cur), hd, nkv, n);
+        let k = rope(ctx.mul(ctx.rms_norm(k, eps), w.get(lw.k_norm)));
+        let v = ctx.mul_mat(w.get(lw.v), cur);
+
+        // Store this batch's K and V in the cache, then attend over everything cached.
+        let (kc, vc) = (self.kv.get(2 * il as usize), self.kv.get(2 * il as usize + 1));
+        let (esz, row_kv) = (kc.nb()[0], kc.nb()[1]);
+        let at = n_past as usize * row_kv;
+        let k_store = ctx.cpy(ctx.reshape_2d(k, hd * nkv, n), ctx.view_2d(kc, hd * nkv, n, row_kv, at));
+        let v_store = ctx.cpy(v, ctx.view_2d(vc, hd * nkv, n, row_kv, at));
+        let kview = ctx.view_3d(kc, [hd, n_kv, nkv], row_kv, hd as usize * esz, 0);
+        let vview = ctx.view_3d(vc, [hd, n_kv, nkv], row_kv, hd as usize * esz, 0);
+        let kq = ctx.mul_mat(kview, ctx.permute(q, [0, 2, 1, 3])); // [n_kv, n, n_head]
+        let kq = ctx.soft_max_ext(kq, mask, 1.0 / (hd as f32).sqrt());
+        let vt = ctx.cont(ctx.permute(vview, [1, 0, 2, 3])); // [n_kv, hd, n_head_kv]
+        let kqv = ctx.mul_mat(vt, kq); // [hd, n, n_head]
+        let o = ctx.reshape_2d(ctx.cont(ctx.permute(kqv, [0, 2, 1, 3])), hd * nh, n);
+        let ffn_inp = ctx.add(ctx.mul_mat(w.get(lw.o), o), x);
+        let normed = ctx.mul(ctx.rms_norm(ffn_inp, eps), w.get(lw.ffn_norm));
+        let logits = ctx.mul_mat(w.get(lw.router), normed); // [n_expert, n]
+        logits.set_output();
+        let keep_inp = ctx.cpy(ffn_inp, ctx.view_2d(ffn_inp_s, n_embd, n, row, 0));
+        let keep_normed = ctx.cpy(normed, ctx.view_2d(normed_s, n_embd, n, row, 0));
+
+        let mut g = ctx.graph(GRAPH_NODES);
+        for t in [k_store, v_store, logits, keep_inp, keep_normed] {
+            g.expand(t);
+        }
+        let t0 = Instant::now();
+        self.alloc.alloc(&g).map_err(|e| ffi(&self.dir.path, "compute graph", e))?;
+        if il == 0 {
+            ids.write_i32(&tokens.iter().map(|&t| t as i32).collect::<Vec<_>>());
+        }
+        pos.write_i32(&(0..n).map(|i| (n_past + i) as i32).collect::<Vec<_>>());
+        let mut m = vec![f32::NEG_INFINITY; (n_kv * n) as usize];
+        for i in 0..n {
+            for j in 0..=(n_past + i) {
+                m[(i * n_kv + j) as usize] = 0.0;
+            }
+        }
+        mask.write_f32(&m);
+        self.backend.compute(&g).map_err(|e| ffi(&self.dir.path, "compute graph", e))?;
+        self.stats.compute += t0.elapsed();
+        Ok(logits.read_f32((cfg.n_expert as i64 * n) as usize))
+    }
+
+    /// Graph B of layer `il`: route, make the chosen experts resident, run them, add to the
+    /// residual (left in the `hidden` state for the next layer).
+    fn experts(&mut self, il: u32, n: usize, router_logits: &[f32]) -> Result<()> {
+        let (n_exp, k, n_layer) = (self.config.n_expert as usize, self.config.n_expert_used as usize, self.config.n_layer);
+        let present = &self.present[il as usize];
+        let norm = self.config.norm_topk_prob;
+        let choices: Vec<_> = (0..n).map(|t| route(&router_logits[t * n_exp..(t + 1) * n_exp], present, k, norm)).collect();
+        let mut needed: Vec<u32> = choices.iter().flat_map(|c| c.experts.iter().copied()).collect();
+        needed.sort_unstable();
+        needed.dedup();
+
+        let n_slots = self.sched.n_slots();
+        // Each group of experts is loaded once and runs once for the whole batch.
+        for (gi, group) in needed.chunks(n_slots).enumerate() {
+            let layer = &self.dir.manifest.layers[il as usize];
+            let record = layer.record_size() as usize;
+            let (shard, raw, stride) = (&self.shards[il as usize], self.arena.get(3 * n_layer as usize), self.slot_stride);
+            let shard_path = self.dir.path.join(&layer.file);
+            let slots = self.sched.ensure(il, group, |slot, e| -> Result<u64> {
+                let at = layer.offsets[layer.slot_of(e).expect("routed experts are present")] as usize;
+                let bytes = shard.bytes().get(at..at + record).ok_or_else(|| Error::Truncated {
+                    path: shard_path.clone(),
+                    what: format!("expert {e}"),
+                    needed: (at + record) as u64,
+                    got: shard.bytes().len() as u64,
+                })?;
+                raw.write(slot * stride, bytes);
+                Ok(record as u64)
+            })?;
+            let mut ids = Vec::with_capacity(n * k);
+            let mut wts = Vec::with_capacity(n * k);
+            for c in &choices {
+                for (e, w) in c.experts.iter().zip(&c.weights) {
+                    match group.iter().position(|g| g == e) {
+                        Some(i) => {
+                            ids.push(slots[i] as i32);
+                            wts.push(*w);
+                        }
+                        // Chosen, but in another group: weight 0 on any resident slot.
+                        None => {
+                            ids.push(slots[0] as i32);
+                            wts.push(0.0);
+                        }
+                    }
+                }
+            }
+            self.moe_graph(il, n, gi == 0, &ids, &wts)?;
+        }
+        Ok(())
+    }
+
+    fn moe_graph(&mut self, il: u32, n: usize, first: bool, ids: &[i32], wts: &[f32]) -> Result<()> {
+        let cfg = &self.config;
+        let (n_embd, k, n) = (cfg.n_embd as i64, cfg.n_expert_used as i64, n as i64);
+        let ctx = Context::new(GRAPH_TENSORS, GRAPH_NODES);
+        let (hidden_s, ffn_inp_s, normed_s) = (self.state.get(0), self.state.get(1), self.state.get(2));
+        let row = hidden_s.nb()[1];
+        let x = ctx.reshape_3d(ctx.view_2d(normed_s, n_embd, n, row, 0), n_embd, 1, n);
+        let ids_t = ctx.new_tensor(GgmlType::I32, &[k, n]);
+        ids_t.set_input();
+        let wts_t = ctx.new_tensor(GgmlType::F32, &[1, k, n]);
+        wts_t.set_input();
+        let a = |p: Proj| self.arena.get(3 * il as usize + p.index());
+        let gate = ctx.mul_mat_id(a(Proj::Gate), x, ids_t);
+        let up = ctx.mul_mat_id(a(Proj::Up), x, ids_t);
+        let down = ctx.mul_mat_id(a(Proj::Down), ctx.swiglu_split(gate, up), ids_t); // [n_embd, k, n]
+        let down = ctx.mul(down, wts_t);
+        let nb = down.nb();
+        let mut moe = ctx.view_2d(down, n_embd, n, nb[2], 0);
+        for j in 1..k as usize {
+            moe = ctx.add(moe, ctx.view_2d(down, n_embd, n, nb[2], j * nb[1]));
+        }
+        let residual = if first { ffn_inp_s } else { hidden_s };
+        let out = ctx.add(moe, ctx.view_2d(residual, n_embd, n, row, 0));
+        let store = ctx.cpy(out, ctx.view_2d(hidden_s, n_embd, n, row, 0));
+        let mut g = ctx.graph(GRAPH_NODES);
+        g.expand(store);
+        let t0 = Instant::now();
+        self.alloc.alloc(&g).map_err(|e| ffi(&self.dir.path, "compute graph", e))?;
+        ids_t.write_i32(ids);
+        wts_t.write_f32(wts);
+        self.backend.compute(&g).map_err(|e| ffi(&self.dir.path, "compute graph", e))?;
+        self.stats.compute += t0.elapsed();
+        Ok(())
+    }
+
+    /// Output norm and lm head over the last layer's hidden state.
+    fn output_logits(&mut self, n: usize, all: bool) -> Result<Vec<f32>> {
+        let cfg = &self.config;
+        let n_out = if all { n } else { 1 };
+        let ctx = Context::new(GRAPH_TENSORS, GRAPH_NODES);
+        let hidden_s = self.state.get(0);
+        let row = hidden_s.nb()[1];
+        let x = ctx.view_2d(hidden_s, cfg.n_embd as i64, n_out as i64, row, (n - n_out) * row);
+        let cur = ctx.mul(ctx.rms_norm(x, cfg.rms_eps), self.weights.get(self.output_norm));
+        let logits = ctx.mul_mat(self.weights.get(self.output), cur);
+        logits.set_output();
+        let mut g = ctx.graph(GRAPH_NODES);
+        g.expand(logits);
+        let t0 = Instant::now();
+        self.alloc.alloc(&g).map_err(|e| ffi(&self.dir.path, "compute graph", e))?;
+        self.backend.compute(&g).map_err(|e| ffi(&self.dir.path, "compute graph", e))?;
+        self.stats.compute += t0.elapsed();
+        Ok(logits.read_f32(cfg.n_vocab as usize * n_out))
+    }
+}

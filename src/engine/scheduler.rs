@@ -1,0 +1,166 @@
+//! Expert residency: which (layer, expert) lives in which arena slot. A `Policy` picks the
+//! slot to evict; the scheduler counts hits, misses, bytes and stall time. It never touches
+//! the graph: the engine asks it for slots and gets slot ids back.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// An expert of a layer.
+pub type ExpertKey = (u32, u32);
+
+/// Chooses which slot to evict.
+pub trait Policy: Send {
+    /// The slot was used (hit or freshly loaded).
+    fn touch(&mut self, slot: usize);
+    /// Pick a victim among `candidates` (never empty).
+    fn victim(&mut self, candidates: &[usize]) -> usize;
+    fn name(&self) -> &'static str;
+}
+
+/// Least recently used.
+pub struct Lru {
+    last_use: Vec<u64>,
+    clock: u64,
+}
+
+impl Lru {
+    pub fn new(n_slots: usize) -> Lru {
+        Lru { last_use: vec![0; n_slots], clock: 0 }
+    }
+}
+
+impl Policy for Lru {
+    fn touch(&mut self, slot: usize) {
+        self.clock += 1;
+        self.last_use[slot] = self.clock;
+    }
+
+    fn victim(&mut self, candidates: &[usize]) -> usize {
+        *candidates.iter().min_by_key(|&&s| self.last_use[s]).expect("candidates are not empty")
+    }
+
+    fn name(&self) -> &'static str {
+        "lru"
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct SchedStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub bytes_read: u64,
+    pub stall: Duration,
+    /// Distinct (layer, expert) pairs loaded at least once.
+    pub distinct_loaded: u64,
+}
+
+impl SchedStats {
+    pub fn hit_rate(&self) -> f64 {
+        let n = self.hits + self.misses;
+        if n == 0 {
+            0.0
+        } else {
+            self.hits as f64 / n as f64
+        }
+    }
+}
+
+pub struct Scheduler {
+    slots: Vec<Option<ExpertKey>>,
+    where_: HashMap<ExpertKey, usize>,
+    ever_loaded: std::collections::HashSet<ExpertKey>,
+    policy: Box<dyn Policy>,
+    pub stats: SchedStats,
+}
+
+impl Scheduler {
+    pub fn new(n_slots: usize, policy: Box<dyn Policy>) -> Scheduler {
+        Scheduler {
+            slots: vec![None; n_slots],
+            where_: HashMap::new(),
+            ever_loaded: Default::default(),
+            policy,
+            stats: SchedStats::default(),
+        }
+    }
+
+    pub fn n_slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn policy_name(&self) -> &'static str {
+        self.policy.name()
+    }
+
+    /// Make all of `layer`'s `experts` resident (at most `n_slots` of them, distinct), loading
+    /// the missing ones with `load(slot, expert)`; returns their slots in the same order.
+    pub fn ensure<E>(
+        &mut self,
+        layer: u32,
+        experts: &[u32],
+        mut load: impl FnMut(usize, u32) -> Result<u64, E>,
+    ) -> Result<Vec<usize>, E> {
+        assert!(experts.len() <= self.slots.len(), "more experts than slots; the caller splits the work");
+        let mut pinned = vec![false; self.slots.len()];
+        let mut out = vec![usize::MAX; experts.len()];
+        for (i, &e) in experts.iter().enumerate() {
+            if let Some(&s) = self.where_.get(&(layer, e)) {
+                self.stats.hits += 1;
+                self.policy.touch(s);
+                pinned[s] = true;
+                out[i] = s;
+            }
+        }
+        for (i, &e) in experts.iter().enumerate() {
+            if out[i] != usize::MAX {
+                continue;
+            }
+            let free = self.slots.iter().position(|s| s.is_none());
+            let slot = match free {
+                Some(s) => s,
+                None => {
+                    let candidates: Vec<usize> = (0..self.slots.len()).filter(|&s| !pinned[s]).collect();
+                    self.policy.victim(&candidates)
+                }
+            };
+            if let Some(old) = self.slots[slot].take() {
+                self.where_.remove(&old);
+            }
+            let t = std::time::Instant::now();
+            let bytes = load(slot, e)?;
+            self.stats.stall += t.elapsed();
+            self.stats.bytes_read += bytes;
+            self.stats.misses += 1;
+            if self.ever_loaded.insert((layer, e)) {
+                self.stats.distinct_loaded += 1;
+            }
+            self.slots[slot] = Some((layer, e));
+            self.where_.insert((layer, e), slot);
+            self.policy.touch(slot);
+            pinned[slot] = true;
+            out[i] = slot;
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lru_evicts_the_least_recently_used_unpinned_slot() {
+        let mut s = Scheduler::new(2, Box::new(Lru::new(2)));
+        let mut loads = Vec::new();
+        let mut load = |slot: usize, e: u32| -> Result<u64, ()> {
+            loads.push((slot, e));
+            Ok(10)
+        };
+        assert_eq!(s.ensure(0, &[1, 2], &mut load).unwrap(), vec![0, 1]);
+        assert_eq!(s.ensure(0, &[2], &mut load).unwrap(), vec![1]); // hit; 1 is now older
+        assert_eq!(s.ensure(0, &[3], &mut load).unwrap(), vec![0]); // evicts expert 1
+        assert_eq!(s.ensure(1, &[1, 3], &mut load).unwrap().len(), 2);
+        assert_eq!(loads, vec![(0, 1), (1, 2), (0, 3), (1, 1), (0, 3)]);
+        assert_eq!((s.stats.hits, s.stats.misses, s.stats.bytes_read), (1, 5, 50));
+    }
+}

@@ -1,0 +1,477 @@
+//! Compute side of the FFI module: backends, buffers, tensor contexts, graph ops, the graph
+//! allocator. Owning types free their handle in `Drop`; `Tensor<'c>` handles borrow the
+//! context that holds them.
+//!
+//! ggml asserts (aborts) on ill-shaped ops. Shapes here come from the engine's own graph
+//! code over a model directory whose shapes were checked when it was opened, so an abort is
+//! a bug in sage, not bad input.
+
+use std::ffi::{c_void, CStr, CString};
+use std::marker::PhantomData;
+use std::ptr::NonNull;
+
+use llama_cpp_sys_2 as sys;
+
+use super::{route_logs, take_last_error, FfiError, GgmlType};
+
+/// llama.cpp's NEOX RoPE mode (`GGML_ROPE_TYPE_NEOX` in ggml.h, a macro bindgen skips).
+pub const ROPE_TYPE_NEOX: i32 = 2;
+
+/// A compute device known to this ggml build.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceInfo {
+    pub name: String,
+    pub description: String,
+    pub is_gpu: bool,
+}
+
+/// Devices this build can run on (CPU always; CUDA or Metal when built with those features).
+pub fn devices() -> Vec<DeviceInfo> {
+    route_logs();
+    // SAFETY: the device registry is static; indices below the count are valid; names are
+    // static C strings owned by the registry.
+    unsafe {
+        (0..sys::ggml_backend_dev_count())
+            .map(|i| {
+                let d = sys::ggml_backend_dev_get(i);
+                let s = |p: *const std::ffi::c_char| if p.is_null() { String::new() } else { CStr::from_ptr(p).to_string_lossy().into_owned() };
+                let ty = sys::ggml_backend_dev_type(d);
+                DeviceInfo {
+                    name: s(sys::ggml_backend_dev_name(d)),
+                    description: s(sys::ggml_backend_dev_description(d)),
+                    is_gpu: ty == sys::GGML_BACKEND_DEVICE_TYPE_GPU || ty == sys::GGML_BACKEND_DEVICE_TYPE_IGPU,
+                }
+            })
+            .collect()
+    }
+}
+
+/// An initialized ggml backend (CPU, CUDA, Metal, …).
+pub struct Backend {
+    ptr: NonNull<sys::ggml_backend>,
+    is_cpu: bool,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        // SAFETY: created by ggml_backend_*_init, freed once here; buffers made from it hold no
+        // reference to the backend itself (they reference its buffer type, which is static).
+        unsafe { sys::ggml_backend_free(self.ptr.as_ptr()) };
+    }
+}
+
+impl Backend {
+    /// The device named `name` (case-insensitive, as `devices()` lists them, or "gpu" for the
+    /// first GPU), with `n_threads` CPU threads where the backend uses them.
+    pub fn open(name: &str, n_threads: usize) -> Result<Backend, FfiError> {
+        let devs = devices();
+        let want = name.to_ascii_lowercase();
+        let idx = devs.iter().position(|d| {
+            let n = d.name.to_ascii_lowercase();
+            n == want || (want == "gpu" && d.is_gpu) || (want != "cpu" && n.starts_with(&want))
+        });
+        let Some(idx) = idx else {
+            let have: Vec<String> = devs.iter().map(|d| format!("{} ({})", d.name, d.description)).collect();
+            return Err(FfiError::Gguf(format!(
+                "no device '{name}' in this build; available: {} (CUDA and Metal need the cargo features `cuda` / `metal`)",
+                have.join(", ")
+            )));
+        };
+        // SAFETY: idx is below the device count; init with null params is the documented
+        // default; a null result is handled.
+        let ptr = unsafe { sys::ggml_backend_dev_init(sys::ggml_backend_dev_get(idx), std::ptr::null()) };
+        let ptr = NonNull::new(ptr).ok_or_else(|| FfiError::Gguf(format!("device '{}' failed to start: {}", devs[idx].name, take_last_error())))?;
+        let b = Backend { ptr, is_cpu: !devs[idx].is_gpu };
+        if b.is_cpu {
+            // SAFETY: this backend is the CPU backend (checked above).
+            unsafe { sys::ggml_backend_cpu_set_n_threads(b.ptr.as_ptr(), n_threads.max(1) as i32) };
+        }
+        Ok(b)
+    }
+
+    pub fn name(&self) -> String {
+        // SAFETY: valid backend; the name is a static C string.
+        unsafe { CStr::from_ptr(sys::ggml_backend_name(self.ptr.as_ptr())) }.to_string_lossy().into_owned()
+    }
+
+    pub fn is_cpu(&self) -> bool {
+        self.is_cpu
+    }
+
+    /// A buffer of `size` bytes on this backend's device.
+    pub fn alloc_buffer(&self, size: usize) -> Result<Buffer, FfiError> {
+        // SAFETY: valid backend; a null result (out of memory) is handled.
+        let p = unsafe { sys::ggml_backend_alloc_buffer(self.ptr.as_ptr(), size.max(1)) };
+        NonNull::new(p).map(|ptr| Buffer { ptr }).ok_or_else(|| FfiError::Gguf(format!("could not allocate {size} bytes on {}", self.name())))
+    }
+
+    /// Allocate every tensor of `ctx` in one new buffer.
+    pub fn alloc_ctx_tensors(&self, ctx: &Context) -> Result<Buffer, FfiError> {
+        // SAFETY: valid context (no_alloc) and backend; a null result is handled.
+        let p = unsafe { sys::ggml_backend_alloc_ctx_tensors(ctx.ptr.as_ptr(), self.ptr.as_ptr()) };
+        NonNull::new(p).map(|ptr| Buffer { ptr }).ok_or_else(|| FfiError::Gguf(format!("could not allocate tensors on {}", self.name())))
+    }
+
+    /// Run a graph whose tensors are all allocated (by `Allocator::alloc` or in buffers).
+    pub fn compute(&self, graph: &Graph<'_>) -> Result<(), FfiError> {
+        // SAFETY: valid backend and graph; all tensors have data (allocated by the caller).
+        let st = unsafe { sys::ggml_backend_graph_compute(self.ptr.as_ptr(), graph.ptr.as_ptr()) };
+        if st == sys::GGML_STATUS_SUCCESS {
+            Ok(())
+        } else {
+            Err(FfiError::Gguf(format!("graph compute failed with status {st}")))
+        }
+    }
+}
+
+/// Memory on a backend's device.
+pub struct Buffer {
+    ptr: NonNull<sys::ggml_backend_buffer>,
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        // SAFETY: created by ggml_backend_alloc_*, freed once here.
+        unsafe { sys::ggml_backend_buffer_free(self.ptr.as_ptr()) };
+    }
+}
+
+impl Buffer {
+    pub fn size(&self) -> usize {
+        // SAFETY: valid buffer.
+        unsafe { sys::ggml_backend_buffer_get_size(self.ptr.as_ptr()) }
+    }
+
+    pub fn clear(&self, value: u8) {
+        // SAFETY: valid buffer.
+        unsafe { sys::ggml_backend_buffer_clear(self.ptr.as_ptr(), value) };
+    }
+
+    /// Give `t` (not yet allocated) its data at `offset` in this buffer.
+    pub fn place(&self, t: Tensor<'_>, offset: usize) -> Result<(), FfiError> {
+        let need = offset.checked_add(t.nbytes()).unwrap_or(usize::MAX);
+        if need > self.size() || !t.data_ptr().is_null() {
+            return Err(FfiError::Gguf(format!("tensor of {} bytes at {offset} does not fit a buffer of {}", t.nbytes(), self.size())));
+        }
+        // SAFETY: the range [offset, offset + nbytes) lies inside the buffer (checked) and the
+        // tensor has no data yet; ggml records buffer and address in the tensor.
+        let st = unsafe {
+            let base = sys::ggml_backend_buffer_get_base(self.ptr.as_ptr()) as *mut u8;
+            sys::ggml_backend_tensor_alloc(self.ptr.as_ptr(), t.ptr.as_ptr(), base.add(offset) as *mut c_void)
+        };
+        if st == sys::GGML_STATUS_SUCCESS {
+            Ok(())
+        } else {
+            Err(FfiError::Gguf(format!("placing a tensor failed with status {st}")))
+        }
+    }
+}
+
+/// A ggml context holding tensor and graph metadata (never tensor data: `no_alloc`).
+pub struct Context {
+    ptr: NonNull<sys::ggml_context>,
+}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        // SAFETY: created by ggml_init, freed once here; Tensor handles borrow self, so none
+        // outlive it.
+        unsafe { sys::ggml_free(self.ptr.as_ptr()) };
+    }
+}
+
+/// A tensor in a `Context`.
+#[derive(Clone, Copy)]
+pub struct Tensor<'c> {
+    ptr: NonNull<sys::ggml_tensor>,
+    _ctx: PhantomData<&'c Context>,
+}
+
+impl<'c> Tensor<'c> {
+    fn raw(&self) -> &sys::ggml_tensor {
+        // SAFETY: the tensor lives in its context, which outlives 'c.
+        unsafe { self.ptr.as_ref() }
+    }
+
+    pub fn ne(&self) -> [i64; 4] {
+        self.raw().ne
+    }
+
+    pub fn nb(&self) -> [usize; 4] {
+        self.raw().nb
+    }
+
+    pub fn ty(&self) -> GgmlType {
+        GgmlType(self.raw().type_)
+    }
+
+    pub fn nbytes(&self) -> usize {
+        // SAFETY: valid tensor.
+        unsafe { sys::ggml_nbytes(self.ptr.as_ptr()) }
+    }
+
+    fn data_ptr(&self) -> *mut c_void {
+        self.raw().data
+    }
+
+    pub fn is_allocated(&self) -> bool {
+        !self.raw().data.is_null()
+    }
+
+    /// Set the byte strides of dims 2 and 3 (only before the tensor is allocated): lets one
+    /// 3-D tensor address equal-sized records spaced `nb2` apart, as the expert arena does.
+    pub fn set_outer_strides(&self, nb2: usize) {
+        assert!(!self.is_allocated());
+        let t = self.ptr.as_ptr();
+        // SAFETY: the tensor is not allocated yet, so no computed size depends on nb; nb2 is
+        // at least one whole matrix apart (checked by the caller's layout).
+        unsafe {
+            assert!(nb2 >= (*t).nb[1] * (*t).ne[1] as usize);
+            (*t).nb[2] = nb2;
+            (*t).nb[3] = nb2 * (*t).ne[2] as usize;
+        }
+    }
+
+    pub fn set_name(&self, name: &str) {
+        if let Ok(c) = CString::new(&name[..name.len().min(63)]) {
+            // SAFETY: valid tensor and C string (copied by ggml, truncated to its limit).
+            unsafe { sys::ggml_set_name(self.ptr.as_ptr(), c.as_ptr()) };
+        }
+    }
+
+    /// Mark as a graph input / output (the allocator then never reuses its memory early).
+    pub fn set_input(&self) {
+        // SAFETY: valid tensor.
+        unsafe { sys::ggml_set_input(self.ptr.as_ptr()) };
+    }
+
+    pub fn set_output(&self) {
+        // SAFETY: valid tensor.
+        unsafe { sys::ggml_set_output(self.ptr.as_ptr()) };
+    }
+
+    /// Write `bytes` at byte `offset` of the tensor's data.
+    pub fn write(&self, offset: usize, bytes: &[u8]) {
+        assert!(self.is_allocated(), "tensor written before allocation");
+        assert!(offset + bytes.len() <= self.nbytes(), "write past the tensor");
+        // SAFETY: allocated tensor; the range lies inside it (asserted).
+        unsafe { sys::ggml_backend_tensor_set(self.ptr.as_ptr(), bytes.as_ptr() as *const c_void, offset, bytes.len()) };
+    }
+
+    pub fn write_f32(&self, v: &[f32]) {
+        self.write(0, bytemuck::cast_slice(v));
+    }
+
+    pub fn write_i32(&self, v: &[i32]) {
+        self.write(0, bytemuck::cast_slice(v));
+    }
+
+    /// Read `n` f32 values from the start of the tensor's data.
+    pub fn read_f32(&self, n: usize) -> Vec<f32> {
+        assert!(self.is_allocated() && n * 4 <= self.nbytes());
+        let mut out = vec![0f32; n];
+        // SAFETY: allocated tensor; n * 4 bytes lie inside it (asserted) and fit `out`.
+        unsafe { sys::ggml_backend_tensor_get(self.ptr.as_ptr(), out.as_mut_ptr() as *mut c_void, 0, n * 4) };
+        out
+    }
+}
+
+macro_rules! op {
+    ($self:ident, $e:expr) => {{
+        // SAFETY: valid context and tensors of live contexts; ggml checks shapes (aborting on
+        // a bug in sage's graph code, see the module comment) and returns a new tensor in
+        // this context.
+        let p = unsafe { $e };
+        Tensor { ptr: NonNull::new(p).expect("ggml op returned null"), _ctx: PhantomData }
+    }};
+}
+
+impl Context {
+    /// A context for up to `n_tensors` tensors and, if `graph_nodes > 0`, one graph.
+    pub fn new(n_tensors: usize, graph_nodes: usize) -> Context {
+        route_logs();
+        // SAFETY: size queries without preconditions; ggml_init with no_alloc only reserves
+        // metadata space; null (out of memory) is checked.
+        unsafe {
+            let mut mem = n_tensors * sys::ggml_tensor_overhead() + 1024;
+            if graph_nodes > 0 {
+                mem += sys::ggml_graph_overhead_custom(graph_nodes, false);
+            }
+            let p = sys::ggml_init(sys::ggml_init_params { mem_size: mem, mem_buffer: std::ptr::null_mut(), no_alloc: true });
+            Context { ptr: NonNull::new(p).expect("ggml_init failed") }
+        }
+    }
+
+    fn c(&self) -> *mut sys::ggml_context {
+        self.ptr.as_ptr()
+    }
+
+    pub fn new_tensor(&self, ty: GgmlType, ne: &[i64]) -> Tensor<'_> {
+        assert!(!ne.is_empty() && ne.len() <= 4);
+        assert!(ty.row_size(ne[0] as u64).is_some(), "row of {} does not fit {ty}", ne[0]);
+        op!(self, sys::ggml_new_tensor(self.c(), ty.0, ne.len() as i32, ne.as_ptr()))
+    }
+
+    pub fn get_rows<'a>(&'a self, a: Tensor<'a>, ids: Tensor<'a>) -> Tensor<'a> {
+        op!(self, sys::ggml_get_rows(self.c(), a.ptr.as_ptr(), ids.ptr.as_ptr()))
+    }
+    pub fn rms_norm<'a>(&'a self, a: Tensor<'a>, eps: f32) -> Tensor<'a> {
+        op!(self, sys::ggml_rms_norm(self.c(), a.ptr.as_ptr(), eps))
+    }
+    pub fn mul<'a>(&'a self, a: Tensor<'a>, b: Tensor<'a>) -> Tensor<'a> {
+        op!(self, sys::ggml_mul(self.c(), a.ptr.as_ptr(), b.ptr.as_ptr()))
+    }
+    pub fn add<'a>(&'a self, a: Tensor<'a>, b: Tensor<'a>) -> Tensor<'a> {
+        op!(self, sys::ggml_add(self.c(), a.ptr.as_ptr(), b.ptr.as_ptr()))
+    }
+    pub fn mul_mat<'a>(&'a self, a: Tensor<'a>, b: Tensor<'a>) -> Tensor<'a> {
+        op!(self, sys::ggml_mul_mat(self.c(), a.ptr.as_ptr(), b.ptr.as_ptr()))
+    }
+    /// `as_` [ne0, ne1, n_mat] chosen per column of `b` by `ids` [n_used, n_tokens] (i32).
+    pub fn mul_mat_id<'a>(&'a self, as_: Tensor<'a>, b: Tensor<'a>, ids: Tensor<'a>) -> Tensor<'a> {
+        op!(self, sys::ggml_mul_mat_id(self.c(), as_.ptr.as_ptr(), b.ptr.as_ptr(), ids.ptr.as_ptr()))
+    }
+    /// silu(a) * b.
+    pub fn swiglu_split<'a>(&'a self, a: Tensor<'a>, b: Tensor<'a>) -> Tensor<'a> {
+        op!(self, sys::ggml_swiglu_split(self.c(), a.ptr.as_ptr(), b.ptr.as_ptr()))
+    }
+    pub fn reshape_2d<'a>(&'a self, a: Tensor<'a>, ne0: i64, ne1: i64) -> Tensor<'a> {
+        op!(self, sys::ggml_reshape_2d(self.c(), a.ptr.as_ptr(), ne0, ne1))
+    }
+    pub fn reshape_3d<'a>(&'a self, a: Tensor<'a>, ne0: i64, ne1: i64, ne2: i64) -> Tensor<'a> {
+        op!(self, sys::ggml_reshape_3d(self.c(), a.ptr.as_ptr(), ne0, ne1, ne2))
+    }
+    pub fn view_1d<'a>(&'a self, a: Tensor<'a>, ne0: i64, offset: usize) -> Tensor<'a> {
+        op!(self, sys::ggml_view_1d(self.c(), a.ptr.as_ptr(), ne0, offset))
+    }
+    pub fn view_2d<'a>(&'a self, a: Tensor<'a>, ne0: i64, ne1: i64, nb1: usize, offset: usize) -> Tensor<'a> {
+        op!(self, sys::ggml_view_2d(self.c(), a.ptr.as_ptr(), ne0, ne1, nb1, offset))
+    }
+    #[allow(clippy::too_many_arguments)]
+    pub fn view_3d<'a>(&'a self, a: Tensor<'a>, ne: [i64; 3], nb1: usize, nb2: usize, offset: usize) -> Tensor<'a> {
+        op!(self, sys::ggml_view_3d(self.c(), a.ptr.as_ptr(), ne[0], ne[1], ne[2], nb1, nb2, offset))
+    }
+    pub fn permute<'a>(&'a self, a: Tensor<'a>, axes: [i32; 4]) -> Tensor<'a> {
+        op!(self, sys::ggml_permute(self.c(), a.ptr.as_ptr(), axes[0], axes[1], axes[2], axes[3]))
+    }
+    pub fn transpose<'a>(&'a self, a: Tensor<'a>) -> Tensor<'a> {
+        op!(self, sys::ggml_transpose(self.c(), a.ptr.as_ptr()))
+    }
+    pub fn cont<'a>(&'a self, a: Tensor<'a>) -> Tensor<'a> {
+        op!(self, sys::ggml_cont(self.c(), a.ptr.as_ptr()))
+    }
+    /// Copy `a` into `b` (converting type); the result aliases `b`.
+    pub fn cpy<'a>(&'a self, a: Tensor<'a>, b: Tensor<'a>) -> Tensor<'a> {
+        op!(self, sys::ggml_cpy(self.c(), a.ptr.as_ptr(), b.ptr.as_ptr()))
+    }
+    pub fn soft_max_ext<'a>(&'a self, a: Tensor<'a>, mask: Tensor<'a>, scale: f32) -> Tensor<'a> {
+        op!(self, sys::ggml_soft_max_ext(self.c(), a.ptr.as_ptr(), mask.ptr.as_ptr(), scale, 0.0))
+    }
+    /// RoPE of `a` [head_dim, n_head, n_tokens] at positions `pos` (i32 [n_tokens]).
+    pub fn rope<'a>(&'a self, a: Tensor<'a>, pos: Tensor<'a>, n_dims: i32, mode: i32, n_ctx_orig: i32, freq_base: f32) -> Tensor<'a> {
+        op!(
+            self,
+            sys::ggml_rope_ext(self.c(), a.ptr.as_ptr(), pos.ptr.as_ptr(), std::ptr::null_mut(), n_dims, mode, n_ctx_orig, freq_base, 1.0, 0.0, 1.0, 32.0, 1.0)
+        )
+    }
+
+    /// A graph of up to `nodes` nodes in this context (which must have been made with room).
+    pub fn graph(&self, nodes: usize) -> Graph<'_> {
+        // SAFETY: valid context created with graph room (Context::new); null is checked.
+        let p = unsafe { sys::ggml_new_graph_custom(self.c(), nodes, false) };
+        Graph { ptr: NonNull::new(p).expect("ggml_new_graph_custom failed: context too small"), _ctx: PhantomData }
+    }
+}
+
+/// A compute graph in a `Context`.
+pub struct Graph<'c> {
+    ptr: NonNull<sys::ggml_cgraph>,
+    _ctx: PhantomData<&'c Context>,
+}
+
+impl<'c> Graph<'c> {
+    pub fn expand(&mut self, t: Tensor<'c>) {
+        // SAFETY: graph and tensor live in the same or an outliving context.
+        unsafe { sys::ggml_build_forward_expand(self.ptr.as_ptr(), t.ptr.as_ptr()) };
+    }
+}
+
+/// Allocates the intermediate tensors of graphs, reusing one buffer across graphs.
+pub struct Allocator {
+    ptr: NonNull<sys::ggml_gallocr>,
+}
+
+impl Drop for Allocator {
+    fn drop(&mut self) {
+        // SAFETY: created by ggml_gallocr_new, freed once here.
+        unsafe { sys::ggml_gallocr_free(self.ptr.as_ptr()) };
+    }
+}
+
+impl Allocator {
+    pub fn new(backend: &Backend) -> Allocator {
+        // SAFETY: valid backend; its default buffer type is static.
+        let p = unsafe { sys::ggml_gallocr_new(sys::ggml_backend_get_default_buffer_type(backend.ptr.as_ptr())) };
+        Allocator { ptr: NonNull::new(p).expect("ggml_gallocr_new failed") }
+    }
+
+    /// Give every unallocated tensor of `graph` memory (growing the allocator's buffer when
+    /// needed).
+    pub fn alloc(&mut self, graph: &Graph<'_>) -> Result<(), FfiError> {
+        // SAFETY: valid allocator and graph.
+        if unsafe { sys::ggml_gallocr_alloc_graph(self.ptr.as_ptr(), graph.ptr.as_ptr()) } {
+            Ok(())
+        } else {
+            Err(FfiError::Gguf("could not allocate the compute graph".into()))
+        }
+    }
+
+    /// Bytes of the allocator's compute buffer.
+    pub fn buffer_size(&self) -> usize {
+        // SAFETY: valid allocator; buffer 0 is the only one (single backend).
+        unsafe { sys::ggml_gallocr_get_buffer_size(self.ptr.as_ptr(), 0) }
+    }
+}
+
+/// A context that owns its tensors' handles, so a struct can keep tensors and their context
+/// together (a `Tensor<'c>` alone cannot live beside the context it borrows).
+pub struct TensorSet {
+    ctx: Context,
+    tensors: Vec<NonNull<sys::ggml_tensor>>,
+}
+
+impl TensorSet {
+    pub fn new(capacity: usize) -> TensorSet {
+        TensorSet { ctx: Context::new(capacity, 0), tensors: Vec::with_capacity(capacity) }
+    }
+
+    /// Add a tensor; returns its index.
+    pub fn add(&mut self, ty: GgmlType, ne: &[i64], name: &str) -> usize {
+        let t = self.ctx.new_tensor(ty, ne);
+        t.set_name(name);
+        self.tensors.push(t.ptr);
+        self.tensors.len() - 1
+    }
+
+    pub fn get(&self, i: usize) -> Tensor<'_> {
+        Tensor { ptr: self.tensors[i], _ctx: PhantomData }
+    }
+
+    pub fn context(&self) -> &Context {
+        &self.ctx
+    }
+
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+}
+
+impl GgmlType {
+    /// ggml's 8-bit integer type (used for raw byte regions).
+    pub const I8: GgmlType = GgmlType(sys::GGML_TYPE_I8);
+    pub const I32: GgmlType = GgmlType(sys::GGML_TYPE_I32);
+}
