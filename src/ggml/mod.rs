@@ -160,23 +160,12 @@ pub fn dequantize_into(ty: GgmlType, src: &[u8], n_per_row: u64, out: &mut Vec<f
     let n = (n_rows * n_per_row) as usize;
     out.clear();
     out.resize(n, 0.0);
-    // Split by rows across threads; each part is whole blocks.
-    let threads = worker_threads().min(n_rows.max(1) as usize);
-    let rows_per = n_rows.div_ceil(threads as u64).max(1);
-    std::thread::scope(|s| {
-        for (src_part, dst_part) in src
-            .chunks((rows_per * row) as usize)
-            .zip(out.chunks_mut((rows_per * n_per_row) as usize))
-        {
-            s.spawn(move || {
-                // SAFETY: src_part holds exactly dst_part.len() / n_per_row whole rows of `ty`
-                // (both chunked by the same row count), so ggml reads src_part.len() bytes and
-                // writes dst_part.len() floats, all inside the two slices.
-                unsafe {
-                    to_float(src_part.as_ptr() as *const c_void, dst_part.as_mut_ptr(), dst_part.len() as i64)
-                };
-            });
-        }
+    let f32_row = n_per_row as usize;
+    for_row_chunks(src, row as usize, out, f32_row, |src_part, dst_part| {
+        // SAFETY: src_part holds exactly dst_part.len() / n_per_row whole rows of `ty`
+        // (both split at the same row), so ggml reads src_part.len() bytes and writes
+        // dst_part.len() floats, all inside the two slices.
+        unsafe { to_float(src_part.as_ptr() as *const c_void, dst_part.as_mut_ptr(), dst_part.len() as i64) };
     });
     Ok(())
 }
@@ -202,34 +191,30 @@ pub fn quantize_into(ty: GgmlType, src: &[f32], n_per_row: u64, out: &mut Vec<u8
     // SAFETY: ggml_quantize_init only fills ggml's lookup tables for `ty`; it guards itself
     // with a critical section and is safe to call more than once.
     unsafe { sys::ggml_quantize_init(ty.0) };
-    let threads = worker_threads().min(n_rows.max(1) as usize);
-    let rows_per = n_rows.div_ceil(threads as u64).max(1);
-    std::thread::scope(|s| {
-        for (src_part, dst_part) in src
-            .chunks((rows_per * n_per_row) as usize)
-            .zip(out.chunks_mut((rows_per * row) as usize))
-        {
-            s.spawn(move || {
-                let rows = (src_part.len() as u64 / n_per_row) as i64;
-                // SAFETY: src_part is `rows` whole rows of n_per_row floats and dst_part is
-                // exactly `rows` rows of `row` bytes (both chunked by the same row count);
-                // start = 0 makes ggml read and write only inside these two slices; the type
-                // needs no importance matrix (checked above), so passing null is allowed.
-                unsafe {
-                    sys::ggml_quantize_chunk(
-                        ty.0,
-                        src_part.as_ptr(),
-                        dst_part.as_mut_ptr() as *mut c_void,
-                        0,
-                        rows,
-                        n_per_row as i64,
-                        std::ptr::null(),
-                    )
-                };
-            });
-        }
+    for_row_chunks(src, n_per_row as usize, out, row as usize, |src_part, dst_part| {
+        let rows = (src_part.len() as u64 / n_per_row) as i64;
+        // SAFETY: src_part is `rows` whole rows of n_per_row floats and dst_part exactly
+        // `rows` rows of `row` bytes (both split at the same row); start = 0 makes ggml read
+        // and write only inside these two slices; the type needs no importance matrix
+        // (checked above), so passing null is allowed.
+        unsafe {
+            sys::ggml_quantize_chunk(ty.0, src_part.as_ptr(), dst_part.as_mut_ptr() as *mut c_void, 0, rows, n_per_row as i64, std::ptr::null())
+        };
     });
     Ok(())
+}
+
+/// Run `f` on matching row ranges of `src` (rows of `src_row` items) and `dst` (rows of
+/// `dst_row` items), one range per worker thread.
+fn for_row_chunks<S: Sync, D: Send>(src: &[S], src_row: usize, dst: &mut [D], dst_row: usize, f: impl Fn(&[S], &mut [D]) + Sync) {
+    let n_rows = src.len() / src_row.max(1);
+    let rows_per = n_rows.div_ceil(worker_threads().min(n_rows.max(1))).max(1);
+    std::thread::scope(|s| {
+        for (a, b) in src.chunks(rows_per * src_row).zip(dst.chunks_mut(rows_per * dst_row)) {
+            let f = &f;
+            s.spawn(move || f(a, b));
+        }
+    });
 }
 
 fn worker_threads() -> usize {

@@ -134,16 +134,24 @@ pub fn load_llama(gguf: &Path) -> LlamaModel {
         .unwrap_or_else(|e| panic!("llama.cpp failed to load {}: {e}", gguf.display()))
 }
 
-/// llama.cpp's logits at every position of `ids`, evaluating one token per decode call.
-pub fn llama_logits_stepwise(model: &LlamaModel, ids: &[i32]) -> Vec<Vec<f32>> {
+/// A llama.cpp context with f32 KV and flash attention off (the setting that agrees tightly
+/// with an f32 transformers reference), 256 tokens, 2 threads.
+pub fn llama_context(model: &LlamaModel) -> llama_cpp_2::context::LlamaContext<'_> {
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(256))
+        .with_n_batch(256)
+        .with_n_ubatch(256)
         .with_n_threads(2)
         .with_n_threads_batch(2)
         .with_type_k(KvCacheType::F32)
         .with_type_v(KvCacheType::F32)
         .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED);
-    let mut ctx = model.new_context(backend(), params).unwrap();
+    model.new_context(backend(), params).unwrap()
+}
+
+/// llama.cpp's logits at every position of `ids`, evaluating one token per decode call.
+pub fn llama_logits_stepwise(model: &LlamaModel, ids: &[i32]) -> Vec<Vec<f32>> {
+    let mut ctx = llama_context(model);
     let mut out = Vec::new();
     for (i, &id) in ids.iter().enumerate() {
         let mut batch = LlamaBatch::new(1, 1);
@@ -154,19 +162,9 @@ pub fn llama_logits_stepwise(model: &LlamaModel, ids: &[i32]) -> Vec<Vec<f32>> {
     out
 }
 
-/// llama.cpp's logits at every position of `ids`, with f32 KV and flash attention off (the
-/// setting that agrees tightly with an f32 transformers reference).
+/// llama.cpp's logits at every position of `ids`, all in one batch.
 pub fn llama_logits(model: &LlamaModel, ids: &[i32]) -> Vec<Vec<f32>> {
-    let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(256))
-        .with_n_batch(256)
-        .with_n_ubatch(256)
-        .with_n_threads(2)
-        .with_n_threads_batch(2)
-        .with_type_k(KvCacheType::F32)
-        .with_type_v(KvCacheType::F32)
-        .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED);
-    let mut ctx = model.new_context(backend(), params).unwrap();
+    let mut ctx = llama_context(model);
     let mut batch = LlamaBatch::new(ids.len(), 1);
     for (i, &id) in ids.iter().enumerate() {
         batch.add(llama_cpp_2::token::LlamaToken(id), i as i32, &[0], true).unwrap();
@@ -177,14 +175,7 @@ pub fn llama_logits(model: &LlamaModel, ids: &[i32]) -> Vec<Vec<f32>> {
 
 /// llama.cpp greedy decoding: the prompt in one batch, then one token at a time, argmax.
 pub fn llama_greedy(model: &LlamaModel, prompt: &[i32], n: usize) -> Vec<i32> {
-    let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(256))
-        .with_n_threads(2)
-        .with_n_threads_batch(2)
-        .with_type_k(KvCacheType::F32)
-        .with_type_v(KvCacheType::F32)
-        .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED);
-    let mut ctx = model.new_context(backend(), params).unwrap();
+    let mut ctx = llama_context(model);
     let mut batch = LlamaBatch::new(prompt.len(), 1);
     for (i, &id) in prompt.iter().enumerate() {
         batch.add(llama_cpp_2::token::LlamaToken(id), i as i32, &[0], i + 1 == prompt.len()).unwrap();
