@@ -74,7 +74,8 @@ struct RunArgs {
     /// f32 KV cache (default f16), the setting that agrees tightly with llama.cpp's reference runs.
     #[arg(long)]
     exact: bool,
-    /// Compute device: cpu, gpu, or a device name (CUDA/Metal need the `cuda`/`metal` features).
+    /// Compute device: cpu, gpu, or a device name (CUDA/Metal need the `cuda`/`metal` features);
+    /// one this build or machine lacks falls back to the CPU with a warning.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Print speed, expert hit rate, bytes read, stalls, peak RSS and arena bytes to stderr.

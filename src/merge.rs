@@ -4,7 +4,6 @@
 
 use std::path::Path;
 
-use crate::convert::dims;
 use crate::error::{Error, Result};
 use crate::ggml::{Gguf, GgufValue};
 use crate::io::GgufStream;
@@ -50,11 +49,10 @@ pub fn merge(dir: &Path, out: &Path, force: bool) -> Result<MergeReport> {
         g.set(&arch_key(K_EXPERT_COUNT), &GgufValue::U32(n_pool as u32)).map_err(|e| Error::Usage(e.to_string()))?;
     }
     let tensor_err = |name: &str, e| Error::Tensor { path: out.to_path_buf(), tensor: name.to_string(), source: e };
-    let is_router = |name: &str| name.ends_with(&format!("{FFN_GATE_INP}.weight"));
     for t in &m.base_tensors {
         let ty = t.ty.expect("checked when opened");
         let mut ne = t.ne.clone();
-        if pooled && is_router(&t.name) {
+        if pooled && t.name.ends_with(&format!("{FFN_GATE_INP}.weight")) {
             ne[1] = n_pool as u64;
         }
         g.add_tensor(&t.name, ty, &ne).map_err(|e| tensor_err(&t.name, e))?;
@@ -71,34 +69,29 @@ pub fn merge(dir: &Path, out: &Path, force: bool) -> Result<MergeReport> {
     let mut bytes = 0u64;
     let mut buf = Vec::new();
     for t in &m.base_tensors {
-        if !(pooled && is_router(&t.name)) {
-            // Copied a slice at a time: memory stays small whatever the tensor's size.
-            let step = (32u64 << 20).next_multiple_of(t.size / t.ne[1..].iter().product::<u64>().max(1)).max(1);
-            for start in (0..t.size).step_by(step as usize) {
-                m.read_base_range(t, start..(start + step).min(t.size), &mut buf)?;
-                s.write_part(&t.name, &buf)?;
+        let il = layers.iter().position(|l| t.name == blk(l.il, FFN_GATE_INP));
+        match il {
+            Some(il) if pooled => {
+                // The router keeps only the pool's rows (row e is expert e's logit weights).
+                let row = t.size / t.ne[1];
+                for &e in &layers[il].ids {
+                    m.read_base_range(t, e as u64 * row..(e as u64 + 1) * row, &mut buf)?;
+                    s.write_part(&t.name, &buf)?;
+                    bytes += row;
+                }
             }
-            s.end_tensor(&t.name)?;
-            bytes += t.size;
-            continue;
+            _ => {
+                // A slice of whole rows at a time: memory stays small whatever the tensor's size.
+                let row = t.size / t.ne[1..].iter().product::<u64>().max(1);
+                let step = (32u64 << 20).next_multiple_of(row.max(1));
+                for start in (0..t.size).step_by(step as usize) {
+                    m.read_base_range(t, start..(start + step).min(t.size), &mut buf)?;
+                    s.write_part(&t.name, &buf)?;
+                }
+                bytes += t.size;
+            }
         }
-        let data = m.read_base(t)?;
-        let data = {
-            let row = t.size / t.ne[1];
-            let il: usize = t.name.split('.').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| Error::BadModelDir {
-                path: dir.to_path_buf(),
-                reason: format!("router tensor '{}' does not name its layer", t.name),
-            })?;
-            let ids = &layers.get(il).ok_or_else(|| Error::WrongShape {
-                path: m.base_path.clone(),
-                tensor: t.name.clone(),
-                expected: format!("a layer below {}", layers.len()),
-                got: dims(&t.ne),
-            })?.ids;
-            ids.iter().flat_map(|&e| &data[(e as u64 * row) as usize..((e as u64 + 1) * row) as usize]).copied().collect::<Vec<u8>>()
-        };
-        bytes += data.len() as u64;
-        s.write_tensor(&t.name, &data)?;
+        s.end_tensor(&t.name)?;
     }
     for l in layers {
         let sizes = l.sizes();
@@ -106,8 +99,8 @@ pub fn merge(dir: &Path, out: &Path, force: bool) -> Result<MergeReport> {
             let name = format!("blk.{}.{}.weight", l.il, p.exps());
             let start: u64 = sizes[..p.index()].iter().sum();
             for &e in &l.ids {
-                let rec = m.read_expert(l.il, e)?;
-                s.write_part(&name, &rec[start as usize..(start + sizes[p.index()]) as usize])?;
+                m.read_expert_part(l.il, e, start..start + sizes[p.index()], &mut buf)?;
+                s.write_part(&name, &buf)?;
                 bytes += sizes[p.index()];
             }
             s.end_tensor(&name)?;

@@ -310,17 +310,21 @@ impl ModelDir {
 
     /// Bytes of expert `expert` of layer `il` (gate, up, down back to back).
     pub fn read_expert(&self, il: u32, expert: u32) -> Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        let size = self.manifest.layers[il as usize].record_size();
+        self.read_expert_part(il, expert, 0..size, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Bytes `range` of an expert's record into `buf`.
+    pub fn read_expert_part(&self, il: u32, expert: u32, range: std::ops::Range<u64>, buf: &mut Vec<u8>) -> Result<()> {
         let l = &self.manifest.layers[il as usize];
         let slot = l.slot_of(expert).ok_or_else(|| Error::BadModelDir {
             path: self.path.clone(),
             reason: format!("layer {il} has no expert {expert} (pool {:?})", l.ids),
         })?;
-        read_at(&self.shards[il as usize], &self.path.join(&l.file), l.offsets[slot], l.record_size(), &format!("expert {expert}"))
-    }
-
-    /// Data of a base tensor.
-    pub fn read_base(&self, t: &GgufTensorInfo) -> Result<Vec<u8>> {
-        read_at(&self.base_file, &self.base_path, self.base.data_offset() + t.offset, t.size, &format!("tensor '{}'", t.name))
+        let at = l.offsets[slot] + range.start;
+        read_at_into(&self.shards[il as usize], &self.path.join(&l.file), at, range.end - range.start, &format!("expert {expert}"), buf)
     }
 
     /// Bytes `range` (relative to the tensor's start) of a base tensor into `buf`.

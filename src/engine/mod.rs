@@ -155,7 +155,15 @@ impl Engine {
             )));
         }
 
-        let backend = Backend::open(&opts.device, opts.threads).map_err(|e| Error::Usage(e.to_string()))?;
+        let backend = match Backend::open(&opts.device, opts.threads) {
+            Ok(b) => b,
+            // A device this build or machine lacks (no CUDA toolkit, no Metal): say so, use the CPU.
+            Err(e) if !opts.device.eq_ignore_ascii_case("cpu") => {
+                log::warn!("{e}; running on the CPU instead");
+                Backend::open("cpu", opts.threads).map_err(|e| Error::Usage(e.to_string()))?
+            }
+            Err(e) => return Err(Error::Usage(e.to_string())),
+        };
         log::info!("device {}; arena {n_slots} slots of {slot_stride} bytes", backend.name());
 
         // Base weights.

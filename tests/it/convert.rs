@@ -321,3 +321,35 @@ fn f32_f16_and_bf16_sources_convert_alike() {
         assert_eq!(a.read_expert(1, 6).unwrap(), b.read_expert(1, 6).unwrap(), "{ty} source");
     }
 }
+
+#[test]
+fn fused_expert_tensors_convert_like_per_expert_ones() {
+    // transformers 5 keeps experts as mlp.experts.gate_up_proj [E, 2F, D] (gate rows first)
+    // and mlp.experts.down_proj [E, D, F]; published checkpoints store one tensor per expert.
+    let dir = tmp();
+    let want = convert_into(&plain(), dir.path(), &opts(Some(GgmlType::Q8_0))).0;
+    let c = dir.path().join("fused");
+    copy_dir(&plain(), &c);
+    rewrite_safetensors(&c.join("model.safetensors"), |m| {
+        for il in 0..2 {
+            let p = format!("model.layers.{il}.mlp.experts.");
+            let (mut gate_up, mut down) = (Vec::new(), Vec::new());
+            for e in 0..8 {
+                let mut take = |proj: &str| m.remove(&format!("{p}{e}.{proj}.weight")).unwrap().2;
+                gate_up.extend(take("gate_proj"));
+                gate_up.extend(take("up_proj"));
+                down.extend(take("down_proj"));
+            }
+            m.insert(format!("{p}gate_up_proj"), (safetensors::Dtype::BF16, vec![8, 512, 256], gate_up));
+            m.insert(format!("{p}down_proj"), (safetensors::Dtype::BF16, vec![8, 256, 256], down));
+        }
+    });
+    let got = convert(&c, &dir.path().join("out"), &opts(Some(GgmlType::Q8_0))).unwrap().out;
+    let (a, b) = (ModelDir::open(&got).unwrap(), ModelDir::open(&want).unwrap());
+    for il in 0..2 {
+        for e in 0..8 {
+            assert_eq!(a.read_expert(il, e).unwrap(), b.read_expert(il, e).unwrap(), "layer {il} expert {e}");
+        }
+    }
+    assert_eq!(gguf_contents(&got.join("base.gguf")), gguf_contents(&want.join("base.gguf")));
+}
