@@ -52,6 +52,9 @@ pub struct EngineOptions {
     pub kv_type: KvType,
     /// Most tokens evaluated in one graph.
     pub n_batch: usize,
+    /// On the CPU, keep quantized matrices (base and arena) in ggml's repacked layouts for its
+    /// faster kernels, as llama.cpp does by default.
+    pub repack: bool,
 }
 
 impl Default for EngineOptions {
@@ -63,6 +66,7 @@ impl Default for EngineOptions {
             arena: ArenaSize::All,
             kv_type: KvType::F16,
             n_batch: 512,
+            repack: true,
         }
     }
 }
@@ -94,10 +98,13 @@ pub struct Engine {
     backend: Backend,
     weights: TensorSet,
     _weights_buf: Buffer,
+    /// The token embedding alone (plain layout: get_rows reads it).
+    embd: TensorSet,
+    _embd_buf: Buffer,
     layers: Vec<LayerW>,
-    tok_embd: usize,
     output_norm: usize,
-    output: usize,
+    /// None when tied to the token embedding.
+    output: Option<usize>,
     /// k[il] and v[il]: [head_dim * n_head_kv, n_ctx].
     kv: TensorSet,
     _kv_buf: Buffer,
@@ -106,7 +113,7 @@ pub struct Engine {
     arena: TensorSet,
     arena_buf: Buffer,
     slot_stride: usize,
-    /// hidden, ffn_inp, normed: [n_embd, n_batch] f32 carried between graphs.
+    /// hidden, ffn_inp, normed, moe_acc: [n_embd, n_batch] f32 carried between graphs.
     state: TensorSet,
     _state_buf: Buffer,
     alloc: Allocator,
@@ -118,6 +125,49 @@ pub struct Engine {
     n_past: usize,
     pub eos: Option<u32>,
     stats: EngineStats,
+}
+
+/// Where a group of experts stands among a layer's groups (see `Engine::experts`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum GroupStep {
+    Only,
+    First,
+    Middle,
+    Last,
+}
+
+/// Copy one expert's record into the arena at byte `at`: projections whose arena tensor is
+/// repacked go through a whole-matrix proxy placed at their spot (ggml repacks on write);
+/// the others are copied as they are.
+#[allow(clippy::too_many_arguments)]
+fn load_slot(
+    arena: &TensorSet,
+    arena_buf: &Buffer,
+    il: u32,
+    n_layer: u32,
+    at: usize,
+    sizes: &[u64; 3],
+    shapes: &[[u64; 2]; 3],
+    types: &[GgmlType; 3],
+    record: &[u8],
+) -> std::result::Result<(), crate::ggml::FfiError> {
+    let raw = arena.get(3 * n_layer as usize);
+    let mut off = 0usize;
+    for p in Proj::ALL {
+        let size = sizes[p.index()] as usize;
+        let part = &record[off..off + size];
+        if arena.get(3 * il as usize + p.index()).is_repacked() {
+            let ctx = Context::new(1, 0);
+            let [ne0, ne1] = shapes[p.index()];
+            let proxy = ctx.new_tensor(types[p.index()], &[ne0 as i64, ne1 as i64]);
+            arena_buf.place(proxy, at + off)?;
+            proxy.write_whole(part);
+        } else {
+            raw.write(at + off, part);
+        }
+        off += size;
+    }
+    Ok(())
 }
 
 const GRAPH_NODES: usize = 1024;
@@ -166,17 +216,35 @@ impl Engine {
         };
         log::info!("device {}; arena {n_slots} slots of {slot_stride} bytes", backend.name());
 
-        // Base weights.
+        // Base weights: the token embedding (read by get_rows) in plain memory, the rest in
+        // the repacking buffer when there is one (tensors without a repacked form stay plain
+        // there).
+        let repack = if opts.repack { backend.repack_buffer_type() } else { None };
         let mut weights = TensorSet::new(md.base_tensors.len() + 1);
+        let mut embd = TensorSet::new(1);
         let mut index = std::collections::HashMap::new();
         for t in &md.base_tensors {
             let ne: Vec<i64> = t.ne.iter().map(|&n| n as i64).collect();
-            index.insert(t.name.clone(), weights.add(t.ty.expect("checked when opened"), &ne, &t.name));
+            let ty = t.ty.expect("checked when opened");
+            if t.name != TOKEN_EMBD {
+                index.insert(t.name.clone(), weights.add(ty, &ne, &t.name));
+            } else {
+                embd.add(ty, &ne, &t.name);
+            }
         }
-        let weights_buf = backend.alloc_ctx_tensors(weights.context()).map_err(|e| ffi(&base_path, "base weights", e))?;
+        let weights_buf = backend.alloc_ctx_tensors_in(weights.context(), repack).map_err(|e| ffi(&base_path, "base weights", e))?;
+        let embd_buf = backend.alloc_ctx_tensors(embd.context()).map_err(|e| ffi(&base_path, "token embedding", e))?;
         let mut buf = Vec::new();
-        for (i, t) in md.base_tensors.iter().enumerate() {
-            let dst = weights.get(i);
+        for t in &md.base_tensors {
+            let dst = match index.get(&t.name) {
+                Some(&i) => weights.get(i),
+                None => embd.get(0),
+            };
+            if dst.is_repacked() {
+                md.read_base_range(t, 0..t.size, &mut buf)?;
+                dst.write_whole(&buf);
+                continue;
+            }
             // A slice at a time, so reading a large embedding needs no second copy of it.
             let step = 32u64 << 20;
             let mut at = 0;
@@ -205,8 +273,7 @@ impl Engine {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let tok_embd = get(TOKEN_EMBD)?;
-        let output = get(OUTPUT).unwrap_or(tok_embd);
+        let output = get(OUTPUT).ok();
         let output_norm = get(OUTPUT_NORM)?;
 
         // KV cache.
@@ -225,7 +292,7 @@ impl Engine {
 
         // The arena: one buffer, fixed size, allocated once.
         let arena_bytes = n_slots * slot_stride;
-        let arena_buf = backend.alloc_buffer(arena_bytes).map_err(|e| ffi(dir, "expert arena", e))?;
+        let arena_buf = backend.alloc_buffer_in(repack, arena_bytes).map_err(|e| ffi(dir, "expert arena", e))?;
         arena_buf.clear(0);
         let mut arena = TensorSet::new(3 * cfg.n_layer as usize + 1);
         for l in &md.manifest.layers {
@@ -243,8 +310,8 @@ impl Engine {
         let raw = arena.add(GgmlType::I8, &[arena_bytes as i64], "arena.bytes");
         arena_buf.place(arena.get(raw), 0).map_err(|e| ffi(dir, "expert arena", e))?;
 
-        let mut state = TensorSet::new(3);
-        for name in ["hidden", "ffn_inp", "normed"] {
+        let mut state = TensorSet::new(4);
+        for name in ["hidden", "ffn_inp", "normed", "moe_acc"] {
             state.add(GgmlType::F32, &[cfg.n_embd as i64, opts.n_batch as i64], name);
         }
         let state_buf = backend.alloc_ctx_tensors(state.context()).map_err(|e| ffi(dir, "activations", e))?;
@@ -272,8 +339,9 @@ impl Engine {
             dir: md,
             weights,
             _weights_buf: weights_buf,
+            embd,
+            _embd_buf: embd_buf,
             layers,
-            tok_embd,
             output_norm,
             output,
             kv,
@@ -391,7 +459,7 @@ impl Engine {
         let ids = ctx.new_tensor(GgmlType::I32, &[n]);
         let x = if il == 0 {
             ids.set_input();
-            ctx.get_rows(w.get(self.tok_embd), ids)
+            ctx.get_rows(self.embd.get(0), ids)
         } else {
             ctx.view_2d(hidden_s, n_embd, n, row, 0)
         };
@@ -463,10 +531,12 @@ impl Engine {
 
         let n_slots = self.sched.n_slots();
         // Each group of experts is loaded once and runs once for the whole batch.
+        let n_groups = needed.len().div_ceil(n_slots);
         for (gi, group) in needed.chunks(n_slots).enumerate() {
             let layer = &self.dir.manifest.layers[il as usize];
             let record = layer.record_size() as usize;
-            let (shard, raw, stride) = (&self.shards[il as usize], self.arena.get(3 * n_layer as usize), self.slot_stride);
+            let (shard, stride) = (&self.shards[il as usize], self.slot_stride);
+            let (arena, arena_buf) = (&self.arena, &self.arena_buf);
             let shard_path = self.dir.path.join(&layer.file);
             let slots = self.sched.ensure(il, group, |slot, e| -> Result<u64> {
                 let at = layer.offsets[layer.slot_of(e).expect("routed experts are present")] as usize;
@@ -476,32 +546,44 @@ impl Engine {
                     needed: (at + record) as u64,
                     got: shard.bytes().len() as u64,
                 })?;
-                raw.write(slot * stride, bytes);
+                load_slot(arena, arena_buf, il, n_layer, slot * stride, &layer.sizes(), &layer.shapes, &layer.types, bytes)
+                    .map_err(|e| ffi(&shard_path, "expert arena", e))?;
                 Ok(record as u64)
             })?;
             let mut ids = Vec::with_capacity(n * k);
             let mut wts = Vec::with_capacity(n * k);
             for c in &choices {
-                for (e, w) in c.experts.iter().zip(&c.weights) {
-                    match group.iter().position(|g| g == e) {
-                        Some(i) => {
-                            ids.push(slots[i] as i32);
+                let mine: Vec<Option<usize>> = c.experts.iter().map(|e| group.iter().position(|g| g == e).map(|i| slots[i])).collect();
+                // A choice in another group gets weight 0 on a slot this token does not use
+                // otherwise: no expert appears twice in a token's list (ggml's repacked
+                // mul_mat_id kernels need distinct ids per token), and every slot holds finite
+                // weights, so it adds exactly 0.
+                let mut spare = (0..n_slots).filter(|s| !mine.contains(&Some(*s)));
+                for (slot, w) in mine.iter().zip(&c.weights) {
+                    match slot {
+                        Some(s) => {
+                            ids.push(*s as i32);
                             wts.push(*w);
                         }
-                        // Chosen, but in another group: weight 0 on any resident slot.
                         None => {
-                            ids.push(slots[0] as i32);
+                            ids.push(spare.next().expect("the arena has at least n_expert_used slots") as i32);
                             wts.push(0.0);
                         }
                     }
                 }
             }
-            self.moe_graph(il, n, gi == 0, &ids, &wts)?;
+            let step = match (gi, n_groups) {
+                (_, 1) => GroupStep::Only,
+                (0, _) => GroupStep::First,
+                (g, m) if g + 1 == m => GroupStep::Last,
+                _ => GroupStep::Middle,
+            };
+            self.moe_graph(il, n, step, &ids, &wts)?;
         }
         Ok(())
     }
 
-    fn moe_graph(&mut self, il: u32, n: usize, first: bool, ids: &[i32], wts: &[f32]) -> Result<()> {
+    fn moe_graph(&mut self, il: u32, n: usize, step: GroupStep, ids: &[i32], wts: &[f32]) -> Result<()> {
         let cfg = &self.config;
         let (n_embd, k, n) = (cfg.n_embd as i64, cfg.n_expert_used as i64, n as i64);
         let ctx = Context::new(GRAPH_TENSORS, GRAPH_NODES);
@@ -522,9 +604,16 @@ impl Engine {
         for j in 1..k as usize {
             moe = ctx.add(moe, ctx.view_2d(down, n_embd, n, nb[2], j * nb[1]));
         }
-        let residual = if first { ffn_inp_s } else { hidden_s };
-        let out = ctx.add(moe, ctx.view_2d(residual, n_embd, n, row, 0));
-        let store = ctx.cpy(out, ctx.view_2d(hidden_s, n_embd, n, row, 0));
+        // Groups add up in `acc` first and join the residual last, in the same order of
+        // additions as one group would: the result does not depend on the arena's size.
+        let acc_s = self.state.get(3);
+        let view = |t| ctx.view_2d(t, n_embd, n, row, 0);
+        let store = match step {
+            GroupStep::Only => ctx.cpy(ctx.add(moe, view(ffn_inp_s)), view(hidden_s)),
+            GroupStep::First => ctx.cpy(moe, view(acc_s)),
+            GroupStep::Middle => ctx.cpy(ctx.add(view(acc_s), moe), view(acc_s)),
+            GroupStep::Last => ctx.cpy(ctx.add(ctx.add(view(acc_s), moe), view(ffn_inp_s)), view(hidden_s)),
+        };
         let mut g = ctx.graph(GRAPH_NODES);
         g.expand(store);
         let t0 = Instant::now();
@@ -545,7 +634,11 @@ impl Engine {
         let row = hidden_s.nb()[1];
         let x = ctx.view_2d(hidden_s, cfg.n_embd as i64, n_out as i64, row, (n - n_out) * row);
         let cur = ctx.mul(ctx.rms_norm(x, cfg.rms_eps), self.weights.get(self.output_norm));
-        let logits = ctx.mul_mat(self.weights.get(self.output), cur);
+        let out_w = match self.output {
+            Some(i) => self.weights.get(i),
+            None => self.embd.get(0),
+        };
+        let logits = ctx.mul_mat(out_w, cur);
         logits.set_output();
         let mut g = ctx.graph(GRAPH_NODES);
         g.expand(logits);

@@ -250,10 +250,18 @@ impl<'c> Tensor<'c> {
         unsafe { sys::ggml_set_output(self.ptr.as_ptr()) };
     }
 
-    /// Write `bytes` at byte `offset` of the tensor's data.
+    /// Write `bytes` at byte `offset` of the tensor's data (not for repacked tensors, which
+    /// take only whole writes: `write_whole`).
     pub fn write(&self, offset: usize, bytes: &[u8]) {
         assert!(self.is_allocated(), "tensor written before allocation");
         assert!(offset + bytes.len() <= self.nbytes(), "write past the tensor");
+        if self.in_repack_buffer() {
+            assert!(self.raw().extra.is_null(), "partial write to a repacked tensor");
+            // SAFETY: CPU_REPACK buffers are host memory; [offset, offset + len) lies inside
+            // the tensor's data (asserted); the regions cannot overlap.
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), (self.raw().data as *mut u8).add(offset), bytes.len()) };
+            return;
+        }
         // SAFETY: allocated tensor; the range lies inside it (asserted).
         unsafe { sys::ggml_backend_tensor_set(self.ptr.as_ptr(), bytes.as_ptr() as *const c_void, offset, bytes.len()) };
     }
@@ -474,4 +482,90 @@ impl GgmlType {
     /// ggml's 8-bit integer type (used for raw byte regions).
     pub const I8: GgmlType = GgmlType(sys::GGML_TYPE_I8);
     pub const I32: GgmlType = GgmlType(sys::GGML_TYPE_I32);
+}
+
+/// A backend buffer type (static in ggml; nothing to free).
+#[derive(Clone, Copy)]
+pub struct BufType(sys::ggml_backend_buffer_type_t);
+
+impl BufType {
+    pub fn name(&self) -> String {
+        // SAFETY: buffer types are static; the name is a static C string.
+        unsafe { CStr::from_ptr(sys::ggml_backend_buft_name(self.0)) }.to_string_lossy().into_owned()
+    }
+}
+
+impl Backend {
+    /// The CPU's repacking buffer type (`CPU_REPACK`), where ggml lays quantized matrices out
+    /// for its faster kernels (as llama.cpp does by default), if this build and CPU have one.
+    pub fn repack_buffer_type(&self) -> Option<BufType> {
+        if !self.is_cpu {
+            return None;
+        }
+        let name = CString::new("ggml_backend_dev_get_extra_bufts").expect("no NUL");
+        // SAFETY: the device and registry of a live backend are static; the proc address, if
+        // any, has the documented signature `ggml_backend_dev_get_extra_bufts_t`, returning a
+        // null-terminated static array of buffer types.
+        unsafe {
+            let dev = sys::ggml_backend_get_device(self.ptr.as_ptr());
+            let reg = sys::ggml_backend_dev_backend_reg(dev);
+            let f = sys::ggml_backend_reg_get_proc_address(reg, name.as_ptr());
+            if f.is_null() {
+                return None;
+            }
+            let f: unsafe extern "C" fn(sys::ggml_backend_dev_t) -> *mut sys::ggml_backend_buffer_type_t = std::mem::transmute(f);
+            let mut p = f(dev);
+            while !p.is_null() && !(*p).is_null() {
+                let bt = BufType(*p);
+                if bt.name() == "CPU_REPACK" {
+                    return Some(bt);
+                }
+                p = p.add(1);
+            }
+            None
+        }
+    }
+
+    /// A buffer of `size` bytes of type `bt` (the backend's default when None).
+    pub fn alloc_buffer_in(&self, bt: Option<BufType>, size: usize) -> Result<Buffer, FfiError> {
+        let Some(bt) = bt else { return self.alloc_buffer(size) };
+        // SAFETY: static buffer type; null (out of memory) is handled.
+        let p = unsafe { sys::ggml_backend_buft_alloc_buffer(bt.0, size.max(1)) };
+        NonNull::new(p).map(|ptr| Buffer { ptr }).ok_or_else(|| FfiError::Gguf(format!("could not allocate {size} bytes of {}", bt.name())))
+    }
+
+    /// Allocate every tensor of `ctx` in one new buffer of type `bt` (default when None).
+    pub fn alloc_ctx_tensors_in(&self, ctx: &Context, bt: Option<BufType>) -> Result<Buffer, FfiError> {
+        let Some(bt) = bt else { return self.alloc_ctx_tensors(ctx) };
+        // SAFETY: valid no_alloc context and static buffer type; null is handled.
+        let p = unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft(ctx.ptr.as_ptr(), bt.0) };
+        NonNull::new(p).map(|ptr| Buffer { ptr }).ok_or_else(|| FfiError::Gguf(format!("could not allocate tensors in {}", bt.name())))
+    }
+}
+
+impl Tensor<'_> {
+    fn in_repack_buffer(&self) -> bool {
+        !self.raw().buffer.is_null() && {
+            // SAFETY: the buffer of an allocated tensor is live; its type and name are static.
+            let name = unsafe { CStr::from_ptr(sys::ggml_backend_buft_name(sys::ggml_backend_buffer_get_type(self.raw().buffer))) };
+            name.to_bytes() == b"CPU_REPACK"
+        }
+    }
+
+    /// Whether the tensor lives in a repacking buffer with a repacked layout for its type.
+    pub fn is_repacked(&self) -> bool {
+        !self.raw().extra.is_null() && self.in_repack_buffer()
+    }
+
+    /// Write the tensor's whole data. In a repacking buffer ggml converts the layout when the
+    /// type has a repacked form; other tensors there are plain host memory and are copied.
+    pub fn write_whole(&self, bytes: &[u8]) {
+        assert!(self.is_allocated() && bytes.len() == self.nbytes(), "whole-tensor write of the wrong size");
+        if self.in_repack_buffer() && self.raw().extra.is_null() {
+            self.write(0, bytes);
+        } else {
+            // SAFETY: allocated tensor, whole-size write (what the repack buffer requires).
+            unsafe { sys::ggml_backend_tensor_set(self.ptr.as_ptr(), bytes.as_ptr() as *const c_void, 0, bytes.len()) };
+        }
+    }
 }

@@ -52,28 +52,20 @@ fn logits_match_llama_cpp_with_full_and_smallest_arena() {
             let a = rows(full.eval(&ids, true).unwrap(), 512);
             let b = rows(small.eval(&ids, true).unwrap(), 512);
             let (da, db, dab) = (max_abs_diff(&a, &want), max_abs_diff(&b, &want), max_abs_diff(&a, &b));
-            let dstep = max_abs_diff(&a, &stepwise);
-            eprintln!("    |sage - llama.cpp token by token| {dstep:e}, |llama.cpp batch - token by token| {:e}", max_abs_diff(&want, &stepwise));
-            if ty == GgmlType::Q4_K {
-                // Known gap, left open on the issue: llama.cpp repacks q4_K weights for its CPU
-                // kernels (its log: "CPU_REPACK model buffer"), sage computes on the plain
-                // layout. The two round differently by ~1e-6, which now and then moves an
-                // activation across a q8_K rounding step; measured on this fixture: 78 of 82
-                // positions agree within 2e-5, one position differs by 8.6e-2 and the three
-                // after it (through the KV cache) by 4e-2 to 5e-2, while llama.cpp's own batch
-                // and token-by-token paths differ by up to 7.5e-2. Held here: 80% of each
-                // prompt's positions within the tolerance, every position within 0.1.
-                let per_pos: Vec<f32> = a.iter().zip(&stepwise).map(|(x, y)| max_abs_diff(&[x.clone()], &[y.clone()])).collect();
-                for (i, d) in per_pos.iter().enumerate().filter(|(_, &d)| d > ENGINE_TOL) {
-                    eprintln!("    q4_K outlier: {} position {i}: {d:e}", p.name);
-                }
-                let close = per_pos.iter().filter(|&&d| d <= ENGINE_TOL).count();
-                assert!(close * 5 >= 4 * a.len(), "{ty} {}: only {close} of {} positions agree", p.name, a.len());
-                assert!(per_pos.iter().all(|&d| d <= 0.1), "{ty} {}: {per_pos:?}", p.name);
-            } else {
-                assert!(da <= ENGINE_TOL && db <= ENGINE_TOL, "{ty} {}: {da} / {db}", p.name);
+            let (dstep, dllama) = (max_abs_diff(&a, &stepwise), max_abs_diff(&want, &stepwise));
+            eprintln!(
+                "{ty} {}: |sage(all) - llama.cpp| {da:e}, |sage(2 slots) - llama.cpp| {db:e}, |all - 2 slots| {dab:e}; token by token: |sage - llama.cpp| {dstep:e}, |llama.cpp batch - token by token| {dllama:e}",
+                p.name
+            );
+            assert!(da <= ENGINE_TOL && db <= ENGINE_TOL, "{ty} {}: {da} / {db}", p.name);
+            if ty != GgmlType::Q4_K {
                 assert!(dstep <= ENGINE_TOL, "{ty} {}: vs llama.cpp token by token {dstep}", p.name);
             }
+            // At q4_K llama.cpp's batched (repacked GEMM) and one-token (GEMV) kernels round
+            // differently, which now and then moves an activation across a q8_K rounding step:
+            // its two paths differ by up to 7.5e-2 at isolated positions of this fixture.
+            // sage runs the same repacked kernels on the same batch, so it is held to the
+            // batched path above, at every position.
             assert!(dab <= 1e-4, "{ty} {}: output depends on arena size: {dab}", p.name);
             if ty == GgmlType::F32 {
                 let dt = max_abs_diff(&a, &p.logits);
@@ -87,7 +79,7 @@ fn logits_match_llama_cpp_with_full_and_smallest_arena() {
 #[test]
 fn greedy_generation_matches_llama_cpp() {
     let dir = tmp();
-    for ty in [GgmlType::F32, GgmlType::Q8_0] {
+    for ty in [GgmlType::F32, GgmlType::Q8_0, GgmlType::Q4_K] {
         let (model_dir, gguf) = converted(dir.path(), ty, None);
         let llama = load_llama(&gguf);
         let tk = sage::engine::generate::load_tokenizer(&model_dir).unwrap();
