@@ -95,7 +95,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Merge { dir, out, force }) => {
             let r = sage::merge::merge(&dir, &out, force).with_context(|| format!("merging {}", dir.display()))?;
-            println!("wrote {} ({} tensors, {} experts per layer, {})", out.display(), r.n_tensors, r.n_expert, human_bytes(r.bytes));
+            println!(
+                "wrote {} ({} tensors, {} experts per layer, {})",
+                out.display(),
+                r.n_tensors,
+                r.n_expert,
+                human_bytes(r.bytes)
+            );
         }
         Some(Command::Inspect { path, json }) => {
             let i = inspect(&path).with_context(|| format!("inspecting {}", path.display()))?;
@@ -125,7 +131,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 force: a.force,
                 progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
             };
-            let r = convert(&input, &out, &opts).with_context(|| format!("converting {} to {}", input.display(), out.display()))?;
+            let r = convert(&input, &out, &opts)
+                .with_context(|| format!("converting {} to {}", input.display(), out.display()))?;
             for f in &r.fallbacks {
                 println!("fallback: {f}");
             }

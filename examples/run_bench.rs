@@ -28,7 +28,8 @@ fn main() -> anyhow::Result<()> {
     let n_prompt: usize = a.get(3).map(|s| s.parse()).transpose()?.unwrap_or(512);
     let n_gen: usize = a.get(4).map(|s| s.parse()).transpose()?.unwrap_or(64);
     let runs: usize = a.get(5).map(|s| s.parse()).transpose()?.unwrap_or(3);
-    let threads: usize = a.get(6).map(|s| s.parse()).transpose()?.unwrap_or(std::thread::available_parallelism()?.get());
+    let threads: usize =
+        a.get(6).map(|s| s.parse()).transpose()?.unwrap_or(std::thread::available_parallelism()?.get());
     let n_ctx = n_prompt + n_gen + 8;
 
     let mut engine = Engine::load(
@@ -37,7 +38,8 @@ fn main() -> anyhow::Result<()> {
     )?;
     let n_vocab = engine.config.n_vocab as u32;
     // Deterministic pseudo-random prompt ids below the tokenizer's range.
-    let prompt: Vec<u32> = (0..n_prompt as u32).map(|i| (i.wrapping_mul(2654435761) >> 7) % n_vocab.min(100_000)).collect();
+    let prompt: Vec<u32> =
+        (0..n_prompt as u32).map(|i| (i.wrapping_mul(2654435761) >> 7) % n_vocab.min(100_000)).collect();
 
     sage::ggml::route_logs();
     let backend = LlamaBackend::init()?;
@@ -85,13 +87,21 @@ fn main() -> anyhow::Result<()> {
             last = 0;
         }
         ld.push(n_gen as f64 / t.elapsed().as_secs_f64());
-        println!("run {run}: sage prompt {:.1} tok/s decode {:.2} tok/s | llama.cpp prompt {:.1} tok/s decode {:.2} tok/s", sp[run], sd[run], lp[run], ld[run]);
+        println!(
+            "run {run}: sage prompt {:.1} tok/s decode {:.2} tok/s | llama.cpp prompt {:.1} tok/s decode {:.2} tok/s",
+            sp[run], sd[run], lp[run], ld[run]
+        );
     }
     let (sp, sd, lp, ld) = (median(sp), median(sd), median(lp), median(ld));
     println!("threads {threads}, prompt {n_prompt} tokens, decode {n_gen} tokens, {runs} runs (medians)");
     println!("prompt: sage {sp:.1} tok/s, llama.cpp {lp:.1} tok/s, ratio {:.2}", sp / lp);
     println!("decode: sage {sd:.2} tok/s, llama.cpp {ld:.2} tok/s, ratio {:.2}", sd / ld);
     let st = engine.stats().sched;
-    println!("sage arena: {} slots, {} bytes; expert hit rate {:.3}", engine.n_slots(), engine.arena_bytes(), st.hit_rate());
+    println!(
+        "sage arena: {} slots, {} bytes; expert hit rate {:.3}",
+        engine.n_slots(),
+        engine.arena_bytes(),
+        st.hit_rate()
+    );
     Ok(())
 }

@@ -100,14 +100,18 @@ impl Obj<'_> {
     fn f64_or(&self, keys: &[&str], default: f64) -> Result<f64> {
         match self.get(keys) {
             None => Ok(default),
-            Some(v) => v.as_f64().ok_or_else(|| cfg_err(self.path, &self.key(keys), format!("expected a number, got {v}"))),
+            Some(v) => {
+                v.as_f64().ok_or_else(|| cfg_err(self.path, &self.key(keys), format!("expected a number, got {v}")))
+            }
         }
     }
 
     fn bool_or(&self, keys: &[&str], default: bool) -> Result<bool> {
         match self.get(keys) {
             None => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| cfg_err(self.path, &self.key(keys), format!("expected true or false, got {v}"))),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| cfg_err(self.path, &self.key(keys), format!("expected true or false, got {v}"))),
         }
     }
 }
@@ -148,7 +152,11 @@ pub fn read_hf_config(path: &Path) -> Result<(HfLayout, ModelConfig)> {
     }
     if let Some(v) = o.get(&["mlp_only_layers"]) {
         if v.as_array().is_some_and(|a| !a.is_empty()) {
-            return Err(cfg_err(path, &o.key(&["mlp_only_layers"]), format!("dense layers are not supported, got {v}")));
+            return Err(cfg_err(
+                path,
+                &o.key(&["mlp_only_layers"]),
+                format!("dense layers are not supported, got {v}"),
+            ));
         }
     }
     if o.bool_or(&["attention_bias"], false)? {
@@ -196,7 +204,11 @@ pub fn read_hf_config(path: &Path) -> Result<(HfLayout, ModelConfig)> {
         None => n_head,
     };
     if n_head % n_head_kv != 0 {
-        return Err(cfg_err(path, &o.key(&["num_key_value_heads"]), format!("{n_head} heads are not a multiple of {n_head_kv}")));
+        return Err(cfg_err(
+            path,
+            &o.key(&["num_key_value_heads"]),
+            format!("{n_head} heads are not a multiple of {n_head_kv}"),
+        ));
     }
     let cfg = ModelConfig {
         name: match root.get("_name_or_path").and_then(|n| n.as_str()) {
@@ -296,10 +308,10 @@ impl ModelConfig {
         };
         let n_embd = int(K_EMBEDDING_LENGTH)?;
         let n_head = small(K_HEAD_COUNT)?;
-        let tok = g.find_tensor(TOKEN_EMBD).map(|i| g.tensor(i)).ok_or_else(|| Error::MissingTensor {
-            path: path.to_path_buf(),
-            tensor: TOKEN_EMBD.into(),
-        })?;
+        let tok = g
+            .find_tensor(TOKEN_EMBD)
+            .map(|i| g.tensor(i))
+            .ok_or_else(|| Error::MissingTensor { path: path.to_path_buf(), tensor: TOKEN_EMBD.into() })?;
         let cfg = ModelConfig {
             name: match g.get(GENERAL_NAME) {
                 Some(GgufValue::Str(s)) => s,
@@ -322,12 +334,21 @@ impl ModelConfig {
             n_ctx_train: int(K_CONTEXT_LENGTH).unwrap_or(4096),
             tie_word_embeddings: g.find_tensor(OUTPUT).is_none(),
         };
-        if cfg.n_head == 0 || cfg.n_head_kv == 0 || cfg.n_head % cfg.n_head_kv != 0 || cfg.n_expert == 0 || cfg.n_expert_used == 0 || cfg.n_expert_used > cfg.n_expert {
+        if cfg.n_head == 0
+            || cfg.n_head_kv == 0
+            || cfg.n_head % cfg.n_head_kv != 0
+            || cfg.n_expert == 0
+            || cfg.n_expert_used == 0
+            || cfg.n_expert_used > cfg.n_expert
+        {
             return Err(meta_err(
                 path,
                 &arch_key(K_HEAD_COUNT),
                 "heads a multiple of KV heads and 0 < experts used <= experts",
-                &format!("{} heads, {} KV heads, {} of {} experts", cfg.n_head, cfg.n_head_kv, cfg.n_expert_used, cfg.n_expert),
+                &format!(
+                    "{} heads, {} KV heads, {} of {} experts",
+                    cfg.n_head, cfg.n_head_kv, cfg.n_expert_used, cfg.n_expert
+                ),
             ));
         }
         Ok(cfg)

@@ -150,12 +150,7 @@ impl Transcoder {
 }
 
 fn shape_err(path: &Path, name: &str, expected: &[u64], got: &[u64]) -> Error {
-    Error::WrongShape {
-        path: path.to_path_buf(),
-        tensor: name.to_string(),
-        expected: dims(expected),
-        got: dims(got),
-    }
+    Error::WrongShape { path: path.to_path_buf(), tensor: name.to_string(), expected: dims(expected), got: dims(got) }
 }
 
 /// `256 x 512` (ggml order, as llama.cpp prints shapes).
@@ -178,7 +173,13 @@ fn prepare_output(input: &Path, out: &Path, force: bool) -> Result<()> {
         }
         let non_empty = std::fs::read_dir(out).at(out)?.next().is_some();
         if non_empty && !force {
-            let what = if out.join(BASE).exists() { "a model" } else if out.join(INCOMPLETE_MARKER).exists() { "an unfinished conversion" } else { "files" };
+            let what = if out.join(BASE).exists() {
+                "a model"
+            } else if out.join(INCOMPLETE_MARKER).exists() {
+                "an unfinished conversion"
+            } else {
+                "files"
+            };
             return Err(out_err(format!("already holds {what}; pass --force to replace it")));
         }
         // The model stops looking complete before anything else changes.
@@ -277,7 +278,13 @@ pub fn convert_source(src: &dyn Source, out: &Path, opts: &ConvertOptions) -> Re
                     return Err(shape_err(&path, &name, &want, &m.ne));
                 }
                 let t = *target.get_or_insert_with(|| {
-                    choose(&format!("blk.{il}.{}.weight", p.exps()), Role::Weight, &m, opts.quant_experts, &mut fallbacks)
+                    choose(
+                        &format!("blk.{il}.{}.weight", p.exps()),
+                        Role::Weight,
+                        &m,
+                        opts.quant_experts,
+                        &mut fallbacks,
+                    )
                 });
                 check_convertible(&path, &name, m.ty, t)?;
                 src_expert_bytes += m.size();
@@ -298,8 +305,15 @@ pub fn convert_source(src: &dyn Source, out: &Path, opts: &ConvertOptions) -> Re
     prepare_output(&path, out, opts.force)?;
     let conversion_id = new_conversion_id();
     let marker = out.join(INCOMPLETE_MARKER);
-    std::fs::write(&marker, format!("conversion {conversion_id} of {}
-", path.display())).at(&marker)?;
+    std::fs::write(
+        &marker,
+        format!(
+            "conversion {conversion_id} of {}
+",
+            path.display()
+        ),
+    )
+    .at(&marker)?;
     let src_base_bytes: u64 = planned.iter().map(|p| p.src.size()).sum();
     let pb = progress_bar(src_base_bytes + src_expert_bytes, opts.progress);
 
@@ -345,8 +359,11 @@ pub fn convert_source(src: &dyn Source, out: &Path, opts: &ConvertOptions) -> Re
     let manifest = Manifest { conversion_id: conversion_id.clone(), source: src.describe(), layers };
     manifest.write_gguf(&mut g)?;
     for t in &planned {
-        g.add_tensor(&t.name, t.target, &t.src.ne)
-            .map_err(|e| Error::Tensor { path: path.clone(), tensor: t.name.clone(), source: e })?;
+        g.add_tensor(&t.name, t.target, &t.src.ne).map_err(|e| Error::Tensor {
+            path: path.clone(),
+            tensor: t.name.clone(),
+            source: e,
+        })?;
     }
     let base_path = out.join(BASE);
     let mut stream = GgufStream::create(&g, &base_path)?;

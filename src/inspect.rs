@@ -174,12 +174,21 @@ impl fmt::Display for Inspection {
         writeln!(f, "  heads           {} query, {} KV, head_dim {}", c.n_head, c.n_head_kv, c.head_dim)?;
         writeln!(f, "  vocab           {}", c.n_vocab)?;
         writeln!(f, "  context         {}", c.n_ctx_train)?;
-        writeln!(f, "  experts         {} per layer, {} used per token, FFN {}, norm_topk_prob {}", c.n_expert, c.n_expert_used, c.n_ff_exp, c.norm_topk_prob)?;
+        writeln!(
+            f,
+            "  experts         {} per layer, {} used per token, FFN {}, norm_topk_prob {}",
+            c.n_expert, c.n_expert_used, c.n_ff_exp, c.norm_topk_prob
+        )?;
         writeln!(f, "  rope theta      {}", c.rope_theta)?;
         writeln!(f, "  rms eps         {:e}", c.rms_eps)?;
         writeln!(f, "  base            {} tensors, {}", self.n_base_tensors, human_bytes(self.base_bytes))?;
         writeln!(f, "                  {}", types_line(&self.base_types))?;
-        writeln!(f, "  experts         {} expert projections, {}", self.n_expert_tensors, human_bytes(self.expert_bytes))?;
+        writeln!(
+            f,
+            "  experts         {} expert projections, {}",
+            self.n_expert_tensors,
+            human_bytes(self.expert_bytes)
+        )?;
         writeln!(f, "                  {}", types_line(&self.expert_types))?;
         let total = self.base_bytes + self.expert_bytes;
         writeln!(f, "  total           {}", human_bytes(total))?;

@@ -1,12 +1,13 @@
 //! sage: run Mixture-of-Experts language models on devices whose memory is smaller than the
-//! model. This crate holds the converter (`convert`, `merge`, `inspect`) and the model
-//! directory format (`model_dir`) the runtime streams experts from.
+//! model. This crate holds the converter (`convert`, `merge`, `inspect`), the model directory
+//! format (`model_dir`) and the runtime (`engine`) that streams experts from it into a
+//! fixed-size arena.
 //!
 //! All FFI and `unsafe` live in [`ggml`].
 
 pub mod config;
-pub mod engine;
 pub mod convert;
+pub mod engine;
 pub mod error;
 pub mod ggml;
 pub mod inspect;

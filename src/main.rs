@@ -135,7 +135,11 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         log::info!("pool blk.{il}: {} experts ({})", ids.len(), sage::inspect::id_ranges(ids));
     }
     let text = if a.chat { chat_prompt(&a.prompt) } else { a.prompt.clone() };
-    let ids: Vec<u32> = tokenizer.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?.get_ids().to_vec();
+    let ids: Vec<u32> = tokenizer
+        .encode(text.as_str(), false)
+        .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?
+        .get_ids()
+        .to_vec();
     let mut sampler = Sampler::new(SamplerParams {
         temp: a.temp,
         top_k: a.top_k,
@@ -215,16 +219,16 @@ fn main() -> ExitCode {
     sage::ggml::route_logs();
     let result: anyhow::Result<()> = match cli.command {
         Command::Run(a) => run(a),
-        Command::Inspect { path, json } => sage::inspect::inspect(&path)
-            .with_context(|| format!("inspecting {}", path.display()))
-            .and_then(|i| {
+        Command::Inspect { path, json } => {
+            sage::inspect::inspect(&path).with_context(|| format!("inspecting {}", path.display())).and_then(|i| {
                 if json {
                     println!("{}", serde_json::to_string_pretty(&i)?);
                 } else {
                     print!("{i}");
                 }
                 Ok(())
-            }),
+            })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -21,7 +21,10 @@ pub struct MergeReport {
 pub fn merge(dir: &Path, out: &Path, force: bool) -> Result<MergeReport> {
     let m = ModelDir::open(dir)?;
     if out.exists() && !force {
-        return Err(Error::Output { path: out.to_path_buf(), reason: "already exists; pass --force to replace it".into() });
+        return Err(Error::Output {
+            path: out.to_path_buf(),
+            reason: "already exists; pass --force to replace it".into(),
+        });
     }
     let layers = &m.manifest.layers;
     let n_pool = layers[0].ids.len();

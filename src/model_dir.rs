@@ -22,7 +22,6 @@ use crate::io::{read_at, read_at_into};
 use crate::names::*;
 use crate::source::open_gguf_checked;
 
-
 pub const BASE: &str = "base.gguf";
 pub const TOKENIZER: &str = "tokenizer.json";
 pub const EXPERT_DIR: &str = "experts";
@@ -42,7 +41,6 @@ pub enum Role {
     /// Matrices that take the requested base type.
     Weight,
 }
-
 
 /// Non-expert tensors of a Qwen3-MoE model with their expected shapes (ggml order).
 pub fn base_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<u64>, Role)> {
@@ -150,7 +148,10 @@ impl Manifest {
             kv.push((sage_layer_key(l.il, "file"), GgufValue::Str(l.file.clone())));
             kv.push((sage_layer_key(l.il, "ids"), GgufValue::Array(GgufArray::U32(l.ids.clone()))));
             kv.push((sage_layer_key(l.il, "offsets"), GgufValue::Array(GgufArray::U64(l.offsets.clone()))));
-            kv.push((sage_layer_key(l.il, "types"), GgufValue::Array(GgufArray::U32(l.types.map(|t| t.raw()).to_vec()))));
+            kv.push((
+                sage_layer_key(l.il, "types"),
+                GgufValue::Array(GgufArray::U32(l.types.map(|t| t.raw()).to_vec())),
+            ));
             kv.push((
                 sage_layer_key(l.il, "shapes"),
                 GgufValue::Array(GgufArray::U64(l.shapes.iter().flatten().copied().collect())),
@@ -195,7 +196,9 @@ impl Manifest {
             }
             let offsets = match g.get(&key("offsets")) {
                 Some(GgufValue::Array(GgufArray::U64(v))) if v.len() == ids.len() => v,
-                other => return Err(bad(&key("offsets"), format!("expected {} u64 offsets, got {other:?}", ids.len()))),
+                other => {
+                    return Err(bad(&key("offsets"), format!("expected {} u64 offsets, got {other:?}", ids.len())))
+                }
             };
             let types = match g.get(&key("types")) {
                 Some(GgufValue::Array(GgufArray::U32(v))) if v.len() == 3 => v,
@@ -217,12 +220,19 @@ impl Manifest {
             let layer = ExpertLayer { il, file, ids, offsets, types, shapes };
             for (i, &off) in layer.offsets.iter().enumerate() {
                 if off != RECORD_ALIGN + i as u64 * layer.stride() {
-                    return Err(bad(&key("offsets"), format!("offset {off} of expert {} is not where its record lies", layer.ids[i])));
+                    return Err(bad(
+                        &key("offsets"),
+                        format!("offset {off} of expert {} is not where its record lies", layer.ids[i]),
+                    ));
                 }
             }
             layers.push(layer);
         }
-        Ok(Manifest { conversion_id: string(SAGE_CONVERSION_ID)?, source: string(SAGE_SOURCE).unwrap_or_default(), layers })
+        Ok(Manifest {
+            conversion_id: string(SAGE_CONVERSION_ID)?,
+            source: string(SAGE_SOURCE).unwrap_or_default(),
+            layers,
+        })
     }
 }
 
@@ -324,13 +334,27 @@ impl ModelDir {
             reason: format!("layer {il} has no expert {expert} (pool {:?})", l.ids),
         })?;
         let at = l.offsets[slot] + range.start;
-        read_at_into(&self.shards[il as usize], &self.path.join(&l.file), at, range.end - range.start, &format!("expert {expert}"), buf)
+        read_at_into(
+            &self.shards[il as usize],
+            &self.path.join(&l.file),
+            at,
+            range.end - range.start,
+            &format!("expert {expert}"),
+            buf,
+        )
     }
 
     /// Bytes `range` (relative to the tensor's start) of a base tensor into `buf`.
     pub fn read_base_range(&self, t: &GgufTensorInfo, range: std::ops::Range<u64>, buf: &mut Vec<u8>) -> Result<()> {
         let at = self.base.data_offset() + t.offset + range.start;
-        read_at_into(&self.base_file, &self.base_path, at, range.end - range.start, &format!("tensor '{}'", t.name), buf)
+        read_at_into(
+            &self.base_file,
+            &self.base_path,
+            at,
+            range.end - range.start,
+            &format!("tensor '{}'", t.name),
+            buf,
+        )
     }
 
     pub fn base_bytes(&self) -> u64 {

@@ -11,9 +11,9 @@ use crate::config::{read_hf_config, HfLayout, ModelConfig};
 use crate::error::{Error, IoContext, Result};
 use crate::ggml::{GgmlType, Gguf, GgufTensorInfo, GgufValue, Mapped};
 use crate::io::read_at_into;
-use std::ops::Range;
 use crate::names::*;
 use crate::tokenizer::TokenizerData;
+use std::ops::Range;
 
 /// Type and shape (ggml order: ne[0] is the row length) of a source tensor.
 #[derive(Clone, Debug, PartialEq)]
@@ -130,7 +130,10 @@ impl HfSource {
             for f in &files {
                 // Names from the input never become paths outside the checkpoint directory.
                 if f.contains('/') || f.contains('\\') || f.starts_with('.') {
-                    return Err(Error::BadSafetensors { path: index.clone(), reason: format!("file name '{f}' is not a plain file name") });
+                    return Err(Error::BadSafetensors {
+                        path: index.clone(),
+                        reason: format!("file name '{f}' is not a plain file name"),
+                    });
                 }
             }
             files
@@ -155,14 +158,13 @@ impl HfSource {
             let map = Mapped::open(&file).at(&path)?;
             let bad = |reason: String| Error::BadSafetensors { path: path.clone(), reason };
             let (n, meta) = SafeTensors::read_metadata(map.bytes()).map_err(|e| match e {
-                safetensors::SafeTensorError::MetadataIncompleteBuffer | safetensors::SafeTensorError::InvalidHeaderLength => {
-                    Error::Truncated {
-                        path: path.clone(),
-                        what: "tensor data".into(),
-                        needed: header_end(map.bytes()),
-                        got: map.bytes().len() as u64,
-                    }
-                }
+                safetensors::SafeTensorError::MetadataIncompleteBuffer
+                | safetensors::SafeTensorError::InvalidHeaderLength => Error::Truncated {
+                    path: path.clone(),
+                    what: "tensor data".into(),
+                    needed: header_end(map.bytes()),
+                    got: map.bytes().len() as u64,
+                },
                 other => bad(other.to_string()),
             })?;
             let data_start = 8 + n as u64;
@@ -258,12 +260,7 @@ fn header_end(buf: &[u8]) -> u64 {
     let max_end = serde_json::from_slice::<serde_json::Value>(h)
         .ok()
         .and_then(|v| {
-            v.as_object().map(|o| {
-                o.values()
-                    .filter_map(|t| t.get("data_offsets")?.get(1)?.as_u64())
-                    .max()
-                    .unwrap_or(0)
-            })
+            v.as_object().map(|o| o.values().filter_map(|t| t.get("data_offsets")?.get(1)?.as_u64()).max().unwrap_or(0))
         })
         .unwrap_or(0);
     8 + n + max_end
@@ -375,7 +372,12 @@ pub fn open_gguf_checked(path: &Path) -> Result<(Gguf, File, Vec<GgufTensorInfo>
     for t in &infos {
         let end = data.saturating_add(t.offset).saturating_add(t.size);
         if end > len {
-            return Err(Error::Truncated { path: path.to_path_buf(), what: format!("tensor '{}'", t.name), needed: end, got: len });
+            return Err(Error::Truncated {
+                path: path.to_path_buf(),
+                what: format!("tensor '{}'", t.name),
+                needed: end,
+                got: len,
+            });
         }
     }
     Ok((gguf, file, infos))

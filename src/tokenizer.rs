@@ -13,7 +13,8 @@ use crate::ggml::{Gguf, GgufArray, GgufValue};
 use crate::names::*;
 
 /// Qwen2/Qwen3's pre-tokenizer split, as in their `tokenizer.json` (llama.cpp: pre = "qwen2").
-pub const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 pub struct TokenizerData {
     /// Contents of `tokenizer.json`.
@@ -28,7 +29,8 @@ fn tok_err(path: &Path, reason: impl Into<String>) -> Error {
 
 /// Check that the tokenizers crate loads this JSON.
 pub fn validate_json(json: &str, path: &Path) -> Result<tokenizers::Tokenizer> {
-    json.parse::<tokenizers::Tokenizer>().map_err(|e| tok_err(path, format!("the tokenizers crate cannot load it: {e}")))
+    json.parse::<tokenizers::Tokenizer>()
+        .map_err(|e| tok_err(path, format!("the tokenizers crate cannot load it: {e}")))
 }
 
 /// A special token named in tokenizer_config.json: a string or {"content": ...}.
@@ -65,7 +67,10 @@ impl TokenizerData {
         let root: Value = serde_json::from_str(&json).map_err(|e| tok_err(&path, e.to_string()))?;
         let model = root.get("model").ok_or_else(|| tok_err(&path, "no 'model'"))?;
         if model.get("type").and_then(|t| t.as_str()) != Some("BPE") {
-            return Err(tok_err(&path, format!("model type {} is not supported; expected \"BPE\"", model.get("type").unwrap_or(&Value::Null))));
+            return Err(tok_err(
+                &path,
+                format!("model type {} is not supported; expected \"BPE\"", model.get("type").unwrap_or(&Value::Null)),
+            ));
         }
         if !root.get("pre_tokenizer").is_some_and(is_qwen2_pre) {
             return Err(tok_err(&path, "pre-tokenizer is not Qwen2's byte-level split; sage supports qwen2 only"));
@@ -74,7 +79,10 @@ impl TokenizerData {
         let mut tokens: Vec<Option<(String, i32)>> = Vec::new();
         let mut put = |id: u64, s: &str, ty: i32| -> Result<()> {
             if id >= cfg.n_vocab {
-                return Err(tok_err(&path, format!("token '{s}' has id {id}, but the model has {} embedding rows", cfg.n_vocab)));
+                return Err(tok_err(
+                    &path,
+                    format!("token '{s}' has id {id}, but the model has {} embedding rows", cfg.n_vocab),
+                ));
             }
             if tokens.len() <= id as usize {
                 tokens.resize(id as usize + 1, None);
@@ -88,7 +96,10 @@ impl TokenizerData {
         }
         for t in root.get("added_tokens").and_then(|a| a.as_array()).into_iter().flatten() {
             let id = t.get("id").and_then(|i| i.as_u64()).ok_or_else(|| tok_err(&path, "added token without id"))?;
-            let s = t.get("content").and_then(|c| c.as_str()).ok_or_else(|| tok_err(&path, "added token without content"))?;
+            let s = t
+                .get("content")
+                .and_then(|c| c.as_str())
+                .ok_or_else(|| tok_err(&path, "added token without content"))?;
             let special = t.get("special").and_then(|c| c.as_bool()).unwrap_or(false);
             put(id, s, if special { TOKEN_CONTROL } else { TOKEN_USER_DEFINED })?;
         }
@@ -106,7 +117,9 @@ impl TokenizerData {
             .iter()
             .map(|m| match m {
                 Value::String(s) => Ok(s.clone()),
-                Value::Array(p) if p.len() == 2 => Ok(format!("{} {}", p[0].as_str().unwrap_or(""), p[1].as_str().unwrap_or(""))),
+                Value::Array(p) if p.len() == 2 => {
+                    Ok(format!("{} {}", p[0].as_str().unwrap_or(""), p[1].as_str().unwrap_or("")))
+                }
                 other => Err(tok_err(&path, format!("merge {other} is neither \"a b\" nor [a, b]"))),
             })
             .collect::<Result<_>>()?;
@@ -120,7 +133,10 @@ impl TokenizerData {
         let mut kv = vec![
             (TOK_MODEL.to_string(), GgufValue::Str("gpt2".into())),
             (TOK_PRE.to_string(), GgufValue::Str("qwen2".into())),
-            (TOK_ADD_BOS.to_string(), GgufValue::Bool(tc.get("add_bos_token").and_then(|b| b.as_bool()).unwrap_or(false))),
+            (
+                TOK_ADD_BOS.to_string(),
+                GgufValue::Bool(tc.get("add_bos_token").and_then(|b| b.as_bool()).unwrap_or(false)),
+            ),
         ];
         if let Some(id) = id_of(token_field(tc.get("eos_token"))) {
             kv.push((TOK_EOS.into(), GgufValue::U32(id)));
@@ -155,7 +171,9 @@ impl TokenizerData {
         let get = |k: &str| kv.iter().find(|(key, _)| key == k).map(|(_, v)| v);
         match get(TOK_MODEL) {
             Some(GgufValue::Str(m)) if m == "gpt2" => {}
-            other => return Err(tok_err(path, format!("{TOK_MODEL} is {other:?}; sage supports \"gpt2\" (byte-level BPE)"))),
+            other => {
+                return Err(tok_err(path, format!("{TOK_MODEL} is {other:?}; sage supports \"gpt2\" (byte-level BPE)")))
+            }
         }
         match get(TOK_PRE) {
             Some(GgufValue::Str(p)) if p == "qwen2" => {}
@@ -167,7 +185,12 @@ impl TokenizerData {
         let types: Vec<i32> = match get(TOK_TYPES) {
             Some(GgufValue::Array(GgufArray::I32(t))) if t.len() == tokens.len() => t.clone(),
             None => vec![TOKEN_NORMAL; tokens.len()],
-            Some(other) => return Err(tok_err(path, format!("{TOK_TYPES} is not {} i32 values: {}", tokens.len(), other.type_name()))),
+            Some(other) => {
+                return Err(tok_err(
+                    path,
+                    format!("{TOK_TYPES} is not {} i32 values: {}", tokens.len(), other.type_name()),
+                ))
+            }
         };
         let merges: Vec<String> = match get(TOK_MERGES) {
             Some(GgufValue::Array(GgufArray::Str(m))) => m.clone(),
@@ -187,7 +210,8 @@ impl TokenizerData {
                 }
             }
         }
-        let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false});
+        let byte_level =
+            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false});
         let root = json!({
             "version": "1.0",
             "truncation": null,

@@ -80,7 +80,8 @@ impl Engine {
             out.push(id);
             history.push(id);
             let full = tokenizer.decode(&out, false).map_err(|e| Error::Usage(format!("decoding tokens: {e}")))?;
-            let piece = if full.ends_with('\u{FFFD}') || !full.starts_with(text.as_str()) { "" } else { &full[text.len()..] };
+            let piece =
+                if full.ends_with('\u{FFFD}') || !full.starts_with(text.as_str()) { "" } else { &full[text.len()..] };
             on_token(id, piece);
             if !piece.is_empty() {
                 text = full;
@@ -96,6 +97,14 @@ impl Engine {
         }
         let gen_time = t1.elapsed();
         let text = tokenizer.decode(&out, false).map_err(|e| Error::Usage(format!("decoding tokens: {e}")))?;
-        Ok(Generation { prompt_tokens: prompt_ids.len(), tokens: out, text, stop, prompt_time, gen_time, stats: self.stats() })
+        Ok(Generation {
+            prompt_tokens: prompt_ids.len(),
+            tokens: out,
+            text,
+            stop,
+            prompt_time,
+            gen_time,
+            stats: self.stats(),
+        })
     }
 }

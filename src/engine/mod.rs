@@ -232,7 +232,8 @@ impl Engine {
                 embd.add(ty, &ne, &t.name);
             }
         }
-        let weights_buf = backend.alloc_ctx_tensors_in(weights.context(), repack).map_err(|e| ffi(&base_path, "base weights", e))?;
+        let weights_buf =
+            backend.alloc_ctx_tensors_in(weights.context(), repack).map_err(|e| ffi(&base_path, "base weights", e))?;
         let embd_buf = backend.alloc_ctx_tensors(embd.context()).map_err(|e| ffi(&base_path, "token embedding", e))?;
         let mut buf = Vec::new();
         for t in &md.base_tensors {
@@ -256,7 +257,10 @@ impl Engine {
             }
         }
         let get = |name: &str| -> Result<usize> {
-            index.get(name).copied().ok_or_else(|| Error::MissingTensor { path: base_path.clone(), tensor: name.to_string() })
+            index
+                .get(name)
+                .copied()
+                .ok_or_else(|| Error::MissingTensor { path: base_path.clone(), tensor: name.to_string() })
         };
         let layers = (0..cfg.n_layer)
             .map(|il| {
@@ -300,7 +304,11 @@ impl Engine {
             let mut off = 0usize;
             for p in Proj::ALL {
                 let [ne0, ne1] = l.shapes[p.index()];
-                let i = arena.add(l.types[p.index()], &[ne0 as i64, ne1 as i64, n_slots as i64], &format!("arena.{}.{}", l.il, p.exps()));
+                let i = arena.add(
+                    l.types[p.index()],
+                    &[ne0 as i64, ne1 as i64, n_slots as i64],
+                    &format!("arena.{}.{}", l.il, p.exps()),
+                );
                 let t = arena.get(i);
                 t.set_outer_strides(slot_stride);
                 arena_buf.place(t, off).map_err(|e| ffi(dir, "expert arena", e))?;
@@ -322,12 +330,8 @@ impl Engine {
             let f = std::fs::File::open(&p).at(&p)?;
             shards.push(Mapped::open(&f).at(&p)?);
         }
-        let present = md
-            .manifest
-            .layers
-            .iter()
-            .map(|l| (0..cfg.n_expert).map(|e| l.slot_of(e).is_some()).collect())
-            .collect();
+        let present =
+            md.manifest.layers.iter().map(|l| (0..cfg.n_expert).map(|e| l.slot_of(e).is_some()).collect()).collect();
         let eos = match md.base.get(TOK_EOS) {
             Some(GgufValue::U32(id)) => Some(id),
             Some(GgufValue::I32(id)) if id >= 0 => Some(id as u32),
@@ -521,10 +525,12 @@ impl Engine {
     /// Graph B of layer `il`: route, make the chosen experts resident, run them, add to the
     /// residual (left in the `hidden` state for the next layer).
     fn experts(&mut self, il: u32, n: usize, router_logits: &[f32]) -> Result<()> {
-        let (n_exp, k, n_layer) = (self.config.n_expert as usize, self.config.n_expert_used as usize, self.config.n_layer);
+        let (n_exp, k, n_layer) =
+            (self.config.n_expert as usize, self.config.n_expert_used as usize, self.config.n_layer);
         let present = &self.present[il as usize];
         let norm = self.config.norm_topk_prob;
-        let choices: Vec<_> = (0..n).map(|t| route(&router_logits[t * n_exp..(t + 1) * n_exp], present, k, norm)).collect();
+        let choices: Vec<_> =
+            (0..n).map(|t| route(&router_logits[t * n_exp..(t + 1) * n_exp], present, k, norm)).collect();
         let mut needed: Vec<u32> = choices.iter().flat_map(|c| c.experts.iter().copied()).collect();
         needed.sort_unstable();
         needed.dedup();
@@ -546,14 +552,25 @@ impl Engine {
                     needed: (at + record) as u64,
                     got: shard.bytes().len() as u64,
                 })?;
-                load_slot(arena, arena_buf, il, n_layer, slot * stride, &layer.sizes(), &layer.shapes, &layer.types, bytes)
-                    .map_err(|e| ffi(&shard_path, "expert arena", e))?;
+                load_slot(
+                    arena,
+                    arena_buf,
+                    il,
+                    n_layer,
+                    slot * stride,
+                    &layer.sizes(),
+                    &layer.shapes,
+                    &layer.types,
+                    bytes,
+                )
+                .map_err(|e| ffi(&shard_path, "expert arena", e))?;
                 Ok(record as u64)
             })?;
             let mut ids = Vec::with_capacity(n * k);
             let mut wts = Vec::with_capacity(n * k);
             for c in &choices {
-                let mine: Vec<Option<usize>> = c.experts.iter().map(|e| group.iter().position(|g| g == e).map(|i| slots[i])).collect();
+                let mine: Vec<Option<usize>> =
+                    c.experts.iter().map(|e| group.iter().position(|g| g == e).map(|i| slots[i])).collect();
                 // A choice in another group gets weight 0 on a slot this token does not use
                 // otherwise: no expert appears twice in a token's list (ggml's repacked
                 // mul_mat_id kernels need distinct ids per token), and every slot holds finite

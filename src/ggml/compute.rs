@@ -34,7 +34,13 @@ pub fn devices() -> Vec<DeviceInfo> {
         (0..sys::ggml_backend_dev_count())
             .map(|i| {
                 let d = sys::ggml_backend_dev_get(i);
-                let s = |p: *const std::ffi::c_char| if p.is_null() { String::new() } else { CStr::from_ptr(p).to_string_lossy().into_owned() };
+                let s = |p: *const std::ffi::c_char| {
+                    if p.is_null() {
+                        String::new()
+                    } else {
+                        CStr::from_ptr(p).to_string_lossy().into_owned()
+                    }
+                };
                 let ty = sys::ggml_backend_dev_type(d);
                 DeviceInfo {
                     name: s(sys::ggml_backend_dev_name(d)),
@@ -80,7 +86,9 @@ impl Backend {
         // SAFETY: idx is below the device count; init with null params is the documented
         // default; a null result is handled.
         let ptr = unsafe { sys::ggml_backend_dev_init(sys::ggml_backend_dev_get(idx), std::ptr::null()) };
-        let ptr = NonNull::new(ptr).ok_or_else(|| FfiError::Gguf(format!("device '{}' failed to start: {}", devs[idx].name, take_last_error())))?;
+        let ptr = NonNull::new(ptr).ok_or_else(|| {
+            FfiError::Gguf(format!("device '{}' failed to start: {}", devs[idx].name, take_last_error()))
+        })?;
         let b = Backend { ptr, is_cpu: !devs[idx].is_gpu };
         if b.is_cpu {
             // SAFETY: this backend is the CPU backend (checked above).
@@ -102,14 +110,18 @@ impl Backend {
     pub fn alloc_buffer(&self, size: usize) -> Result<Buffer, FfiError> {
         // SAFETY: valid backend; a null result (out of memory) is handled.
         let p = unsafe { sys::ggml_backend_alloc_buffer(self.ptr.as_ptr(), size.max(1)) };
-        NonNull::new(p).map(|ptr| Buffer { ptr }).ok_or_else(|| FfiError::Gguf(format!("could not allocate {size} bytes on {}", self.name())))
+        NonNull::new(p)
+            .map(|ptr| Buffer { ptr })
+            .ok_or_else(|| FfiError::Gguf(format!("could not allocate {size} bytes on {}", self.name())))
     }
 
     /// Allocate every tensor of `ctx` in one new buffer.
     pub fn alloc_ctx_tensors(&self, ctx: &Context) -> Result<Buffer, FfiError> {
         // SAFETY: valid context (no_alloc) and backend; a null result is handled.
         let p = unsafe { sys::ggml_backend_alloc_ctx_tensors(ctx.ptr.as_ptr(), self.ptr.as_ptr()) };
-        NonNull::new(p).map(|ptr| Buffer { ptr }).ok_or_else(|| FfiError::Gguf(format!("could not allocate tensors on {}", self.name())))
+        NonNull::new(p)
+            .map(|ptr| Buffer { ptr })
+            .ok_or_else(|| FfiError::Gguf(format!("could not allocate tensors on {}", self.name())))
     }
 
     /// Run a graph whose tensors are all allocated (by `Allocator::alloc` or in buffers).
@@ -151,7 +163,11 @@ impl Buffer {
     pub fn place(&self, t: Tensor<'_>, offset: usize) -> Result<(), FfiError> {
         let need = offset.checked_add(t.nbytes()).unwrap_or(usize::MAX);
         if need > self.size() || !t.data_ptr().is_null() {
-            return Err(FfiError::Gguf(format!("tensor of {} bytes at {offset} does not fit a buffer of {}", t.nbytes(), self.size())));
+            return Err(FfiError::Gguf(format!(
+                "tensor of {} bytes at {offset} does not fit a buffer of {}",
+                t.nbytes(),
+                self.size()
+            )));
         }
         // SAFETY: the range [offset, offset + nbytes) lies inside the buffer (checked) and the
         // tensor has no data yet; ggml records buffer and address in the tensor.
@@ -259,11 +275,15 @@ impl<'c> Tensor<'c> {
             assert!(self.raw().extra.is_null(), "partial write to a repacked tensor");
             // SAFETY: CPU_REPACK buffers are host memory; [offset, offset + len) lies inside
             // the tensor's data (asserted); the regions cannot overlap.
-            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), (self.raw().data as *mut u8).add(offset), bytes.len()) };
+            unsafe {
+                std::ptr::copy_nonoverlapping(bytes.as_ptr(), (self.raw().data as *mut u8).add(offset), bytes.len())
+            };
             return;
         }
         // SAFETY: allocated tensor; the range lies inside it (asserted).
-        unsafe { sys::ggml_backend_tensor_set(self.ptr.as_ptr(), bytes.as_ptr() as *const c_void, offset, bytes.len()) };
+        unsafe {
+            sys::ggml_backend_tensor_set(self.ptr.as_ptr(), bytes.as_ptr() as *const c_void, offset, bytes.len())
+        };
     }
 
     pub fn write_f32(&self, v: &[f32]) {
@@ -305,7 +325,11 @@ impl Context {
             if graph_nodes > 0 {
                 mem += sys::ggml_graph_overhead_custom(graph_nodes, false);
             }
-            let p = sys::ggml_init(sys::ggml_init_params { mem_size: mem, mem_buffer: std::ptr::null_mut(), no_alloc: true });
+            let p = sys::ggml_init(sys::ggml_init_params {
+                mem_size: mem,
+                mem_buffer: std::ptr::null_mut(),
+                no_alloc: true,
+            });
             Context { ptr: NonNull::new(p).expect("ggml_init failed") }
         }
     }
@@ -376,10 +400,32 @@ impl Context {
         op!(self, sys::ggml_soft_max_ext(self.c(), a.ptr.as_ptr(), mask.ptr.as_ptr(), scale, 0.0))
     }
     /// RoPE of `a` [head_dim, n_head, n_tokens] at positions `pos` (i32 [n_tokens]).
-    pub fn rope<'a>(&'a self, a: Tensor<'a>, pos: Tensor<'a>, n_dims: i32, mode: i32, n_ctx_orig: i32, freq_base: f32) -> Tensor<'a> {
+    pub fn rope<'a>(
+        &'a self,
+        a: Tensor<'a>,
+        pos: Tensor<'a>,
+        n_dims: i32,
+        mode: i32,
+        n_ctx_orig: i32,
+        freq_base: f32,
+    ) -> Tensor<'a> {
         op!(
             self,
-            sys::ggml_rope_ext(self.c(), a.ptr.as_ptr(), pos.ptr.as_ptr(), std::ptr::null_mut(), n_dims, mode, n_ctx_orig, freq_base, 1.0, 0.0, 1.0, 32.0, 1.0)
+            sys::ggml_rope_ext(
+                self.c(),
+                a.ptr.as_ptr(),
+                pos.ptr.as_ptr(),
+                std::ptr::null_mut(),
+                n_dims,
+                mode,
+                n_ctx_orig,
+                freq_base,
+                1.0,
+                0.0,
+                1.0,
+                32.0,
+                1.0
+            )
         )
     }
 
@@ -513,7 +559,8 @@ impl Backend {
             if f.is_null() {
                 return None;
             }
-            let f: unsafe extern "C" fn(sys::ggml_backend_dev_t) -> *mut sys::ggml_backend_buffer_type_t = std::mem::transmute(f);
+            let f: unsafe extern "C" fn(sys::ggml_backend_dev_t) -> *mut sys::ggml_backend_buffer_type_t =
+                std::mem::transmute(f);
             let mut p = f(dev);
             while !p.is_null() && !(*p).is_null() {
                 let bt = BufType(*p);
@@ -531,7 +578,9 @@ impl Backend {
         let Some(bt) = bt else { return self.alloc_buffer(size) };
         // SAFETY: static buffer type; null (out of memory) is handled.
         let p = unsafe { sys::ggml_backend_buft_alloc_buffer(bt.0, size.max(1)) };
-        NonNull::new(p).map(|ptr| Buffer { ptr }).ok_or_else(|| FfiError::Gguf(format!("could not allocate {size} bytes of {}", bt.name())))
+        NonNull::new(p)
+            .map(|ptr| Buffer { ptr })
+            .ok_or_else(|| FfiError::Gguf(format!("could not allocate {size} bytes of {}", bt.name())))
     }
 
     /// Allocate every tensor of `ctx` in one new buffer of type `bt` (default when None).
@@ -539,7 +588,9 @@ impl Backend {
         let Some(bt) = bt else { return self.alloc_ctx_tensors(ctx) };
         // SAFETY: valid no_alloc context and static buffer type; null is handled.
         let p = unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft(ctx.ptr.as_ptr(), bt.0) };
-        NonNull::new(p).map(|ptr| Buffer { ptr }).ok_or_else(|| FfiError::Gguf(format!("could not allocate tensors in {}", bt.name())))
+        NonNull::new(p)
+            .map(|ptr| Buffer { ptr })
+            .ok_or_else(|| FfiError::Gguf(format!("could not allocate tensors in {}", bt.name())))
     }
 }
 
@@ -547,7 +598,9 @@ impl Tensor<'_> {
     fn in_repack_buffer(&self) -> bool {
         !self.raw().buffer.is_null() && {
             // SAFETY: the buffer of an allocated tensor is live; its type and name are static.
-            let name = unsafe { CStr::from_ptr(sys::ggml_backend_buft_name(sys::ggml_backend_buffer_get_type(self.raw().buffer))) };
+            let name = unsafe {
+                CStr::from_ptr(sys::ggml_backend_buft_name(sys::ggml_backend_buffer_get_type(self.raw().buffer)))
+            };
             name.to_bytes() == b"CPU_REPACK"
         }
     }

@@ -153,9 +153,12 @@ pub fn dequantize_into(ty: GgmlType, src: &[u8], n_per_row: u64, out: &mut Vec<f
         return Ok(());
     }
     let to_float = ty.traits().to_float.ok_or(FfiError::NoDequantize(ty))?;
-    let row = ty.row_size(n_per_row).filter(|&r| r > 0 && src.len() as u64 % r == 0).ok_or(
-        FfiError::BadLength { what: "dequantize", ty, n_per_row, got: src.len() },
-    )?;
+    let row = ty.row_size(n_per_row).filter(|&r| r > 0 && src.len() as u64 % r == 0).ok_or(FfiError::BadLength {
+        what: "dequantize",
+        ty,
+        n_per_row,
+        got: src.len(),
+    })?;
     let n_rows = src.len() as u64 / row;
     let n = (n_rows * n_per_row) as usize;
     out.clear();
@@ -182,9 +185,10 @@ pub fn quantize_into(ty: GgmlType, src: &[f32], n_per_row: u64, out: &mut Vec<u8
     if !ty.can_quantize() {
         return Err(FfiError::NoQuantize(ty));
     }
-    let row = ty.row_size(n_per_row).filter(|_| n_per_row > 0 && src.len() as u64 % n_per_row == 0).ok_or(
-        FfiError::BadLength { what: "quantize", ty, n_per_row, got: src.len() * 4 },
-    )?;
+    let row = ty
+        .row_size(n_per_row)
+        .filter(|_| n_per_row > 0 && src.len() as u64 % n_per_row == 0)
+        .ok_or(FfiError::BadLength { what: "quantize", ty, n_per_row, got: src.len() * 4 })?;
     let n_rows = src.len() as u64 / n_per_row;
     out.clear();
     out.resize((n_rows * row) as usize, 0);
@@ -198,7 +202,15 @@ pub fn quantize_into(ty: GgmlType, src: &[f32], n_per_row: u64, out: &mut Vec<u8
         // and write only inside these two slices; the type needs no importance matrix
         // (checked above), so passing null is allowed.
         unsafe {
-            sys::ggml_quantize_chunk(ty.0, src_part.as_ptr(), dst_part.as_mut_ptr() as *mut c_void, 0, rows, n_per_row as i64, std::ptr::null())
+            sys::ggml_quantize_chunk(
+                ty.0,
+                src_part.as_ptr(),
+                dst_part.as_mut_ptr() as *mut c_void,
+                0,
+                rows,
+                n_per_row as i64,
+                std::ptr::null(),
+            )
         };
     });
     Ok(())
@@ -206,7 +218,13 @@ pub fn quantize_into(ty: GgmlType, src: &[f32], n_per_row: u64, out: &mut Vec<u8
 
 /// Run `f` on matching row ranges of `src` (rows of `src_row` items) and `dst` (rows of
 /// `dst_row` items), one range per worker thread.
-fn for_row_chunks<S: Sync, D: Send>(src: &[S], src_row: usize, dst: &mut [D], dst_row: usize, f: impl Fn(&[S], &mut [D]) + Sync) {
+fn for_row_chunks<S: Sync, D: Send>(
+    src: &[S],
+    src_row: usize,
+    dst: &mut [D],
+    dst_row: usize,
+    f: impl Fn(&[S], &mut [D]) + Sync,
+) {
     let n_rows = src.len() / src_row.max(1);
     let rows_per = n_rows.div_ceil(worker_threads().min(n_rows.max(1))).max(1);
     std::thread::scope(|s| {
@@ -450,9 +468,9 @@ impl Gguf {
                 sys::GGUF_TYPE_INT32 => GgufValue::I32(sys::gguf_get_val_i32(c, id)),
                 sys::GGUF_TYPE_FLOAT32 => GgufValue::F32(sys::gguf_get_val_f32(c, id)),
                 sys::GGUF_TYPE_BOOL => GgufValue::Bool(sys::gguf_get_val_bool(c, id)),
-                sys::GGUF_TYPE_STRING => GgufValue::Str(
-                    CStr::from_ptr(sys::gguf_get_val_str(c, id)).to_string_lossy().into_owned(),
-                ),
+                sys::GGUF_TYPE_STRING => {
+                    GgufValue::Str(CStr::from_ptr(sys::gguf_get_val_str(c, id)).to_string_lossy().into_owned())
+                }
                 sys::GGUF_TYPE_UINT64 => GgufValue::U64(sys::gguf_get_val_u64(c, id)),
                 sys::GGUF_TYPE_INT64 => GgufValue::I64(sys::gguf_get_val_i64(c, id)),
                 sys::GGUF_TYPE_FLOAT64 => GgufValue::F64(sys::gguf_get_val_f64(c, id)),
@@ -626,7 +644,11 @@ impl Gguf {
         if name.len() >= MAX_NAME || name.contains('\0') {
             return Err(FfiError::BadName(name.to_string(), MAX_NAME - 1));
         }
-        if ne.is_empty() || ne.len() > 4 || ty.tensor_size(ne).is_none() || ne.iter().any(|&n| n == 0 || n > i64::MAX as u64) {
+        if ne.is_empty()
+            || ne.len() > 4
+            || ty.tensor_size(ne).is_none()
+            || ne.iter().any(|&n| n == 0 || n > i64::MAX as u64)
+        {
             return Err(FfiError::RowNotBlock {
                 name: name.to_string(),
                 ty,
@@ -698,10 +720,10 @@ pub fn llama_quantize_pure_q4_k(input: &Path, output: &Path, nthread: i32) -> Re
 // ---------------------------------------------------------------------------------------------
 // File mappings
 
-/// A read-only memory map of a whole file.
-///
-/// Reading a mapping whose file is truncated by someone else raises SIGBUS, so sage maps only
-/// to validate headers it has size-checked; bulk data is read with `pread` (see `io.rs`).
+/// A read-only memory map of a whole file: safetensors files (to validate their headers;
+/// the converter reads data with `pread`) and expert shards (the engine copies experts from
+/// them into the arena). Reading a mapping whose file another process truncates raises
+/// SIGBUS; the engine checks shard sizes when it opens them, not while it runs.
 pub struct Mapped {
     map: memmap2::Mmap,
 }

@@ -28,10 +28,14 @@ fn damaged_copy(dir: &Path) -> PathBuf {
 fn unknown_architecture() {
     let dir = tmp();
     let c = damaged_copy(dir.path());
-    let cfg = std::fs::read_to_string(c.join("config.json")).unwrap().replace("Qwen3MoeForCausalLM", "MixtralForCausalLM");
+    let cfg =
+        std::fs::read_to_string(c.join("config.json")).unwrap().replace("Qwen3MoeForCausalLM", "MixtralForCausalLM");
     std::fs::write(c.join("config.json"), cfg).unwrap();
     let e = convert_err(&c, dir.path());
-    assert!(e.contains("config.json: unsupported architecture 'MixtralForCausalLM'; sage supports Qwen3MoeForCausalLM"), "{e}");
+    assert!(
+        e.contains("config.json: unsupported architecture 'MixtralForCausalLM'; sage supports Qwen3MoeForCausalLM"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -83,7 +87,12 @@ fn wrong_shape() {
         t.1 = vec![128, 512];
     });
     let e = convert_err(&c, dir.path());
-    assert!(e.contains("'model.layers.1.mlp.experts.3.down_proj.weight' has wrong shape; expected 256 x 256, got 512 x 128"), "{e}");
+    assert!(
+        e.contains(
+            "'model.layers.1.mlp.experts.3.down_proj.weight' has wrong shape; expected 256 x 256, got 512 x 128"
+        ),
+        "{e}"
+    );
 }
 
 #[test]
@@ -111,9 +120,15 @@ fn truncated_safetensors() {
         let bytes = std::fs::read(plain().join("model.safetensors")).unwrap();
         std::fs::write(&f, &bytes[..cut as usize]).unwrap();
         let e = convert_err(&c, dir.path());
-        assert!(e.contains("model.safetensors") && (e.contains("truncated") || e.contains("not a valid safetensors")), "cut at {cut}: {e}");
+        assert!(
+            e.contains("model.safetensors") && (e.contains("truncated") || e.contains("not a valid safetensors")),
+            "cut at {cut}: {e}"
+        );
         if cut > 1000 {
-            assert!(e.contains(&format!("truncated: tensor data ends at byte {len}, but the file has {cut} bytes")), "{e}");
+            assert!(
+                e.contains(&format!("truncated: tensor data ends at byte {len}, but the file has {cut} bytes")),
+                "{e}"
+            );
         }
     }
 }
@@ -133,7 +148,10 @@ fn truncated_gguf() {
         let e = convert_err(&cut_file, dir.path());
         assert!(e.contains("cut.gguf"), "cut at {cut}: {e}");
         if cut > data_start {
-            assert!(e.contains("truncated: tensor '") && e.contains(&format!("but the file has {cut} bytes")), "cut at {cut}: {e}");
+            assert!(
+                e.contains("truncated: tensor '") && e.contains(&format!("but the file has {cut} bytes")),
+                "cut at {cut}: {e}"
+            );
         } else {
             assert!(e.contains("not a valid GGUF file"), "cut at {cut}: {e}");
         }
@@ -163,7 +181,11 @@ fn damaged_model_directory_is_refused() {
     let bytes = std::fs::read(&shard).unwrap();
     std::fs::write(&shard, &bytes[..bytes.len() - 4096]).unwrap();
     let e = ModelDir::open(&m).err().unwrap().to_string();
-    assert!(e.contains("blk.001.bin: truncated: 8 experts of") && e.contains(&format!("the file has {} bytes", bytes.len() - 4096)), "{e}");
+    assert!(
+        e.contains("blk.001.bin: truncated: 8 experts of")
+            && e.contains(&format!("the file has {} bytes", bytes.len() - 4096)),
+        "{e}"
+    );
     // A shard from another conversion of the same model.
     let (other, _) = convert_into(&plain(), &dir.path().join("o"), &opts(Some(GgmlType::Q8_0)));
     std::fs::copy(other.join("experts/blk.001.bin"), &shard).unwrap();

@@ -98,7 +98,9 @@ fn q8_0_experts_hold_the_source_weights_in_gate_up_down_order() {
 }
 
 /// Tensor names, types, shapes and data of a GGUF, and its metadata minus sage's own keys.
-fn gguf_contents(path: &Path) -> (Vec<(String, Option<GgmlType>, Vec<u64>, Vec<u8>)>, Vec<(String, sage::ggml::GgufValue)>) {
+fn gguf_contents(
+    path: &Path,
+) -> (Vec<(String, Option<GgmlType>, Vec<u64>, Vec<u8>)>, Vec<(String, sage::ggml::GgufValue)>) {
     let g = Gguf::open(path).unwrap();
     let bytes = std::fs::read(path).unwrap();
     let base = g.data_offset() as usize;
@@ -141,7 +143,8 @@ fn omni_checkpoint_converts_to_the_same_tensors_as_the_plain_one() {
 fn gguf_to_shards_to_merge_is_byte_identical() {
     let dir = tmp();
     // A mixed-type file, as downloaded GGUFs are: q6_K base matrices, q4_K experts.
-    let o = ConvertOptions { quant_base: Some(GgmlType::Q6_K), quant_experts: Some(GgmlType::Q4_K), ..Default::default() };
+    let o =
+        ConvertOptions { quant_base: Some(GgmlType::Q6_K), quant_experts: Some(GgmlType::Q4_K), ..Default::default() };
     let (first, _) = convert_into(&plain(), dir.path(), &o);
     let a = dir.path().join("a.gguf");
     merge(&first, &a, false).unwrap();
@@ -190,12 +193,15 @@ fn pools_keep_only_the_named_experts() {
     assert_eq!(i.experts_per_layer, vec![ids.clone(); 2]);
     assert_eq!(i.n_expert_tensors, 2 * 4 * 3);
     assert_eq!(i.config.n_expert, 8, "the router keeps all experts; the manifest says which exist");
-    let full = ModelDir::open(&convert_into(&plain(), &dir.path().join("full"), &opts(Some(GgmlType::Q8_0))).0).unwrap();
+    let full =
+        ModelDir::open(&convert_into(&plain(), &dir.path().join("full"), &opts(Some(GgmlType::Q8_0))).0).unwrap();
     let pool = ModelDir::open(&out).unwrap();
     assert_eq!(pool.read_expert(1, 5).unwrap(), full.read_expert(1, 5).unwrap());
     assert!(pool.read_expert(1, 4).unwrap_err().to_string().contains("layer 1 has no expert 4"));
 
-    for (spec, msg) in [("9", "expert 9 does not exist"), ("3-1", "range 3-1 is empty"), ("a", "'a' is not an expert id")] {
+    for (spec, msg) in
+        [("9", "expert 9 does not exist"), ("3-1", "range 3-1 is empty"), ("a", "'a' is not an expert id")]
+    {
         let e = sage::convert::parse_expert_spec(spec, 8).unwrap_err().to_string();
         assert!(e.contains(msg), "{spec}: {e}");
     }
@@ -275,14 +281,22 @@ fn cli_converts_inspects_and_merges() {
     let out = dir.path().join("m");
     let run = |args: &[&str]| {
         let o = Command::new(env!("CARGO_BIN_EXE_sage-convert")).args(args).output().unwrap();
-        (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
     };
-    let (ok, stdout, stderr) = run(&[plain().to_str().unwrap(), "-o", out.to_str().unwrap(), "--quant", "q4_k", "--quant-base", "q8_0"]);
+    let (ok, stdout, stderr) =
+        run(&[plain().to_str().unwrap(), "-o", out.to_str().unwrap(), "--quant", "q4_k", "--quant-base", "q8_0"]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("experts 8 per layer"), "{stdout}");
     let (ok, stdout, _) = run(&["inspect", out.to_str().unwrap()]);
     assert!(ok);
-    assert!(stdout.contains("q8_0: 10 ×") && stdout.contains("q4_K: 48 ×") && stdout.contains("blk.0-1: 8 (0-7)"), "{stdout}");
+    assert!(
+        stdout.contains("q8_0: 10 ×") && stdout.contains("q4_K: 48 ×") && stdout.contains("blk.0-1: 8 (0-7)"),
+        "{stdout}"
+    );
     let (ok, stdout, _) = run(&["inspect", "--json", out.to_str().unwrap()]);
     assert!(ok);
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();

@@ -88,7 +88,10 @@ fn greedy_generation_matches_llama_cpp() {
             for p in reference() {
                 let prompt: Vec<u32> = p.ids.iter().map(|&i| i as u32).collect();
                 let want = llama_greedy(&llama, &p.ids, 32);
-                let mut s = sage::engine::sampler::Sampler::new(sage::engine::sampler::SamplerParams { temp: 0.0, ..Default::default() });
+                let mut s = sage::engine::sampler::Sampler::new(sage::engine::sampler::SamplerParams {
+                    temp: 0.0,
+                    ..Default::default()
+                });
                 e.eos = None; // the reference runs all 32 steps
                 let g = e.generate(&tk, &prompt, 32, &mut s, |_, _| {}).unwrap();
                 let got: Vec<i32> = g.tokens.iter().map(|&t| t as i32).collect();
@@ -180,9 +183,22 @@ fn cli_streams_json_and_stats() {
     let dir = tmp();
     let (model_dir, _) = converted(dir.path(), GgmlType::Q4_K, None);
     let run = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_sage")).args(args).output().unwrap();
-    let o = run(&["run", model_dir.to_str().unwrap(), "--prompt", "The quick brown fox", "--temp", "0", "-n", "5", "--arena-experts", "3", "--json"]);
+    let o = run(&[
+        "run",
+        model_dir.to_str().unwrap(),
+        "--prompt",
+        "The quick brown fox",
+        "--temp",
+        "0",
+        "-n",
+        "5",
+        "--arena-experts",
+        "3",
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 6, "5 tokens and the stats");
     assert!(lines[..5].iter().all(|l| l["id"].is_u64() && l["text"].is_string()));
     let st = &lines[5]["stats"];
@@ -191,7 +207,10 @@ fn cli_streams_json_and_stats() {
     assert!(st["expert_misses"].as_u64().unwrap() > 0 && st["peak_rss_bytes"].as_u64().unwrap() > 0);
     let o = run(&["run", model_dir.to_str().unwrap(), "--prompt", "hello", "-n", "3", "--stats", "--chat", "-v"]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success() && err.contains("tok/s") && err.contains("hit rate") && err.contains("peak RSS"), "{err}");
+    assert!(
+        o.status.success() && err.contains("tok/s") && err.contains("hit rate") && err.contains("peak RSS"),
+        "{err}"
+    );
     assert!(err.contains("pool blk.0: 8 experts (0-7)"), "-v prints the pool: {err}");
     let o = run(&["run", model_dir.to_str().unwrap(), "--prompt", "hello", "--arena-experts", "1"]);
     let err = String::from_utf8_lossy(&o.stderr);

@@ -87,7 +87,11 @@ fn tokenizer_built_from_gguf_tokenizes_like_llama_cpp() {
         // Qwen's tokenizer.json normalizes to NFC; llama.cpp does not, so the two agree on
         // text that is already NFC (everything here but the decomposed "e\u{301}").
         if !t.contains('\u{301}') {
-            assert_eq!(tokenizers_ids(&plain().join("tokenizer.json"), t), want, "original tokenizer.json vs llama.cpp on {t:?}");
+            assert_eq!(
+                tokenizers_ids(&plain().join("tokenizer.json"), t),
+                want,
+                "original tokenizer.json vs llama.cpp on {t:?}"
+            );
         }
     }
     // Decoding gives the text back.

@@ -11,9 +11,9 @@ use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
+use safetensors::SafeTensors;
 use sage::convert::{convert, ConvertOptions, ConvertReport};
 use sage::ggml::GgmlType;
-use safetensors::SafeTensors;
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -104,11 +104,8 @@ pub fn rewrite_safetensors(
 ) {
     let bytes = std::fs::read(path).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut m: BTreeMap<_, _> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
-        .collect();
+    let mut m: BTreeMap<_, _> =
+        st.tensors().into_iter().map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec()))).collect();
     edit(&mut m);
     let views: Vec<(String, safetensors::tensor::TensorView)> = m
         .iter()
@@ -185,7 +182,9 @@ pub fn llama_greedy(model: &LlamaModel, prompt: &[i32], n: usize) -> Vec<i32> {
     let mut out = Vec::new();
     for step in 0..n {
         let logits = ctx.get_logits_ith(last);
-        let next = logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as i32;
+        let next =
+            logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0
+                as i32;
         out.push(next);
         let mut b = LlamaBatch::new(1, 1);
         b.add(llama_cpp_2::token::LlamaToken(next), (prompt.len() + step) as i32, &[0], true).unwrap();
