@@ -336,7 +336,7 @@ impl ModelConfig {
         };
         if cfg.n_head == 0
             || cfg.n_head_kv == 0
-            || cfg.n_head % cfg.n_head_kv != 0
+            || !cfg.n_head.is_multiple_of(cfg.n_head_kv)
             || cfg.n_expert == 0
             || cfg.n_expert_used == 0
             || cfg.n_expert_used > cfg.n_expert

@@ -19,7 +19,7 @@ pub fn read_at(file: &File, path: &Path, offset: u64, len: u64, what: &str) -> R
 /// `read_at` into a reused buffer.
 pub fn read_at_into(file: &File, path: &Path, offset: u64, len: u64, what: &str, buf: &mut Vec<u8>) -> Result<()> {
     let file_len = file.metadata().at(path)?.len();
-    let end = offset.checked_add(len).unwrap_or(u64::MAX);
+    let end = offset.saturating_add(len);
     if end > file_len {
         return Err(Error::Truncated { path: path.to_path_buf(), what: what.to_string(), needed: end, got: file_len });
     }

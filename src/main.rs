@@ -102,7 +102,7 @@ fn parse_size(s: &str) -> anyhow::Result<u64> {
         "gib" => 1024.0 * 1024.0 * 1024.0,
         u => bail!("unknown size unit '{u}' in '{s}' (use B, KiB, MiB, GiB, KB, MB, GB)"),
     };
-    if !(n >= 0.0) {
+    if n.is_nan() || n < 0.0 {
         bail!("'{s}' is not a size");
     }
     Ok((n * mul) as u64)

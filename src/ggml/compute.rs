@@ -161,7 +161,7 @@ impl Buffer {
 
     /// Give `t` (not yet allocated) its data at `offset` in this buffer.
     pub fn place(&self, t: Tensor<'_>, offset: usize) -> Result<(), FfiError> {
-        let need = offset.checked_add(t.nbytes()).unwrap_or(usize::MAX);
+        let need = offset.saturating_add(t.nbytes());
         if need > self.size() || !t.data_ptr().is_null() {
             return Err(FfiError::Gguf(format!(
                 "tensor of {} bytes at {offset} does not fit a buffer of {}",

@@ -75,7 +75,7 @@ impl GgmlType {
     /// Bytes of one row of `ne0` elements, or None when `ne0` is not a multiple of the block.
     pub fn row_size(self, ne0: u64) -> Option<u64> {
         let blck = self.block_size();
-        if ne0 % blck != 0 {
+        if !ne0.is_multiple_of(blck) {
             return None;
         }
         (ne0 / blck).checked_mul(self.type_size())
@@ -145,7 +145,7 @@ pub fn dequantize(ty: GgmlType, src: &[u8], n_per_row: u64) -> Result<Vec<f32>, 
 pub fn dequantize_into(ty: GgmlType, src: &[u8], n_per_row: u64, out: &mut Vec<f32>) -> Result<(), FfiError> {
     if ty == GgmlType::F32 {
         // ggml has no to_float for f32 itself.
-        if n_per_row == 0 || src.len() as u64 % (4 * n_per_row) != 0 {
+        if n_per_row == 0 || !(src.len() as u64).is_multiple_of(4 * n_per_row) {
             return Err(FfiError::BadLength { what: "dequantize", ty, n_per_row, got: src.len() });
         }
         out.clear();
@@ -153,12 +153,10 @@ pub fn dequantize_into(ty: GgmlType, src: &[u8], n_per_row: u64, out: &mut Vec<f
         return Ok(());
     }
     let to_float = ty.traits().to_float.ok_or(FfiError::NoDequantize(ty))?;
-    let row = ty.row_size(n_per_row).filter(|&r| r > 0 && src.len() as u64 % r == 0).ok_or(FfiError::BadLength {
-        what: "dequantize",
-        ty,
-        n_per_row,
-        got: src.len(),
-    })?;
+    let row = ty
+        .row_size(n_per_row)
+        .filter(|&r| r > 0 && (src.len() as u64).is_multiple_of(r))
+        .ok_or(FfiError::BadLength { what: "dequantize", ty, n_per_row, got: src.len() })?;
     let n_rows = src.len() as u64 / row;
     let n = (n_rows * n_per_row) as usize;
     out.clear();
@@ -187,7 +185,7 @@ pub fn quantize_into(ty: GgmlType, src: &[f32], n_per_row: u64, out: &mut Vec<u8
     }
     let row = ty
         .row_size(n_per_row)
-        .filter(|_| n_per_row > 0 && src.len() as u64 % n_per_row == 0)
+        .filter(|_| n_per_row > 0 && (src.len() as u64).is_multiple_of(n_per_row))
         .ok_or(FfiError::BadLength { what: "quantize", ty, n_per_row, got: src.len() * 4 })?;
     let n_rows = src.len() as u64 / n_per_row;
     out.clear();

@@ -13,7 +13,7 @@ use crate::util::*;
 /// Convert a damaged copy and return the error text; the output must not look complete.
 fn convert_err(input: &Path, dir: &Path) -> String {
     let out = dir.join("out");
-    let e = convert(input, &out, &opts(Some(GgmlType::Q8_0))).err().expect("conversion should fail").to_string();
+    let e = convert(input, &out, &opts(Some(GgmlType::Q8_0))).expect_err("conversion should fail").to_string();
     assert!(!out.join("base.gguf").exists(), "a failed conversion left base.gguf: {e}");
     e
 }
