@@ -25,9 +25,17 @@ pub struct DeviceInfo {
     pub is_gpu: bool,
 }
 
-/// Devices this build can run on (CPU always; CUDA or Metal when built with those features).
+/// Devices this build can run on (CPU always; CUDA or Metal when built with those features,
+/// or loadable backend modules with `dynamic-backends`).
 pub fn devices() -> Vec<DeviceInfo> {
     route_logs();
+    #[cfg(feature = "dynamic-backends")]
+    {
+        static LOAD: std::sync::Once = std::sync::Once::new();
+        // SAFETY: loads the backend modules found next to the executable into ggml's static
+        // registry; guarded to run once.
+        LOAD.call_once(|| unsafe { sys::ggml_backend_load_all() });
+    }
     // SAFETY: the device registry is static; indices below the count are valid; names are
     // static C strings owned by the registry.
     unsafe {
@@ -90,11 +98,28 @@ impl Backend {
             FfiError::Gguf(format!("device '{}' failed to start: {}", devs[idx].name, take_last_error()))
         })?;
         let b = Backend { ptr, is_cpu: !devs[idx].is_gpu };
-        if b.is_cpu {
-            // SAFETY: this backend is the CPU backend (checked above).
-            unsafe { sys::ggml_backend_cpu_set_n_threads(b.ptr.as_ptr(), n_threads.max(1) as i32) };
+        // Threads through the registry's generic entry point, which also works when the CPU
+        // backend is a loadable module (`dynamic-backends`).
+        let name = CString::new("ggml_backend_set_n_threads").expect("no NUL");
+        // SAFETY: the device's registry is static; the proc address, if any, has the
+        // documented signature `ggml_backend_set_n_threads_t` and takes this live backend.
+        unsafe {
+            let reg = sys::ggml_backend_dev_backend_reg(sys::ggml_backend_get_device(b.ptr.as_ptr()));
+            let f = sys::ggml_backend_reg_get_proc_address(reg, name.as_ptr());
+            if !f.is_null() {
+                let f: unsafe extern "C" fn(sys::ggml_backend_t, i32) = std::mem::transmute(f);
+                f(b.ptr.as_ptr(), n_threads.max(1) as i32);
+            }
         }
         Ok(b)
+    }
+
+    /// Bytes the backend's buffers reserve for `t` beyond `t.nbytes()` (some GPU backends pad
+    /// the last row of quantized matrices).
+    pub fn alloc_padding(&self, t: Tensor<'_>) -> usize {
+        // SAFETY: valid backend and tensor; its default buffer type is static; a size query.
+        let alloc = unsafe { sys::ggml_backend_buft_get_alloc_size(sys::ggml_backend_get_default_buffer_type(self.ptr.as_ptr()), t.ptr.as_ptr()) };
+        alloc.saturating_sub(t.nbytes())
     }
 
     pub fn name(&self) -> String {
