@@ -26,10 +26,12 @@ fn main() -> anyhow::Result<()> {
     let backend = LlamaBackend::init()?;
     let gpu_layers: u32 = std::env::var("LLAMA_GPU_LAYERS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
     println!("llama.cpp reference with n_gpu_layers = {gpu_layers}");
-    let model = LlamaModel::load_from_file(&backend, &a[2], &LlamaModelParams::default().with_n_gpu_layers(gpu_layers))?;
+    let model =
+        LlamaModel::load_from_file(&backend, &a[2], &LlamaModelParams::default().with_n_gpu_layers(gpu_layers))?;
     let mut worst = 0f32;
     for arena in [ArenaSize::All, ArenaSize::Experts(2)] {
-        let opts = EngineOptions { device: a[3].clone(), arena, kv_type: KvType::F32, n_ctx: 256, ..Default::default() };
+        let opts =
+            EngineOptions { device: a[3].clone(), arena, kv_type: KvType::F32, n_ctx: 256, ..Default::default() };
         let mut e = Engine::load(a[1].as_ref(), opts)?;
         println!("sage on {} with {} slots", e.device_name(), e.n_slots());
         for p in prompts {

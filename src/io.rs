@@ -103,11 +103,6 @@ impl GgufStream {
         Ok(GgufStream { out, tensors, next: 0, alignment: g.alignment(), starts_at })
     }
 
-    /// Name of the next tensor expected.
-    pub fn next_name(&self) -> Option<&str> {
-        self.tensors.get(self.next).map(|(n, _)| n.as_str())
-    }
-
     /// Write the data of the next declared tensor, which must be `name` of the declared size.
     /// Large tensors may come in pieces: `write_part` then `end_tensor`.
     pub fn write_tensor(&mut self, name: &str, bytes: &[u8]) -> Result<()> {

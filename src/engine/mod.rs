@@ -152,12 +152,12 @@ fn load_slot(
     record: &[u8],
 ) -> std::result::Result<(), crate::ggml::FfiError> {
     let raw = arena.get(3 * n_layer as usize);
+    let ctx = Context::new(3, 0);
     let mut off = 0usize;
     for p in Proj::ALL {
         let size = sizes[p.index()] as usize;
         let part = &record[off..off + size];
         if arena.get(3 * il as usize + p.index()).is_repacked() {
-            let ctx = Context::new(1, 0);
             let [ne0, ne1] = shapes[p.index()];
             let proxy = ctx.new_tensor(types[p.index()], &[ne0 as i64, ne1 as i64]);
             arena_buf.place(proxy, at + off)?;
@@ -203,7 +203,10 @@ impl Engine {
         if !backend.is_cpu() {
             // Measured on an H100 (examples/device_check.rs): runs, the same at every arena
             // size, but its logits differ from llama.cpp's by up to 0.2 on the tiny fixture.
-            log::warn!("{}: sage's GPU path does not yet match llama.cpp's numbers; prefer --device cpu", backend.name());
+            log::warn!(
+                "{}: sage's GPU path does not yet match llama.cpp's numbers; prefer --device cpu",
+                backend.name()
+            );
         }
         // Room after the last slot for backends that pad quantized rows (0 on the CPU).
         let probe = Context::new(3 * md.manifest.layers.len(), 0);
@@ -449,8 +452,15 @@ impl Engine {
 
     fn eval_batch(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
         let n = tokens.len();
+        // Positions and the causal mask ([n_kv][n]) are the same for every layer of the batch.
+        let (n_past, n_kv) = (self.n_past, self.n_past + n);
+        let pos: Vec<i32> = (0..n).map(|i| (n_past + i) as i32).collect();
+        let mut mask = vec![f32::NEG_INFINITY; n_kv * n];
+        for i in 0..n {
+            mask[i * n_kv..=i * n_kv + n_past + i].fill(0.0);
+        }
         for il in 0..self.config.n_layer {
-            let logits = self.attention(il, tokens)?;
+            let logits = self.attention(il, tokens, &pos, &mask)?;
             self.experts(il, n, &logits)?;
         }
         let out = self.output_logits(n, all_logits)?;
@@ -461,7 +471,7 @@ impl Engine {
 
     /// Graph A of layer `il`: attention (storing this batch's K and V), residual, FFN norm and
     /// the router logits, which are returned ([n][n_expert]).
-    fn attention(&mut self, il: u32, tokens: &[u32]) -> Result<Vec<f32>> {
+    fn attention(&mut self, il: u32, tokens: &[u32], positions: &[i32], causal_mask: &[f32]) -> Result<Vec<f32>> {
         let cfg = &self.config;
         let n = tokens.len() as i64;
         let (hd, nh, nkv) = (cfg.head_dim as i64, cfg.n_head as i64, cfg.n_head_kv as i64);
@@ -524,14 +534,8 @@ impl Engine {
         if il == 0 {
             ids.write_i32(&tokens.iter().map(|&t| t as i32).collect::<Vec<_>>());
         }
-        pos.write_i32(&(0..n).map(|i| (n_past + i) as i32).collect::<Vec<_>>());
-        let mut m = vec![f32::NEG_INFINITY; (n_kv * n) as usize];
-        for i in 0..n {
-            for j in 0..=(n_past + i) {
-                m[(i * n_kv + j) as usize] = 0.0;
-            }
-        }
-        mask.write_f32(&m);
+        pos.write_i32(positions);
+        mask.write_f32(causal_mask);
         self.backend.compute(&g).map_err(|e| ffi(&self.dir.path, "compute graph", e))?;
         self.stats.compute += t0.elapsed();
         Ok(logits.read_f32((cfg.n_expert as i64 * n) as usize))

@@ -17,6 +17,14 @@ use super::{route_logs, take_last_error, FfiError, GgmlType};
 /// llama.cpp's NEOX RoPE mode (`GGML_ROPE_TYPE_NEOX` in ggml.h, a macro bindgen skips).
 pub const ROPE_TYPE_NEOX: i32 = 2;
 
+fn status(st: sys::ggml_status, what: &str) -> Result<(), FfiError> {
+    if st == sys::GGML_STATUS_SUCCESS {
+        Ok(())
+    } else {
+        Err(FfiError::Gguf(format!("{what} failed with status {st}")))
+    }
+}
+
 /// A compute device known to this ggml build.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DeviceInfo {
@@ -118,7 +126,12 @@ impl Backend {
     /// the last row of quantized matrices).
     pub fn alloc_padding(&self, t: Tensor<'_>) -> usize {
         // SAFETY: valid backend and tensor; its default buffer type is static; a size query.
-        let alloc = unsafe { sys::ggml_backend_buft_get_alloc_size(sys::ggml_backend_get_default_buffer_type(self.ptr.as_ptr()), t.ptr.as_ptr()) };
+        let alloc = unsafe {
+            sys::ggml_backend_buft_get_alloc_size(
+                sys::ggml_backend_get_default_buffer_type(self.ptr.as_ptr()),
+                t.ptr.as_ptr(),
+            )
+        };
         alloc.saturating_sub(t.nbytes())
     }
 
@@ -153,11 +166,7 @@ impl Backend {
     pub fn compute(&self, graph: &Graph<'_>) -> Result<(), FfiError> {
         // SAFETY: valid backend and graph; all tensors have data (allocated by the caller).
         let st = unsafe { sys::ggml_backend_graph_compute(self.ptr.as_ptr(), graph.ptr.as_ptr()) };
-        if st == sys::GGML_STATUS_SUCCESS {
-            Ok(())
-        } else {
-            Err(FfiError::Gguf(format!("graph compute failed with status {st}")))
-        }
+        status(st, "graph compute")
     }
 }
 
@@ -186,25 +195,22 @@ impl Buffer {
 
     /// Give `t` (not yet allocated) its data at `offset` in this buffer.
     pub fn place(&self, t: Tensor<'_>, offset: usize) -> Result<(), FfiError> {
-        let need = offset.saturating_add(t.nbytes());
+        // SAFETY: valid buffer and tensor; a size query (GPU buffers pad quantized rows).
+        let alloc = unsafe { sys::ggml_backend_buffer_get_alloc_size(self.ptr.as_ptr(), t.ptr.as_ptr()) };
+        let need = offset.saturating_add(alloc.max(t.nbytes()));
         if need > self.size() || !t.data_ptr().is_null() {
             return Err(FfiError::Gguf(format!(
-                "tensor of {} bytes at {offset} does not fit a buffer of {}",
-                t.nbytes(),
+                "tensor of {alloc} bytes at {offset} does not fit a buffer of {}",
                 self.size()
             )));
         }
-        // SAFETY: the range [offset, offset + nbytes) lies inside the buffer (checked) and the
-        // tensor has no data yet; ggml records buffer and address in the tensor.
+        // SAFETY: the range [offset, offset + alloc size) lies inside the buffer (checked) and
+        // the tensor has no data yet; ggml records buffer and address in the tensor.
         let st = unsafe {
             let base = sys::ggml_backend_buffer_get_base(self.ptr.as_ptr()) as *mut u8;
             sys::ggml_backend_tensor_alloc(self.ptr.as_ptr(), t.ptr.as_ptr(), base.add(offset) as *mut c_void)
         };
-        if st == sys::GGML_STATUS_SUCCESS {
-            Ok(())
-        } else {
-            Err(FfiError::Gguf(format!("placing a tensor failed with status {st}")))
-        }
+        status(st, "placing a tensor")
     }
 }
 

@@ -94,10 +94,6 @@ impl GgmlType {
         unsafe { &*sys::ggml_get_type_traits(self.0) }
     }
 
-    pub fn is_quantized(self) -> bool {
-        self.traits().is_quantized
-    }
-
     /// Whether ggml can convert this type to f32 (needed to re-quantize).
     pub fn can_dequantize(self) -> bool {
         self == GgmlType::F32 || self.traits().to_float.is_some()
