@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use sage::convert::{convert, parse_expert_spec, ConvertOptions};
 use sage::inspect::{human_bytes, inspect};
 use sage::quant::parse_quant;
+use sage::usage::Usage;
 
 /// Convert a Qwen3-MoE checkpoint (Hugging Face directory or llama.cpp GGUF) into a sage model
 /// directory: base.gguf (everything but the experts) plus one expert shard per layer.
@@ -43,8 +44,15 @@ struct ConvertArgs {
     #[arg(long)]
     quant_experts: Option<String>,
     /// Keep only these experts in every layer, e.g. `0-7` or `0,3,5-9` (a pool).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "pool")]
     experts: Option<String>,
+    /// A calibrated pool: keep each layer's --keep most used experts of this usage.json
+    /// (from `sage profile`).
+    #[arg(long, requires = "keep")]
+    pool: Option<PathBuf>,
+    /// How many experts per layer --pool keeps.
+    #[arg(long, requires = "pool")]
+    keep: Option<usize>,
     /// Replace a model already in the output directory.
     #[arg(long)]
     force: bool,
@@ -124,10 +132,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 None => None,
             };
+            let experts_per_layer = match (&a.pool, a.keep) {
+                (Some(path), Some(keep)) => {
+                    let usage = Usage::load(path)?;
+                    let src = sage::source::open(&input).with_context(|| format!("reading {}", input.display()))?;
+                    let c = src.config();
+                    usage.check_model(path, c.n_layer, c.n_expert)?;
+                    if keep == 0 || keep > c.n_expert as usize {
+                        anyhow::bail!("--keep {keep}: the model has {} experts per layer", c.n_expert);
+                    }
+                    Some(usage.most_used(keep))
+                }
+                _ => None,
+            };
             let opts = ConvertOptions {
                 quant_base: qb,
                 quant_experts: qe,
                 experts,
+                experts_per_layer,
                 force: a.force,
                 progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
             };

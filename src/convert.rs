@@ -29,6 +29,9 @@ pub struct ConvertOptions {
     pub quant_experts: Option<GgmlType>,
     /// Keep only these expert ids in every layer (a pool); None keeps all.
     pub experts: Option<Vec<u32>>,
+    /// Keep these expert ids in each layer (one list per layer, e.g. a calibrated pool from
+    /// `Usage::most_used`); overrides `experts`.
+    pub experts_per_layer: Option<Vec<Vec<u32>>>,
     /// Replace a model already in the output directory.
     pub force: bool,
     /// Draw a progress bar on stderr.
@@ -232,19 +235,34 @@ pub fn convert(input: &Path, out: &Path, opts: &ConvertOptions) -> Result<Conver
 pub fn convert_source(src: &dyn Source, out: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
     let cfg = src.config().clone();
     let path = src.path().to_path_buf();
-    let ids: Vec<u32> = match &opts.experts {
-        Some(ids) => ids.clone(),
-        None => (0..cfg.n_expert).collect(),
+    let pools: Vec<Vec<u32>> = match (&opts.experts_per_layer, &opts.experts) {
+        (Some(per_layer), _) => {
+            if per_layer.len() != cfg.n_layer as usize {
+                return Err(Error::Usage(format!(
+                    "the pool lists {} layers; the model has {}",
+                    per_layer.len(),
+                    cfg.n_layer
+                )));
+            }
+            per_layer.clone()
+        }
+        (None, Some(ids)) => vec![ids.clone(); cfg.n_layer as usize],
+        (None, None) => vec![(0..cfg.n_expert).collect(); cfg.n_layer as usize],
     };
-    if let Some(&bad) = ids.iter().find(|&&e| e >= cfg.n_expert) {
-        return Err(Error::Usage(format!("expert {bad} does not exist; the model has experts 0-{}", cfg.n_expert - 1)));
-    }
-    if (ids.len() as u32) < cfg.n_expert_used {
-        return Err(Error::Usage(format!(
-            "a pool of {} experts is smaller than the {} experts each token uses",
-            ids.len(),
-            cfg.n_expert_used
-        )));
+    for ids in &pools {
+        if let Some(&bad) = ids.iter().find(|&&e| e >= cfg.n_expert) {
+            return Err(Error::Usage(format!(
+                "expert {bad} does not exist; the model has experts 0-{}",
+                cfg.n_expert - 1
+            )));
+        }
+        if (ids.len() as u32) < cfg.n_expert_used {
+            return Err(Error::Usage(format!(
+                "a pool of {} experts is smaller than the {} experts each token uses",
+                ids.len(),
+                cfg.n_expert_used
+            )));
+        }
     }
 
     // 1. Plan and check everything before writing.
@@ -267,11 +285,12 @@ pub fn convert_source(src: &dyn Source, out: &Path, opts: &ConvertOptions) -> Re
     let mut layers = Vec::new();
     let mut src_expert_bytes = 0;
     for il in 0..cfg.n_layer {
+        let ids = &pools[il as usize];
         let mut types = [GgmlType::F32; 3];
         for p in Proj::ALL {
             let want = expert_shape(&cfg, p);
             let mut target = None;
-            for &e in &ids {
+            for &e in ids {
                 let m = src.expert_meta(il, e, p)?;
                 let name = src.expert_source_name(il, e, p);
                 if m.ne != want {
@@ -395,6 +414,6 @@ pub fn convert_source(src: &dyn Source, out: &Path, opts: &ConvertOptions) -> Re
         base_bytes,
         expert_bytes,
         n_base_tensors: planned.len(),
-        n_experts_per_layer: ids.len(),
+        n_experts_per_layer: pools.iter().map(Vec::len).max().unwrap_or(0),
     })
 }

@@ -48,6 +48,9 @@ pub enum Error {
     #[error("{path}: tensor '{tensor}': {source}")]
     Tensor { path: PathBuf, tensor: String, source: FfiError },
 
+    #[error("{path}: not a usable expert usage file: {reason}")]
+    BadUsage { path: PathBuf, reason: String },
+
     #[error("{0}")]
     Usage(String),
 }

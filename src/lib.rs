@@ -9,6 +9,7 @@ pub mod config;
 pub mod convert;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod ggml;
 pub mod inspect;
 pub mod io;
@@ -18,5 +19,6 @@ pub mod names;
 pub mod quant;
 pub mod source;
 pub mod tokenizer;
+pub mod usage;
 
 pub use error::{Error, Result};

@@ -1,7 +1,7 @@
 //! sage: run Mixture-of-Experts models with experts streamed through a fixed-size arena.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
@@ -10,6 +10,7 @@ use sage::engine::generate::{chat_prompt, load_tokenizer};
 use sage::engine::sampler::{Sampler, SamplerParams};
 use sage::engine::{ArenaSize, Engine, EngineOptions, KvType};
 use sage::inspect::short_bytes;
+use sage::usage::Usage;
 
 #[derive(Parser)]
 #[command(name = "sage", version, about = "Run Mixture-of-Experts models on devices smaller than the model")]
@@ -25,6 +26,10 @@ struct Cli {
 enum Command {
     /// Generate text from a model directory made by sage-convert.
     Run(RunArgs),
+    /// Perplexity over a text file, in windows of --ctx tokens (as llama-perplexity cuts them).
+    Eval(EvalArgs),
+    /// Count which experts real routing uses over a text file; write usage.json.
+    Profile(ProfileArgs),
     /// Show what a model directory (from sage-convert) or a GGUF holds.
     Inspect {
         path: PathBuf,
@@ -32,6 +37,65 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// How the engine runs: arena, threads, device, KV precision, warm start.
+#[derive(Args)]
+struct EngineArgs {
+    /// Bytes for the expert arena, e.g. 2GiB, 512MiB, 100000000 (default: every expert).
+    #[arg(long, conflicts_with = "arena_experts")]
+    arena: Option<String>,
+    /// The arena as a number of expert slots.
+    #[arg(long)]
+    arena_experts: Option<usize>,
+    /// Fill the arena with the most used experts of this usage.json (from `sage profile`)
+    /// before the first token.
+    #[arg(long)]
+    warm: Option<PathBuf>,
+    /// CPU threads (default: all cores).
+    #[arg(short, long)]
+    threads: Option<usize>,
+    /// f32 KV cache (default f16), the setting that agrees tightly with llama.cpp's reference runs.
+    #[arg(long)]
+    exact: bool,
+    /// Compute device: cpu, gpu, or a device name (CUDA/Metal need the `cuda`/`metal` features);
+    /// one this build or machine lacks falls back to the CPU with a warning.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Model directory (from sage-convert).
+    dir: PathBuf,
+    /// UTF-8 text file to score.
+    #[arg(long)]
+    text: PathBuf,
+    /// Window length in tokens; the second half of each window is scored.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ProfileArgs {
+    /// Model directory (from sage-convert).
+    dir: PathBuf,
+    /// UTF-8 text file to route.
+    #[arg(long)]
+    text: PathBuf,
+    /// Where to write the usage counts.
+    #[arg(short, long)]
+    out: PathBuf,
+    /// Window length in tokens.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    #[command(flatten)]
+    engine: EngineArgs,
 }
 
 #[derive(Args)]
@@ -44,15 +108,8 @@ struct RunArgs {
     /// Wrap the prompt in the Qwen chat template.
     #[arg(long)]
     chat: bool,
-    /// Bytes for the expert arena, e.g. 2GiB, 512MiB, 100000000 (default: every expert).
-    #[arg(long, conflicts_with = "arena_experts")]
-    arena: Option<String>,
-    /// The arena as a number of expert slots.
-    #[arg(long)]
-    arena_experts: Option<usize>,
-    /// CPU threads (default: all cores).
-    #[arg(short, long)]
-    threads: Option<usize>,
+    #[command(flatten)]
+    engine: EngineArgs,
     /// Context length in tokens (KV cache size).
     #[arg(long, default_value_t = 4096)]
     ctx: usize,
@@ -71,13 +128,6 @@ struct RunArgs {
     repeat_penalty: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// f32 KV cache (default f16), the setting that agrees tightly with llama.cpp's reference runs.
-    #[arg(long)]
-    exact: bool,
-    /// Compute device: cpu, gpu, or a device name (CUDA/Metal need the `cuda`/`metal` features);
-    /// one this build or machine lacks falls back to the CPU with a warning.
-    #[arg(long, default_value = "cpu")]
-    device: String,
     /// Print speed, expert hit rate, bytes read, stalls, peak RSS and arena bytes to stderr.
     #[arg(long)]
     stats: bool,
@@ -115,25 +165,146 @@ fn peak_rss_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
-fn run(a: RunArgs) -> anyhow::Result<()> {
-    let arena = match (&a.arena, a.arena_experts) {
+/// Load the engine as `e` says, with a KV cache of `n_ctx`, warmed if asked.
+fn load_engine(dir: &Path, e: &EngineArgs, n_ctx: usize) -> anyhow::Result<Engine> {
+    let arena = match (&e.arena, e.arena_experts) {
         (Some(s), _) => ArenaSize::Bytes(parse_size(s)?),
         (None, Some(n)) => ArenaSize::Experts(n),
         (None, None) => ArenaSize::All,
     };
     let opts = EngineOptions {
-        device: a.device.clone(),
-        threads: a.threads.unwrap_or(EngineOptions::default().threads),
-        n_ctx: a.ctx,
+        device: e.device.clone(),
+        threads: e.threads.unwrap_or(EngineOptions::default().threads),
+        n_ctx,
         arena,
-        kv_type: if a.exact { KvType::F32 } else { KvType::F16 },
+        kv_type: if e.exact { KvType::F32 } else { KvType::F16 },
         ..Default::default()
     };
-    let tokenizer = load_tokenizer(&a.dir).with_context(|| format!("loading the tokenizer of {}", a.dir.display()))?;
-    let mut engine = Engine::load(&a.dir, opts).with_context(|| format!("loading {}", a.dir.display()))?;
+    // Read usage.json before loading the model: a damaged file fails fast.
+    let usage = e.warm.as_ref().map(|p| Usage::load(p)).transpose()?;
+    let mut engine = Engine::load(dir, opts).with_context(|| format!("loading {}", dir.display()))?;
     for (il, ids) in engine.pool().iter().enumerate() {
         log::info!("pool blk.{il}: {} experts ({})", ids.len(), sage::inspect::id_ranges(ids));
     }
+    if let (Some(u), Some(p)) = (&usage, &e.warm) {
+        let n = engine.warm(u, p)?;
+        log::info!("warmed the arena with {n} experts from {}", p.display());
+    }
+    Ok(engine)
+}
+
+fn read_text_tokens(dir: &Path, text: &Path) -> anyhow::Result<Vec<u32>> {
+    let tokenizer = load_tokenizer(dir).with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
+    let s = std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
+    Ok(tokenizer
+        .encode(s.as_str(), false)
+        .map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", text.display()))?
+        .get_ids()
+        .to_vec())
+}
+
+fn progress_bar(n: usize, what: &str) -> indicatif::ProgressBar {
+    let pb = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        indicatif::ProgressBar::new(n as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} windows {msg} ({eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(what.to_string());
+    pb
+}
+
+fn eval(a: EvalArgs) -> anyhow::Result<()> {
+    let tokens = read_text_tokens(&a.dir, &a.text)?;
+    let mut engine = load_engine(&a.dir, &a.engine, a.ctx)?;
+    let n_windows = tokens.len() / a.ctx.max(1);
+    let pb = progress_bar(n_windows, "perplexity");
+    let t0 = std::time::Instant::now();
+    let p = sage::eval::perplexity(&mut engine, &tokens, a.ctx, |done, _, ppl| {
+        pb.set_position(done as u64);
+        pb.set_message(format!("ppl {ppl:.3}"));
+    })
+    .with_context(|| format!("evaluating {}", a.text.display()))?;
+    pb.finish_and_clear();
+    let secs = t0.elapsed().as_secs_f64();
+    let st = engine.stats().sched;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "perplexity": p, "text_tokens": tokens.len(), "seconds": secs,
+                "expert_hit_rate": st.hit_rate(), "bytes_read": st.bytes_read,
+                "arena_slots": engine.n_slots(),
+            })
+        );
+    } else {
+        println!(
+            "perplexity {:.4} (mean NLL {:.4} nats) over {} scored tokens: {} windows of {} from {} tokens of {}",
+            p.ppl,
+            p.nll,
+            p.tokens_scored,
+            p.windows,
+            p.window,
+            tokens.len(),
+            a.text.display()
+        );
+        eprintln!(
+            "{:.1} s ({:.0} tok/s); experts: hit rate {:.1}%, {} read, arena {} slots",
+            secs,
+            (p.windows * p.window) as f64 / secs,
+            100.0 * st.hit_rate(),
+            short_bytes(st.bytes_read),
+            engine.n_slots()
+        );
+    }
+    Ok(())
+}
+
+fn profile(a: ProfileArgs) -> anyhow::Result<()> {
+    let tokens = read_text_tokens(&a.dir, &a.text)?;
+    let mut engine = load_engine(&a.dir, &a.engine, a.ctx)?;
+    let pb = progress_bar(tokens.len() / a.ctx.max(1), "profile");
+    let trace = sage::eval::profile(&mut engine, &tokens, a.ctx, |done, _| pb.set_position(done as u64))
+        .with_context(|| format!("profiling {}", a.text.display()))?;
+    pb.finish_and_clear();
+    let usage = trace.usage(&a.text.display().to_string());
+    usage.save(&a.out)?;
+    let st = usage.stats.as_ref().expect("usage from a trace has stats");
+    println!(
+        "routed {} tokens x {} layers x {} experts; wrote {}",
+        usage.tokens,
+        usage.n_layer,
+        usage.n_expert_used,
+        a.out.display()
+    );
+    println!("layer  entropy (of {:.2} bits)  next-token reuse  most used", st.max_entropy_bits);
+    let top = usage.most_used(usage.n_expert_used as usize);
+    for il in 0..usage.n_layer as usize {
+        println!(
+            "{il:>5}  {:>22.3}  {:>15.1}%  {}",
+            st.entropy_bits[il],
+            100.0 * st.next_token_reuse[il],
+            sage::inspect::id_ranges(&top[il])
+        );
+    }
+    for s in &st.simulated_arena {
+        println!(
+            "simulated LRU arena of {}% of experts ({} slots): hit rate {:.1}%",
+            s.percent_of_experts,
+            s.slots,
+            100.0 * s.lru_hit_rate
+        );
+    }
+    Ok(())
+}
+
+fn run(a: RunArgs) -> anyhow::Result<()> {
+    let tokenizer = load_tokenizer(&a.dir).with_context(|| format!("loading the tokenizer of {}", a.dir.display()))?;
+    let mut engine = load_engine(&a.dir, &a.engine, a.ctx)?;
     let text = if a.chat { chat_prompt(&a.prompt) } else { a.prompt.clone() };
     let ids: Vec<u32> = tokenizer
         .encode(text.as_str(), false)
@@ -219,6 +390,8 @@ fn main() -> ExitCode {
     sage::ggml::route_logs();
     let result: anyhow::Result<()> = match cli.command {
         Command::Run(a) => run(a),
+        Command::Eval(a) => eval(a),
+        Command::Profile(a) => profile(a),
         Command::Inspect { path, json } => {
             sage::inspect::inspect(&path).with_context(|| format!("inspecting {}", path.display())).and_then(|i| {
                 if json {

@@ -20,6 +20,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::ggml::{Allocator, Backend, Buffer, Context, GgmlType, GgufValue, Mapped, TensorSet, ROPE_TYPE_NEOX};
 use crate::model_dir::ModelDir;
 use crate::names::*;
+use crate::usage::{RouteTrace, Usage};
 use router::route;
 use scheduler::{Lru, SchedStats, Scheduler};
 
@@ -125,6 +126,9 @@ pub struct Engine {
     n_past: usize,
     pub eos: Option<u32>,
     stats: EngineStats,
+    /// Routing choices, recorded while `Some` (see `start_trace`).
+    trace: Option<RouteTrace>,
+    warm_stats: SchedStats,
 }
 
 /// Where a group of experts stands among a layer's groups (see `Engine::experts`).
@@ -168,6 +172,35 @@ fn load_slot(
         off += size;
     }
     Ok(())
+}
+
+/// Read expert `e` of layer `il` from its mmapped shard into arena slot `slot`.
+#[allow(clippy::too_many_arguments)]
+fn load_expert(
+    dir: &ModelDir,
+    shards: &[Mapped],
+    arena: &TensorSet,
+    arena_buf: &Buffer,
+    stride: usize,
+    il: u32,
+    slot: usize,
+    e: u32,
+) -> Result<u64> {
+    let layer = &dir.manifest.layers[il as usize];
+    let record = layer.record_size() as usize;
+    let shard = &shards[il as usize];
+    let shard_path = dir.path.join(&layer.file);
+    let at = layer.offsets[layer.slot_of(e).expect("routed experts are present")] as usize;
+    let bytes = shard.bytes().get(at..at + record).ok_or_else(|| Error::Truncated {
+        path: shard_path.clone(),
+        what: format!("expert {e}"),
+        needed: (at + record) as u64,
+        got: shard.bytes().len() as u64,
+    })?;
+    let n_layer = dir.manifest.layers.len() as u32;
+    load_slot(arena, arena_buf, il, n_layer, slot * stride, &layer.sizes(), &layer.shapes, &layer.types, bytes)
+        .map_err(|e| ffi(&shard_path, "expert arena", e))?;
+    Ok(record as u64)
 }
 
 const GRAPH_NODES: usize = 1024;
@@ -380,6 +413,8 @@ impl Engine {
             n_past: 0,
             eos,
             stats: EngineStats::default(),
+            trace: None,
+            warm_stats: SchedStats::default(),
             backend,
             opts,
         })
@@ -417,6 +452,44 @@ impl Engine {
 
     pub fn n_ctx(&self) -> usize {
         self.opts.n_ctx
+    }
+
+    /// Record every token's routing from now on (for `sage profile`).
+    pub fn start_trace(&mut self) {
+        let c = &self.config;
+        self.trace = Some(RouteTrace::new(c.n_layer as usize, c.n_expert as usize, c.n_expert_used as usize));
+    }
+
+    /// Stop recording and return what was recorded.
+    pub fn take_trace(&mut self) -> Option<RouteTrace> {
+        self.trace.take()
+    }
+
+    /// Fill the arena with the most used experts of `usage` that are in the pool, most used
+    /// first, until every slot is taken. Returns how many were loaded. The loads are not
+    /// counted as hits or misses of the run that follows.
+    pub fn warm(&mut self, usage: &Usage, usage_path: &Path) -> Result<usize> {
+        usage.check_model(usage_path, self.config.n_layer, self.config.n_expert)?;
+        let chosen: Vec<(u32, u32)> = usage
+            .ranked()
+            .into_iter()
+            .filter(|&(il, e)| self.present[il as usize][e as usize])
+            .take(self.sched.n_slots())
+            .collect();
+        // Least used first, so that the most used are the most recently used when evicting starts.
+        for &(il, e) in chosen.iter().rev() {
+            let (dir, shards, arena, arena_buf, stride) =
+                (&self.dir, &self.shards, &self.arena, &self.arena_buf, self.slot_stride);
+            self.sched.ensure(il, &[e], |slot, e| load_expert(dir, shards, arena, arena_buf, stride, il, slot, e))?;
+        }
+        let loaded = chosen.len();
+        self.warm_stats = std::mem::take(&mut self.sched.stats);
+        Ok(loaded)
+    }
+
+    /// What warming the arena cost (loads and bytes).
+    pub fn warm_stats(&self) -> &SchedStats {
+        &self.warm_stats
     }
 
     /// Forget the context (the arena keeps its experts).
@@ -544,12 +617,14 @@ impl Engine {
     /// Graph B of layer `il`: route, make the chosen experts resident, run them, add to the
     /// residual (left in the `hidden` state for the next layer).
     fn experts(&mut self, il: u32, n: usize, router_logits: &[f32]) -> Result<()> {
-        let (n_exp, k, n_layer) =
-            (self.config.n_expert as usize, self.config.n_expert_used as usize, self.config.n_layer);
+        let (n_exp, k) = (self.config.n_expert as usize, self.config.n_expert_used as usize);
         let present = &self.present[il as usize];
         let norm = self.config.norm_topk_prob;
         let choices: Vec<_> =
             (0..n).map(|t| route(&router_logits[t * n_exp..(t + 1) * n_exp], present, k, norm)).collect();
+        if let Some(trace) = &mut self.trace {
+            trace.choices[il as usize].extend(choices.iter().flat_map(|c| c.experts.iter().copied()));
+        }
         let mut needed: Vec<u32> = choices.iter().flat_map(|c| c.experts.iter().copied()).collect();
         needed.sort_unstable();
         needed.dedup();
@@ -558,32 +633,10 @@ impl Engine {
         // Each group of experts is loaded once and runs once for the whole batch.
         let n_groups = needed.len().div_ceil(n_slots);
         for (gi, group) in needed.chunks(n_slots).enumerate() {
-            let layer = &self.dir.manifest.layers[il as usize];
-            let record = layer.record_size() as usize;
-            let (shard, stride) = (&self.shards[il as usize], self.slot_stride);
-            let (arena, arena_buf) = (&self.arena, &self.arena_buf);
-            let shard_path = self.dir.path.join(&layer.file);
-            let slots = self.sched.ensure(il, group, |slot, e| -> Result<u64> {
-                let at = layer.offsets[layer.slot_of(e).expect("routed experts are present")] as usize;
-                let bytes = shard.bytes().get(at..at + record).ok_or_else(|| Error::Truncated {
-                    path: shard_path.clone(),
-                    what: format!("expert {e}"),
-                    needed: (at + record) as u64,
-                    got: shard.bytes().len() as u64,
-                })?;
-                load_slot(
-                    arena,
-                    arena_buf,
-                    il,
-                    n_layer,
-                    slot * stride,
-                    &layer.sizes(),
-                    &layer.shapes,
-                    &layer.types,
-                    bytes,
-                )
-                .map_err(|e| ffi(&shard_path, "expert arena", e))?;
-                Ok(record as u64)
+            let (dir, shards, arena, arena_buf, stride) =
+                (&self.dir, &self.shards, &self.arena, &self.arena_buf, self.slot_stride);
+            let slots = self.sched.ensure(il, group, |slot, e| {
+                load_expert(dir, shards, arena, arena_buf, stride, il, slot, e)
             })?;
             let mut ids = Vec::with_capacity(n * k);
             let mut wts = Vec::with_capacity(n * k);
