@@ -9,6 +9,48 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, IoContext, Result};
 use crate::ggml::Gguf;
 
+/// A file the runtime reads pieces of while it runs (an expert shard). Reads are positioned
+/// reads (`pread`), never a memory map: a file truncated by another process while mapped
+/// kills the reader with SIGBUS, a short `pread` is an error. Each read first checks that
+/// the file still has the size and modification time it had when opened, so a shard
+/// rewritten in place is refused instead of silently mixing two conversions. (A shard
+/// replaced by rename keeps being read from the open file, consistently.)
+pub struct WatchedFile {
+    file: File,
+    path: PathBuf,
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl WatchedFile {
+    pub fn open(path: &Path) -> Result<WatchedFile> {
+        let file = File::open(path).at(path)?;
+        let m = file.metadata().at(path)?;
+        Ok(WatchedFile { file, path: path.to_path_buf(), len: m.len(), modified: m.modified().ok() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Read `len` bytes at `offset` into `buf` (resized to `len`).
+    pub fn read_into(&self, offset: u64, len: usize, what: &str, buf: &mut Vec<u8>) -> Result<()> {
+        let m = self.file.metadata().at(&self.path)?;
+        if m.len() != self.len || m.modified().ok() != self.modified {
+            return Err(Error::Changed {
+                path: self.path.clone(),
+                reason: format!(
+                    "{} bytes when opened, {} now{}; reload the model",
+                    self.len,
+                    m.len(),
+                    if m.len() == self.len { ", rewritten in place" } else { "" }
+                ),
+            });
+        }
+        read_at_into(&self.file, &self.path, offset, len as u64, what, buf)
+    }
+}
+
 /// Read `len` bytes at `offset`; a short file is a `Truncated` error naming `what`.
 pub fn read_at(file: &File, path: &Path, offset: u64, len: u64, what: &str) -> Result<Vec<u8>> {
     let mut buf = Vec::new();
@@ -25,7 +67,13 @@ pub fn read_at_into(file: &File, path: &Path, offset: u64, len: u64, what: &str,
     }
     buf.clear();
     buf.resize(len as usize, 0);
-    file.read_exact_at(buf, offset).at(path)
+    file.read_exact_at(buf, offset).map_err(|source| match source.kind() {
+        // The file shrank between the size check and the read.
+        std::io::ErrorKind::UnexpectedEof => {
+            Error::Truncated { path: path.to_path_buf(), what: what.to_string(), needed: end, got: file_len }
+        }
+        _ => Error::Io { path: path.to_path_buf(), source },
+    })
 }
 
 pub fn partial_name(path: &Path) -> PathBuf {

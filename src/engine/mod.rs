@@ -16,8 +16,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::config::ModelConfig;
-use crate::error::{Error, IoContext, Result};
-use crate::ggml::{Allocator, Backend, Buffer, Context, GgmlType, GgufValue, Mapped, TensorSet, ROPE_TYPE_NEOX};
+use crate::error::{Error, Result};
+use crate::ggml::{Allocator, Backend, Buffer, Context, GgmlType, GgufValue, TensorSet, ROPE_TYPE_NEOX};
+use crate::io::WatchedFile;
 use crate::model_dir::ModelDir;
 use crate::names::*;
 use crate::usage::{RouteTrace, Usage};
@@ -119,7 +120,9 @@ pub struct Engine {
     _state_buf: Buffer,
     alloc: Allocator,
     sched: Scheduler,
-    shards: Vec<Mapped>,
+    shards: Vec<WatchedFile>,
+    /// One expert record on its way from a shard to the arena.
+    staging: Vec<u8>,
     /// Per layer: which experts exist (the pool).
     present: Vec<Vec<bool>>,
     opts: EngineOptions,
@@ -174,11 +177,13 @@ fn load_slot(
     Ok(())
 }
 
-/// Read expert `e` of layer `il` from its mmapped shard into arena slot `slot`.
+/// Read expert `e` of layer `il` from its shard (through the `staging` buffer) into arena
+/// slot `slot`.
 #[allow(clippy::too_many_arguments)]
 fn load_expert(
     dir: &ModelDir,
-    shards: &[Mapped],
+    shards: &[WatchedFile],
+    staging: &mut Vec<u8>,
     arena: &TensorSet,
     arena_buf: &Buffer,
     stride: usize,
@@ -189,17 +194,11 @@ fn load_expert(
     let layer = &dir.manifest.layers[il as usize];
     let record = layer.record_size() as usize;
     let shard = &shards[il as usize];
-    let shard_path = dir.path.join(&layer.file);
-    let at = layer.offsets[layer.slot_of(e).expect("routed experts are present")] as usize;
-    let bytes = shard.bytes().get(at..at + record).ok_or_else(|| Error::Truncated {
-        path: shard_path.clone(),
-        what: format!("expert {e}"),
-        needed: (at + record) as u64,
-        got: shard.bytes().len() as u64,
-    })?;
+    let at = layer.offsets[layer.slot_of(e).expect("routed experts are present")];
+    shard.read_into(at, record, &format!("expert {e}"), staging)?;
     let n_layer = dir.manifest.layers.len() as u32;
-    load_slot(arena, arena_buf, il, n_layer, slot * stride, &layer.sizes(), &layer.shapes, &layer.types, bytes)
-        .map_err(|e| ffi(&shard_path, "expert arena", e))?;
+    load_slot(arena, arena_buf, il, n_layer, slot * stride, &layer.sizes(), &layer.shapes, &layer.types, staging)
+        .map_err(|e| ffi(shard.path(), "expert arena", e))?;
     Ok(record as u64)
 }
 
@@ -375,12 +374,7 @@ impl Engine {
         }
         let state_buf = backend.alloc_ctx_tensors(state.context()).map_err(|e| ffi(dir, "activations", e))?;
 
-        let mut shards = Vec::new();
-        for l in &md.manifest.layers {
-            let p = dir.join(&l.file);
-            let f = std::fs::File::open(&p).at(&p)?;
-            shards.push(Mapped::open(&f).at(&p)?);
-        }
+        let shards = md.manifest.layers.iter().map(|l| WatchedFile::open(&dir.join(&l.file))).collect::<Result<_>>()?;
         let present =
             md.manifest.layers.iter().map(|l| (0..cfg.n_expert).map(|e| l.slot_of(e).is_some()).collect()).collect();
         let eos = match md.base.get(TOK_EOS) {
@@ -409,6 +403,7 @@ impl Engine {
             alloc,
             sched: Scheduler::new(n_slots, Box::new(Lru::new(n_slots))),
             shards,
+            staging: Vec::new(),
             present,
             n_past: 0,
             eos,
@@ -478,9 +473,9 @@ impl Engine {
             .collect();
         // Least used first, so that the most used are the most recently used when evicting starts.
         for &(il, e) in chosen.iter().rev() {
-            let (dir, shards, arena, arena_buf, stride) =
-                (&self.dir, &self.shards, &self.arena, &self.arena_buf, self.slot_stride);
-            self.sched.ensure(il, &[e], |slot, e| load_expert(dir, shards, arena, arena_buf, stride, il, slot, e))?;
+            let (dir, shards, staging, arena, arena_buf, stride) =
+                (&self.dir, &self.shards, &mut self.staging, &self.arena, &self.arena_buf, self.slot_stride);
+            self.sched.ensure(il, &[e], |slot, e| load_expert(dir, shards, staging, arena, arena_buf, stride, il, slot, e))?;
         }
         let loaded = chosen.len();
         self.warm_stats = std::mem::take(&mut self.sched.stats);
@@ -633,10 +628,10 @@ impl Engine {
         // Each group of experts is loaded once and runs once for the whole batch.
         let n_groups = needed.len().div_ceil(n_slots);
         for (gi, group) in needed.chunks(n_slots).enumerate() {
-            let (dir, shards, arena, arena_buf, stride) =
-                (&self.dir, &self.shards, &self.arena, &self.arena_buf, self.slot_stride);
+            let (dir, shards, staging, arena, arena_buf, stride) =
+                (&self.dir, &self.shards, &mut self.staging, &self.arena, &self.arena_buf, self.slot_stride);
             let slots = self.sched.ensure(il, group, |slot, e| {
-                load_expert(dir, shards, arena, arena_buf, stride, il, slot, e)
+                load_expert(dir, shards, staging, arena, arena_buf, stride, il, slot, e)
             })?;
             let mut ids = Vec::with_capacity(n * k);
             let mut wts = Vec::with_capacity(n * k);

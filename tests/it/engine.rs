@@ -216,3 +216,44 @@ fn cli_streams_json_and_stats() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("sage: error: loading") && err.contains("each token uses 2"), "{err}");
 }
+
+/// A shard truncated or rewritten in place while the engine streams from it: a clear error
+/// naming the shard, not SIGBUS (the engine reads shards with pread, never through a map).
+#[test]
+fn shard_changed_while_running_is_an_error() {
+    let dir = tmp();
+    let (model_dir, _) = convert_into(&plain(), dir.path(), &opts(Some(GgmlType::Q8_0)));
+    let ids: Vec<u32> = reference()[0].ids.iter().map(|&i| i as u32).collect();
+    let shard = model_dir.join("experts/blk.001.bin");
+    let load = || Engine::load(&model_dir, exact(ArenaSize::Experts(2))).unwrap();
+
+    // Truncated to its header.
+    let mut e = load();
+    e.eval(&ids, false).unwrap();
+    let bytes = std::fs::read(&shard).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&shard).unwrap().set_len(4096).unwrap();
+    e.reset();
+    let err = e.eval(&ids, false).unwrap_err().to_string();
+    assert!(err.contains("blk.001.bin: changed while sage was running") && err.contains("bytes when opened"), "{err}");
+
+    // Rewritten in place, same size, new modification time.
+    std::fs::write(&shard, &bytes).unwrap();
+    let mut e = load();
+    e.eval(&ids, false).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&shard).unwrap();
+    f.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(60)).unwrap();
+    e.reset();
+    let err = e.eval(&ids, false).unwrap_err().to_string();
+    assert!(err.contains("changed while sage was running") && err.contains("rewritten in place"), "{err}");
+
+    // Replaced by rename (how downloads and sage-convert --force replace files): the open
+    // file is still read, consistently, and the output does not change.
+    std::fs::write(&shard, &bytes).unwrap();
+    let mut e = load();
+    let before = e.eval(&ids, true).unwrap();
+    let tmp_copy = model_dir.join("experts/new.bin");
+    std::fs::write(&tmp_copy, vec![0u8; bytes.len()]).unwrap();
+    std::fs::rename(&tmp_copy, &shard).unwrap();
+    e.reset();
+    assert_eq!(e.eval(&ids, true).unwrap(), before);
+}
