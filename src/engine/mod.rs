@@ -287,6 +287,7 @@ impl Engine {
         let embd_buf = backend.alloc_ctx_tensors(embd.context()).map_err(|e| ffi(&base_path, "token embedding", e))?;
         let mut buf = Vec::new();
         for t in &md.base_tensors {
+            let ty = t.ty.expect("checked when opened");
             let dst = match index.get(&t.name) {
                 Some(&i) => weights.get(i),
                 None => embd.get(0),
@@ -295,6 +296,19 @@ impl Engine {
                 md.read_base_range(t, 0..t.size, &mut buf)?;
                 dst.write_whole(&buf);
                 continue;
+            }
+            if ty == GgmlType::F32 && t.size <= 64 << 20 {
+                // Norms and routers: NaN or Inf there silently ruins every token's routing.
+                md.read_base_range(t, 0..t.size, &mut buf)?;
+                let bad = buf.chunks_exact(4).filter(|b| !f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite()).count();
+                if bad > 0 {
+                    log::warn!(
+                        "{}: tensor '{}' has {bad} NaN or infinite values of {}; output will be wrong",
+                        base_path.display(),
+                        t.name,
+                        t.size / 4
+                    );
+                }
             }
             // A slice at a time, so reading a large embedding needs no second copy of it.
             let step = 32u64 << 20;

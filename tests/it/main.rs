@@ -4,4 +4,5 @@ mod bad_input;
 mod convert;
 mod engine;
 mod parity;
+mod reliability;
 mod util;
