@@ -175,7 +175,13 @@ fn prepare_output(input: &Path, out: &Path, force: bool) -> Result<()> {
             return Err(out_err(format!("holds the input {}; choose another output directory", input.display())));
         }
         let non_empty = std::fs::read_dir(out).at(out)?.next().is_some();
-        if non_empty && !force {
+        // What a killed conversion left (the marker, no base.gguf) is sage's own debris:
+        // replace it without --force.
+        let unfinished = out.join(INCOMPLETE_MARKER).exists() && !out.join(BASE).exists();
+        if unfinished {
+            log::warn!("{}: replacing an unfinished conversion", out.display());
+        }
+        if non_empty && !force && !unfinished {
             let what = if out.join(BASE).exists() {
                 "a model"
             } else if out.join(INCOMPLETE_MARKER).exists() {

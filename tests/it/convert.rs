@@ -269,10 +269,74 @@ fn a_failed_conversion_never_leaves_a_directory_that_loads() {
     assert!(!out.join("experts/blk.001.bin").exists() && !out.join("experts/blk.001.bin.partial").exists());
     let e = ModelDir::open(&out).err().unwrap().to_string();
     assert!(e.contains("unfinished conversion"), "{e}");
+    // An unfinished conversion is sage's own debris: converting again replaces it, no --force.
+    convert(&plain(), &out, &opts(Some(GgmlType::Q8_0))).unwrap();
+    ModelDir::open(&out).unwrap();
+    // A finished model is not replaced without --force.
     let e = convert(&plain(), &out, &opts(Some(GgmlType::Q8_0))).unwrap_err().to_string();
-    assert!(e.contains("already holds an unfinished conversion; pass --force"), "{e}");
+    assert!(e.contains("already holds a model; pass --force"), "{e}");
     convert(&plain(), &out, &ConvertOptions { force: true, ..opts(Some(GgmlType::Q8_0)) }).unwrap();
     ModelDir::open(&out).unwrap();
+}
+
+/// SIGKILL at many moments of a conversion: the directory either loads as the whole model
+/// (the process had finished) or is refused; converting again always succeeds.
+#[test]
+fn a_killed_conversion_never_leaves_a_directory_that_loads() {
+    let dir = tmp();
+    // Big enough to take a while: the Omni-shaped fixture, re-quantized to q4_k.
+    let src = omni();
+    let spawn = |out: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_sage-convert"))
+            .args([src.to_str().unwrap(), "-o", out.to_str().unwrap(), "--quant", "q4_k"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    // How long a whole conversion takes here; the kills land from its start to past its end.
+    let t0 = std::time::Instant::now();
+    assert!(spawn(&dir.path().join("timed")).wait().unwrap().success());
+    let whole = t0.elapsed();
+    let whole_model = ModelDir::open(&dir.path().join("timed")).unwrap();
+    let (mut refused, mut finished) = (0, 0);
+    for i in 0..24u32 {
+        let out = dir.path().join(format!("m{i}"));
+        let mut child = spawn(&out);
+        let delay = whole * i / 20;
+        std::thread::sleep(delay);
+        child.kill().unwrap(); // SIGKILL
+        let status = child.wait().unwrap();
+        match ModelDir::open(&out) {
+            Ok(m) => {
+                // It loads, so it must be the whole model (the kill may have landed after the
+                // last write): every tensor and expert as in the uninterrupted conversion.
+                assert_eq!(m.base_tensors.len(), whole_model.base_tensors.len());
+                for (a, b) in m.base_tensors.iter().zip(&whole_model.base_tensors) {
+                    let (mut x, mut y) = (Vec::new(), Vec::new());
+                    m.read_base_range(a, 0..a.size, &mut x).unwrap();
+                    whole_model.read_base_range(b, 0..b.size, &mut y).unwrap();
+                    assert!(a.name == b.name && x == y, "{} differs after a kill at {delay:?}", a.name);
+                }
+                for l in &m.manifest.layers {
+                    for &e in &l.ids {
+                        assert_eq!(m.read_expert(l.il, e).unwrap(), whole_model.read_expert(l.il, e).unwrap());
+                    }
+                }
+                finished += 1;
+            }
+            Err(_) => {
+                assert!(!status.success(), "a conversion that finished ({delay:?}) does not load");
+                refused += 1;
+                if out.exists() {
+                    convert(&src, &out, &opts(Some(GgmlType::Q4_K))).unwrap();
+                    ModelDir::open(&out).unwrap();
+                }
+            }
+        }
+    }
+    eprintln!("a conversion takes {whole:?}; killed ones: {refused} refused, {finished} had finished");
+    assert!(refused > 0, "no kill landed during a conversion");
 }
 
 #[test]
