@@ -51,3 +51,66 @@ fn nan_in_router_weights_is_reported() {
     assert!(err.contains("tensor 'blk.1.ffn_gate_inp.weight' has 2 NaN or infinite values of 2048"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// base.gguf with one manifest key changed (the tensor data kept as it is).
+fn with_manifest_key(model_dir: &std::path::Path, key: &str, value: sage::ggml::GgufValue) {
+    let base = model_dir.join("base.gguf");
+    let bytes = std::fs::read(&base).unwrap();
+    let mut g = Gguf::open(&base).unwrap();
+    let data = g.data_offset() as usize;
+    g.set(key, &value).unwrap();
+    let mut out = g.meta_bytes();
+    out.extend_from_slice(&bytes[data..]);
+    std::fs::write(&base, out).unwrap();
+}
+
+/// A manifest that points outside sage's layout, at the wrong offsets, or at unknown types
+/// is refused when the model opens, naming the key.
+#[test]
+fn damaged_expert_manifest_is_refused() {
+    use sage::ggml::{GgufArray, GgufValue};
+    use sage::model_dir::ModelDir;
+    let dir = tmp();
+    let (model_dir, _) = convert_into(&plain(), dir.path(), &opts(Some(GgmlType::Q8_0)));
+    let pristine = std::fs::read(model_dir.join("base.gguf")).unwrap();
+    let stride = ModelDir::open(&model_dir).unwrap().manifest.layers[0].stride();
+    let cases: Vec<(&str, GgufValue, &str)> = vec![
+        (
+            "sage.experts.blk.0.file",
+            GgufValue::Str("../../../../etc/passwd".into()),
+            "'sage.experts.blk.0.file': expected 'experts/blk.000.bin', got '../../../../etc/passwd'",
+        ),
+        (
+            "sage.experts.blk.1.offsets",
+            GgufValue::Array(GgufArray::U64((0..8).map(|i| 4096 + (i + 1) * stride).collect())),
+            "offset 212992 of expert 0 is not where its record lies",
+        ),
+        (
+            "sage.experts.blk.1.offsets",
+            GgufValue::Array(GgufArray::U64(vec![4096; 8])),
+            "of expert 1 is not where its record lies",
+        ),
+        (
+            "sage.experts.blk.0.types",
+            GgufValue::Array(GgufArray::U32(vec![8, 999, 8])),
+            "'sage.experts.blk.0.types': unknown ggml type id",
+        ),
+        (
+            "sage.experts.blk.0.ids",
+            GgufValue::Array(GgufArray::U32(vec![0, 1, 2, 3, 4, 5, 6, 9])),
+            "expected ascending ids below 8",
+        ),
+        (
+            "sage.experts.blk.0.shapes",
+            GgufValue::Array(GgufArray::U64(vec![256, 256, 256, 256, 256, u64::MAX])),
+            "'sage.experts.blk.0.shapes': expected",
+        ),
+        ("sage.format_version", GgufValue::U32(99), "'sage.format_version': expected 1, got U32(99)"),
+    ];
+    for (key, value, want) in cases {
+        std::fs::write(model_dir.join("base.gguf"), &pristine).unwrap();
+        with_manifest_key(&model_dir, key, value);
+        let e = ModelDir::open(&model_dir).err().expect("a damaged manifest opened").to_string();
+        assert!(e.contains("base.gguf") && e.contains(want), "{key}: {e}");
+    }
+}
