@@ -235,7 +235,7 @@ fn worker_threads() -> usize {
 
 // ---------------------------------------------------------------------------------------------
 // Logging: ggml and llama.cpp print through one hook; route it into the `log` crate and keep the
-// last error line of this thread, so a failed gguf_init can say why.
+// error lines of this thread since the last take, so a failed gguf_init can say why.
 
 thread_local! {
     static LAST_GGML_ERROR: RefCell<String> = const { RefCell::new(String::new()) };
@@ -250,7 +250,22 @@ unsafe extern "C" fn log_hook(level: sys::ggml_log_level, text: *const c_char, _
     let msg = msg.trim_end();
     match level {
         sys::GGML_LOG_LEVEL_ERROR => {
-            LAST_GGML_ERROR.with(|e| *e.borrow_mut() = msg.to_string());
+            // Keep every error line of the failing call, the first (the cause) first, without
+            // ggml's function-name prefix.
+            let line = match msg.split_once(": ") {
+                Some((f, rest)) if f.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => rest,
+                _ => msg,
+            };
+            LAST_GGML_ERROR.with(|e| {
+                let mut e = e.borrow_mut();
+                if e.len() > 4096 {
+                    return; // nobody took them: keep the first ones
+                }
+                if !e.is_empty() {
+                    e.push_str("; ");
+                }
+                e.push_str(line);
+            });
             log::debug!(target: "ggml", "{msg}");
         }
         sys::GGML_LOG_LEVEL_WARN => log::warn!(target: "ggml", "{msg}"),

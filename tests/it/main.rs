@@ -3,6 +3,8 @@
 mod bad_input;
 mod convert;
 mod engine;
+mod gguf_malformed;
+mod footprint;
 mod parity;
 mod reliability;
 mod util;
