@@ -50,7 +50,8 @@ pub struct ConvertReport {
     pub n_experts_per_layer: usize,
 }
 
-fn expert_shape(cfg: &ModelConfig, p: Proj) -> [u64; 2] {
+/// Shape (ggml order) of one expert's projection `p`.
+pub fn expert_shape(cfg: &ModelConfig, p: Proj) -> [u64; 2] {
     match p {
         Proj::Gate | Proj::Up => [cfg.n_embd, cfg.n_ff_exp],
         Proj::Down => [cfg.n_ff_exp, cfg.n_embd],
@@ -96,13 +97,23 @@ fn new_conversion_id() -> String {
     format!("{a:016x}{:016x}", h.finish())
 }
 
+/// The type sage-convert stores a tensor of `role` with rows of `ne0` in when `wanted` is
+/// asked for: norms and the router stay f32, matrices take `wanted` or the nearest type whose
+/// blocks fit the rows (`quant::fit`).
+pub fn target_type(role: Role, wanted: GgmlType, ne0: u64) -> GgmlType {
+    match role {
+        Role::Norm | Role::Router => GgmlType::F32,
+        Role::Weight => fit(wanted, ne0),
+    }
+}
+
 /// Decide a tensor's output type, noting any fallback.
 fn choose(name: &str, role: Role, src: &TensorMeta, wanted: Option<GgmlType>, fallbacks: &mut Vec<String>) -> GgmlType {
     match role {
         Role::Norm | Role::Router => GgmlType::F32,
         Role::Weight => {
             let w = wanted.unwrap_or(src.ty);
-            let got = fit(w, src.ne[0]);
+            let got = target_type(role, w, src.ne[0]);
             if got != w {
                 fallbacks.push(format!(
                     "{name}: rows of {} do not fit {w} blocks of {}; using {got}",

@@ -10,6 +10,7 @@ pub mod convert;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod footprint;
 pub mod ggml;
 pub mod inspect;
 pub mod io;

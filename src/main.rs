@@ -30,6 +30,9 @@ enum Command {
     Eval(EvalArgs),
     /// Count which experts real routing uses over a text file; write usage.json.
     Profile(ProfileArgs),
+    /// Exact memory footprint (base, experts, arena slots, resident totals) at each quant type,
+    /// from a config.json alone or checked against a model directory or GGUF.
+    Footprint(FootprintArgs),
     /// Show what a model directory (from sage-convert) or a GGUF holds.
     Inspect {
         path: PathBuf,
@@ -134,6 +137,63 @@ struct RunArgs {
     /// One JSON object per line: {"id", "text"} per token, then {"stats": {...}}.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+struct FootprintArgs {
+    /// A Hugging Face config.json (no weights needed), a model directory (from sage-convert) or a
+    /// llama.cpp GGUF (qwen3moe).
+    path: PathBuf,
+    /// Also report an arena of this size: bytes (2GiB, 512MiB) or a share of all experts (30%).
+    /// Repeatable; 25%, 50%, 75% and 100% are always reported.
+    #[arg(long)]
+    arena: Vec<String>,
+    /// Also report an arena of this many expert slots. Repeatable.
+    #[arg(long)]
+    arena_experts: Vec<u64>,
+    /// Only these quant types (repeatable or comma-separated; default: f32 f16 bf16 q8_0 q6_k
+    /// q5_k q4_k q4_0 q3_k q2_k).
+    #[arg(long, value_delimiter = ',')]
+    quant: Vec<String>,
+    /// Write an SVG chart of resident bytes against arena size here.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+fn footprint(a: FootprintArgs) -> anyhow::Result<()> {
+    use sage::footprint::{ArenaSpec, FootprintOptions};
+    let mut arenas = ArenaSpec::defaults();
+    for s in &a.arena {
+        arenas.push(match s.trim().strip_suffix('%') {
+            Some(p) => {
+                let p: f64 = p.trim().parse().with_context(|| format!("--arena '{s}' is not a percentage"))?;
+                if !(0.0..=100.0).contains(&p) {
+                    bail!("--arena '{s}': a share of the experts is between 0% and 100%");
+                }
+                ArenaSpec::Share(p / 100.0)
+            }
+            None => ArenaSpec::Bytes(parse_size(s).with_context(|| format!("--arena '{s}'"))?),
+        });
+    }
+    arenas.extend(a.arena_experts.iter().map(|&n| ArenaSpec::Experts(n)));
+    let quants = a.quant.iter().map(|q| sage::quant::parse_quant(q)).collect::<Result<Vec<_>, _>>()?;
+    // Library errors name the path already.
+    let fp = sage::footprint::footprint(&a.path, &FootprintOptions { quants, arenas })?;
+    if let Some(out) = &a.plot {
+        sage::footprint::plot_svg(&fp, out)?;
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&fp)?);
+    } else {
+        print!("{fp}");
+        if let Some(out) = &a.plot {
+            println!("\nwrote {}", out.display());
+        }
+    }
+    Ok(())
 }
 
 /// `2GiB`, `512MiB`, `1.5GB`, `4096`.
@@ -392,6 +452,7 @@ fn main() -> ExitCode {
         Command::Run(a) => run(a),
         Command::Eval(a) => eval(a),
         Command::Profile(a) => profile(a),
+        Command::Footprint(a) => footprint(a),
         Command::Inspect { path, json } => {
             sage::inspect::inspect(&path).with_context(|| format!("inspecting {}", path.display())).and_then(|i| {
                 if json {
