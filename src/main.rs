@@ -55,6 +55,9 @@ struct EngineArgs {
     /// before the first token.
     #[arg(long)]
     warm: Option<PathBuf>,
+    /// Which experts the arena evicts: lru, or lfru (frequency and recency together).
+    #[arg(long, default_value = "lru", value_parser = clap::builder::PossibleValuesParser::new(sage::engine::scheduler::POLICIES))]
+    policy: String,
     /// CPU threads (default: all cores).
     #[arg(short, long)]
     threads: Option<usize>,
@@ -238,6 +241,7 @@ fn load_engine(dir: &Path, e: &EngineArgs, n_ctx: usize) -> anyhow::Result<Engin
         n_ctx,
         arena,
         kv_type: if e.exact { KvType::F32 } else { KvType::F16 },
+        policy: e.policy.clone(),
         ..Default::default()
     };
     // Read usage.json before loading the model: a damaged file fails fast.
@@ -351,12 +355,15 @@ fn profile(a: ProfileArgs) -> anyhow::Result<()> {
             sage::inspect::id_ranges(&top[il])
         );
     }
+    println!("simulated arena (decode order), hit rate:   lru    lfru  optimal");
     for s in &st.simulated_arena {
         println!(
-            "simulated LRU arena of {}% of experts ({} slots): hit rate {:.1}%",
+            "  {:>3}% of experts ({:>6} slots)          {:>5.1}%  {:>5.1}%   {:>5.1}%",
             s.percent_of_experts,
             s.slots,
-            100.0 * s.lru_hit_rate
+            100.0 * s.lru_hit_rate,
+            100.0 * s.lfru_hit_rate,
+            100.0 * s.optimal_hit_rate
         );
     }
     Ok(())

@@ -5,13 +5,16 @@
 //!
 //! The trace also gives routing statistics: per-layer usage entropy, how many of a token's
 //! experts the next token reuses, and the hit rate of an LRU arena replaying the trace in
-//! decode order (one token at a time, layer by layer), at several arena sizes.
+//! decode order (one token at a time, layer by layer), at several arena sizes, under each
+//! policy and under Belady's optimal policy (the bound for any policy).
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::scheduler::{Lru, Scheduler};
+use std::collections::{BTreeSet, HashMap};
+
+use crate::engine::scheduler::{self, Scheduler};
 use crate::error::{Error, IoContext, Result};
 
 pub const USAGE_FORMAT: &str = "sage-usage";
@@ -94,9 +97,11 @@ impl RouteTrace {
             .collect()
     }
 
-    /// Hit rate of an LRU arena of `n_slots` replaying the trace in decode order.
-    pub fn lru_hit_rate(&self, n_slots: usize) -> f64 {
-        let mut s = Scheduler::new(n_slots, Box::new(Lru::new(n_slots)));
+    /// Hit rate of an arena of `n_slots` under `policy` (a name from
+    /// `scheduler::POLICIES`) replaying the trace in decode order.
+    pub fn hit_rate(&self, policy: &str, n_slots: usize) -> f64 {
+        let p = scheduler::policy(policy, n_slots).expect("a known policy");
+        let mut s = Scheduler::new(n_slots, p);
         for t in 0..self.n_tokens() {
             for il in 0..self.n_layer {
                 s.ensure(il as u32, self.token(il, t), |_, _| Ok::<u64, ()>(0)).expect("loads cannot fail");
@@ -105,13 +110,66 @@ impl RouteTrace {
         s.stats.hit_rate()
     }
 
+    /// The best any policy could do (Belady's optimal: evict what is used again farthest in
+    /// the future), for the same replay.
+    pub fn optimal_hit_rate(&self, n_slots: usize) -> f64 {
+        let k = self.n_expert_used;
+        let mut seq: Vec<(u32, u32)> = Vec::with_capacity(self.n_tokens() * self.n_layer * k);
+        for t in 0..self.n_tokens() {
+            for il in 0..self.n_layer {
+                seq.extend(self.token(il, t).iter().map(|&e| (il as u32, e)));
+            }
+        }
+        let mut next = vec![usize::MAX; seq.len()];
+        let mut seen: HashMap<(u32, u32), usize> = HashMap::new();
+        for i in (0..seq.len()).rev() {
+            if let Some(&j) = seen.get(&seq[i]) {
+                next[i] = j;
+            }
+            seen.insert(seq[i], i);
+        }
+        // Resident experts ordered by next use; a step (one token's experts in one layer) is
+        // never evicted from while it runs.
+        let mut by_next: BTreeSet<(usize, (u32, u32))> = BTreeSet::new();
+        let mut resident: HashMap<(u32, u32), (usize, usize)> = HashMap::new(); // key -> (next use, step)
+        let mut hits = 0u64;
+        for (i, &key) in seq.iter().enumerate() {
+            let step = i / k;
+            if let Some(&(nu, _)) = resident.get(&key) {
+                hits += 1;
+                by_next.remove(&(nu, key));
+            } else if resident.len() == n_slots {
+                let victim = *by_next
+                    .iter()
+                    .rev()
+                    .find(|(_, v)| resident[v].1 != step)
+                    .expect("a step uses fewer experts than the arena has slots");
+                by_next.remove(&victim);
+                resident.remove(&victim.1);
+            }
+            resident.insert(key, (next[i], step));
+            by_next.insert((next[i], key));
+        }
+        if seq.is_empty() {
+            0.0
+        } else {
+            hits as f64 / seq.len() as f64
+        }
+    }
+
     pub fn stats(&self) -> RoutingStats {
         let total = self.n_layer * self.n_expert;
         let arena = [25u32, 50, 75]
             .iter()
             .map(|&pct| {
                 let slots = (total * pct as usize / 100).max(self.n_expert_used);
-                SimulatedArena { percent_of_experts: pct, slots: slots as u32, lru_hit_rate: self.lru_hit_rate(slots) }
+                SimulatedArena {
+                    percent_of_experts: pct,
+                    slots: slots as u32,
+                    lru_hit_rate: self.hit_rate("lru", slots),
+                    lfru_hit_rate: self.hit_rate("lfru", slots),
+                    optimal_hit_rate: self.optimal_hit_rate(slots),
+                }
             })
             .collect();
         let entropy = (0..self.n_layer)
@@ -144,6 +202,9 @@ pub struct SimulatedArena {
     pub percent_of_experts: u32,
     pub slots: u32,
     pub lru_hit_rate: f64,
+    pub lfru_hit_rate: f64,
+    /// Belady's optimal: an upper bound for any policy.
+    pub optimal_hit_rate: f64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -306,8 +367,17 @@ mod tests {
         // 4 slots: layer 1's {2,3} and layer 0's experts fight for room.
         // Token 0: miss 0,1 (l0), 3,2 (l1); token 1: l0 1 hit, 2 miss (evicts LRU slot of l0 e0);
         // l1 3,2 hits; token 2: l0 1 hit, 0 miss; l1 hits.
-        assert!((t.lru_hit_rate(4) - 6.0 / 12.0).abs() < 1e-12);
+        assert!((t.hit_rate("lru", 4) - 6.0 / 12.0).abs() < 1e-12);
         // 8 slots: only the first loads and layer 0's expert 2 miss.
-        assert!((t.lru_hit_rate(8) - 7.0 / 12.0).abs() < 1e-12);
+        assert!((t.hit_rate("lru", 8) - 7.0 / 12.0).abs() < 1e-12);
+        // Optimal with 4 slots: token 1 must evict one of layer 0's expert 0 and layer 1's
+        // 3 and 2, all used again; whichever goes costs a miss later: 6 hits, as LRU.
+        assert!((t.optimal_hit_rate(4) - 6.0 / 12.0).abs() < 1e-12);
+        // 8 slots: only the 5 distinct experts' first uses miss.
+        assert!((t.optimal_hit_rate(8) - 7.0 / 12.0).abs() < 1e-12);
+        for slots in [2, 3, 4, 5] {
+            assert!(t.optimal_hit_rate(slots) >= t.hit_rate("lru", slots));
+            assert!(t.optimal_hit_rate(slots) >= t.hit_rate("lfru", slots));
+        }
     }
 }

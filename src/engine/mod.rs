@@ -23,7 +23,7 @@ use crate::model_dir::ModelDir;
 use crate::names::*;
 use crate::usage::{RouteTrace, Usage};
 use router::route;
-use scheduler::{Lru, SchedStats, Scheduler};
+use scheduler::{SchedStats, Scheduler};
 
 /// How big the expert arena is.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -57,6 +57,8 @@ pub struct EngineOptions {
     /// On the CPU, keep quantized matrices (base and arena) in ggml's repacked layouts for its
     /// faster kernels, as llama.cpp does by default.
     pub repack: bool,
+    /// Eviction policy of the arena (`scheduler::POLICIES`).
+    pub policy: String,
 }
 
 impl Default for EngineOptions {
@@ -69,6 +71,7 @@ impl Default for EngineOptions {
             kv_type: KvType::F16,
             n_batch: 512,
             repack: true,
+            policy: "lru".into(),
         }
     }
 }
@@ -264,7 +267,10 @@ impl Engine {
             )));
         }
 
-        log::info!("device {}; arena {n_slots} slots of {slot_stride} bytes", backend.name());
+        let policy = scheduler::policy(&opts.policy, n_slots).ok_or_else(|| {
+            Error::Usage(format!("unknown policy '{}'; sage has {}", opts.policy, scheduler::POLICIES.join(", ")))
+        })?;
+        log::info!("device {}; arena {n_slots} slots of {slot_stride} bytes, {} eviction", backend.name(), opts.policy);
 
         // Base weights: the token embedding (read by get_rows) in plain memory, the rest in
         // the repacking buffer when there is one (tensors without a repacked form stay plain
@@ -415,7 +421,7 @@ impl Engine {
             state,
             _state_buf: state_buf,
             alloc,
-            sched: Scheduler::new(n_slots, Box::new(Lru::new(n_slots))),
+            sched: Scheduler::new(n_slots, policy),
             shards,
             staging: Vec::new(),
             present,

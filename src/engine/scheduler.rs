@@ -10,11 +10,27 @@ pub type ExpertKey = (u32, u32);
 
 /// Chooses which slot to evict.
 pub trait Policy: Send {
-    /// The slot was used (hit or freshly loaded).
+    /// The slot was used again (a hit).
     fn touch(&mut self, slot: usize);
+    /// `key` was just loaded into `slot` (a miss).
+    fn loaded(&mut self, slot: usize, _key: ExpertKey) {
+        self.touch(slot);
+    }
     /// Pick a victim among `candidates` (never empty).
     fn victim(&mut self, candidates: &[usize]) -> usize;
     fn name(&self) -> &'static str;
+}
+
+/// The policies sage has, by the names the CLI takes.
+pub const POLICIES: &[&str] = &["lru", "lfru"];
+
+/// A policy by name for an arena of `n_slots`.
+pub fn policy(name: &str, n_slots: usize) -> Option<Box<dyn Policy>> {
+    match name {
+        "lru" => Some(Box::new(Lru::new(n_slots))),
+        "lfru" => Some(Box::new(Lfru::new(n_slots, Lfru::DEFAULT_HALF_LIFE))),
+        _ => None,
+    }
 }
 
 /// Least recently used.
@@ -41,6 +57,71 @@ impl Policy for Lru {
 
     fn name(&self) -> &'static str {
         "lru"
+    }
+}
+
+/// Frequency and recency together (LRFU, Lee et al. 2001): each resident expert has a
+/// combined recency-frequency score, +1 per use, halving every `half_life × n_slots` uses of
+/// the arena; the victim is the lowest score. Experts that many tokens keep choosing stay
+/// resident through bursts of one-off choices, which LRU evicts them for. A half-life of 0
+/// would be LRU, an infinite one LFU.
+pub struct Lfru {
+    score: Vec<f64>,
+    last: Vec<u64>,
+    clock: u64,
+    /// Decay per use of the arena: score × 2^(-lambda × age).
+    lambda: f64,
+    /// Prior scores of experts (a warm start from usage counts), given when loaded.
+    prior: std::collections::HashMap<ExpertKey, f64>,
+}
+
+impl Lfru {
+    /// In arena turnovers (n_slots uses).
+    pub const DEFAULT_HALF_LIFE: f64 = 1.0;
+
+    pub fn new(n_slots: usize, half_life: f64) -> Lfru {
+        Lfru {
+            score: vec![0.0; n_slots],
+            last: vec![0; n_slots],
+            clock: 0,
+            lambda: 1.0 / (half_life * n_slots.max(1) as f64),
+            prior: Default::default(),
+        }
+    }
+
+    /// Start each expert's score from `prior` (e.g. its share of a usage profile) when loaded.
+    pub fn with_prior(mut self, prior: std::collections::HashMap<ExpertKey, f64>) -> Lfru {
+        self.prior = prior;
+        self
+    }
+
+    fn decayed(&self, slot: usize) -> f64 {
+        self.score[slot] * (-(self.lambda * (self.clock - self.last[slot]) as f64)).exp2()
+    }
+}
+
+impl Policy for Lfru {
+    fn touch(&mut self, slot: usize) {
+        self.clock += 1;
+        self.score[slot] = self.decayed(slot) + 1.0;
+        self.last[slot] = self.clock;
+    }
+
+    fn loaded(&mut self, slot: usize, key: ExpertKey) {
+        self.clock += 1;
+        self.score[slot] = 1.0 + self.prior.get(&key).copied().unwrap_or(0.0);
+        self.last[slot] = self.clock;
+    }
+
+    fn victim(&mut self, candidates: &[usize]) -> usize {
+        *candidates
+            .iter()
+            .min_by(|&&a, &&b| self.decayed(a).total_cmp(&self.decayed(b)).then(self.last[a].cmp(&self.last[b])))
+            .expect("candidates are not empty")
+    }
+
+    fn name(&self) -> &'static str {
+        "lfru"
     }
 }
 
@@ -136,7 +217,7 @@ impl Scheduler {
             }
             self.slots[slot] = Some((layer, e));
             self.where_.insert((layer, e), slot);
-            self.policy.touch(slot);
+            self.policy.loaded(slot, (layer, e));
             pinned[slot] = true;
             out[i] = slot;
         }
@@ -162,5 +243,32 @@ mod tests {
         assert_eq!(s.ensure(1, &[1, 3], &mut load).unwrap().len(), 2);
         assert_eq!(loads, vec![(0, 1), (1, 2), (0, 3), (1, 1), (0, 3)]);
         assert_eq!((s.stats.hits, s.stats.misses, s.stats.bytes_read), (1, 5, 50));
+    }
+
+    #[test]
+    fn lfru_keeps_the_frequently_used_through_a_burst() {
+        // Expert 0 is used often; then 1, 2, 3 once each. With 2 slots LRU evicts 0 for the
+        // burst; LFRU keeps it.
+        let trace = [0, 1, 0, 1, 0, 2, 0, 3, 0, 4, 0];
+        let run = |p: Box<dyn Policy>| {
+            let mut s = Scheduler::new(2, p);
+            for &e in &trace {
+                s.ensure(0, &[e], |_, _| Ok::<u64, ()>(0)).unwrap();
+            }
+            s.stats.hits
+        };
+        assert_eq!(run(Box::new(Lru::new(2))), run(Box::new(Lfru::new(2, 1.0))));
+        let burst = [0, 0, 0, 0, 1, 2, 3, 0];
+        let run = |p: Box<dyn Policy>| {
+            let mut s = Scheduler::new(2, p);
+            for &e in &burst {
+                s.ensure(0, &[e], |_, _| Ok::<u64, ()>(0)).unwrap();
+            }
+            s.stats.hits
+        };
+        // LRU: hits on the 3 repeats of 0 only; LFRU also keeps 0 for the final use.
+        assert_eq!(run(Box::new(Lru::new(2))), 3);
+        assert_eq!(run(Box::new(Lfru::new(2, 4.0))), 4);
+        assert!(policy("lfru", 4).is_some() && policy("lru", 4).is_some() && policy("fifo", 4).is_none());
     }
 }
