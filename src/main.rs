@@ -58,6 +58,10 @@ struct EngineArgs {
     /// Which experts the arena evicts: lru, or lfru (frequency and recency together).
     #[arg(long, default_value = "lru", value_parser = clap::builder::PossibleValuesParser::new(sage::engine::scheduler::POLICIES))]
     policy: String,
+    /// Keep expert bytes in the page cache after loading them (by default they are dropped, so
+    /// memory goes to the arena, not to a second copy of the experts).
+    #[arg(long)]
+    page_cache: bool,
     /// CPU threads (default: all cores).
     #[arg(short, long)]
     threads: Option<usize>,
@@ -242,6 +246,7 @@ fn load_engine(dir: &Path, e: &EngineArgs, n_ctx: usize) -> anyhow::Result<Engin
         arena,
         kv_type: if e.exact { KvType::F32 } else { KvType::F16 },
         policy: e.policy.clone(),
+        page_cache: e.page_cache,
         ..Default::default()
     };
     // Read usage.json before loading the model: a damaged file fails fast.

@@ -59,6 +59,9 @@ pub struct EngineOptions {
     pub repack: bool,
     /// Eviction policy of the arena (`scheduler::POLICIES`).
     pub policy: String,
+    /// Leave expert bytes in the page cache after loading them (default: drop them, so a
+    /// memory limit holds the arena, not a second copy of the experts).
+    pub page_cache: bool,
 }
 
 impl Default for EngineOptions {
@@ -72,6 +75,7 @@ impl Default for EngineOptions {
             n_batch: 512,
             repack: true,
             policy: "lru".into(),
+            page_cache: false,
         }
     }
 }
@@ -190,6 +194,7 @@ fn load_expert(
     arena: &TensorSet,
     arena_buf: &Buffer,
     stride: usize,
+    drop_cache: bool,
     il: u32,
     slot: usize,
     e: u32,
@@ -199,6 +204,9 @@ fn load_expert(
     let shard = &shards[il as usize];
     let at = layer.offsets[layer.slot_of(e).expect("routed experts are present")];
     shard.read_into(at, record, &format!("expert {e}"), staging)?;
+    if drop_cache {
+        shard.drop_cached(at, record);
+    }
     let n_layer = dir.manifest.layers.len() as u32;
     load_slot(arena, arena_buf, il, n_layer, slot * stride, &layer.sizes(), &layer.shapes, &layer.types, staging)
         .map_err(|e| ffi(shard.path(), "expert arena", e))?;
@@ -495,7 +503,8 @@ impl Engine {
         for &(il, e) in chosen.iter().rev() {
             let (dir, shards, staging, arena, arena_buf, stride) =
                 (&self.dir, &self.shards, &mut self.staging, &self.arena, &self.arena_buf, self.slot_stride);
-            self.sched.ensure(il, &[e], |slot, e| load_expert(dir, shards, staging, arena, arena_buf, stride, il, slot, e))?;
+            let drop_cache = !self.opts.page_cache;
+            self.sched.ensure(il, &[e], |slot, e| load_expert(dir, shards, staging, arena, arena_buf, stride, drop_cache, il, slot, e))?;
         }
         let loaded = chosen.len();
         self.warm_stats = std::mem::take(&mut self.sched.stats);
@@ -650,8 +659,9 @@ impl Engine {
         for (gi, group) in needed.chunks(n_slots).enumerate() {
             let (dir, shards, staging, arena, arena_buf, stride) =
                 (&self.dir, &self.shards, &mut self.staging, &self.arena, &self.arena_buf, self.slot_stride);
+            let drop_cache = !self.opts.page_cache;
             let slots = self.sched.ensure(il, group, |slot, e| {
-                load_expert(dir, shards, staging, arena, arena_buf, stride, il, slot, e)
+                load_expert(dir, shards, staging, arena, arena_buf, stride, drop_cache, il, slot, e)
             })?;
             let mut ids = Vec::with_capacity(n * k);
             let mut wts = Vec::with_capacity(n * k);

@@ -114,3 +114,35 @@ fn damaged_expert_manifest_is_refused() {
         assert!(e.contains("base.gguf") && e.contains(want), "{key}: {e}");
     }
 }
+
+/// Pages of `path` in the page cache (util-linux `fincore`).
+fn cached_pages(path: &std::path::Path) -> u64 {
+    let o = Command::new("fincore").args(["--bytes", "--noheadings", "--output", "PAGES"]).arg(path).output().unwrap();
+    assert!(o.status.success(), "fincore: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).trim().parse().unwrap()
+}
+
+/// Expert bytes copied into the arena leave the page cache (unless --page-cache), so a
+/// memory limit holds the arena and not a second copy of the experts.
+#[test]
+fn loaded_experts_leave_the_page_cache() {
+    let dir = tmp();
+    let (model_dir, _) = convert_into(&plain(), dir.path(), &opts(Some(GgmlType::Q8_0)));
+    let shard = model_dir.join("experts/blk.000.bin");
+    let run = |extra: &[&str]| {
+        std::fs::read(&shard).unwrap(); // every page cached
+        let all = cached_pages(&shard);
+        let o = Command::new(env!("CARGO_BIN_EXE_sage"))
+            .args(["run", model_dir.to_str().unwrap(), "-p", "The quick brown fox jumps over the lazy dog", "-n", "8"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        (all, cached_pages(&shard))
+    };
+    let (all, after) = run(&[]);
+    // 8 experts of 51 pages each: a 12-token prompt loads most of them.
+    assert!(after * 2 < all, "{after} of {all} pages still cached");
+    let (all, after) = run(&["--page-cache"]);
+    assert_eq!(after, all);
+}
