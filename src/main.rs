@@ -406,6 +406,10 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     }
     let st = &g.stats.sched;
     let n_tok = g.stats.tokens_evaluated.max(1);
+    let mem = engine.memory();
+    let peak = peak_rss_bytes();
+    // Everything else the process holds: code, the tokenizer, allocator slack.
+    let overhead = peak.map(|p| p.saturating_sub(mem.total() as u64));
     let stats = serde_json::json!({
         "device": engine.device_name(),
         "prompt_tokens": g.prompt_tokens,
@@ -421,7 +425,9 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         "load_stall_s": st.stall.as_secs_f64(),
         "arena_bytes": engine.arena_bytes(),
         "arena_slots": engine.n_slots(),
-        "peak_rss_bytes": peak_rss_bytes(),
+        "memory": mem,
+        "peak_rss_bytes": peak,
+        "overhead_bytes": overhead,
     });
     if json {
         writeln!(stdout, "{}", serde_json::json!({ "stats": stats }))?;
@@ -444,11 +450,16 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             st.stall.as_secs_f64()
         );
         eprintln!(
-            "memory: arena {} ({} slots of {}), peak RSS {} | device {}",
-            short_bytes(engine.arena_bytes() as u64),
+            "memory: base {} + arena {} ({} slots of {}) + KV {} + compute {} = {}; peak RSS {} (overhead {}) | device {}",
+            short_bytes(mem.base as u64),
+            short_bytes(mem.arena as u64),
             engine.n_slots(),
             short_bytes(engine.slot_bytes() as u64),
-            peak_rss_bytes().map(short_bytes).unwrap_or_else(|| "?".into()),
+            short_bytes(mem.kv as u64),
+            short_bytes((mem.compute + mem.staging) as u64),
+            short_bytes(mem.total() as u64),
+            peak.map(short_bytes).unwrap_or_else(|| "?".into()),
+            overhead.map(short_bytes).unwrap_or_else(|| "?".into()),
             engine.device_name()
         );
     }

@@ -88,6 +88,28 @@ pub struct EngineStats {
     pub compute: Duration,
 }
 
+/// Bytes the engine holds, by part (see `Engine::memory`).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct MemoryUse {
+    /// Base weights (embeddings, attention, norms, routers, output).
+    pub base: usize,
+    /// The expert arena (fixed).
+    pub arena: usize,
+    /// The KV cache (fixed by --ctx).
+    pub kv: usize,
+    /// ggml's compute buffer (grows to the largest graph, then stays) and the activations
+    /// carried between graphs.
+    pub compute: usize,
+    /// One expert record on its way from disk.
+    pub staging: usize,
+}
+
+impl MemoryUse {
+    pub fn total(&self) -> usize {
+        self.base + self.arena + self.kv + self.compute + self.staging
+    }
+}
+
 /// Indices of one layer's tensors in the weight set.
 struct LayerW {
     attn_norm: usize,
@@ -334,6 +356,10 @@ impl Engine {
                 at = end;
             }
         }
+        if !opts.page_cache {
+            // The base now lives in backend memory; its file's pages would be a second copy.
+            let _ = rustix::fs::fadvise(&md.base_file, 0, None, rustix::fs::Advice::DontNeed);
+        }
         let get = |name: &str| -> Result<usize> {
             index
                 .get(name)
@@ -445,6 +471,17 @@ impl Engine {
 
     pub fn device_name(&self) -> String {
         self.backend.name()
+    }
+
+    /// What the engine holds in backend memory, by part.
+    pub fn memory(&self) -> MemoryUse {
+        MemoryUse {
+            base: self._weights_buf.size() + self._embd_buf.size(),
+            arena: self.arena_buf.size(),
+            kv: self._kv_buf.size(),
+            compute: self.alloc.buffer_size() + self._state_buf.size(),
+            staging: self.staging.capacity(),
+        }
     }
 
     /// Bytes of the expert arena (fixed for the engine's life).

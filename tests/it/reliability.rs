@@ -146,3 +146,66 @@ fn loaded_experts_leave_the_page_cache() {
     let (all, after) = run(&["--page-cache"]);
     assert_eq!(after, all);
 }
+
+/// What a `sage run` process holds beyond the engine's own parts (base, arena, KV, compute):
+/// code, the tokenizer, the allocator's slack, page cache charged to it. `--stats` prints it
+/// as "overhead"; docs/reliability.md states it.
+const STATED_OVERHEAD: u64 = 32 << 20;
+
+/// A cgroup v1 memory controller group (this machine runs tests as root), removed on drop.
+struct MemCgroup(std::path::PathBuf);
+
+impl MemCgroup {
+    fn new(limit: u64) -> MemCgroup {
+        let p = std::path::PathBuf::from(format!("/sys/fs/cgroup/memory/sage-test-{}", std::process::id()));
+        std::fs::create_dir(&p).unwrap_or_else(|e| {
+            panic!("this test needs root and the cgroup v1 memory controller ({}): {e}", p.display())
+        });
+        std::fs::write(p.join("memory.limit_in_bytes"), limit.to_string()).unwrap();
+        MemCgroup(p)
+    }
+
+    fn read(&self, name: &str) -> String {
+        std::fs::read_to_string(self.0.join(name)).unwrap()
+    }
+}
+
+impl Drop for MemCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// `sage run` inside a memory cgroup limited to base + arena + KV + compute + the stated
+/// overhead completes, and its peak (page cache included) stays under the limit.
+#[test]
+fn runs_inside_a_memory_cgroup_of_its_stated_budget() {
+    let dir = tmp();
+    let (model_dir, _) = convert_into(&plain(), dir.path(), &opts(Some(GgmlType::Q8_0)));
+    let args = ["run", model_dir.to_str().unwrap(), "-p", "The quick brown fox", "-n", "32", "--temp", "0"];
+    let args = [&args[..], &["--arena-experts", "4", "--ctx", "512", "--threads", "2", "--json"]].concat();
+    let run = |cg: Option<&MemCgroup>| {
+        let mut cmd = Command::new("sh");
+        let join_cg = cg.map(|c| format!("echo $$ > {}/cgroup.procs && ", c.0.display())).unwrap_or_default();
+        cmd.args(["-c", &format!("{join_cg}exec \"$0\" \"$@\""), env!("CARGO_BIN_EXE_sage")]).args(&args);
+        let o = cmd.output().unwrap();
+        let last = String::from_utf8_lossy(&o.stdout).lines().last().unwrap_or_default().to_string();
+        (o, last)
+    };
+    let (o, last) = run(None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stats: serde_json::Value = serde_json::from_str(&last).unwrap();
+    let m = &stats["stats"]["memory"];
+    let engine: u64 = ["base", "arena", "kv", "compute", "staging"].iter().map(|k| m[k].as_u64().unwrap()).sum();
+    let overhead = stats["stats"]["overhead_bytes"].as_u64().unwrap();
+    assert!(overhead < STATED_OVERHEAD, "overhead {overhead} is over the stated {STATED_OVERHEAD}");
+
+    let limit = engine + STATED_OVERHEAD;
+    let cg = MemCgroup::new(limit);
+    let (o, _) = run(Some(&cg));
+    let peak: u64 = cg.read("memory.max_usage_in_bytes").trim().parse().unwrap();
+    let oom = cg.read("memory.oom_control");
+    eprintln!("engine {engine} bytes + stated overhead {STATED_OVERHEAD} = limit {limit}; cgroup peak {peak}");
+    assert!(o.status.success(), "killed or failed under {limit} bytes: {}\n{oom}", String::from_utf8_lossy(&o.stderr));
+    assert!(peak <= limit && oom.contains("oom_kill 0"), "peak {peak} over {limit}: {oom}");
+}
