@@ -1,0 +1,134 @@
+//! One engine, one measurement, one JSON line: what bench/run.sh runs inside a memory cgroup.
+//!
+//! cargo run --release --example bench_one -- sage MODEL_DIR [--arena BYTES] [--policy P] [OPTS]
+//! cargo run --release --example bench_one -- llama MODEL.gguf [--no-mmap] [OPTS]
+//! cargo run --release --example bench_one -- sizes MODEL_DIR
+//! OPTS: --prompt N (512) --gen N (128) --threads N (all cores)
+//!
+//! Prompt: N deterministic pseudo-random token ids, evaluated in one batch; decode: greedy, one
+//! token at a time. Both engines: f16 KV cache, flash attention off. Prints
+//! {"engine", "prompt_tok_s", "decode_tok_s", "peak_rss_bytes", ...}.
+
+use std::num::NonZeroU32;
+use std::time::Instant;
+
+use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+use sage::engine::sampler::argmax;
+use sage::engine::{ArenaSize, Engine, EngineOptions, KvType};
+
+fn peak_rss() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+fn prompt_ids(n: usize, n_vocab: u32) -> Vec<u32> {
+    (0..n as u32).map(|i| (i.wrapping_mul(2654435761) >> 7) % n_vocab.min(100_000)).collect()
+}
+
+fn main() -> anyhow::Result<()> {
+    let a: Vec<String> = std::env::args().collect();
+    anyhow::ensure!(a.len() >= 3, "usage: bench_one sage|llama PATH [--arena BYTES] [--policy P] [--no-mmap] [--prompt N] [--gen N] [--threads N]");
+    let opt = |name: &str| a.iter().position(|x| x == name).and_then(|i| a.get(i + 1)).cloned();
+    let flag = |name: &str| a.iter().any(|x| x == name);
+    let n_prompt: usize = opt("--prompt").map(|s| s.parse()).transpose()?.unwrap_or(512);
+    let n_gen: usize = opt("--gen").map(|s| s.parse()).transpose()?.unwrap_or(128);
+    let threads: usize =
+        opt("--threads").map(|s| s.parse()).transpose()?.unwrap_or(std::thread::available_parallelism()?.get());
+    let n_ctx = n_prompt + n_gen + 8;
+    sage::ggml::route_logs();
+
+    let t_load = Instant::now();
+    let out = match a[1].as_str() {
+        "sizes" => {
+            // For scripts: bytes of the base and of all experts, and one arena slot.
+            let md = sage::model_dir::ModelDir::open(a[2].as_ref())?;
+            let slot = md.manifest.layers.iter().map(|l| l.record_size()).max().unwrap_or(0).next_multiple_of(4096);
+            serde_json::json!({"base_bytes": md.base_bytes(), "expert_bytes": md.expert_bytes(), "slot_bytes": slot})
+        }
+        "sage" => {
+            let arena = match opt("--arena") {
+                Some(b) => ArenaSize::Bytes(b.parse()?),
+                None => ArenaSize::All,
+            };
+            let policy = opt("--policy").unwrap_or_else(|| "lru".into());
+            let mut e = Engine::load(
+                a[2].as_ref(),
+                EngineOptions { threads, n_ctx, arena, kv_type: KvType::F16, policy: policy.clone(), ..Default::default() },
+            )?;
+            let load_s = t_load.elapsed().as_secs_f64();
+            let prompt = prompt_ids(n_prompt, e.config.n_vocab as u32);
+            let t = Instant::now();
+            let mut logits = e.eval(&prompt, false)?;
+            let prompt_s = t.elapsed().as_secs_f64();
+            let after_prompt = e.stats().sched;
+            let t = Instant::now();
+            for _ in 0..n_gen {
+                let next = argmax(&logits);
+                logits = e.eval(&[next], false)?;
+            }
+            let decode_s = t.elapsed().as_secs_f64();
+            let st = e.stats().sched;
+            let (hits, misses) = (st.hits - after_prompt.hits, st.misses - after_prompt.misses);
+            serde_json::json!({
+                "engine": "sage", "policy": policy, "arena_bytes": e.arena_bytes(), "arena_slots": e.n_slots(),
+                "load_s": load_s,
+                "prompt_tok_s": n_prompt as f64 / prompt_s, "decode_tok_s": n_gen as f64 / decode_s,
+                "decode_hit_rate": hits as f64 / (hits + misses).max(1) as f64,
+                "decode_bytes_read_per_token": (st.bytes_read - after_prompt.bytes_read) / n_gen.max(1) as u64,
+                "decode_stall_s": (st.stall - after_prompt.stall).as_secs_f64(),
+                "memory": e.memory(),
+                "peak_rss_bytes": peak_rss(),
+            })
+        }
+        "llama" => {
+            let backend = LlamaBackend::init()?;
+            let mmap = !flag("--no-mmap");
+            let model = LlamaModel::load_from_file(&backend, &a[2], &LlamaModelParams::default().with_use_mmap(mmap))?;
+            let params = LlamaContextParams::default()
+                .with_n_ctx(NonZeroU32::new(n_ctx as u32))
+                .with_n_batch(n_prompt as u32)
+                .with_n_ubatch(n_prompt as u32)
+                .with_n_threads(threads as i32)
+                .with_n_threads_batch(threads as i32)
+                .with_type_k(KvCacheType::F16)
+                .with_type_v(KvCacheType::F16)
+                .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED);
+            let mut ctx = model.new_context(&backend, params)?;
+            let load_s = t_load.elapsed().as_secs_f64();
+            let prompt = prompt_ids(n_prompt, model.n_vocab() as u32);
+            let mut batch = LlamaBatch::new(n_prompt, 1);
+            for (i, &id) in prompt.iter().enumerate() {
+                batch.add(llama_cpp_2::token::LlamaToken(id as i32), i as i32, &[0], i + 1 == n_prompt)?;
+            }
+            let t = Instant::now();
+            ctx.decode(&mut batch)?;
+            let prompt_s = t.elapsed().as_secs_f64();
+            let mut last = (n_prompt - 1) as i32;
+            let t = Instant::now();
+            for step in 0..n_gen {
+                let next = argmax(ctx.get_logits_ith(last));
+                let mut b = LlamaBatch::new(1, 1);
+                b.add(llama_cpp_2::token::LlamaToken(next as i32), (n_prompt + step) as i32, &[0], true)?;
+                ctx.decode(&mut b)?;
+                last = 0;
+            }
+            let decode_s = t.elapsed().as_secs_f64();
+            serde_json::json!({
+                "engine": "llama.cpp", "mmap": mmap, "load_s": load_s,
+                "prompt_tok_s": n_prompt as f64 / prompt_s, "decode_tok_s": n_gen as f64 / decode_s,
+                "peak_rss_bytes": peak_rss(),
+            })
+        }
+        other => anyhow::bail!("unknown engine '{other}': sage or llama"),
+    };
+    println!("{out}");
+    Ok(())
+}
