@@ -421,6 +421,10 @@ impl Engine {
         }
         let raw = arena.add(GgmlType::I8, &[arena_bytes as i64], "arena.bytes");
         arena_buf.place(arena.get(raw), 0).map_err(|e| ffi(dir, "expert arena", e))?;
+        // Zeros are valid weights of every type: a slot that a batch uses only with weight 0
+        // (see `experts`) before anything was loaded into it contributes exactly 0, never NaN
+        // from uninitialized device memory. It also commits the arena's memory up front.
+        arena_buf.clear(0);
 
         let mut state = TensorSet::new(4);
         for name in ["hidden", "ffn_inp", "normed", "moe_acc"] {
