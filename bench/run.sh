@@ -10,6 +10,7 @@
 # Page cache is dropped before every run and counts against the limit.
 #
 #   bench/run.sh MODEL_DIR MODEL.gguf [N_PROMPT] [N_GEN] [POLICY]
+# SAGE_FLAGS="--prefetch" passes flags to sage's runs.
 # MODEL.gguf is `sage-convert merge MODEL_DIR` (or `sage-convert synth ... --merged`).
 # Prints one JSON line per run, then a markdown table.
 set -euo pipefail
@@ -50,7 +51,7 @@ num() { grep -o "\"$1\": *[0-9.e+-]*" | head -1 | sed 's/.*: *//'; }
 sizes=$($B sizes "$DIR")
 BASE=$(echo "$sizes" | tr -d ' ' | sed 's/,/\n/g' | sed -n 's/.*"base_bytes":\([0-9]*\).*/\1/p')
 EXP=$(echo "$sizes" | tr -d ' ' | sed 's/,/\n/g' | sed -n 's/.*"expert_bytes":\([0-9]*\).*/\1/p')
-echo "# base $BASE bytes, experts $EXP bytes, prompt $NP, decode $NG, policy $POLICY, $(nproc) threads, $(date -u +%F)" >&2
+echo "# base $BASE bytes, experts $EXP bytes, prompt $NP, decode $NG, policy $POLICY ${SAGE_FLAGS:-}, $(nproc) threads, $(date -u +%F)" >&2
 
 # Disk: sequential O_DIRECT read of up to 4 GiB of the merged GGUF.
 drop_caches
@@ -60,12 +61,12 @@ echo "{\"run\": \"disk\", \"read_bytes_per_s\": $BW}"
 
 R=()
 R+=("$(run none llama-full $B llama "$GGUF" --prompt "$NP" --gen "$NG")")
-R+=("$(run none sage-full $B sage "$DIR" --prompt "$NP" --gen "$NG" --policy "$POLICY")")
+R+=("$(run none sage-full $B sage "$DIR" --prompt "$NP" --gen "$NG" --policy "$POLICY" ${SAGE_FLAGS:-})")
 for pct in 25 50; do
     limit=$((BASE + EXP * pct / 100 + MARGIN))
     arena=$((EXP * pct / 100))
     R+=("$(run $limit llama-mmap-$pct $B llama "$GGUF" --prompt "$NP" --gen "$NG")")
-    R+=("$(run $limit sage-$pct $B sage "$DIR" --arena $arena --prompt "$NP" --gen "$NG" --policy "$POLICY")")
+    R+=("$(run $limit sage-$pct $B sage "$DIR" --arena $arena --prompt "$NP" --gen "$NG" --policy "$POLICY" ${SAGE_FLAGS:-})")
 done
 printf '%s\n' "${R[@]}"
 

@@ -1,6 +1,6 @@
 //! One engine, one measurement, one JSON line: what bench/run.sh runs inside a memory cgroup.
 //!
-//! cargo run --release --example bench_one -- sage MODEL_DIR [--arena BYTES] [--policy P] [OPTS]
+//! cargo run --release --example bench_one -- sage MODEL_DIR [--arena BYTES] [--policy P] [--prefetch] [OPTS]
 //! cargo run --release --example bench_one -- llama MODEL.gguf [--no-mmap] [OPTS]
 //! cargo run --release --example bench_one -- sizes MODEL_DIR
 //! OPTS: --prompt N (512) --gen N (128) --threads N (all cores)
@@ -59,9 +59,18 @@ fn main() -> anyhow::Result<()> {
                 None => ArenaSize::All,
             };
             let policy = opt("--policy").unwrap_or_else(|| "lru".into());
+            let prefetch = flag("--prefetch");
             let mut e = Engine::load(
                 a[2].as_ref(),
-                EngineOptions { threads, n_ctx, arena, kv_type: KvType::F16, policy: policy.clone(), ..Default::default() },
+                EngineOptions {
+                    threads,
+                    n_ctx,
+                    arena,
+                    kv_type: KvType::F16,
+                    policy: policy.clone(),
+                    prefetch,
+                    ..Default::default()
+                },
             )?;
             let load_s = t_load.elapsed().as_secs_f64();
             let prompt = prompt_ids(n_prompt, e.config.n_vocab as u32);
@@ -78,7 +87,7 @@ fn main() -> anyhow::Result<()> {
             let st = e.stats().sched;
             let (hits, misses) = (st.hits - after_prompt.hits, st.misses - after_prompt.misses);
             serde_json::json!({
-                "engine": "sage", "policy": policy, "arena_bytes": e.arena_bytes(), "arena_slots": e.n_slots(),
+                "engine": "sage", "policy": policy, "prefetch": e.stats().prefetch, "arena_bytes": e.arena_bytes(), "arena_slots": e.n_slots(),
                 "load_s": load_s,
                 "prompt_tok_s": n_prompt as f64 / prompt_s, "decode_tok_s": n_gen as f64 / decode_s,
                 "decode_hit_rate": hits as f64 / (hits + misses).max(1) as f64,

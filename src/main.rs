@@ -58,6 +58,10 @@ struct EngineArgs {
     /// Which experts the arena evicts: lru, or lfru (frequency and recency together).
     #[arg(long, default_value = "lru", value_parser = clap::builder::PossibleValuesParser::new(sage::engine::scheduler::POLICIES))]
     policy: String,
+    /// While a layer computes, read the experts the next layer is predicted to choose on an
+    /// I/O thread (decode; prediction: the next layer's router on this layer's residual stream).
+    #[arg(long)]
+    prefetch: bool,
     /// Keep expert bytes in the page cache after loading them (by default they are dropped, so
     /// memory goes to the arena, not to a second copy of the experts).
     #[arg(long)]
@@ -247,6 +251,7 @@ fn load_engine(dir: &Path, e: &EngineArgs, n_ctx: usize) -> anyhow::Result<Engin
         kv_type: if e.exact { KvType::F32 } else { KvType::F16 },
         policy: e.policy.clone(),
         page_cache: e.page_cache,
+        prefetch: e.prefetch,
         ..Default::default()
     };
     // Read usage.json before loading the model: a damaged file fails fast.
@@ -423,6 +428,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         "bytes_read": st.bytes_read,
         "bytes_read_per_token": st.bytes_read / n_tok,
         "load_stall_s": st.stall.as_secs_f64(),
+        "prefetch": g.stats.prefetch,
         "arena_bytes": engine.arena_bytes(),
         "arena_slots": engine.n_slots(),
         "memory": mem,
@@ -449,6 +455,10 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             short_bytes(st.bytes_read / n_tok),
             st.stall.as_secs_f64()
         );
+        let pf = &g.stats.prefetch;
+        if pf.issued > 0 {
+            eprintln!("prefetch: {} reads started, {} used by loads, {} not needed", pf.issued, pf.used, pf.wasted);
+        }
         eprintln!(
             "memory: base {} + arena {} ({} slots of {}) + KV {} + compute {} = {}; peak RSS {} (overhead {}) | device {}",
             short_bytes(mem.base as u64),

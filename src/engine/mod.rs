@@ -8,11 +8,13 @@
 //! (B) runs once per group of experts, each group's contribution added to the residual.
 
 pub mod generate;
+pub mod prefetch;
 pub mod router;
 pub mod sampler;
 pub mod scheduler;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::ModelConfig;
@@ -22,6 +24,7 @@ use crate::io::WatchedFile;
 use crate::model_dir::ModelDir;
 use crate::names::*;
 use crate::usage::{RouteTrace, Usage};
+use prefetch::{PrefetchStats, Prefetcher};
 use router::route;
 use scheduler::{SchedStats, Scheduler};
 
@@ -62,6 +65,9 @@ pub struct EngineOptions {
     /// Leave expert bytes in the page cache after loading them (default: drop them, so a
     /// memory limit holds the arena, not a second copy of the experts).
     pub page_cache: bool,
+    /// While a layer computes, read the next layer's predicted experts on an I/O thread
+    /// (decode only: one token per batch).
+    pub prefetch: bool,
 }
 
 impl Default for EngineOptions {
@@ -76,6 +82,7 @@ impl Default for EngineOptions {
             repack: true,
             policy: "lru".into(),
             page_cache: false,
+            prefetch: false,
         }
     }
 }
@@ -84,6 +91,7 @@ impl Default for EngineOptions {
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct EngineStats {
     pub sched: SchedStats,
+    pub prefetch: PrefetchStats,
     pub tokens_evaluated: u64,
     pub compute: Duration,
 }
@@ -149,7 +157,8 @@ pub struct Engine {
     _state_buf: Buffer,
     alloc: Allocator,
     sched: Scheduler,
-    shards: Vec<WatchedFile>,
+    shards: Arc<Vec<WatchedFile>>,
+    prefetch: Option<Prefetcher>,
     /// One expert record on its way from a shard to the arena.
     staging: Vec<u8>,
     /// Per layer: which experts exist (the pool).
@@ -206,8 +215,8 @@ fn load_slot(
     Ok(())
 }
 
-/// Read expert `e` of layer `il` from its shard (through the `staging` buffer) into arena
-/// slot `slot`.
+/// Read expert `e` of layer `il` from its shard (through the `staging` buffer, or from the
+/// bytes the prefetcher read) into arena slot `slot`.
 #[allow(clippy::too_many_arguments)]
 fn load_expert(
     dir: &ModelDir,
@@ -220,18 +229,27 @@ fn load_expert(
     il: u32,
     slot: usize,
     e: u32,
+    prefetched: Option<Result<Vec<u8>>>,
 ) -> Result<u64> {
     let layer = &dir.manifest.layers[il as usize];
     let record = layer.record_size() as usize;
     let shard = &shards[il as usize];
-    let at = layer.offsets[layer.slot_of(e).expect("routed experts are present")];
-    shard.read_into(at, record, &format!("expert {e}"), staging)?;
-    if drop_cache {
-        shard.drop_cached(at, record);
-    }
+    let bytes = match prefetched {
+        Some(b) => b?,
+        None => {
+            let at = layer.offsets[layer.slot_of(e).expect("routed experts are present")];
+            shard.read_into(at, record, &format!("expert {e}"), staging)?;
+            if drop_cache {
+                shard.drop_cached(at, record);
+            }
+            std::mem::take(staging)
+        }
+    };
     let n_layer = dir.manifest.layers.len() as u32;
-    load_slot(arena, arena_buf, il, n_layer, slot * stride, &layer.sizes(), &layer.shapes, &layer.types, staging)
-        .map_err(|e| ffi(shard.path(), "expert arena", e))?;
+    let r = load_slot(arena, arena_buf, il, n_layer, slot * stride, &layer.sizes(), &layer.shapes, &layer.types, &bytes)
+        .map_err(|e| ffi(shard.path(), "expert arena", e));
+    *staging = bytes; // keep the allocation for the next load
+    r?;
     Ok(record as u64)
 }
 
@@ -432,7 +450,10 @@ impl Engine {
         }
         let state_buf = backend.alloc_ctx_tensors(state.context()).map_err(|e| ffi(dir, "activations", e))?;
 
-        let shards = md.manifest.layers.iter().map(|l| WatchedFile::open(&dir.join(&l.file))).collect::<Result<_>>()?;
+        let shards: Arc<Vec<WatchedFile>> = Arc::new(
+            md.manifest.layers.iter().map(|l| WatchedFile::open(&dir.join(&l.file))).collect::<Result<_>>()?,
+        );
+        let prefetch = opts.prefetch.then(|| Prefetcher::new(shards.clone(), !opts.page_cache));
         let present =
             md.manifest.layers.iter().map(|l| (0..cfg.n_expert).map(|e| l.slot_of(e).is_some()).collect()).collect();
         let eos = match md.base.get(TOK_EOS) {
@@ -461,6 +482,7 @@ impl Engine {
             alloc,
             sched: Scheduler::new(n_slots, policy),
             shards,
+            prefetch,
             staging: Vec::new(),
             present,
             n_past: 0,
@@ -484,7 +506,7 @@ impl Engine {
             arena: self.arena_buf.size(),
             kv: self._kv_buf.size(),
             compute: self.alloc.buffer_size() + self._state_buf.size(),
-            staging: self.staging.capacity(),
+            staging: self.staging.capacity() + self.prefetch.as_ref().map_or(0, |p| p.held_bytes()),
         }
     }
 
@@ -507,7 +529,11 @@ impl Engine {
     }
 
     pub fn stats(&self) -> EngineStats {
-        EngineStats { sched: self.sched.stats.clone(), ..self.stats.clone() }
+        EngineStats {
+            sched: self.sched.stats.clone(),
+            prefetch: self.prefetch.as_ref().map(|p| p.stats.clone()).unwrap_or_default(),
+            ..self.stats.clone()
+        }
     }
 
     pub fn n_past(&self) -> usize {
@@ -545,7 +571,9 @@ impl Engine {
             let (dir, shards, staging, arena, arena_buf, stride) =
                 (&self.dir, &self.shards, &mut self.staging, &self.arena, &self.arena_buf, self.slot_stride);
             let drop_cache = !self.opts.page_cache;
-            self.sched.ensure(il, &[e], |slot, e| load_expert(dir, shards, staging, arena, arena_buf, stride, drop_cache, il, slot, e))?;
+            self.sched.ensure(il, &[e], |slot, e| {
+                load_expert(dir, shards, staging, arena, arena_buf, stride, drop_cache, il, slot, e, None)
+            })?;
         }
         let loaded = chosen.len();
         self.warm_stats = std::mem::take(&mut self.sched.stats);
@@ -598,7 +626,10 @@ impl Engine {
             mask[i * n_kv..=i * n_kv + n_past + i].fill(0.0);
         }
         for il in 0..self.config.n_layer {
-            let logits = self.attention(il, tokens, &pos, &mask)?;
+            let (logits, next) = self.attention(il, tokens, &pos, &mask)?;
+            if let Some(next) = next {
+                self.prefetch_next(il + 1, &next);
+            }
             self.experts(il, n, &logits)?;
         }
         let out = self.output_logits(n, all_logits)?;
@@ -608,8 +639,15 @@ impl Engine {
     }
 
     /// Graph A of layer `il`: attention (storing this batch's K and V), residual, FFN norm and
-    /// the router logits, which are returned ([n][n_expert]).
-    fn attention(&mut self, il: u32, tokens: &[u32], positions: &[i32], causal_mask: &[f32]) -> Result<Vec<f32>> {
+    /// the router logits, which are returned ([n][n_expert]). When prefetching a decode step,
+    /// also the next layer's router applied to this layer's residual stream (its prediction).
+    fn attention(
+        &mut self,
+        il: u32,
+        tokens: &[u32],
+        positions: &[i32],
+        causal_mask: &[f32],
+    ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
         let cfg = &self.config;
         let n = tokens.len() as i64;
         let (hd, nh, nkv) = (cfg.head_dim as i64, cfg.n_head as i64, cfg.n_head_kv as i64);
@@ -662,9 +700,17 @@ impl Engine {
         logits.set_output();
         let keep_inp = ctx.cpy(ffn_inp, ctx.view_2d(ffn_inp_s, n_embd, n, row, 0));
         let keep_normed = ctx.cpy(normed, ctx.view_2d(normed_s, n_embd, n, row, 0));
+        let predict = self.prefetch.is_some() && n == 1 && il + 1 < cfg.n_layer;
+        let next = predict.then(|| {
+            let nw = &self.layers[il as usize + 1];
+            let x = ctx.mul(ctx.rms_norm(ffn_inp, eps), w.get(nw.ffn_norm));
+            let t = ctx.mul_mat(w.get(nw.router), x);
+            t.set_output();
+            t
+        });
 
         let mut g = ctx.graph(GRAPH_NODES);
-        for t in [k_store, v_store, logits, keep_inp, keep_normed] {
+        for t in [k_store, v_store, logits, keep_inp, keep_normed].into_iter().chain(next) {
             g.expand(t);
         }
         let t0 = Instant::now();
@@ -676,13 +722,32 @@ impl Engine {
         mask.write_f32(causal_mask);
         self.backend.compute(&g).map_err(|e| ffi(&self.dir.path, "compute graph", e))?;
         self.stats.compute += t0.elapsed();
-        Ok(logits.read_f32((cfg.n_expert as i64 * n) as usize))
+        let next = next.map(|t| t.read_f32(cfg.n_expert as usize));
+        Ok((logits.read_f32((cfg.n_expert as i64 * n) as usize), next))
+    }
+
+    /// Start reading the experts layer `il` is predicted to choose (from `logits`, its router
+    /// applied to the previous layer's residual stream) that are not resident.
+    fn prefetch_next(&mut self, il: u32, logits: &[f32]) {
+        let Some(p) = &mut self.prefetch else { return };
+        let c = &self.config;
+        let choice = route(logits, &self.present[il as usize], c.n_expert_used as usize, c.norm_topk_prob);
+        let layer = &self.dir.manifest.layers[il as usize];
+        for e in choice.experts {
+            if !self.sched.is_resident(il, e) {
+                let at = layer.offsets[layer.slot_of(e).expect("routed experts are present")];
+                p.request((il, e), at, layer.record_size() as usize);
+            }
+        }
     }
 
     /// Graph B of layer `il`: route, make the chosen experts resident, run them, add to the
     /// residual (left in the `hidden` state for the next layer).
     fn experts(&mut self, il: u32, n: usize, router_logits: &[f32]) -> Result<()> {
         let (n_exp, k) = (self.config.n_expert as usize, self.config.n_expert_used as usize);
+        if let Some(p) = &mut self.prefetch {
+            p.retire_all_but(il);
+        }
         let present = &self.present[il as usize];
         let norm = self.config.norm_topk_prob;
         let choices: Vec<_> =
@@ -701,8 +766,10 @@ impl Engine {
             let (dir, shards, staging, arena, arena_buf, stride) =
                 (&self.dir, &self.shards, &mut self.staging, &self.arena, &self.arena_buf, self.slot_stride);
             let drop_cache = !self.opts.page_cache;
+            let prefetch = &mut self.prefetch;
             let slots = self.sched.ensure(il, group, |slot, e| {
-                load_expert(dir, shards, staging, arena, arena_buf, stride, drop_cache, il, slot, e)
+                let pre = prefetch.as_mut().and_then(|p| p.take((il, e)));
+                load_expert(dir, shards, staging, arena, arena_buf, stride, drop_cache, il, slot, e, pre)
             })?;
             let mut ids = Vec::with_capacity(n * k);
             let mut wts = Vec::with_capacity(n * k);

@@ -169,6 +169,10 @@ impl Scheduler {
         self.slots.len()
     }
 
+    pub fn is_resident(&self, layer: u32, expert: u32) -> bool {
+        self.where_.contains_key(&(layer, expert))
+    }
+
     pub fn policy_name(&self) -> &'static str {
         self.policy.name()
     }

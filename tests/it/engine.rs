@@ -257,3 +257,28 @@ fn shard_changed_while_running_is_an_error() {
     e.reset();
     assert_eq!(e.eval(&ids, true).unwrap(), before);
 }
+
+/// Prefetching changes where expert bytes come from, never the result: decode with and
+/// without it gives the same logits at every step, and the prefetcher does read experts that
+/// loads then use.
+#[test]
+fn prefetch_changes_nothing_but_where_bytes_come_from() {
+    let dir = tmp();
+    let (model_dir, _) = convert_into(&plain(), dir.path(), &opts(Some(GgmlType::Q4_K)));
+    let decode = |prefetch: bool| {
+        let mut e = Engine::load(&model_dir, EngineOptions { prefetch, ..exact(ArenaSize::Experts(3)) }).unwrap();
+        let mut logits = e.eval(&[1, 2, 3], false).unwrap();
+        let mut all = logits.clone();
+        for _ in 0..24 {
+            let next = sage::engine::sampler::argmax(&logits);
+            logits = e.eval(&[next], false).unwrap();
+            all.extend(&logits);
+        }
+        (all, e.stats())
+    };
+    let (plain_run, _) = decode(false);
+    let (prefetched, st) = decode(true);
+    assert_eq!(plain_run, prefetched);
+    eprintln!("prefetch: {:?}, hit rate {:.2}", st.prefetch, st.sched.hit_rate());
+    assert!(st.prefetch.issued > 0 && st.prefetch.used > 0, "{:?}", st.prefetch);
+}
