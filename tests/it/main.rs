@@ -6,5 +6,6 @@ mod engine;
 mod gguf_malformed;
 mod footprint;
 mod parity;
+mod quality;
 mod reliability;
 mod util;

@@ -27,6 +27,11 @@ pub fn omni() -> PathBuf {
     fixtures().join("tiny-qwen3-omni")
 }
 
+/// The bundled trained model (scripts/train_model.py).
+pub fn bundled() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/sage-moe-16m")
+}
+
 pub fn tmp() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("sage-test-").tempdir().unwrap()
 }
