@@ -76,8 +76,9 @@ pub struct Lfru {
 }
 
 impl Lfru {
-    /// In arena turnovers (n_slots uses).
-    pub const DEFAULT_HALF_LIFE: f64 = 1.0;
+    /// In arena turnovers (n_slots uses); the best of 0.25 … 16 on the bundled model's routing
+    /// at arenas of 50% and 75% of the experts (docs/bench.md).
+    pub const DEFAULT_HALF_LIFE: f64 = 4.0;
 
     pub fn new(n_slots: usize, half_life: f64) -> Lfru {
         Lfru {

@@ -1,0 +1,49 @@
+//! Hit rates of the arena's eviction policies on real routing: profile a model on a text
+//! (decode order), then replay the routing through LRU, LFRU at several half-lives and
+//! Belady's optimal, at arenas of 25/50/75% of the experts.
+//!
+//! cargo run --release --example policy_sweep -- MODEL_DIR TEXT [WINDOW]
+
+use sage::engine::scheduler::{Lfru, Lru, Policy, Scheduler};
+use sage::engine::{Engine, EngineOptions};
+use sage::usage::RouteTrace;
+
+fn replay(t: &RouteTrace, slots: usize, p: Box<dyn Policy>) -> f64 {
+    let mut s = Scheduler::new(slots, p);
+    let k = t.n_expert_used;
+    for i in 0..t.n_tokens() {
+        for il in 0..t.n_layer {
+            s.ensure(il as u32, &t.choices[il][i * k..(i + 1) * k], |_, _| Ok::<u64, ()>(0)).unwrap();
+        }
+    }
+    s.stats.hit_rate()
+}
+
+fn main() -> anyhow::Result<()> {
+    let a: Vec<String> = std::env::args().collect();
+    anyhow::ensure!(a.len() >= 3, "usage: policy_sweep MODEL_DIR TEXT [WINDOW]");
+    let window: usize = a.get(3).map(|s| s.parse()).transpose()?.unwrap_or(512);
+    sage::ggml::route_logs();
+    let tok = sage::engine::generate::load_tokenizer(a[1].as_ref())?;
+    let text = std::fs::read_to_string(&a[2])?;
+    let ids = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("{e}"))?.get_ids().to_vec();
+    let mut e = Engine::load(a[1].as_ref(), EngineOptions { n_ctx: window, ..Default::default() })?;
+    let t = sage::eval::profile(&mut e, &ids, window, |_, _| {})?;
+    let total = t.n_layer * t.n_expert;
+    println!("{} tokens x {} layers, top-{} of {}", t.n_tokens(), t.n_layer, t.n_expert_used, t.n_expert);
+    let half_lives = [0.25, 0.5, 1.0, 2.0, 4.0, 16.0];
+    print!("| arena | LRU |");
+    for h in half_lives {
+        print!(" LFRU h={h} |");
+    }
+    println!(" optimal |");
+    for pct in [25, 50, 75] {
+        let slots = (total * pct / 100).max(t.n_expert_used);
+        print!("| {pct}% ({slots}) | {:.1}% |", 100.0 * replay(&t, slots, Box::new(Lru::new(slots))));
+        for h in half_lives {
+            print!(" {:.1}% |", 100.0 * replay(&t, slots, Box::new(Lfru::new(slots, h))));
+        }
+        println!(" {:.1}% |", 100.0 * t.optimal_hit_rate(slots));
+    }
+    Ok(())
+}
