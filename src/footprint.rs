@@ -594,21 +594,7 @@ pub fn of_gguf(path: &Path, opts: &FootprintOptions) -> Result<Footprint> {
     Ok(f)
 }
 
-/// `3.11 GB` (decimal units, as model sizes are usually quoted).
-pub fn si_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
-    let mut x = n as f64;
-    let mut u = 0;
-    while x >= 1000.0 && u < UNITS.len() - 1 {
-        x /= 1000.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{x:.2} {}", UNITS[u])
-    }
-}
+pub use crate::inspect::si_bytes;
 
 /// Rows of cells as a left-aligned first column and right-aligned others.
 fn table(f: &mut fmt::Formatter<'_>, rows: &[Vec<String>]) -> fmt::Result {

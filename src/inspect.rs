@@ -117,20 +117,29 @@ fn ty_name(t: Option<crate::ggml::GgmlType>) -> String {
     t.map(|t| t.name().to_string()).unwrap_or_else(|| "unknown".into())
 }
 
-/// `1.23 GiB`.
-pub fn short_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+/// `n` in the largest of `units` (each `step` times the one before) that keeps it ≥ 1.
+fn scaled(n: u64, step: f64, units: [&str; 5]) -> String {
     let mut x = n as f64;
     let mut u = 0;
-    while x >= 1024.0 && u < UNITS.len() - 1 {
-        x /= 1024.0;
+    while x >= step && u < units.len() - 1 {
+        x /= step;
         u += 1;
     }
     if u == 0 {
         format!("{n} B")
     } else {
-        format!("{x:.2} {}", UNITS[u])
+        format!("{x:.2} {}", units[u])
     }
+}
+
+/// `1.23 GiB`.
+pub fn short_bytes(n: u64) -> String {
+    scaled(n, 1024.0, ["B", "KiB", "MiB", "GiB", "TiB"])
+}
+
+/// `3.11 GB` (decimal units, as model sizes are usually quoted).
+pub fn si_bytes(n: u64) -> String {
+    scaled(n, 1000.0, ["B", "kB", "MB", "GB", "TB"])
 }
 
 /// `1.23 GiB (1320702443 bytes)`.
