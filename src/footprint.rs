@@ -18,7 +18,7 @@ use crate::config::{read_hf_config, ModelConfig};
 use crate::convert::{expert_shape, target_type};
 use crate::error::{Error, IoContext, Result};
 use crate::ggml::{GgmlType, GgufTensorInfo, GgufValue};
-use crate::inspect::{short_bytes, Tally};
+use crate::inspect::{short_bytes, si_bytes, Tally};
 use crate::model_dir::{base_tensors, shard_name, ExpertLayer, ModelDir, Role, BASE, EXPERT_DIR, RECORD_ALIGN};
 use crate::names::{Proj, OUTPUT, SAGE_FORMAT_VERSION};
 use crate::quant::QUANT_NAMES;
@@ -594,7 +594,6 @@ pub fn of_gguf(path: &Path, opts: &FootprintOptions) -> Result<Footprint> {
     Ok(f)
 }
 
-pub use crate::inspect::si_bytes;
 
 /// Rows of cells as a left-aligned first column and right-aligned others.
 fn table(f: &mut fmt::Formatter<'_>, rows: &[Vec<String>]) -> fmt::Result {
