@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use sage::convert::{convert, parse_expert_spec, ConvertOptions};
 use sage::inspect::{human_bytes, inspect};
 use sage::quant::parse_quant;
+use sage::synth::{strategy, synth, synth_config, SynthOptions, ROUTING_NOTICE};
 use sage::usage::Usage;
 
 /// Convert a Qwen3-MoE checkpoint (Hugging Face directory or llama.cpp GGUF) into a sage model
@@ -71,6 +72,39 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Write a model directory with the real shapes of a published model and random weights,
+    /// for benchmarks. The base is quantized by ggml tensor by tensor; each expert row is
+    /// picked from a pool of random rows ggml quantized once (--exact quantizes every expert).
+    /// Random routing is near uniform, so expert hit rates measured on it are a worst case.
+    Synth {
+        /// The model whose shapes to copy: qwen3-30b-a3b, qwen3-omni-30b-a3b, tiny, or the path
+        /// of a Hugging Face config.json.
+        #[arg(long)]
+        like: String,
+        /// Type of the matrices (base and experts): f32, f16, bf16, q8_0, q6_k, q5_k, q4_k,
+        /// q4_0, q3_k, q2_k; norms and routers stay f32.
+        #[arg(long)]
+        quant: String,
+        /// Output model directory.
+        #[arg(short, long)]
+        out: PathBuf,
+        /// Also write the model as one standard GGUF that llama.cpp loads.
+        #[arg(long)]
+        merged: Option<PathBuf>,
+        /// Keep only the first N layers (same per-layer shapes): a shallower model for quicker runs.
+        #[arg(long)]
+        layers: Option<u32>,
+        /// Seed of the random weights: the same seed gives byte-identical files.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Quantize every expert from its own random floats (slow: about 25 min for
+        /// qwen3-30b-a3b at q4_k on 2 cores) instead of picking rows from a quantized pool.
+        #[arg(long)]
+        exact: bool,
+        /// Replace an existing model directory and merged file.
+        #[arg(long)]
+        force: bool,
+    },
     /// Show architecture, hyperparameters, tensor counts, bytes and types of a model
     /// directory or GGUF.
     Inspect {
@@ -110,6 +144,56 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 r.n_expert,
                 human_bytes(r.bytes)
             );
+        }
+        Some(Command::Synth { like, quant, out, merged, layers, seed, exact, force }) => {
+            let opts = SynthOptions {
+                quant: parse_quant(&quant)?,
+                like,
+                layers,
+                seed,
+                exact,
+                merged,
+                force,
+                progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            // Checks the name and layer count before the notice.
+            let cfg = synth_config(&opts.like, opts.layers)?;
+            eprintln!("sage-convert synth: note: {ROUTING_NOTICE}.");
+            eprintln!("sage-convert synth: weights: {}.", strategy(opts.exact));
+            eprintln!(
+                "sage-convert synth: {}: {} layers, n_embd {}, {} experts of FFN {} ({} used), vocab {}, {}",
+                cfg.name,
+                cfg.n_layer,
+                cfg.n_embd,
+                cfg.n_expert,
+                cfg.n_ff_exp,
+                cfg.n_expert_used,
+                cfg.n_vocab,
+                opts.quant
+            );
+            let r = synth(&out, &opts).with_context(|| format!("writing a synthetic model to {}", out.display()))?;
+            let c = &r.convert;
+            println!(
+                "wrote {} in {:.1} s: base {} tensors, {}; experts {} per layer, {} (conversion {})",
+                c.out.display(),
+                r.dir_seconds,
+                c.n_base_tensors,
+                human_bytes(c.base_bytes),
+                c.n_experts_per_layer,
+                human_bytes(c.expert_bytes),
+                c.conversion_id
+            );
+            if let (Some(m), Some(path)) = (&r.merged, &opts.merged) {
+                println!(
+                    "wrote {} in {:.1} s ({} tensors, {} experts per layer, {})",
+                    path.display(),
+                    r.merge_seconds,
+                    m.n_tensors,
+                    m.n_expert,
+                    human_bytes(m.bytes)
+                );
+            }
+            println!("note: random routing is near uniform: expert hit rates measured on this model are a worst case");
         }
         Some(Command::Inspect { path, json }) => {
             let i = inspect(&path).with_context(|| format!("inspecting {}", path.display()))?;

@@ -339,7 +339,7 @@ pub fn convert_source(src: &dyn Source, out: &Path, opts: &ConvertOptions) -> Re
 
     // 2. Write: shards, tokenizer.json, then base.gguf (the commit point), then drop the marker.
     prepare_output(&path, out, opts.force)?;
-    let conversion_id = new_conversion_id();
+    let conversion_id = src.conversion_id().unwrap_or_else(new_conversion_id);
     let marker = out.join(INCOMPLETE_MARKER);
     std::fs::write(
         &marker,

@@ -19,6 +19,7 @@ pub mod model_dir;
 pub mod names;
 pub mod quant;
 pub mod source;
+pub mod synth;
 pub mod tokenizer;
 pub mod usage;
 

@@ -67,6 +67,11 @@ pub trait Source {
     fn expert_source_name(&self, il: u32, e: u32, proj: Proj) -> String {
         format!("blk.{il}.{}.weight[expert {e}]", proj.exps())
     }
+    /// A fixed conversion id, for sources whose output is a function of their inputs alone
+    /// (synthetic models: same seed, same bytes); None draws a fresh random id.
+    fn conversion_id(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Open a checkpoint: a directory with `config.json` (Hugging Face) or a `.gguf` file.

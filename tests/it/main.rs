@@ -8,4 +8,5 @@ mod footprint;
 mod parity;
 mod quality;
 mod reliability;
+mod synth;
 mod util;
