@@ -10,7 +10,8 @@
 # Page cache is dropped before every run and counts against the limit.
 #
 #   bench/run.sh MODEL_DIR MODEL.gguf [N_PROMPT] [N_GEN] [POLICY]
-# SAGE_FLAGS="--prefetch" passes flags to sage's runs.
+# SAGE_FLAGS="--prefetch" passes flags to sage's runs; RUNS="sage-25 sage-50" runs only those
+# (names: llama-full sage-full llama-mmap-25 sage-25 llama-mmap-50 sage-50).
 # MODEL.gguf is `sage-convert merge MODEL_DIR` (or `sage-convert synth ... --merged`).
 # Prints one JSON line per run, then a markdown table.
 set -euo pipefail
@@ -32,6 +33,7 @@ drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 # run LIMIT|none NAME CMD...: one JSON line with the limit, the cgroup's peak and OOM kills.
 run() {
     local limit=$1 name=$2; shift 2
+    case " ${RUNS:-$name} " in *" $name "*) ;; *) return 0;; esac
     drop_caches
     mkdir -p "$CG"
     if [ "$limit" != none ]; then echo "$limit" > "$CG/memory.limit_in_bytes"; fi
@@ -68,6 +70,9 @@ for pct in 25 50; do
     R+=("$(run $limit llama-mmap-$pct $B llama "$GGUF" --prompt "$NP" --gen "$NG")")
     R+=("$(run $limit sage-$pct $B sage "$DIR" --arena $arena --prompt "$NP" --gen "$NG" --policy "$POLICY" ${SAGE_FLAGS:-})")
 done
+F=()
+for r in "${R[@]}"; do [ -z "$r" ] || F+=("$r"); done
+R=("${F[@]}")
 printf '%s\n' "${R[@]}"
 
 echo
