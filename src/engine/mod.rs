@@ -351,27 +351,28 @@ impl Engine {
                 dst.write_whole(&buf);
                 continue;
             }
-            if ty == GgmlType::F32 && t.size <= 64 << 20 {
-                // Norms and routers: NaN or Inf there silently ruins every token's routing.
-                md.read_base_range(t, 0..t.size, &mut buf)?;
-                let bad = buf.chunks_exact(4).filter(|b| !f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite()).count();
-                if bad > 0 {
-                    log::warn!(
-                        "{}: tensor '{}' has {bad} NaN or infinite values of {}; output will be wrong",
-                        base_path.display(),
-                        t.name,
-                        t.size / 4
-                    );
-                }
-            }
             // A slice at a time, so reading a large embedding needs no second copy of it.
-            let step = 32u64 << 20;
+            // f32 tensors (norms, routers) are checked on the way: NaN or Inf there silently
+            // ruins every token's routing.
+            let step = 32u64 << 20; // a multiple of 4: slices hold whole f32 values
             let mut at = 0;
+            let mut bad = 0;
             while at < t.size {
                 let end = (at + step).min(t.size);
                 md.read_base_range(t, at..end, &mut buf)?;
+                if ty == GgmlType::F32 {
+                    bad += buf.chunks_exact(4).filter(|b| !f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite()).count();
+                }
                 dst.write(at as usize, &buf);
                 at = end;
+            }
+            if bad > 0 {
+                log::warn!(
+                    "{}: tensor '{}' has {bad} NaN or infinite values of {}; output will be wrong",
+                    base_path.display(),
+                    t.name,
+                    t.size / 4
+                );
             }
         }
         if !opts.page_cache {
