@@ -4,20 +4,8 @@
 //!
 //! cargo run --release --example policy_sweep -- MODEL_DIR TEXT [WINDOW]
 
-use sage::engine::scheduler::{Lfru, Lru, Policy, Scheduler};
+use sage::engine::scheduler::{Lfru, Lru};
 use sage::engine::{Engine, EngineOptions};
-use sage::usage::RouteTrace;
-
-fn replay(t: &RouteTrace, slots: usize, p: Box<dyn Policy>) -> f64 {
-    let mut s = Scheduler::new(slots, p);
-    let k = t.n_expert_used;
-    for i in 0..t.n_tokens() {
-        for il in 0..t.n_layer {
-            s.ensure(il as u32, &t.choices[il][i * k..(i + 1) * k], |_, _| Ok::<u64, ()>(0)).unwrap();
-        }
-    }
-    s.stats.hit_rate()
-}
 
 fn main() -> anyhow::Result<()> {
     let a: Vec<String> = std::env::args().collect();
@@ -39,9 +27,9 @@ fn main() -> anyhow::Result<()> {
     println!(" optimal |");
     for pct in [25, 50, 75] {
         let slots = (total * pct / 100).max(t.n_expert_used);
-        print!("| {pct}% ({slots}) | {:.1}% |", 100.0 * replay(&t, slots, Box::new(Lru::new(slots))));
+        print!("| {pct}% ({slots}) | {:.1}% |", 100.0 * t.replay(slots, Box::new(Lru::new(slots))));
         for h in half_lives {
-            print!(" {:.1}% |", 100.0 * replay(&t, slots, Box::new(Lfru::new(slots, h))));
+            print!(" {:.1}% |", 100.0 * t.replay(slots, Box::new(Lfru::new(slots, h))));
         }
         println!(" {:.1}% |", 100.0 * t.optimal_hit_rate(slots));
     }

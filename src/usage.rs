@@ -100,8 +100,12 @@ impl RouteTrace {
     /// Hit rate of an arena of `n_slots` under `policy` (a name from
     /// `scheduler::POLICIES`) replaying the trace in decode order.
     pub fn hit_rate(&self, policy: &str, n_slots: usize) -> f64 {
-        let p = scheduler::policy(policy, n_slots).expect("a known policy");
-        let mut s = Scheduler::new(n_slots, p);
+        self.replay(n_slots, scheduler::policy(policy, n_slots).expect("a known policy"))
+    }
+
+    /// Hit rate of an arena of `n_slots` under `policy` replaying the trace in decode order.
+    pub fn replay(&self, n_slots: usize, policy: Box<dyn scheduler::Policy>) -> f64 {
+        let mut s = Scheduler::new(n_slots, policy);
         for t in 0..self.n_tokens() {
             for il in 0..self.n_layer {
                 s.ensure(il as u32, self.token(il, t), |_, _| Ok::<u64, ()>(0)).expect("loads cannot fail");
