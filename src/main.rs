@@ -357,13 +357,8 @@ fn profile(a: ProfileArgs) -> anyhow::Result<()> {
     );
     println!("layer  entropy (of {:.2} bits)  next-token reuse  most used", st.max_entropy_bits);
     let top = usage.most_used(usage.n_expert_used as usize);
-    for il in 0..usage.n_layer as usize {
-        println!(
-            "{il:>5}  {:>22.3}  {:>15.1}%  {}",
-            st.entropy_bits[il],
-            100.0 * st.next_token_reuse[il],
-            sage::inspect::id_ranges(&top[il])
-        );
+    for (il, ((entropy, reuse), top)) in st.entropy_bits.iter().zip(&st.next_token_reuse).zip(&top).enumerate() {
+        println!("{il:>5}  {entropy:>22.3}  {:>15.1}%  {}", 100.0 * reuse, sage::inspect::id_ranges(top));
     }
     println!("simulated arena (decode order), hit rate:   lru    lfru  optimal");
     for s in &st.simulated_arena {
