@@ -115,13 +115,19 @@ fn main() -> anyhow::Result<()> {
             measure(&full, &eval_ids)?
         } else {
             let ids: Vec<u32> = (0..*n as u32).collect();
-            measure(&conv(&format!("fixed-{n}"), ConvertOptions { experts: Some(ids), ..q(GgmlType::Q8_0) })?, &eval_ids)?
+            measure(
+                &conv(&format!("fixed-{n}"), ConvertOptions { experts: Some(ids), ..q(GgmlType::Q8_0) })?,
+                &eval_ids,
+            )?
         };
         let calibrated = if *n == n_expert {
             None
         } else {
             let per_layer = usage.most_used(*n);
-            let d = conv(&format!("calib-{n}"), ConvertOptions { experts_per_layer: Some(per_layer), ..q(GgmlType::Q8_0) })?;
+            let d = conv(
+                &format!("calib-{n}"),
+                ConvertOptions { experts_per_layer: Some(per_layer), ..q(GgmlType::Q8_0) },
+            )?;
             Some(measure(&d, &eval_ids)?)
         };
         pool_rows.push((label.clone(), *n, fixed, calibrated));
@@ -170,7 +176,10 @@ fn main() -> anyhow::Result<()> {
          partly). Quantization should cost little down to q4_k and visibly at q3_k and q2_k.\n"
     )?;
     writeln!(md, "## Expert pools (q8_0 weights)\n")?;
-    writeln!(md, "| pool per layer | experts | fixed `0..N-1` ppl | calibrated ppl | fixed sample | calibrated sample |")?;
+    writeln!(
+        md,
+        "| pool per layer | experts | fixed `0..N-1` ppl | calibrated ppl | fixed sample | calibrated sample |"
+    )?;
     writeln!(md, "|---|---|---|---|---|---|")?;
     let mut wins = Vec::new();
     for (label, n, fixed, cal) in &pool_rows {
@@ -259,7 +268,11 @@ fn main() -> anyhow::Result<()> {
         writeln!(
             md,
             "- {n} experts per layer: calibrated {c:.3} vs fixed {f:.3}: {}.",
-            if *won { format!("calibrated is better by {:.1}%", 100.0 * (1.0 - c / f)) } else { "calibrated is **not** better".into() }
+            if *won {
+                format!("calibrated is better by {:.1}%", 100.0 * (1.0 - c / f))
+            } else {
+                "calibrated is **not** better".into()
+            }
         )?;
     }
     let full_ppl = pool_rows[0].2.ppl;

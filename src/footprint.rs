@@ -594,7 +594,6 @@ pub fn of_gguf(path: &Path, opts: &FootprintOptions) -> Result<Footprint> {
     Ok(f)
 }
 
-
 /// Rows of cells as a left-aligned first column and right-aligned others.
 fn table(f: &mut fmt::Formatter<'_>, rows: &[Vec<String>]) -> fmt::Result {
     let n = rows.iter().map(Vec::len).max().unwrap_or(0);

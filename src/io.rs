@@ -37,7 +37,12 @@ impl WatchedFile {
     /// clean pages leave the page cache, so under a memory limit the budget goes to the arena
     /// rather than to a second copy of what it holds. Advice only; errors are ignored.
     pub fn drop_cached(&self, offset: u64, len: usize) {
-        let _ = rustix::fs::fadvise(&self.file, offset, std::num::NonZeroU64::new(len as u64), rustix::fs::Advice::DontNeed);
+        let _ = rustix::fs::fadvise(
+            &self.file,
+            offset,
+            std::num::NonZeroU64::new(len as u64),
+            rustix::fs::Advice::DontNeed,
+        );
     }
 
     /// Read `len` bytes at `offset` into `buf` (resized to `len`).

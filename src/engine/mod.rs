@@ -246,8 +246,9 @@ fn load_expert(
         }
     };
     let n_layer = dir.manifest.layers.len() as u32;
-    let r = load_slot(arena, arena_buf, il, n_layer, slot * stride, &layer.sizes(), &layer.shapes, &layer.types, &bytes)
-        .map_err(|e| ffi(shard.path(), "expert arena", e));
+    let r =
+        load_slot(arena, arena_buf, il, n_layer, slot * stride, &layer.sizes(), &layer.shapes, &layer.types, &bytes)
+            .map_err(|e| ffi(shard.path(), "expert arena", e));
     *staging = bytes; // keep the allocation for the next load
     r?;
     Ok(record as u64)
@@ -361,7 +362,10 @@ impl Engine {
                 let end = (at + step).min(t.size);
                 md.read_base_range(t, at..end, &mut buf)?;
                 if ty == GgmlType::F32 {
-                    bad += buf.chunks_exact(4).filter(|b| !f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite()).count();
+                    bad += buf
+                        .chunks_exact(4)
+                        .filter(|b| !f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite())
+                        .count();
                 }
                 dst.write(at as usize, &buf);
                 at = end;
@@ -451,9 +455,8 @@ impl Engine {
         }
         let state_buf = backend.alloc_ctx_tensors(state.context()).map_err(|e| ffi(dir, "activations", e))?;
 
-        let shards: Arc<Vec<WatchedFile>> = Arc::new(
-            md.manifest.layers.iter().map(|l| WatchedFile::open(&dir.join(&l.file))).collect::<Result<_>>()?,
-        );
+        let shards: Arc<Vec<WatchedFile>> =
+            Arc::new(md.manifest.layers.iter().map(|l| WatchedFile::open(&dir.join(&l.file))).collect::<Result<_>>()?);
         let prefetch = opts.prefetch.then(|| Prefetcher::new(shards.clone(), !opts.page_cache));
         let present =
             md.manifest.layers.iter().map(|l| (0..cfg.n_expert).map(|e| l.slot_of(e).is_some()).collect()).collect();

@@ -61,7 +61,8 @@ fn open_err(dir: &Path, name: &str, bytes: &[u8]) -> String {
     };
     assert!(e.contains(name), "{name}: the error does not name the file: {e}");
     // The CLI says the same, without panicking.
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sage")).args(["inspect", p.to_str().unwrap()]).output().unwrap();
+    let o =
+        std::process::Command::new(env!("CARGO_BIN_EXE_sage")).args(["inspect", p.to_str().unwrap()]).output().unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && stderr.contains("sage: error") && !stderr.contains("panicked"), "{name}: {stderr}");
     e

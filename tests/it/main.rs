@@ -3,8 +3,8 @@
 mod bad_input;
 mod convert;
 mod engine;
-mod gguf_malformed;
 mod footprint;
+mod gguf_malformed;
 mod parity;
 mod quality;
 mod reliability;

@@ -79,7 +79,8 @@ fn eval_matches_llama_cpp_perplexity() {
 
     let w = WINDOW.to_string();
     for arena in [None, Some("4")] {
-        let mut args = vec!["eval", model_dir.to_str().unwrap(), "--text", text.to_str().unwrap(), "--ctx", &w, "--json"];
+        let mut args =
+            vec!["eval", model_dir.to_str().unwrap(), "--text", text.to_str().unwrap(), "--ctx", &w, "--json"];
         if let Some(a) = arena {
             args.extend(["--arena-experts", a]);
         }
@@ -89,7 +90,10 @@ fn eval_matches_llama_cpp_perplexity() {
         eprintln!("arena {arena:?}: sage eval {got:.4}, llama.cpp {want:.4}, relative difference {rel:e}");
         assert!(rel < PPL_REL_TOL, "sage {got} vs llama.cpp {want}");
         assert_eq!(out["perplexity"]["windows"].as_u64().unwrap() as usize, ids.len() / WINDOW);
-        assert_eq!(out["perplexity"]["tokens_scored"].as_u64().unwrap() as usize, ids.len() / WINDOW * (WINDOW / 2 - 1));
+        assert_eq!(
+            out["perplexity"]["tokens_scored"].as_u64().unwrap() as usize,
+            ids.len() / WINDOW * (WINDOW / 2 - 1)
+        );
     }
     // A trained model on its own held-out text: far better than chance (ppl = vocabulary size).
     assert!(want < 200.0, "held-out perplexity {want}");
@@ -122,12 +126,23 @@ fn profile_counts_and_calibrated_pool() {
     // --pool usage.json --keep 6: exactly each layer's 6 most used.
     let keep = 6;
     let pooled = dir.path().join("pooled");
-    ok(sage_convert(&[bundled().to_str().unwrap(), "-o", pooled.to_str().unwrap(), "--quant", "q8_0", "--pool", u, "--keep", "6"]));
+    ok(sage_convert(&[
+        bundled().to_str().unwrap(),
+        "-o",
+        pooled.to_str().unwrap(),
+        "--quant",
+        "q8_0",
+        "--pool",
+        u,
+        "--keep",
+        "6",
+    ]));
     let m = ModelDir::open(&pooled).unwrap();
     for (l, layer) in usage.layers.iter().zip(&m.manifest.layers) {
         assert_eq!(layer.ids.len(), keep);
         let min_kept = layer.ids.iter().map(|&e| l.counts[e as usize]).min().unwrap();
-        let max_dropped = (0..cfg.n_expert).filter(|e| !layer.ids.contains(e)).map(|e| l.counts[e as usize]).max().unwrap();
+        let max_dropped =
+            (0..cfg.n_expert).filter(|e| !layer.ids.contains(e)).map(|e| l.counts[e as usize]).max().unwrap();
         assert!(min_kept >= max_dropped, "layer {}: kept {:?} of counts {:?}", l.il, layer.ids, l.counts);
     }
     // The pooled model runs, and routes only within its pool.
@@ -142,7 +157,8 @@ fn profile_counts_and_calibrated_pool() {
 
     // Warm start from the profile: same output, fewer misses.
     let run = |warm: bool| {
-        let mut args = vec!["run", md, "-p", "And God said", "--temp", "0", "-n", "16", "--arena-experts", "16", "--json"];
+        let mut args =
+            vec!["run", md, "-p", "And God said", "--temp", "0", "-n", "16", "--arena-experts", "16", "--json"];
         if warm {
             args.extend(["--warm", u]);
         }
@@ -162,7 +178,8 @@ fn damaged_usage_json_is_a_clear_error() {
     let dir = tmp();
     let model_dir = convert_bundled(dir.path(), GgmlType::Q8_0);
     let cfg = ModelDir::open(&model_dir).unwrap().config;
-    let mut trace = sage::usage::RouteTrace::new(cfg.n_layer as usize, cfg.n_expert as usize, cfg.n_expert_used as usize);
+    let mut trace =
+        sage::usage::RouteTrace::new(cfg.n_layer as usize, cfg.n_expert as usize, cfg.n_expert_used as usize);
     for c in trace.choices.iter_mut() {
         c.extend([0, 1, 2, 3, 4, 5, 6, 7]);
     }
@@ -173,25 +190,37 @@ fn damaged_usage_json_is_a_clear_error() {
         ("other format", good.to_string().replace("sage-usage", "other"), "format is 'other'"),
         ("negative count", good.to_string().replacen("\"counts\":[1,", "\"counts\":[-1,", 1), "not a sage usage file"),
         ("wrong sum", good.to_string().replacen("\"counts\":[1,", "\"counts\":[2,", 1), "counts sum to 9"),
-        ("missing layer", {
-            let mut v = good.clone();
-            v["layers"].as_array_mut().unwrap().pop();
-            v.to_string()
-        }, "layers listed"),
-        ("short counts", {
-            let mut v = good.clone();
-            v["layers"][0]["counts"].as_array_mut().unwrap().pop();
-            v.to_string()
-        }, "counts, expected one per expert"),
-        ("other model", {
-            let mut v = good.clone();
-            v["n_expert"] = 32.into();
-            for l in v["layers"].as_array_mut().unwrap() {
-                l["counts"].as_array_mut().unwrap().extend(vec![serde_json::Value::from(0); 16]);
-                l["coactivation"] = serde_json::json!([]);
-            }
-            v.to_string()
-        }, "measured on a model of 4 layers x 32 experts; this one has 4 x 16"),
+        (
+            "missing layer",
+            {
+                let mut v = good.clone();
+                v["layers"].as_array_mut().unwrap().pop();
+                v.to_string()
+            },
+            "layers listed",
+        ),
+        (
+            "short counts",
+            {
+                let mut v = good.clone();
+                v["layers"][0]["counts"].as_array_mut().unwrap().pop();
+                v.to_string()
+            },
+            "counts, expected one per expert",
+        ),
+        (
+            "other model",
+            {
+                let mut v = good.clone();
+                v["n_expert"] = 32.into();
+                for l in v["layers"].as_array_mut().unwrap() {
+                    l["counts"].as_array_mut().unwrap().extend(vec![serde_json::Value::from(0); 16]);
+                    l["coactivation"] = serde_json::json!([]);
+                }
+                v.to_string()
+            },
+            "measured on a model of 4 layers x 32 experts; this one has 4 x 16",
+        ),
     ];
     for (name, body, want) in cases {
         let u = dir.path().join(format!("{}.json", name.replace(' ', "-")));
