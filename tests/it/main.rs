@@ -4,6 +4,7 @@ mod bad_input;
 mod convert;
 mod engine;
 mod footprint;
+mod fuzz_regressions;
 mod gguf_malformed;
 mod parity;
 mod quality;
