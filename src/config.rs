@@ -119,7 +119,13 @@ impl Obj<'_> {
 /// Read `config.json` of a Hugging Face checkpoint.
 pub fn read_hf_config(path: &Path) -> Result<(HfLayout, ModelConfig)> {
     let text = std::fs::read_to_string(path).at(path)?;
-    let root: Value = serde_json::from_str(&text).map_err(|e| cfg_err(path, "(json)", e.to_string()))?;
+    parse_hf_config(&text, path)
+}
+
+/// Parse the text of a `config.json`; `path` names it in errors (and gives the model's name
+/// when the file has no `_name_or_path`).
+pub fn parse_hf_config(text: &str, path: &Path) -> Result<(HfLayout, ModelConfig)> {
+    let root: Value = serde_json::from_str(text).map_err(|e| cfg_err(path, "(json)", e.to_string()))?;
     let arch = root
         .get("architectures")
         .and_then(|a| a.get(0))

@@ -259,8 +259,13 @@ impl Usage {
     /// Read and check a `usage.json`.
     pub fn load(path: &Path) -> Result<Usage> {
         let text = std::fs::read_to_string(path).at(path)?;
+        Usage::parse(&text, path)
+    }
+
+    /// Parse and check the text of a `usage.json`; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Usage> {
         let bad = |reason: String| Error::BadUsage { path: path.to_path_buf(), reason };
-        let u: Usage = serde_json::from_str(&text).map_err(|e| bad(format!("not a sage usage file: {e}")))?;
+        let u: Usage = serde_json::from_str(text).map_err(|e| bad(format!("not a sage usage file: {e}")))?;
         if u.format != USAGE_FORMAT {
             return Err(bad(format!("format is '{}', expected '{USAGE_FORMAT}'", u.format)));
         }
