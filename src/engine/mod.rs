@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::ggml::{Allocator, Backend, Buffer, Context, GgmlType, GgufValue, TensorSet, ROPE_TYPE_NEOX};
+use crate::ggml::{Allocator, Backend, Buffer, Context, GgmlType, GgufValue, Tensor, TensorSet, ROPE_TYPE_NEOX};
 use crate::io::WatchedFile;
 use crate::model_dir::ModelDir;
 use crate::names::*;
@@ -68,6 +68,9 @@ pub struct EngineOptions {
     /// While a layer computes, read the next layer's predicted experts on an I/O thread
     /// (decode only: one token per batch).
     pub prefetch: bool,
+    /// Bytes per slice when base tensors are read from disk (repacked matrices go in slices
+    /// of whole row groups, about this size).
+    pub load_slice: usize,
 }
 
 impl Default for EngineOptions {
@@ -83,6 +86,7 @@ impl Default for EngineOptions {
             policy: "lru".into(),
             page_cache: false,
             prefetch: false,
+            load_slice: 16 << 20,
         }
     }
 }
@@ -110,6 +114,9 @@ pub struct MemoryUse {
     pub compute: usize,
     /// One expert record on its way from disk.
     pub staging: usize,
+    /// The buffer that carried base tensors from disk while loading (freed after loading, so
+    /// not part of `total`; it bounds what loading adds to the peak).
+    pub load_buffer: usize,
 }
 
 impl MemoryUse {
@@ -170,6 +177,8 @@ pub struct Engine {
     /// Routing choices, recorded while `Some` (see `start_trace`).
     trace: Option<RouteTrace>,
     warm_stats: SchedStats,
+    /// Capacity of the buffer that carried the base from disk (freed after loading).
+    load_buffer: usize,
 }
 
 /// Where a group of experts stands among a layer's groups (see `Engine::experts`).
@@ -179,6 +188,55 @@ enum GroupStep {
     First,
     Middle,
     Last,
+}
+
+/// Rows per slice when a repacked base matrix is loaded: a multiple of 64 (every row
+/// interleave of ggml's repacked layouts divides it) of about `slice` bytes.
+fn repack_slice_rows(row_bytes: u64, slice: u64) -> u64 {
+    (slice / row_bytes.max(1) / 64).max(1) * 64
+}
+
+/// Load base tensor `t` into `dst`, which ggml keeps repacked. ggml repacks only whole
+/// tensors, so a slice of rows goes through a proxy tensor of those rows placed at their spot
+/// (a repacked layout keeps each group of rows in its own bytes, at the same offset as
+/// unpacked): loading the 175 MB output matrix of Qwen3-30B-A3B then needs a buffer of one
+/// slice (16 MiB by default), not a second copy of it. Where ggml would lay a slice out differently from the whole
+/// matrix, the whole matrix is written at once.
+fn write_repacked(
+    md: &ModelDir,
+    t: &crate::ggml::GgufTensorInfo,
+    dst: Tensor<'_>,
+    dst_buf: &Buffer,
+    slice: usize,
+    buf: &mut Vec<u8>,
+) -> Result<()> {
+    let (ne0, ne1) = (t.ne[0], t.ne.get(1).copied().unwrap_or(1));
+    let row = t.size / ne1.max(1);
+    let rows = repack_slice_rows(row, slice as u64);
+    let whole = |buf: &mut Vec<u8>| -> Result<()> {
+        md.read_base_range(t, 0..t.size, buf)?;
+        dst.write_whole(buf);
+        Ok(())
+    };
+    let Some(at) = dst_buf.offset_of(dst) else { return whole(buf) };
+    if ne1 <= rows || t.ne.iter().skip(2).any(|&n| n != 1) {
+        return whole(buf);
+    }
+    let ty = t.ty.expect("checked when opened");
+    let mut r0 = 0;
+    while r0 < ne1 {
+        let n = rows.min(ne1 - r0);
+        let ctx = Context::new(1, 0);
+        let proxy = ctx.new_tensor(ty, &[ne0 as i64, n as i64]);
+        dst_buf.place(proxy, at + (r0 * row) as usize).map_err(|e| ffi(&md.base_path, &t.name, e))?;
+        if !proxy.same_layout(dst) {
+            return whole(buf);
+        }
+        md.read_base_range(t, r0 * row..(r0 + n) * row, buf)?;
+        proxy.write_whole(buf);
+        r0 += n;
+    }
+    Ok(())
 }
 
 /// Copy one expert's record into the arena at byte `at`: projections whose arena tensor is
@@ -348,14 +406,13 @@ impl Engine {
                 None => embd.get(0),
             };
             if dst.is_repacked() {
-                md.read_base_range(t, 0..t.size, &mut buf)?;
-                dst.write_whole(&buf);
+                write_repacked(&md, t, dst, &weights_buf, opts.load_slice, &mut buf)?;
                 continue;
             }
             // A slice at a time, so reading a large embedding needs no second copy of it.
             // f32 tensors (norms, routers) are checked on the way: NaN or Inf there silently
             // ruins every token's routing.
-            let step = 32u64 << 20; // a multiple of 4: slices hold whole f32 values
+            let step = (opts.load_slice as u64).max(4) / 4 * 4; // slices hold whole f32 values
             let mut at = 0;
             let mut bad = 0;
             while at < t.size {
@@ -379,6 +436,8 @@ impl Engine {
                 );
             }
         }
+        let load_buffer = buf.capacity();
+        drop(buf);
         if !opts.page_cache {
             // The base now lives in backend memory; its file's pages would be a second copy.
             let _ = rustix::fs::fadvise(&md.base_file, 0, None, rustix::fs::Advice::DontNeed);
@@ -494,6 +553,7 @@ impl Engine {
             stats: EngineStats::default(),
             trace: None,
             warm_stats: SchedStats::default(),
+            load_buffer,
             backend,
             opts,
         })
@@ -511,6 +571,7 @@ impl Engine {
             kv: self._kv_buf.size(),
             compute: self.alloc.buffer_size() + self._state_buf.size(),
             staging: self.staging.capacity() + self.prefetch.as_ref().map_or(0, |p| p.held_bytes()),
+            load_buffer: self.load_buffer,
         }
     }
 

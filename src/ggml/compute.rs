@@ -193,6 +193,16 @@ impl Buffer {
         unsafe { sys::ggml_backend_buffer_clear(self.ptr.as_ptr(), value) };
     }
 
+    /// Byte offset of `t`'s data in this buffer; None when `t` lives elsewhere.
+    pub fn offset_of(&self, t: Tensor<'_>) -> Option<usize> {
+        if t.raw().buffer != self.ptr.as_ptr() {
+            return None;
+        }
+        // SAFETY: valid buffer; only the base address is read.
+        let base = unsafe { sys::ggml_backend_buffer_get_base(self.ptr.as_ptr()) } as usize;
+        (t.raw().data as usize).checked_sub(base)
+    }
+
     /// Give `t` (not yet allocated) its data at `offset` in this buffer.
     pub fn place(&self, t: Tensor<'_>, offset: usize) -> Result<(), FfiError> {
         // SAFETY: valid buffer and tensor; a size query (GPU buffers pad quantized rows).
@@ -634,6 +644,12 @@ impl Tensor<'_> {
             };
             name.to_bytes() == b"CPU_REPACK"
         }
+    }
+
+    /// Whether ggml gave `other` the same repacked layout as this tensor (the same repacking
+    /// of the same type), so rows written through one are laid out as the other reads them.
+    pub fn same_layout(&self, other: Tensor<'_>) -> bool {
+        self.raw().type_ == other.raw().type_ && self.raw().extra == other.raw().extra
     }
 
     /// Whether the tensor lives in a repacking buffer with a repacked layout for its type.

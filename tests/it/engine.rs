@@ -282,3 +282,25 @@ fn prefetch_changes_nothing_but_where_bytes_come_from() {
     eprintln!("prefetch: {:?}, hit rate {:.2}", st.prefetch, st.sched.hit_rate());
     assert!(st.prefetch.issued > 0 && st.prefetch.used > 0, "{:?}", st.prefetch);
 }
+
+#[test]
+fn base_matrices_load_in_slices_of_whole_row_groups() {
+    // At q4_K the tiny fixture's output matrix is 512 rows of 144 bytes (73728 bytes), kept
+    // repacked on the CPU. With slices of 64 rows it goes through 8 proxies; the logits must
+    // be those of the whole-matrix load, bit for bit, and no whole matrix is buffered.
+    let dir = tmp();
+    let (model_dir, _) = convert_into(&plain(), dir.path(), &opts(Some(GgmlType::Q4_K)));
+    let slice = 64 * 144;
+    let mut whole = Engine::load(&model_dir, exact(ArenaSize::All)).unwrap();
+    let mut sliced = Engine::load(&model_dir, EngineOptions { load_slice: slice, ..exact(ArenaSize::All) }).unwrap();
+    let (w, s) = (whole.memory().load_buffer, sliced.memory().load_buffer);
+    eprintln!("load buffer: whole {w} bytes, sliced {s} bytes");
+    assert!(w >= 512 * 144, "the default slice holds the whole output matrix: {w}");
+    assert!(s <= 2 * slice, "sliced load buffered {s} bytes, slice {slice}");
+    for p in reference() {
+        let ids: Vec<u32> = p.ids.iter().map(|&i| i as u32).collect();
+        whole.reset();
+        sliced.reset();
+        assert_eq!(whole.eval(&ids, true).unwrap(), sliced.eval(&ids, true).unwrap(), "{}", p.name);
+    }
+}
