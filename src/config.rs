@@ -65,6 +65,38 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
 }
 
+/// Largest sizes a model may declare. llama.cpp's own caps for layers and experts
+/// (`LLAMA_MAX_LAYERS`, `LLAMA_MAX_EXPERTS`); generous bounds for the rest, far above any
+/// published model, so that sizes computed from them (tensor bytes, footprints, per-layer
+/// tables) cannot overflow or ask for memory a file's few bytes do not justify.
+pub const LIMITS: [(&str, u64); 8] = [
+    ("n_layer", 512),
+    ("n_expert", 512),
+    ("n_embd", 1 << 20),
+    ("n_head", 1 << 16),
+    ("head_dim", 1 << 16),
+    ("n_ff", 1 << 22),
+    ("n_ff_exp", 1 << 22),
+    ("n_vocab", 1 << 24),
+];
+
+impl ModelConfig {
+    /// The first size above `LIMITS`: (name, value, limit).
+    fn over_limit(&self) -> Option<(&'static str, u64, u64)> {
+        let values = [
+            self.n_layer as u64,
+            self.n_expert as u64,
+            self.n_embd,
+            self.n_head as u64,
+            self.head_dim,
+            self.n_ff,
+            self.n_ff_exp,
+            self.n_vocab,
+        ];
+        LIMITS.iter().zip(values).find(|((_, lim), v)| v > lim).map(|((name, lim), v)| (*name, v, *lim))
+    }
+}
+
 fn cfg_err(path: &Path, key: &str, reason: impl Into<String>) -> Error {
     Error::Config { path: path.to_path_buf(), key: key.to_string(), reason: reason.into() }
 }
@@ -242,6 +274,19 @@ pub fn parse_hf_config(text: &str, path: &Path) -> Result<(HfLayout, ModelConfig
         n_ctx_train: o.get(&["max_position_embeddings"]).and_then(|v| v.as_u64()).unwrap_or(4096),
         tie_word_embeddings: o.bool_or(&["tie_word_embeddings"], false)?,
     };
+    if let Some((name, v, lim)) = cfg.over_limit() {
+        let keys: &[&str] = match name {
+            "n_layer" => &["num_hidden_layers"],
+            "n_expert" => &["num_experts", "num_local_experts"],
+            "n_embd" => &["hidden_size"],
+            "n_head" => &["num_attention_heads"],
+            "head_dim" => &["head_dim"],
+            "n_ff" => &["intermediate_size"],
+            "n_ff_exp" => &["moe_intermediate_size"],
+            _ => &["vocab_size"],
+        };
+        return Err(cfg_err(path, &o.key(keys), format!("{v} is above the largest supported ({name} <= {lim})")));
+    }
     Ok((layout, cfg))
 }
 
@@ -355,6 +400,28 @@ impl ModelConfig {
                     "{} heads, {} KV heads, {} of {} experts",
                     cfg.n_head, cfg.n_head_kv, cfg.n_expert_used, cfg.n_expert
                 ),
+            ));
+        }
+        if let Some((name, v, lim)) = cfg.over_limit() {
+            let key = match name {
+                "n_layer" => arch_key(K_BLOCK_COUNT),
+                "n_expert" => arch_key(K_EXPERT_COUNT),
+                "n_embd" => arch_key(K_EMBEDDING_LENGTH),
+                "n_head" => arch_key(K_HEAD_COUNT),
+                "head_dim" => arch_key(K_KEY_LENGTH),
+                "n_ff" => arch_key(K_FEED_FORWARD_LENGTH),
+                "n_ff_exp" => arch_key(K_EXPERT_FEED_FORWARD_LENGTH),
+                _ => format!("{TOKEN_EMBD} rows"),
+            };
+            return Err(meta_err(path, &key, &format!("{name} <= {lim}"), &v.to_string()));
+        }
+        // Every layer has at least 9 base tensors; a count the file cannot hold is a lie.
+        if cfg.n_layer as usize * 9 > g.n_tensors() {
+            return Err(meta_err(
+                path,
+                &arch_key(K_BLOCK_COUNT),
+                &format!("at most {} layers (the file has {} tensors, 9 or more per layer)", g.n_tensors() / 9, g.n_tensors()),
+                &cfg.n_layer.to_string(),
             ));
         }
         Ok(cfg)

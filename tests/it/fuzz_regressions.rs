@@ -40,3 +40,50 @@ fn tokenizer_json_that_panicked_the_tokenizers_crate() {
     assert_eq!(run.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("tokenizer.json") && !stderr.contains("panicked"), "{stderr}");
 }
+
+/// A GGUF whose `qwen3moe.block_count` is 2^31 + 1 (found by `model_dir`, as base.gguf):
+/// sage built a per-layer tensor list of that length and ran out of memory. Layer and expert
+/// counts are now held to llama.cpp's limits (512 each) and to what the file can hold.
+#[test]
+fn gguf_with_a_huge_block_count() {
+    let dir = tmp();
+    let (model, _) = convert_into(&plain(), dir.path(), &opts(Some(GgmlType::Q8_0)));
+    std::fs::write(model.join("base.gguf"), crash_input("base-gguf-huge-block-count.gguf")).unwrap();
+    let err = sage::model_dir::ModelDir::open(&model).err().expect("refused").to_string();
+    assert!(err.contains("base.gguf") && err.contains("qwen3moe.block_count") && err.contains("512"), "{err}");
+
+    // The same kind of file given to sage-convert (found by `gguf`): 33554433 layers.
+    let input = dir.path().join("in.gguf");
+    std::fs::write(&input, crash_input("gguf-huge-counts.gguf")).unwrap();
+    let out = dir.path().join("out");
+    let err = sage::convert::convert(&input, &out, &opts(None)).unwrap_err().to_string();
+    assert!(err.contains("in.gguf") && err.contains("qwen3moe.block_count"), "{err}");
+    assert!(!out.exists());
+}
+
+/// A config.json of 6962 layers (found by `config_json`): `sage footprint` took over 20 s on
+/// it, and sizes grow with layers without bound. Now refused, naming the key.
+#[test]
+fn config_json_with_too_many_layers() {
+    let path = tmp().path().join("config.json");
+    let text = String::from_utf8(crash_input("config-6962-layers.json")).unwrap();
+    let err = sage::config::parse_hf_config(&text, &path).unwrap_err().to_string();
+    assert!(err.contains("num_hidden_layers") && err.contains("6962") && err.contains("512"), "{err}");
+}
+
+/// A config.json at each limit parses; one above each is refused, naming the key.
+#[test]
+fn config_limits_are_where_they_are_said_to_be() {
+    let base: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("configs/qwen3-30b-a3b.config.json")).unwrap())
+            .unwrap();
+    let path = std::path::Path::new("config.json");
+    for (key, limit) in [("num_hidden_layers", 512u64), ("num_experts", 512), ("hidden_size", 1 << 20), ("vocab_size", 1 << 24)] {
+        let mut c = base.clone();
+        c[key] = limit.into();
+        sage::config::parse_hf_config(&c.to_string(), path).unwrap_or_else(|e| panic!("{key} = {limit}: {e}"));
+        c[key] = (limit + 1).into();
+        let err = sage::config::parse_hf_config(&c.to_string(), path).unwrap_err().to_string();
+        assert!(err.contains(key), "{key}: {err}");
+    }
+}
