@@ -127,7 +127,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("sage-convert: error: {e:#}");
+            eprintln!("sage-convert: error: {}", sage::error::chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -58,6 +58,23 @@ pub enum Error {
     Usage(String),
 }
 
+/// An error and its causes on one line, `outer: cause: cause`, for the binaries. Library
+/// errors already show their cause in their own message (`path: No such file or
+/// directory`), so a cause whose text ends the line so far is not repeated.
+pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line
+}
+
 /// Attach a path to an `io::Error`.
 pub(crate) trait IoContext<T> {
     fn at(self, path: impl Into<PathBuf>) -> Result<T>;
@@ -66,5 +83,18 @@ pub(crate) trait IoContext<T> {
 impl<T> IoContext<T> for std::io::Result<T> {
     fn at(self, path: impl Into<PathBuf>) -> Result<T> {
         self.map_err(|source| Error::Io { path: path.into(), source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_names_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        let e = Error::Io { path: "m/tokenizer.json".into(), source: io };
+        let outer = anyhow::Error::new(e).context("loading the tokenizer of m");
+        assert_eq!(chain(outer.as_ref()), "loading the tokenizer of m: m/tokenizer.json: No such file or directory");
     }
 }

@@ -495,7 +495,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("sage: error: {e:#}");
+            eprintln!("sage: error: {}", sage::error::chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
