@@ -9,6 +9,25 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, IoContext, Result};
 use crate::ggml::Gguf;
 
+/// Bytes read from a file into a buffer kept for reuse: `buf[range]` (O_DIRECT reads land
+/// at an aligned offset of the buffer, so the range need not start at 0).
+#[derive(Default)]
+pub struct Record {
+    buf: Vec<u8>,
+    range: std::ops::Range<usize>,
+}
+
+impl Record {
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[self.range.clone()]
+    }
+
+    /// Bytes allocated.
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+}
+
 /// A file the runtime reads pieces of while it runs (an expert shard). Reads are positioned
 /// reads (`pread`), never a memory map: a file truncated by another process while mapped
 /// kills the reader with SIGBUS, a short `pread` is an error. Each read first checks that
@@ -17,16 +36,84 @@ use crate::ggml::Gguf;
 /// replaced by rename keeps being read from the open file, consistently.)
 pub struct WatchedFile {
     file: File,
+    /// The same file opened with O_DIRECT, where the file system allows it.
+    direct: Option<File>,
     path: PathBuf,
     len: u64,
     modified: Option<std::time::SystemTime>,
 }
 
+/// Offset, length and memory alignment O_DIRECT reads use (the page size; every logical
+/// block size of common disks divides it). Shard records start on such boundaries.
+const DIRECT_ALIGN: usize = 4096;
+
 impl WatchedFile {
     pub fn open(path: &Path) -> Result<WatchedFile> {
+        use std::os::unix::fs::OpenOptionsExt;
         let file = File::open(path).at(path)?;
         let m = file.metadata().at(path)?;
-        Ok(WatchedFile { file, path: path.to_path_buf(), len: m.len(), modified: m.modified().ok() })
+        let direct = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+            .open(path)
+            .ok();
+        Ok(WatchedFile { file, direct, path: path.to_path_buf(), len: m.len(), modified: m.modified().ok() })
+    }
+
+    /// Read `len` bytes at `offset` into `rec`. `uncached`: leave none of them in the page
+    /// cache: O_DIRECT (straight from the disk into an aligned part of the buffer, no copy in
+    /// the kernel, no readahead past the record) where the file system supports it and
+    /// `offset` is aligned, otherwise a positioned read; then `drop_cached`.
+    pub fn read_record(&self, offset: u64, len: usize, what: &str, uncached: bool, rec: &mut Record) -> Result<()> {
+        match &self.direct {
+            Some(d) if uncached && offset % DIRECT_ALIGN as u64 == 0 => {
+                self.check_unchanged()?;
+                let end = offset.saturating_add(len as u64);
+                if end > self.len {
+                    return Err(self.truncated(what, end));
+                }
+                let span = len.next_multiple_of(DIRECT_ALIGN);
+                if rec.buf.len() < span + DIRECT_ALIGN {
+                    rec.buf.resize(span + DIRECT_ALIGN, 0);
+                }
+                let a = rec.buf.as_ptr().align_offset(DIRECT_ALIGN);
+                let mut got = 0;
+                while got < len {
+                    // Reads end early only at the end of the file.
+                    match d.read_at(&mut rec.buf[a + got..a + span], offset + got as u64) {
+                        Ok(0) => return Err(self.truncated(what, end)),
+                        Ok(n) => got += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        // EINVAL: this file system or device refuses O_DIRECT after all.
+                        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                            return self.read_then_drop(offset, len, what, rec)
+                        }
+                        Err(source) => return Err(Error::Io { path: self.path.clone(), source }),
+                    }
+                }
+                rec.range = a..a + len;
+                // Pages another reader cached stay cached under O_DIRECT; drop them too.
+                self.drop_cached(offset, len);
+                Ok(())
+            }
+            _ if uncached => self.read_then_drop(offset, len, what, rec),
+            _ => {
+                self.read_into(offset, len, what, &mut rec.buf)?;
+                rec.range = 0..len;
+                Ok(())
+            }
+        }
+    }
+
+    fn read_then_drop(&self, offset: u64, len: usize, what: &str, rec: &mut Record) -> Result<()> {
+        self.read_into(offset, len, what, &mut rec.buf)?;
+        rec.range = 0..len;
+        self.drop_cached(offset, len);
+        Ok(())
+    }
+
+    fn truncated(&self, what: &str, needed: u64) -> Error {
+        Error::Truncated { path: self.path.clone(), what: what.to_string(), needed, got: self.len }
     }
 
     pub fn path(&self) -> &Path {
@@ -47,6 +134,12 @@ impl WatchedFile {
 
     /// Read `len` bytes at `offset` into `buf` (resized to `len`).
     pub fn read_into(&self, offset: u64, len: usize, what: &str, buf: &mut Vec<u8>) -> Result<()> {
+        self.check_unchanged()?;
+        read_at_into(&self.file, &self.path, offset, len as u64, what, buf)
+    }
+
+    /// The file still has the size and modification time it had when opened.
+    fn check_unchanged(&self) -> Result<()> {
         let m = self.file.metadata().at(&self.path)?;
         if m.len() != self.len || m.modified().ok() != self.modified {
             return Err(Error::Changed {
@@ -59,7 +152,7 @@ impl WatchedFile {
                 ),
             });
         }
-        read_at_into(&self.file, &self.path, offset, len as u64, what, buf)
+        Ok(())
     }
 }
 
@@ -209,5 +302,32 @@ impl GgufStream {
             });
         }
         self.out.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads return the file's bytes at aligned offsets (uncached: O_DIRECT where the file
+    /// system of the temp directory allows it), unaligned ones (positioned reads), up to the
+    /// end of a file whose length is not a multiple of the alignment, into a reused buffer,
+    /// and refuse reads past the end.
+    #[test]
+    fn records_hold_the_files_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shard.bin");
+        let data: Vec<u8> = (0..3 * DIRECT_ALIGN + 1000).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let f = WatchedFile::open(&path).unwrap();
+        let mut rec = Record::default();
+        for uncached in [true, false] {
+            for (off, len) in [(0, 10), (4096, 4096), (4096, 5000), (8192, 4096 + 1000), (100, 3000), (0, data.len())] {
+                f.read_record(off as u64, len, "record", uncached, &mut rec).unwrap();
+                assert_eq!(rec.bytes(), &data[off..off + len], "{off} + {len}, uncached {uncached}");
+            }
+        }
+        let err = f.read_record(8192, 8192, "record", true, &mut rec).unwrap_err().to_string();
+        assert!(err.contains("record") && err.contains("shard.bin"), "{err}");
     }
 }

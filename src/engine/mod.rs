@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::ggml::{Allocator, Backend, Buffer, Context, GgmlType, GgufValue, Tensor, TensorSet, ROPE_TYPE_NEOX};
-use crate::io::WatchedFile;
-use crate::model_dir::ModelDir;
+use crate::io::{Record, WatchedFile};
+use crate::model_dir::{ExpertLayer, ModelDir};
 use crate::names::*;
 use crate::usage::{RouteTrace, Usage};
 use prefetch::{PrefetchStats, Prefetcher};
@@ -68,6 +68,9 @@ pub struct EngineOptions {
     /// While a layer computes, read the next layer's predicted experts on an I/O thread
     /// (decode only: one token per batch).
     pub prefetch: bool,
+    /// Reads of a batch's missed experts kept in flight on the I/O thread ahead of the one
+    /// being copied into its slot (0: each load reads its record itself, synchronously).
+    pub read_ahead: usize,
     /// Bytes per slice when base tensors are read from disk (repacked matrices go in slices
     /// of whole row groups, about this size).
     pub load_slice: usize,
@@ -87,6 +90,7 @@ impl Default for EngineOptions {
             page_cache: false,
             prefetch: false,
             load_slice: 16 << 20,
+            read_ahead: 2,
         }
     }
 }
@@ -165,9 +169,10 @@ pub struct Engine {
     alloc: Allocator,
     sched: Scheduler,
     shards: Arc<Vec<WatchedFile>>,
-    prefetch: Option<Prefetcher>,
+    /// The I/O thread: predicted experts (`--prefetch`) and reads ahead of known misses.
+    io: Prefetcher,
     /// One expert record on its way from a shard to the arena.
-    staging: Vec<u8>,
+    staging: Record,
     /// Per layer: which experts exist (the pool).
     present: Vec<Vec<bool>>,
     opts: EngineOptions,
@@ -213,58 +218,54 @@ fn write_repacked(
     let (ne0, ne1) = (t.ne[0], t.ne.get(1).copied().unwrap_or(1));
     let row = t.size / ne1.max(1);
     let rows = repack_slice_rows(row, slice as u64);
-    let whole = |buf: &mut Vec<u8>| -> Result<()> {
+    let ty = t.ty.expect("checked when opened");
+    let err = |e| ffi(&md.base_path, &t.name, e);
+    let at = dst_buf.offset_of(dst);
+    let sliced = match at {
+        Some(at) if ne1 > rows && t.ne.iter().skip(2).all(|&n| n == 1) => {
+            dst_buf.slices_keep_layout(ty, ne0, ne1, at, row as usize, rows).map_err(err)?
+        }
+        _ => false,
+    };
+    if !sliced {
         md.read_base_range(t, 0..t.size, buf)?;
         dst.write_whole(buf);
-        Ok(())
-    };
-    let Some(at) = dst_buf.offset_of(dst) else { return whole(buf) };
-    if ne1 <= rows || t.ne.iter().skip(2).any(|&n| n != 1) {
-        return whole(buf);
+        return Ok(());
     }
-    let ty = t.ty.expect("checked when opened");
-    let mut r0 = 0;
-    while r0 < ne1 {
+    let at = at.expect("checked");
+    for r0 in (0..ne1).step_by(rows as usize) {
         let n = rows.min(ne1 - r0);
-        let ctx = Context::new(1, 0);
-        let proxy = ctx.new_tensor(ty, &[ne0 as i64, n as i64]);
-        dst_buf.place(proxy, at + (r0 * row) as usize).map_err(|e| ffi(&md.base_path, &t.name, e))?;
-        if !proxy.same_layout(dst) {
-            return whole(buf);
-        }
         md.read_base_range(t, r0 * row..(r0 + n) * row, buf)?;
-        proxy.write_whole(buf);
-        r0 += n;
+        dst_buf.write_repacked(ty, ne0, n, at + (r0 * row) as usize, buf, 1).map_err(err)?;
     }
     Ok(())
 }
 
+/// The arena as expert loads see it.
+struct ArenaRef<'a> {
+    /// Per-layer 3-D views (gate, up, down of each layer), then the raw byte view.
+    views: &'a TensorSet,
+    buf: &'a Buffer,
+    /// Bytes from one slot to the next.
+    stride: usize,
+    /// Threads that repack one expert's matrices.
+    threads: usize,
+}
+
 /// Copy one expert's record into the arena at byte `at`: projections whose arena tensor is
-/// repacked go through a whole-matrix proxy placed at their spot (ggml repacks on write);
-/// the others are copied as they are.
-#[allow(clippy::too_many_arguments)]
-fn load_slot(
-    arena: &TensorSet,
-    arena_buf: &Buffer,
-    il: u32,
-    n_layer: u32,
-    at: usize,
-    sizes: &[u64; 3],
-    shapes: &[[u64; 2]; 3],
-    types: &[GgmlType; 3],
-    record: &[u8],
-) -> std::result::Result<(), crate::ggml::FfiError> {
-    let raw = arena.get(3 * n_layer as usize);
-    let ctx = Context::new(3, 0);
+/// repacked are written through proxies placed at their spot (ggml repacks on write, split
+/// over `threads`); the others are copied as they are.
+fn load_slot(a: &ArenaRef<'_>, il: u32, at: usize, layer: &ExpertLayer, record: &[u8]) -> std::result::Result<(), crate::ggml::FfiError> {
+    let n_layer = (a.views.len() / 3) as u32;
+    let raw = a.views.get(3 * n_layer as usize);
+    let sizes = layer.sizes();
     let mut off = 0usize;
     for p in Proj::ALL {
         let size = sizes[p.index()] as usize;
         let part = &record[off..off + size];
-        if arena.get(3 * il as usize + p.index()).is_repacked() {
-            let [ne0, ne1] = shapes[p.index()];
-            let proxy = ctx.new_tensor(types[p.index()], &[ne0 as i64, ne1 as i64]);
-            arena_buf.place(proxy, at + off)?;
-            proxy.write_whole(part);
+        if a.views.get(3 * il as usize + p.index()).is_repacked() {
+            let [ne0, ne1] = layer.shapes[p.index()];
+            a.buf.write_repacked(layer.types[p.index()], ne0, ne1, at + off, part, a.threads)?;
         } else {
             raw.write(at + off, part);
         }
@@ -274,42 +275,37 @@ fn load_slot(
 }
 
 /// Read expert `e` of layer `il` from its shard (through the `staging` buffer, or from the
-/// bytes the prefetcher read) into arena slot `slot`.
+/// bytes the I/O thread read) into arena slot `slot`. Returns the bytes read and a buffer
+/// free for reuse.
 #[allow(clippy::too_many_arguments)]
 fn load_expert(
     dir: &ModelDir,
     shards: &[WatchedFile],
-    staging: &mut Vec<u8>,
-    arena: &TensorSet,
-    arena_buf: &Buffer,
-    stride: usize,
+    staging: &mut Record,
+    arena: &ArenaRef<'_>,
     drop_cache: bool,
     il: u32,
     slot: usize,
     e: u32,
-    prefetched: Option<Result<Vec<u8>>>,
-) -> Result<u64> {
+    prefetched: Option<Result<Record>>,
+) -> Result<(u64, Record)> {
     let layer = &dir.manifest.layers[il as usize];
     let record = layer.record_size() as usize;
     let shard = &shards[il as usize];
-    let bytes = match prefetched {
-        Some(b) => b?,
+    let rec = match prefetched {
+        Some(r) => r?,
         None => {
             let at = layer.offsets[layer.slot_of(e).expect("routed experts are present")];
-            shard.read_into(at, record, &format!("expert {e}"), staging)?;
-            if drop_cache {
-                shard.drop_cached(at, record);
-            }
+            shard.read_record(at, record, &format!("expert {e}"), drop_cache, staging)?;
             std::mem::take(staging)
         }
     };
-    let n_layer = dir.manifest.layers.len() as u32;
-    let r =
-        load_slot(arena, arena_buf, il, n_layer, slot * stride, &layer.sizes(), &layer.shapes, &layer.types, &bytes)
-            .map_err(|e| ffi(shard.path(), "expert arena", e));
-    *staging = bytes; // keep the allocation for the next load
+    let r = load_slot(arena, il, slot * arena.stride, layer, rec.bytes()).map_err(|e| ffi(shard.path(), "expert arena", e));
+    // The record just used becomes the staging buffer; the one it replaces is returned for
+    // reuse (empty when the staging buffer itself was used).
+    let spare = std::mem::replace(staging, rec);
     r?;
-    Ok(record as u64)
+    Ok((record as u64, spare))
 }
 
 const GRAPH_NODES: usize = 1024;
@@ -516,7 +512,7 @@ impl Engine {
 
         let shards: Arc<Vec<WatchedFile>> =
             Arc::new(md.manifest.layers.iter().map(|l| WatchedFile::open(&dir.join(&l.file))).collect::<Result<_>>()?);
-        let prefetch = opts.prefetch.then(|| Prefetcher::new(shards.clone(), !opts.page_cache));
+        let io = Prefetcher::new(shards.clone(), !opts.page_cache);
         let present =
             md.manifest.layers.iter().map(|l| (0..cfg.n_expert).map(|e| l.slot_of(e).is_some()).collect()).collect();
         let eos = match md.base.get(TOK_EOS) {
@@ -545,8 +541,8 @@ impl Engine {
             alloc,
             sched: Scheduler::new(n_slots, policy),
             shards,
-            prefetch,
-            staging: Vec::new(),
+            io,
+            staging: Record::default(),
             present,
             n_past: 0,
             eos,
@@ -570,7 +566,7 @@ impl Engine {
             arena: self.arena_buf.size(),
             kv: self._kv_buf.size(),
             compute: self.alloc.buffer_size() + self._state_buf.size(),
-            staging: self.staging.capacity() + self.prefetch.as_ref().map_or(0, |p| p.held_bytes()),
+            staging: self.staging.capacity() + self.io.held_bytes(),
             load_buffer: self.load_buffer,
         }
     }
@@ -596,7 +592,7 @@ impl Engine {
     pub fn stats(&self) -> EngineStats {
         EngineStats {
             sched: self.sched.stats.clone(),
-            prefetch: self.prefetch.as_ref().map(|p| p.stats.clone()).unwrap_or_default(),
+            prefetch: self.io.stats.clone(),
             ..self.stats.clone()
         }
     }
@@ -633,11 +629,16 @@ impl Engine {
             .collect();
         // Least used first, so that the most used are the most recently used when evicting starts.
         for &(il, e) in chosen.iter().rev() {
-            let (dir, shards, staging, arena, arena_buf, stride) =
-                (&self.dir, &self.shards, &mut self.staging, &self.arena, &self.arena_buf, self.slot_stride);
+            let (dir, shards, staging) = (&self.dir, &self.shards, &mut self.staging);
+            let arena = ArenaRef {
+                views: &self.arena,
+                buf: &self.arena_buf,
+                stride: self.slot_stride,
+                threads: self.opts.threads,
+            };
             let drop_cache = !self.opts.page_cache;
             self.sched.ensure(il, &[e], |slot, e| {
-                load_expert(dir, shards, staging, arena, arena_buf, stride, drop_cache, il, slot, e, None)
+                load_expert(dir, shards, staging, &arena, drop_cache, il, slot, e, None).map(|r| r.0)
             })?;
         }
         let loaded = chosen.len();
@@ -692,10 +693,7 @@ impl Engine {
         }
         for il in 0..self.config.n_layer {
             let (logits, next) = self.attention(il, tokens, &pos, &mask)?;
-            if let Some(next) = next {
-                self.prefetch_next(il + 1, &next);
-            }
-            self.experts(il, n, &logits)?;
+            self.experts(il, n, &logits, next.as_deref())?;
         }
         let out = self.output_logits(n, all_logits)?;
         self.n_past += n;
@@ -765,7 +763,7 @@ impl Engine {
         logits.set_output();
         let keep_inp = ctx.cpy(ffn_inp, ctx.view_2d(ffn_inp_s, n_embd, n, row, 0));
         let keep_normed = ctx.cpy(normed, ctx.view_2d(normed_s, n_embd, n, row, 0));
-        let predict = self.prefetch.is_some() && n == 1 && il + 1 < cfg.n_layer;
+        let predict = self.opts.prefetch && n == 1 && il + 1 < cfg.n_layer;
         let next = predict.then(|| {
             let nw = &self.layers[il as usize + 1];
             let x = ctx.mul(ctx.rms_norm(ffn_inp, eps), w.get(nw.ffn_norm));
@@ -794,25 +792,23 @@ impl Engine {
     /// Start reading the experts layer `il` is predicted to choose (from `logits`, its router
     /// applied to the previous layer's residual stream) that are not resident.
     fn prefetch_next(&mut self, il: u32, logits: &[f32]) {
-        let Some(p) = &mut self.prefetch else { return };
+        let p = &mut self.io;
         let c = &self.config;
         let choice = route(logits, &self.present[il as usize], c.n_expert_used as usize, c.norm_topk_prob);
         let layer = &self.dir.manifest.layers[il as usize];
         for e in choice.experts {
             if !self.sched.is_resident(il, e) {
                 let at = layer.offsets[layer.slot_of(e).expect("routed experts are present")];
-                p.request((il, e), at, layer.record_size() as usize);
+                p.request((il, e), at, layer.record_size() as usize, true);
             }
         }
     }
 
     /// Graph B of layer `il`: route, make the chosen experts resident, run them, add to the
     /// residual (left in the `hidden` state for the next layer).
-    fn experts(&mut self, il: u32, n: usize, router_logits: &[f32]) -> Result<()> {
+    fn experts(&mut self, il: u32, n: usize, router_logits: &[f32], predict_next: Option<&[f32]>) -> Result<()> {
         let (n_exp, k) = (self.config.n_expert as usize, self.config.n_expert_used as usize);
-        if let Some(p) = &mut self.prefetch {
-            p.retire_all_but(il);
-        }
+        self.io.retire_all_but(il);
         let present = &self.present[il as usize];
         let norm = self.config.norm_topk_prob;
         let choices: Vec<_> =
@@ -828,14 +824,48 @@ impl Engine {
         // Each group of experts is loaded once and runs once for the whole batch.
         let n_groups = needed.len().div_ceil(n_slots);
         for (gi, group) in needed.chunks(n_slots).enumerate() {
-            let (dir, shards, staging, arena, arena_buf, stride) =
-                (&self.dir, &self.shards, &mut self.staging, &self.arena, &self.arena_buf, self.slot_stride);
+            let (dir, shards, staging) = (&self.dir, &self.shards, &mut self.staging);
+            let arena = ArenaRef {
+                views: &self.arena,
+                buf: &self.arena_buf,
+                stride: self.slot_stride,
+                threads: self.opts.threads,
+            };
             let drop_cache = !self.opts.page_cache;
-            let prefetch = &mut self.prefetch;
+            // The group's misses, in the order `ensure` loads them: the I/O thread reads
+            // `read_ahead` of them ahead of the one being copied into its slot.
+            let layer = &dir.manifest.layers[il as usize];
+            let missing: Vec<u32> = group.iter().copied().filter(|&e| !self.sched.is_resident(il, e)).collect();
+            let (io, ahead) = (&mut self.io, self.opts.read_ahead);
+            let mut issued = 0;
+            let mut read_ahead = |io: &mut Prefetcher, upto: usize| {
+                while issued < upto.min(missing.len()) {
+                    let e = missing[issued];
+                    let at = layer.offsets[layer.slot_of(e).expect("routed experts are present")];
+                    io.request((il, e), at, layer.record_size() as usize, false);
+                    issued += 1;
+                }
+            };
+            if ahead > 0 {
+                read_ahead(io, ahead);
+            }
+            let mut started = 0;
             let slots = self.sched.ensure(il, group, |slot, e| {
-                let pre = prefetch.as_mut().and_then(|p| p.take((il, e)));
-                load_expert(dir, shards, staging, arena, arena_buf, stride, drop_cache, il, slot, e, pre)
+                started += 1;
+                if ahead > 0 {
+                    read_ahead(io, started + ahead);
+                }
+                let pre = io.take((il, e));
+                let (bytes, spare) = load_expert(dir, shards, staging, &arena, drop_cache, il, slot, e, pre)?;
+                io.recycle(spare);
+                Ok(bytes)
             })?;
+            // The next layer's predicted experts are read while this layer's experts and the
+            // next layer's attention compute; asked for only now, so that they never queue
+            // ahead of this layer's own loads.
+            if let (0, Some(next)) = (gi, predict_next) {
+                self.prefetch_next(il + 1, next);
+            }
             let mut ids = Vec::with_capacity(n * k);
             let mut wts = Vec::with_capacity(n * k);
             for c in &choices {

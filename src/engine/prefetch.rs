@@ -4,6 +4,9 @@
 //! next — and asks for those not resident. When the next layer routes, a predicted expert's
 //! bytes are already in memory (or on their way); a misprediction costs a wasted read, never a
 //! wrong result: the bytes come from the same shard offsets either way.
+//!
+//! The same I/O thread reads ahead of the loads a batch is known to need: while one missed
+//! expert is copied into its slot, the next ones are already being read.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -12,7 +15,7 @@ use std::thread::JoinHandle;
 
 use super::scheduler::ExpertKey;
 use crate::error::Result;
-use crate::io::WatchedFile;
+use crate::io::{Record, WatchedFile};
 
 struct Request {
     key: ExpertKey,
@@ -28,14 +31,20 @@ pub struct PrefetchStats {
     pub used: u64,
     /// Prefetched experts the layer did not choose (or found resident after all).
     pub wasted: u64,
+    /// Reads started ahead of a batch's known misses (not predictions).
+    pub read_ahead: u64,
 }
 
 pub struct Prefetcher {
     tx: Option<Sender<Request>>,
-    rx: Receiver<(ExpertKey, Result<Vec<u8>>)>,
+    rx: Receiver<(ExpertKey, Result<Record>)>,
+    /// Buffers handed back for the I/O thread to read into again.
+    spare: Sender<Record>,
     worker: Option<JoinHandle<()>>,
     in_flight: HashSet<ExpertKey>,
-    ready: HashMap<ExpertKey, Result<Vec<u8>>>,
+    ready: HashMap<ExpertKey, Result<Record>>,
+    /// Requests that were predictions (counted as used or wasted).
+    predicted: HashSet<ExpertKey>,
     pub stats: PrefetchStats,
 }
 
@@ -44,17 +53,16 @@ impl Prefetcher {
     pub fn new(shards: Arc<Vec<WatchedFile>>, drop_cache: bool) -> Prefetcher {
         let (tx, requests) = channel::<Request>();
         let (done, rx) = channel();
+        let (spare, spares) = channel::<Record>();
         let worker = std::thread::Builder::new()
-            .name("sage-prefetch".into())
+            .name("sage-io".into())
             .spawn(move || {
                 for r in requests {
                     let shard = &shards[r.key.0 as usize];
-                    let mut buf = Vec::new();
-                    let res = shard.read_into(r.offset, r.len, &format!("expert {} (prefetch)", r.key.1), &mut buf);
-                    if drop_cache {
-                        shard.drop_cached(r.offset, r.len);
-                    }
-                    if done.send((r.key, res.map(|_| buf))).is_err() {
+                    let mut rec = spares.try_recv().unwrap_or_default();
+                    let what = format!("expert {} (read ahead)", r.key.1);
+                    let res = shard.read_record(r.offset, r.len, &what, drop_cache, &mut rec);
+                    if done.send((r.key, res.map(|_| rec))).is_err() {
                         break;
                     }
                 }
@@ -63,32 +71,40 @@ impl Prefetcher {
         Prefetcher {
             tx: Some(tx),
             rx,
+            spare,
             worker: Some(worker),
             in_flight: HashSet::new(),
             ready: HashMap::new(),
+            predicted: HashSet::new(),
             stats: PrefetchStats::default(),
         }
     }
 
     /// Start reading `key`'s record (`len` bytes at `offset` of its layer's shard) unless it
-    /// is already on its way.
-    pub fn request(&mut self, key: ExpertKey, offset: u64, len: usize) {
+    /// is already on its way. `predicted`: a guess (counted in `issued`, then `used` or
+    /// `wasted`), else a load known to come (`read_ahead`).
+    pub fn request(&mut self, key: ExpertKey, offset: u64, len: usize, predicted: bool) {
         if self.in_flight.contains(&key) || self.ready.contains_key(&key) {
             return;
         }
         if let Some(tx) = &self.tx {
             if tx.send(Request { key, offset, len }).is_ok() {
                 self.in_flight.insert(key);
-                self.stats.issued += 1;
+                if predicted {
+                    self.predicted.insert(key);
+                    self.stats.issued += 1;
+                } else {
+                    self.stats.read_ahead += 1;
+                }
             }
         }
     }
 
     /// The bytes of `key` if they were prefetched, waiting for a read still in flight; None if
     /// nobody asked for them.
-    pub fn take(&mut self, key: ExpertKey) -> Option<Result<Vec<u8>>> {
+    pub fn take(&mut self, key: ExpertKey) -> Option<Result<Record>> {
         if let Some(r) = self.ready.remove(&key) {
-            self.stats.used += 1;
+            self.count_use(key);
             return Some(r);
         }
         if !self.in_flight.contains(&key) {
@@ -97,12 +113,18 @@ impl Prefetcher {
         while let Ok((k, r)) = self.rx.recv() {
             self.in_flight.remove(&k);
             if k == key {
-                self.stats.used += 1;
+                self.count_use(key);
                 return Some(r);
             }
             self.ready.insert(k, r);
         }
         None
+    }
+
+    fn count_use(&mut self, key: ExpertKey) {
+        if self.predicted.remove(&key) {
+            self.stats.used += 1;
+        }
     }
 
     /// Drop what was prefetched for layers other than `layer` and `layer + 1`
@@ -112,14 +134,26 @@ impl Prefetcher {
             self.in_flight.remove(&k);
             self.ready.insert(k, r);
         }
+        let keep = |k: &ExpertKey| k.0 == layer || k.0 == layer + 1;
         let before = self.ready.len();
-        self.ready.retain(|k, _| k.0 == layer || k.0 == layer + 1);
+        self.ready.retain(|k, _| keep(k));
         self.stats.wasted += (before - self.ready.len()) as u64;
+        let ready = &self.ready;
+        let in_flight = &self.in_flight;
+        self.predicted.retain(|k| keep(k) || in_flight.contains(k) || ready.contains_key(k));
     }
 
     /// Bytes held in prefetched records.
     pub fn held_bytes(&self) -> usize {
         self.ready.values().map(|r| r.as_ref().map_or(0, |b| b.capacity())).sum()
+    }
+
+    /// Give a buffer back for the I/O thread to read into again (saves allocating and
+    /// faulting in a record's worth of memory per read).
+    pub fn recycle(&self, rec: Record) {
+        if rec.capacity() > 0 {
+            let _ = self.spare.send(rec);
+        }
     }
 }
 

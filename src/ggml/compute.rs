@@ -193,6 +193,85 @@ impl Buffer {
         unsafe { sys::ggml_backend_buffer_clear(self.ptr.as_ptr(), value) };
     }
 
+    /// Write `bytes`, a `ty` matrix of `ne1` rows of `ne0` in ggml's plain layout, at byte
+    /// `offset` of this buffer (a CPU repacking buffer), where ggml repacks it on the way in.
+    /// ggml repacks only whole tensors, so each part goes through a proxy tensor placed at
+    /// its spot. With `threads` > 1 the rows are cut into that many slices of whole row groups
+    /// (multiples of 64 rows, which every repacked layout's interleave divides; a repacked
+    /// layout keeps each row group in the same bytes as unpacked), repacked in parallel; a
+    /// matrix whose slices ggml would lay out differently from the whole goes in one piece.
+    pub fn write_repacked(
+        &self,
+        ty: GgmlType,
+        ne0: u64,
+        ne1: u64,
+        offset: usize,
+        bytes: &[u8],
+        threads: usize,
+    ) -> Result<(), FfiError> {
+        let row = bytes.len() / ne1.max(1) as usize;
+        let per = (ne1.div_ceil(threads.max(1) as u64)).next_multiple_of(64);
+        if threads <= 1 || ne1 <= per || !self.slices_keep_layout(ty, ne0, ne1, offset, row, per)? {
+            let ctx = Context::new(1, 0);
+            let whole = ctx.new_tensor(ty, &[ne0 as i64, ne1 as i64]);
+            self.place(whole, offset)?;
+            whole.write_whole(bytes);
+            return Ok(());
+        }
+        let slices: Vec<(u64, u64)> = (0..ne1).step_by(per as usize).map(|r0| (r0, per.min(ne1 - r0))).collect();
+        struct SharedBuffer(NonNull<sys::ggml_backend_buffer>);
+        // SAFETY: the threads below only place proxy tensors in the buffer and write through
+        // them; ggml's CPU buffer functions for that (tensor_alloc, init_tensor, set_tensor
+        // with repacking) keep no state of their own and write only to the proxy and to its
+        // bytes, and the slices' bytes are disjoint. The buffer outlives the scope.
+        unsafe impl Sync for SharedBuffer {}
+        let shared = SharedBuffer(self.ptr);
+        let shared = &shared;
+        std::thread::scope(|scope| {
+            let jobs: Vec<_> = slices
+                .iter()
+                .map(|&(r0, n)| {
+                    let part = &bytes[r0 as usize * row..(r0 + n) as usize * row];
+                    scope.spawn(move || -> Result<(), FfiError> {
+                        let buf = std::mem::ManuallyDrop::new(Buffer { ptr: shared.0 });
+                        let c = Context::new(1, 0);
+                        let t = c.new_tensor(ty, &[ne0 as i64, n as i64]);
+                        buf.place(t, offset + r0 as usize * row)?;
+                        t.write_whole(part);
+                        Ok(())
+                    })
+                })
+                .collect();
+            jobs.into_iter().try_for_each(|j| j.join().expect("a repack thread panicked"))
+        })
+    }
+
+    /// Whether ggml gives every slice of `rows` rows (the last one may be shorter) of a `ty`
+    /// matrix [ne0, ne1] with rows of `row` bytes at `offset` the layout it gives the whole
+    /// matrix there (so the slices can be written, and repacked, one by one).
+    pub fn slices_keep_layout(
+        &self,
+        ty: GgmlType,
+        ne0: u64,
+        ne1: u64,
+        offset: usize,
+        row: usize,
+        rows: u64,
+    ) -> Result<bool, FfiError> {
+        let ctx = Context::new(2, 0);
+        let whole = ctx.new_tensor(ty, &[ne0 as i64, ne1 as i64]);
+        self.place(whole, offset)?;
+        for r0 in (0..ne1).step_by(rows.max(1) as usize) {
+            let c = Context::new(1, 0);
+            let t = c.new_tensor(ty, &[ne0 as i64, rows.min(ne1 - r0) as i64]);
+            self.place(t, offset + r0 as usize * row)?;
+            if !t.same_layout(whole) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// Byte offset of `t`'s data in this buffer; None when `t` lives elsewhere.
     pub fn offset_of(&self, t: Tensor<'_>) -> Option<usize> {
         if t.raw().buffer != self.ptr.as_ptr() {

@@ -266,7 +266,8 @@ fn prefetch_changes_nothing_but_where_bytes_come_from() {
     let dir = tmp();
     let (model_dir, _) = convert_into(&plain(), dir.path(), &opts(Some(GgmlType::Q4_K)));
     let decode = |prefetch: bool| {
-        let mut e = Engine::load(&model_dir, EngineOptions { prefetch, ..exact(ArenaSize::Experts(3)) }).unwrap();
+        let o = EngineOptions { prefetch, read_ahead: 0, ..exact(ArenaSize::Experts(3)) };
+        let mut e = Engine::load(&model_dir, o).unwrap();
         let mut logits = e.eval(&[1, 2, 3], false).unwrap();
         let mut all = logits.clone();
         for _ in 0..24 {
@@ -302,5 +303,35 @@ fn base_matrices_load_in_slices_of_whole_row_groups() {
         whole.reset();
         sliced.reset();
         assert_eq!(whole.eval(&ids, true).unwrap(), sliced.eval(&ids, true).unwrap(), "{}", p.name);
+    }
+}
+
+#[test]
+fn read_ahead_changes_nothing_but_when_bytes_are_read() {
+    // A prompt in one batch (many misses per layer) and then decode, with the smallest arena:
+    // the same logits, hits, misses and bytes with and without reads ahead of known misses.
+    let dir = tmp();
+    let (model_dir, _) = convert_into(&plain(), dir.path(), &opts(Some(GgmlType::Q4_K)));
+    let run = |read_ahead: usize| {
+        let mut e = Engine::load(&model_dir, EngineOptions { read_ahead, ..exact(ArenaSize::Experts(2)) }).unwrap();
+        let prompt: Vec<u32> = (1..40).collect();
+        let mut logits = e.eval(&prompt, true).unwrap();
+        for _ in 0..16 {
+            let next = sage::engine::sampler::argmax(&logits[logits.len() - 512..]);
+            logits = e.eval(&[next], false).unwrap();
+        }
+        (logits, e.stats())
+    };
+    let (a, sa) = run(0);
+    for ahead in [1, 3] {
+        let (b, sb) = run(ahead);
+        assert_eq!(a, b, "read_ahead {ahead}");
+        assert_eq!(
+            (sa.sched.hits, sa.sched.misses, sa.sched.bytes_read),
+            (sb.sched.hits, sb.sched.misses, sb.sched.bytes_read)
+        );
+        assert_eq!(sa.prefetch.read_ahead, 0);
+        assert_eq!(sb.prefetch.read_ahead, sb.sched.misses, "every miss was read ahead: {:?}", sb.prefetch);
+        assert_eq!((sb.prefetch.issued, sb.prefetch.used, sb.prefetch.wasted), (0, 0, 0));
     }
 }
