@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # sage against llama.cpp on the same files and threads, in one run, under the same memory
 # limits (cgroup v1 memory controller; needs root):
-#   1. llama.cpp, the whole model in memory (mmap, no limit)
+#   1. llama.cpp, the whole model in memory (mmap, no limit). llama.cpp runs with its
+#      experts read from the mapped file and only the base repacked for its CPU kernels
+#      (the buffer-type override of `--cpu-moe`), as sage does; its default would also
+#      copy all 16 GB of experts into repacked anonymous memory next to the mapped file
+#      (bench_one llama --repack-experts)
 #   2. sage, every expert in its arena (no limit)
 #   3. limits of base + 25% and base + 50% of the expert bytes (+ 384 MiB for KV cache,
 #      compute buffers and code): llama.cpp with mmap, and sage with the arena that fits

@@ -1,7 +1,7 @@
 //! One engine, one measurement, one JSON line: what bench/run.sh runs inside a memory cgroup.
 //!
-//! cargo run --release --example bench_one -- sage MODEL_DIR [--arena BYTES] [--policy P] [--prefetch] [OPTS]
-//! cargo run --release --example bench_one -- llama MODEL.gguf [--no-mmap] [OPTS]
+//! cargo run --release --example bench_one -- sage MODEL_DIR [--arena BYTES] [--policy P] [--prefetch] [--read-ahead N] [OPTS]
+//! cargo run --release --example bench_one -- llama MODEL.gguf [--no-mmap] [--repack-experts] [OPTS]
 //! cargo run --release --example bench_one -- sizes MODEL_DIR
 //! OPTS: --prompt N (512) --gen N (128) --threads N (all cores)
 //!
@@ -35,7 +35,7 @@ fn prompt_ids(n: usize, n_vocab: u32) -> Vec<u32> {
 
 fn main() -> anyhow::Result<()> {
     let a: Vec<String> = std::env::args().collect();
-    anyhow::ensure!(a.len() >= 3, "usage: bench_one sage|llama PATH [--arena BYTES] [--policy P] [--no-mmap] [--prompt N] [--gen N] [--threads N]");
+    anyhow::ensure!(a.len() >= 3, "usage: bench_one sage|llama PATH [--arena BYTES] [--policy P] [--prefetch] [--read-ahead N] [--no-mmap] [--repack-experts] [--prompt N] [--gen N] [--threads N]");
     let opt = |name: &str| a.iter().position(|x| x == name).and_then(|i| a.get(i + 1)).cloned();
     let flag = |name: &str| a.iter().any(|x| x == name);
     let n_prompt: usize = opt("--prompt").map(|s| s.parse()).transpose()?.unwrap_or(512);
@@ -60,6 +60,8 @@ fn main() -> anyhow::Result<()> {
             };
             let policy = opt("--policy").unwrap_or_else(|| "lru".into());
             let prefetch = flag("--prefetch");
+            let read_ahead: usize =
+                opt("--read-ahead").map(|s| s.parse()).transpose()?.unwrap_or(EngineOptions::default().read_ahead);
             let mut e = Engine::load(
                 a[2].as_ref(),
                 EngineOptions {
@@ -69,6 +71,7 @@ fn main() -> anyhow::Result<()> {
                     kv_type: KvType::F16,
                     policy: policy.clone(),
                     prefetch,
+                    read_ahead,
                     ..Default::default()
                 },
             )?;
@@ -87,7 +90,7 @@ fn main() -> anyhow::Result<()> {
             let st = e.stats().sched;
             let (hits, misses) = (st.hits - after_prompt.hits, st.misses - after_prompt.misses);
             serde_json::json!({
-                "engine": "sage", "policy": policy, "prefetch": e.stats().prefetch, "arena_bytes": e.arena_bytes(), "arena_slots": e.n_slots(),
+                "engine": "sage", "policy": policy, "read_ahead": read_ahead, "prefetch": e.stats().prefetch, "arena_bytes": e.arena_bytes(), "arena_slots": e.n_slots(),
                 "load_s": load_s,
                 "prompt_tok_s": n_prompt as f64 / prompt_s, "decode_tok_s": n_gen as f64 / decode_s,
                 "decode_hit_rate": hits as f64 / (hits + misses).max(1) as f64,
@@ -100,7 +103,16 @@ fn main() -> anyhow::Result<()> {
         "llama" => {
             let backend = LlamaBackend::init()?;
             let mmap = !flag("--no-mmap");
-            let model = LlamaModel::load_from_file(&backend, &a[2], &LlamaModelParams::default().with_use_mmap(mmap))?;
+            // llama.cpp's default on the CPU copies every quantized matrix into its repacking
+            // buffer: with mmap that is a second, anonymous copy of all 16 GB of experts
+            // beside the mapped file. Like sage, keep the repacked layout for the base only
+            // and let the experts be read from the mapped file (the buffer-type override
+            // that `llama-cli --cpu-moe` sets); --repack-experts restores the default.
+            let mut mp = Box::pin(LlamaModelParams::default().with_use_mmap(mmap));
+            if !flag("--repack-experts") {
+                mp.as_mut().add_cpu_moe_override();
+            }
+            let model = LlamaModel::load_from_file(&backend, &a[2], &mp)?;
             let params = LlamaContextParams::default()
                 .with_n_ctx(NonZeroU32::new(n_ctx as u32))
                 .with_n_batch(n_prompt as u32)
