@@ -420,7 +420,11 @@ impl ModelConfig {
             return Err(meta_err(
                 path,
                 &arch_key(K_BLOCK_COUNT),
-                &format!("at most {} layers (the file has {} tensors, 9 or more per layer)", g.n_tensors() / 9, g.n_tensors()),
+                &format!(
+                    "at most {} layers (the file has {} tensors, 9 or more per layer)",
+                    g.n_tensors() / 9,
+                    g.n_tensors()
+                ),
                 &cfg.n_layer.to_string(),
             ));
         }

@@ -66,7 +66,7 @@ impl WatchedFile {
     /// `offset` is aligned, otherwise a positioned read; then `drop_cached`.
     pub fn read_record(&self, offset: u64, len: usize, what: &str, uncached: bool, rec: &mut Record) -> Result<()> {
         match &self.direct {
-            Some(d) if uncached && offset % DIRECT_ALIGN as u64 == 0 => {
+            Some(d) if uncached && offset.is_multiple_of(DIRECT_ALIGN as u64) => {
                 self.check_unchanged()?;
                 let end = offset.saturating_add(len as u64);
                 if end > self.len {

@@ -255,7 +255,13 @@ struct ArenaRef<'a> {
 /// Copy one expert's record into the arena at byte `at`: projections whose arena tensor is
 /// repacked are written through proxies placed at their spot (ggml repacks on write, split
 /// over `threads`); the others are copied as they are.
-fn load_slot(a: &ArenaRef<'_>, il: u32, at: usize, layer: &ExpertLayer, record: &[u8]) -> std::result::Result<(), crate::ggml::FfiError> {
+fn load_slot(
+    a: &ArenaRef<'_>,
+    il: u32,
+    at: usize,
+    layer: &ExpertLayer,
+    record: &[u8],
+) -> std::result::Result<(), crate::ggml::FfiError> {
     let n_layer = (a.views.len() / 3) as u32;
     let raw = a.views.get(3 * n_layer as usize);
     let sizes = layer.sizes();
@@ -300,7 +306,8 @@ fn load_expert(
             std::mem::take(staging)
         }
     };
-    let r = load_slot(arena, il, slot * arena.stride, layer, rec.bytes()).map_err(|e| ffi(shard.path(), "expert arena", e));
+    let r =
+        load_slot(arena, il, slot * arena.stride, layer, rec.bytes()).map_err(|e| ffi(shard.path(), "expert arena", e));
     // The record just used becomes the staging buffer; the one it replaces is returned for
     // reuse (empty when the staging buffer itself was used).
     let spare = std::mem::replace(staging, rec);
@@ -590,11 +597,7 @@ impl Engine {
     }
 
     pub fn stats(&self) -> EngineStats {
-        EngineStats {
-            sched: self.sched.stats.clone(),
-            prefetch: self.io.stats.clone(),
-            ..self.stats.clone()
-        }
+        EngineStats { sched: self.sched.stats.clone(), prefetch: self.io.stats.clone(), ..self.stats.clone() }
     }
 
     pub fn n_past(&self) -> usize {

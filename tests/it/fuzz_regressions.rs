@@ -78,7 +78,9 @@ fn config_limits_are_where_they_are_said_to_be() {
         serde_json::from_str(&std::fs::read_to_string(fixtures().join("configs/qwen3-30b-a3b.config.json")).unwrap())
             .unwrap();
     let path = std::path::Path::new("config.json");
-    for (key, limit) in [("num_hidden_layers", 512u64), ("num_experts", 512), ("hidden_size", 1 << 20), ("vocab_size", 1 << 24)] {
+    for (key, limit) in
+        [("num_hidden_layers", 512u64), ("num_experts", 512), ("hidden_size", 1 << 20), ("vocab_size", 1 << 24)]
+    {
         let mut c = base.clone();
         c[key] = limit.into();
         sage::config::parse_hf_config(&c.to_string(), path).unwrap_or_else(|e| panic!("{key} = {limit}: {e}"));
