@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # sage against llama.cpp on the same files and threads, in one run, under the same memory
 # limits (cgroup v1 memory controller; needs root):
-#   1. llama.cpp, the whole model in memory (mmap, no limit). llama.cpp runs with its
-#      experts read from the mapped file and only the base repacked for its CPU kernels
-#      (the buffer-type override of `--cpu-moe`), as sage does; its default would also
-#      copy all 16 GB of experts into repacked anonymous memory next to the mapped file
-#      (bench_one llama --repack-experts)
+#   1. llama.cpp, the whole model in memory, read with --no-mmap (no limit). On the CPU
+#      llama.cpp copies every q4_K matrix into its repacking buffer; with mmap it would hold
+#      that copy and the mapped file's pages (34 GB for 17 GB of model), and llama-cpp-2
+#      0.1.160 offers no way to turn repacking off (no `use_extra_bufts`; a buffer-type
+#      override to the CPU selects the repacking buffer again)
 #   2. sage, every expert in its arena (no limit)
 #   3. limits of base + 25% and base + 50% of the expert bytes (+ 384 MiB for KV cache,
 #      compute buffers and code): llama.cpp with mmap, and sage with the arena that fits
@@ -66,7 +66,7 @@ BW=$(dd if="$GGUF" of=/dev/null bs=4M count=1024 iflag=direct 2>&1 | awk '/copie
 echo "{\"run\": \"disk\", \"read_bytes_per_s\": $BW}"
 
 R=()
-R+=("$(run none llama-full $B llama "$GGUF" --prompt "$NP" --gen "$NG")")
+R+=("$(run none llama-full $B llama "$GGUF" --no-mmap --prompt "$NP" --gen "$NG")")
 R+=("$(run none sage-full $B sage "$DIR" --prompt "$NP" --gen "$NG" --policy "$POLICY" ${SAGE_FLAGS:-})")
 for pct in 25 50; do
     limit=$((BASE + EXP * pct / 100 + MARGIN))

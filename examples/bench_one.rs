@@ -1,7 +1,7 @@
 //! One engine, one measurement, one JSON line: what bench/run.sh runs inside a memory cgroup.
 //!
 //! cargo run --release --example bench_one -- sage MODEL_DIR [--arena BYTES] [--policy P] [--prefetch] [--read-ahead N] [OPTS]
-//! cargo run --release --example bench_one -- llama MODEL.gguf [--no-mmap] [--repack-experts] [OPTS]
+//! cargo run --release --example bench_one -- llama MODEL.gguf [--no-mmap] [OPTS]
 //! cargo run --release --example bench_one -- sizes MODEL_DIR
 //! OPTS: --prompt N (512) --gen N (128) --threads N (all cores)
 //!
@@ -35,7 +35,7 @@ fn prompt_ids(n: usize, n_vocab: u32) -> Vec<u32> {
 
 fn main() -> anyhow::Result<()> {
     let a: Vec<String> = std::env::args().collect();
-    anyhow::ensure!(a.len() >= 3, "usage: bench_one sage|llama PATH [--arena BYTES] [--policy P] [--prefetch] [--read-ahead N] [--no-mmap] [--repack-experts] [--prompt N] [--gen N] [--threads N]");
+    anyhow::ensure!(a.len() >= 3, "usage: bench_one sage|llama PATH [--arena BYTES] [--policy P] [--prefetch] [--read-ahead N] [--no-mmap] [--prompt N] [--gen N] [--threads N]");
     let opt = |name: &str| a.iter().position(|x| x == name).and_then(|i| a.get(i + 1)).cloned();
     let flag = |name: &str| a.iter().any(|x| x == name);
     let n_prompt: usize = opt("--prompt").map(|s| s.parse()).transpose()?.unwrap_or(512);
@@ -103,16 +103,12 @@ fn main() -> anyhow::Result<()> {
         "llama" => {
             let backend = LlamaBackend::init()?;
             let mmap = !flag("--no-mmap");
-            // llama.cpp's default on the CPU copies every quantized matrix into its repacking
-            // buffer: with mmap that is a second, anonymous copy of all 16 GB of experts
-            // beside the mapped file. Like sage, keep the repacked layout for the base only
-            // and let the experts be read from the mapped file (the buffer-type override
-            // that `llama-cli --cpu-moe` sets); --repack-experts restores the default.
-            let mut mp = Box::pin(LlamaModelParams::default().with_use_mmap(mmap));
-            if !flag("--repack-experts") {
-                mp.as_mut().add_cpu_moe_override();
-            }
-            let model = LlamaModel::load_from_file(&backend, &a[2], &mp)?;
+            // On the CPU llama.cpp copies every repackable matrix (q4_K: all of them) into
+            // its repacking buffer, so with mmap it holds the mapped file's pages and an
+            // anonymous repacked copy. llama-cpp-2 0.1.160 cannot turn that off: it does not
+            // expose `use_extra_bufts`, and a buffer-type override to the CPU (what
+            // `--cpu-moe` sets) selects the repacking buffer again. --no-mmap leaves one copy.
+            let model = LlamaModel::load_from_file(&backend, &a[2], &LlamaModelParams::default().with_use_mmap(mmap))?;
             let params = LlamaContextParams::default()
                 .with_n_ctx(NonZeroU32::new(n_ctx as u32))
                 .with_n_batch(n_prompt as u32)
