@@ -71,6 +71,8 @@ pub struct EngineOptions {
     /// Reads of a batch's missed experts kept in flight on the I/O thread ahead of the one
     /// being copied into its slot (0: each load reads its record itself, synchronously).
     pub read_ahead: usize,
+    /// Threads that repack one expert into its slot (CPU repacked layouts).
+    pub load_threads: usize,
     /// Bytes per slice when base tensors are read from disk (repacked matrices go in slices
     /// of whole row groups, about this size).
     pub load_slice: usize,
@@ -91,6 +93,7 @@ impl Default for EngineOptions {
             prefetch: false,
             load_slice: 16 << 20,
             read_ahead: 2,
+            load_threads: 1,
         }
     }
 }
@@ -637,7 +640,7 @@ impl Engine {
                 views: &self.arena,
                 buf: &self.arena_buf,
                 stride: self.slot_stride,
-                threads: self.opts.threads,
+                threads: self.opts.load_threads,
             };
             let drop_cache = !self.opts.page_cache;
             self.sched.ensure(il, &[e], |slot, e| {
@@ -799,7 +802,11 @@ impl Engine {
         let c = &self.config;
         let choice = route(logits, &self.present[il as usize], c.n_expert_used as usize, c.norm_topk_prob);
         let layer = &self.dir.manifest.layers[il as usize];
-        for e in choice.experts {
+        // In ascending ids, the order in which the layer will load its misses (one I/O
+        // thread serves requests in order: a load must not wait behind reads it needs later).
+        let mut experts = choice.experts;
+        experts.sort_unstable();
+        for e in experts {
             if !self.sched.is_resident(il, e) {
                 let at = layer.offsets[layer.slot_of(e).expect("routed experts are present")];
                 p.request((il, e), at, layer.record_size() as usize, true);
@@ -832,7 +839,7 @@ impl Engine {
                 views: &self.arena,
                 buf: &self.arena_buf,
                 stride: self.slot_stride,
-                threads: self.opts.threads,
+                threads: self.opts.load_threads,
             };
             let drop_cache = !self.opts.page_cache;
             // The group's misses, in the order `ensure` loads them: the I/O thread reads

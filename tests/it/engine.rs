@@ -307,13 +307,15 @@ fn base_matrices_load_in_slices_of_whole_row_groups() {
 }
 
 #[test]
-fn read_ahead_changes_nothing_but_when_bytes_are_read() {
+fn read_ahead_and_load_threads_change_nothing_but_when_bytes_are_read() {
     // A prompt in one batch (many misses per layer) and then decode, with the smallest arena:
-    // the same logits, hits, misses and bytes with and without reads ahead of known misses.
+    // the same logits, hits, misses and bytes with and without reads ahead of known misses,
+    // and with each expert repacked into its slot by one thread or split over two.
     let dir = tmp();
     let (model_dir, _) = convert_into(&plain(), dir.path(), &opts(Some(GgmlType::Q4_K)));
-    let run = |read_ahead: usize| {
-        let mut e = Engine::load(&model_dir, EngineOptions { read_ahead, ..exact(ArenaSize::Experts(2)) }).unwrap();
+    let run = |read_ahead: usize, load_threads: usize| {
+        let o = EngineOptions { read_ahead, load_threads, ..exact(ArenaSize::Experts(2)) };
+        let mut e = Engine::load(&model_dir, o).unwrap();
         let prompt: Vec<u32> = (1..40).collect();
         let mut logits = e.eval(&prompt, true).unwrap();
         for _ in 0..16 {
@@ -322,10 +324,10 @@ fn read_ahead_changes_nothing_but_when_bytes_are_read() {
         }
         (logits, e.stats())
     };
-    let (a, sa) = run(0);
-    for ahead in [1, 3] {
-        let (b, sb) = run(ahead);
-        assert_eq!(a, b, "read_ahead {ahead}");
+    let (a, sa) = run(0, 1);
+    for (ahead, threads) in [(1, 1), (3, 2)] {
+        let (b, sb) = run(ahead, threads);
+        assert_eq!(a, b, "read_ahead {ahead}, load_threads {threads}");
         assert_eq!(
             (sa.sched.hits, sa.sched.misses, sa.sched.bytes_read),
             (sb.sched.hits, sb.sched.misses, sb.sched.bytes_read)
