@@ -95,6 +95,14 @@ impl ModelConfig {
         ];
         LIMITS.iter().zip(values).find(|((_, lim), v)| v > lim).map(|((name, lim), v)| (*name, v, *lim))
     }
+
+    /// The first of `rms_eps` and `rope_theta` that is not a positive finite number (ggml
+    /// aborts on a negative epsilon; a theta of 0 or less makes every position NaN).
+    fn bad_float(&self) -> Option<(&'static str, f32)> {
+        [("rms_eps", self.rms_eps), ("rope_theta", self.rope_theta)]
+            .into_iter()
+            .find(|(_, x)| !(x.is_finite() && *x > 0.0))
+    }
 }
 
 fn cfg_err(path: &Path, key: &str, reason: impl Into<String>) -> Error {
@@ -287,6 +295,10 @@ pub fn parse_hf_config(text: &str, path: &Path) -> Result<(HfLayout, ModelConfig
         };
         return Err(cfg_err(path, &o.key(keys), format!("{v} is above the largest supported ({name} <= {lim})")));
     }
+    if let Some((name, x)) = cfg.bad_float() {
+        let keys: &[&str] = if name == "rms_eps" { &["rms_norm_eps"] } else { &["rope_theta"] };
+        return Err(cfg_err(path, &o.key(keys), format!("expected a positive number, got {x}")));
+    }
     Ok((layout, cfg))
 }
 
@@ -414,6 +426,10 @@ impl ModelConfig {
                 _ => format!("{TOKEN_EMBD} rows"),
             };
             return Err(meta_err(path, &key, &format!("{name} <= {lim}"), &v.to_string()));
+        }
+        if let Some((name, x)) = cfg.bad_float() {
+            let key = arch_key(if name == "rms_eps" { K_RMS_EPS } else { K_ROPE_FREQ_BASE });
+            return Err(meta_err(path, &key, "a positive number", &x.to_string()));
         }
         // Every layer has at least 9 base tensors; a count the file cannot hold is a lie.
         if cfg.n_layer as usize * 9 > g.n_tensors() {

@@ -89,3 +89,33 @@ fn config_limits_are_where_they_are_said_to_be() {
         assert!(err.contains(key), "{key}: {err}");
     }
 }
+
+/// A base.gguf whose `qwen3moe.attention.layer_norm_rms_epsilon` is negative (found by
+/// `model_dir`): ggml aborted the process in its RMS norm (`GGML_ASSERT(eps >= 0.0f)`).
+/// Now refused when the model opens; a config.json with a negative `rms_norm_eps` or a
+/// `rope_theta` of 0 too.
+#[test]
+fn negative_rms_epsilon_is_refused_before_ggml_sees_it() {
+    let dir = tmp();
+    let (model, _) = convert_into(&plain(), dir.path(), &opts(Some(GgmlType::Q8_0)));
+    std::fs::write(model.join("base.gguf"), crash_input("base-gguf-negative-rms-eps.gguf")).unwrap();
+    let err = sage::engine::Engine::load(&model, Default::default()).err().expect("refused").to_string();
+    assert!(err.contains("base.gguf") && err.contains("layer_norm_rms_epsilon"), "{err}");
+    let run = Command::new(env!("CARGO_BIN_EXE_sage"))
+        .args(["run", model.to_str().unwrap(), "--prompt", "hi", "--max-tokens", "2"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("layer_norm_rms_epsilon"), "{stderr}");
+
+    let base: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(plain().join("config.json")).unwrap()).unwrap();
+    for (key, bad) in [("rms_norm_eps", -1e-6), ("rope_theta", 0.0)] {
+        let mut c = base.clone();
+        c[key] = bad.into();
+        let err =
+            sage::config::parse_hf_config(&c.to_string(), std::path::Path::new("config.json")).unwrap_err().to_string();
+        assert!(err.contains(key) && err.contains("positive"), "{key}: {err}");
+    }
+}
