@@ -71,7 +71,7 @@ pub struct EngineOptions {
     /// Reads of a batch's missed experts kept in flight on the I/O thread ahead of the one
     /// being copied into its slot (0: each load reads its record itself, synchronously).
     pub read_ahead: usize,
-    /// Threads that repack one expert into its slot (CPU repacked layouts).
+    /// Threads that repack one expert into its slot (CPU repacked layouts); 0: `threads`.
     pub load_threads: usize,
     /// Bytes per slice when base tensors are read from disk (repacked matrices go in slices
     /// of whole row groups, about this size).
@@ -93,7 +93,7 @@ impl Default for EngineOptions {
             prefetch: false,
             load_slice: 16 << 20,
             read_ahead: 2,
-            load_threads: 1,
+            load_threads: 0,
         }
     }
 }
@@ -640,7 +640,7 @@ impl Engine {
                 views: &self.arena,
                 buf: &self.arena_buf,
                 stride: self.slot_stride,
-                threads: self.opts.load_threads,
+                threads: if self.opts.load_threads == 0 { self.opts.threads } else { self.opts.load_threads },
             };
             let drop_cache = !self.opts.page_cache;
             self.sched.ensure(il, &[e], |slot, e| {
@@ -839,7 +839,7 @@ impl Engine {
                 views: &self.arena,
                 buf: &self.arena_buf,
                 stride: self.slot_stride,
-                threads: self.opts.load_threads,
+                threads: if self.opts.load_threads == 0 { self.opts.threads } else { self.opts.load_threads },
             };
             let drop_cache = !self.opts.page_cache;
             // The group's misses, in the order `ensure` loads them: the I/O thread reads
