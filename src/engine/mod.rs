@@ -255,6 +255,13 @@ struct ArenaRef<'a> {
     threads: usize,
 }
 
+impl<'a> ArenaRef<'a> {
+    fn new(views: &'a TensorSet, buf: &'a Buffer, stride: usize, opts: &EngineOptions) -> ArenaRef<'a> {
+        let threads = if opts.load_threads == 0 { opts.threads } else { opts.load_threads };
+        ArenaRef { views, buf, stride, threads }
+    }
+}
+
 /// Copy one expert's record into the arena at byte `at`: projections whose arena tensor is
 /// repacked are written through proxies placed at their spot (ggml repacks on write, split
 /// over `threads`); the others are copied as they are.
@@ -636,12 +643,7 @@ impl Engine {
         // Least used first, so that the most used are the most recently used when evicting starts.
         for &(il, e) in chosen.iter().rev() {
             let (dir, shards, staging) = (&self.dir, &self.shards, &mut self.staging);
-            let arena = ArenaRef {
-                views: &self.arena,
-                buf: &self.arena_buf,
-                stride: self.slot_stride,
-                threads: if self.opts.load_threads == 0 { self.opts.threads } else { self.opts.load_threads },
-            };
+            let arena = ArenaRef::new(&self.arena, &self.arena_buf, self.slot_stride, &self.opts);
             let drop_cache = !self.opts.page_cache;
             self.sched.ensure(il, &[e], |slot, e| {
                 load_expert(dir, shards, staging, &arena, drop_cache, il, slot, e, None).map(|r| r.0)
@@ -835,12 +837,7 @@ impl Engine {
         let n_groups = needed.len().div_ceil(n_slots);
         for (gi, group) in needed.chunks(n_slots).enumerate() {
             let (dir, shards, staging) = (&self.dir, &self.shards, &mut self.staging);
-            let arena = ArenaRef {
-                views: &self.arena,
-                buf: &self.arena_buf,
-                stride: self.slot_stride,
-                threads: if self.opts.load_threads == 0 { self.opts.threads } else { self.opts.load_threads },
-            };
+            let arena = ArenaRef::new(&self.arena, &self.arena_buf, self.slot_stride, &self.opts);
             let drop_cache = !self.opts.page_cache;
             // The group's misses, in the order `ensure` loads them: the I/O thread reads
             // `read_ahead` of them ahead of the one being copied into its slot.

@@ -7,6 +7,17 @@ use sage::ggml::GgmlType;
 
 use crate::util::*;
 
+/// `sage run MODEL` exits 1 (an error, not a panic's 101 or a signal); returns its stderr.
+fn sage_run_fails(model: &std::path::Path) -> String {
+    let run = Command::new(env!("CARGO_BIN_EXE_sage"))
+        .args(["run", model.to_str().unwrap(), "--prompt", "hi", "--max-tokens", "2"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+    assert_eq!(run.status.code(), Some(1), "{stderr}");
+    stderr
+}
+
 fn crash_input(name: &str) -> Vec<u8> {
     std::fs::read(fixtures().join("fuzz").join(name)).unwrap()
 }
@@ -32,12 +43,7 @@ fn tokenizer_json_that_panicked_the_tokenizers_crate() {
     std::fs::write(model.join("tokenizer.json"), &bytes).unwrap();
     let err = sage::engine::generate::load_tokenizer(&model).unwrap_err().to_string();
     assert!(err.contains("tokenizer.json") && err.contains("not JSON"), "{err}");
-    let run = Command::new(env!("CARGO_BIN_EXE_sage"))
-        .args(["run", model.to_str().unwrap(), "--prompt", "hi", "--max-tokens", "2"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert_eq!(run.status.code(), Some(1), "{stderr}");
+    let stderr = sage_run_fails(&model);
     assert!(stderr.contains("tokenizer.json") && !stderr.contains("panicked"), "{stderr}");
 }
 
@@ -101,12 +107,7 @@ fn negative_rms_epsilon_is_refused_before_ggml_sees_it() {
     std::fs::write(model.join("base.gguf"), crash_input("base-gguf-negative-rms-eps.gguf")).unwrap();
     let err = sage::engine::Engine::load(&model, Default::default()).err().expect("refused").to_string();
     assert!(err.contains("base.gguf") && err.contains("layer_norm_rms_epsilon"), "{err}");
-    let run = Command::new(env!("CARGO_BIN_EXE_sage"))
-        .args(["run", model.to_str().unwrap(), "--prompt", "hi", "--max-tokens", "2"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert_eq!(run.status.code(), Some(1), "{stderr}");
+    let stderr = sage_run_fails(&model);
     assert!(stderr.contains("layer_norm_rms_epsilon"), "{stderr}");
 
     let base: serde_json::Value =
