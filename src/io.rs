@@ -29,7 +29,7 @@ impl Record {
 }
 
 /// A file the runtime reads pieces of while it runs (an expert shard). Reads are positioned
-/// reads (`pread`), never a memory map: a file truncated by another process while mapped
+/// reads (`pread`, or O_DIRECT `pread` for `read_record`), never a memory map: a file truncated by another process while mapped
 /// kills the reader with SIGBUS, a short `pread` is an error. Each read first checks that
 /// the file still has the size and modification time it had when opened, so a shard
 /// rewritten in place is refused instead of silently mixing two conversions. (A shard

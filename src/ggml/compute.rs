@@ -233,6 +233,8 @@ impl Buffer {
                 .map(|&(r0, n)| {
                     let part = &bytes[r0 as usize * row..(r0 + n) as usize * row];
                     scope.spawn(move || -> Result<(), FfiError> {
+                        // A second handle to this buffer for `place`; never dropped (the
+                        // buffer is freed once, by its owner).
                         let buf = std::mem::ManuallyDrop::new(Buffer { ptr: shared.0 });
                         let c = Context::new(1, 0);
                         let t = c.new_tensor(ty, &[ne0 as i64, n as i64]);
