@@ -71,7 +71,8 @@ pub struct EngineOptions {
     /// Reads of a batch's missed experts kept in flight on the I/O thread ahead of the one
     /// being copied into its slot (0: each load reads its record itself, synchronously).
     pub read_ahead: usize,
-    /// Threads that repack one expert into its slot (CPU repacked layouts); 0: `threads`.
+    /// Threads that repack one expert into its slot (CPU repacked layouts); 0: `threads` for
+    /// matrices of 256 KiB or more, one for smaller ones.
     pub load_threads: usize,
     /// Bytes per slice when base tensors are read from disk (repacked matrices go in slices
     /// of whole row groups, about this size).
@@ -253,12 +254,20 @@ struct ArenaRef<'a> {
     stride: usize,
     /// Threads that repack one expert's matrices.
     threads: usize,
+    /// Split only matrices of at least this many bytes (starting a thread costs tens of
+    /// microseconds).
+    split_min: usize,
 }
 
 impl<'a> ArenaRef<'a> {
     fn new(views: &'a TensorSet, buf: &'a Buffer, stride: usize, opts: &EngineOptions) -> ArenaRef<'a> {
-        let threads = if opts.load_threads == 0 { opts.threads } else { opts.load_threads };
-        ArenaRef { views, buf, stride, threads }
+        // 0 (the default): --threads threads, for matrices of 256 KiB or more (a Qwen3-30B-A3B
+        // expert projection at q4_K is 884 KiB); N: exactly N, for any matrix.
+        let (threads, split_min) = match opts.load_threads {
+            0 => (opts.threads, 256 << 10),
+            n => (n, 0),
+        };
+        ArenaRef { views, buf, stride, threads, split_min }
     }
 }
 
@@ -281,7 +290,8 @@ fn load_slot(
         let part = &record[off..off + size];
         if a.views.get(3 * il as usize + p.index()).is_repacked() {
             let [ne0, ne1] = layer.shapes[p.index()];
-            a.buf.write_repacked(layer.types[p.index()], ne0, ne1, at + off, part, a.threads)?;
+            let threads = if part.len() >= a.split_min { a.threads } else { 1 };
+            a.buf.write_repacked(layer.types[p.index()], ne0, ne1, at + off, part, threads)?;
         } else {
             raw.write(at + off, part);
         }
