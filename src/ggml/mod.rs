@@ -32,9 +32,12 @@ impl GgmlType {
     pub const Q3_K: GgmlType = GgmlType(sys::GGML_TYPE_Q3_K);
     pub const Q2_K: GgmlType = GgmlType(sys::GGML_TYPE_Q2_K);
 
-    /// The type with this raw id, if this ggml build knows it and it is not a removed type.
+    /// The type with this raw id, if this ggml build knows it as a weight type: not a removed
+    /// type, and not one of the intermediates of its dot products (q8_1, q8_K), which no
+    /// kernel takes as weights (the CPU backend has no dot product for them: a matrix
+    /// multiplication would call a null function).
     pub fn from_raw(raw: u32) -> Option<GgmlType> {
-        if raw >= sys::GGML_TYPE_COUNT {
+        if raw >= sys::GGML_TYPE_COUNT || raw == sys::GGML_TYPE_Q8_1 || raw == sys::GGML_TYPE_Q8_K {
             return None;
         }
         // SAFETY: `raw` is below GGML_TYPE_COUNT, so ggml indexes its static traits table in

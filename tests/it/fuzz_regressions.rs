@@ -120,3 +120,21 @@ fn negative_rms_epsilon_is_refused_before_ggml_sees_it() {
         assert!(err.contains(key) && err.contains("positive"), "{key}: {err}");
     }
 }
+
+/// A base.gguf whose expert manifest declares a projection of type q8_1 (found by
+/// `model_dir`): ggml's CPU backend has no dot product for that intermediate type, and the
+/// first expert computation called a null function (SIGSEGV). q8_1 and q8_K are now unknown
+/// types to sage; the model is refused when it opens.
+#[test]
+fn expert_type_without_a_cpu_kernel_is_refused() {
+    let dir = tmp();
+    let (model, _) = convert_into(&plain(), dir.path(), &opts(Some(GgmlType::Q8_0)));
+    std::fs::write(model.join("base.gguf"), crash_input("base-gguf-q8_1-experts.gguf")).unwrap();
+    let err = sage::model_dir::ModelDir::open(&model).err().expect("refused").to_string();
+    assert!(err.contains("base.gguf") && err.contains("sage.experts.blk.0.types"), "{err}");
+    let stderr = sage_run_fails(&model);
+    assert!(stderr.contains("unknown ggml type"), "{stderr}");
+    for raw in [llama_cpp_sys_2::GGML_TYPE_Q8_1, llama_cpp_sys_2::GGML_TYPE_Q8_K] {
+        assert_eq!(GgmlType::from_raw(raw), None);
+    }
+}
