@@ -18,6 +18,13 @@ fn sage_run_fails(model: &std::path::Path) -> String {
     stderr
 }
 
+/// The fixture converted at q8_0 under `dir`, its base.gguf replaced by crash input `name`.
+fn model_with_base(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let (model, _) = convert_into(&plain(), dir, &opts(Some(GgmlType::Q8_0)));
+    std::fs::write(model.join("base.gguf"), crash_input(name)).unwrap();
+    model
+}
+
 fn crash_input(name: &str) -> Vec<u8> {
     std::fs::read(fixtures().join("fuzz").join(name)).unwrap()
 }
@@ -53,8 +60,7 @@ fn tokenizer_json_that_panicked_the_tokenizers_crate() {
 #[test]
 fn gguf_with_a_huge_block_count() {
     let dir = tmp();
-    let (model, _) = convert_into(&plain(), dir.path(), &opts(Some(GgmlType::Q8_0)));
-    std::fs::write(model.join("base.gguf"), crash_input("base-gguf-huge-block-count.gguf")).unwrap();
+    let model = model_with_base(dir.path(), "base-gguf-huge-block-count.gguf");
     let err = sage::model_dir::ModelDir::open(&model).err().expect("refused").to_string();
     assert!(err.contains("base.gguf") && err.contains("qwen3moe.block_count") && err.contains("512"), "{err}");
 
@@ -103,8 +109,7 @@ fn config_limits_are_where_they_are_said_to_be() {
 #[test]
 fn negative_rms_epsilon_is_refused_before_ggml_sees_it() {
     let dir = tmp();
-    let (model, _) = convert_into(&plain(), dir.path(), &opts(Some(GgmlType::Q8_0)));
-    std::fs::write(model.join("base.gguf"), crash_input("base-gguf-negative-rms-eps.gguf")).unwrap();
+    let model = model_with_base(dir.path(), "base-gguf-negative-rms-eps.gguf");
     let err = sage::engine::Engine::load(&model, Default::default()).err().expect("refused").to_string();
     assert!(err.contains("base.gguf") && err.contains("layer_norm_rms_epsilon"), "{err}");
     let stderr = sage_run_fails(&model);
@@ -128,8 +133,7 @@ fn negative_rms_epsilon_is_refused_before_ggml_sees_it() {
 #[test]
 fn expert_type_without_a_cpu_kernel_is_refused() {
     let dir = tmp();
-    let (model, _) = convert_into(&plain(), dir.path(), &opts(Some(GgmlType::Q8_0)));
-    std::fs::write(model.join("base.gguf"), crash_input("base-gguf-q8_1-experts.gguf")).unwrap();
+    let model = model_with_base(dir.path(), "base-gguf-q8_1-experts.gguf");
     let err = sage::model_dir::ModelDir::open(&model).err().expect("refused").to_string();
     assert!(err.contains("base.gguf") && err.contains("sage.experts.blk.0.types"), "{err}");
     let stderr = sage_run_fails(&model);
