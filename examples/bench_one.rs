@@ -1,6 +1,6 @@
 //! One engine, one measurement, one JSON line: what bench/run.sh runs inside a memory cgroup.
 //!
-//! cargo run --release --example bench_one -- sage MODEL_DIR [--arena BYTES] [--policy P] [--prefetch] [--read-ahead N] [--load-threads N] [OPTS]
+//! cargo run --release --example bench_one -- sage MODEL_DIR [--arena BYTES] [--policy P] [--prefetch] [--read-ahead N] [--load-threads N] [--layer-graphs] [OPTS]
 //! cargo run --release --example bench_one -- llama MODEL.gguf [--no-mmap] [OPTS]
 //! cargo run --release --example bench_one -- sizes MODEL_DIR
 //! OPTS: --prompt N (512) --gen N (128) --threads N (all cores)
@@ -35,7 +35,7 @@ fn prompt_ids(n: usize, n_vocab: u32) -> Vec<u32> {
 
 fn main() -> anyhow::Result<()> {
     let a: Vec<String> = std::env::args().collect();
-    anyhow::ensure!(a.len() >= 3, "usage: bench_one sage|llama PATH [--arena BYTES] [--policy P] [--prefetch] [--read-ahead N] [--load-threads N] [--no-mmap] [--prompt N] [--gen N] [--threads N]");
+    anyhow::ensure!(a.len() >= 3, "usage: bench_one sage|llama PATH [--arena BYTES] [--policy P] [--prefetch] [--read-ahead N] [--load-threads N] [--layer-graphs] [--no-mmap] [--prompt N] [--gen N] [--threads N]");
     let opt = |name: &str| a.iter().position(|x| x == name).and_then(|i| a.get(i + 1)).cloned();
     let flag = |name: &str| a.iter().any(|x| x == name);
     let n_prompt: usize = opt("--prompt").map(|s| s.parse()).transpose()?.unwrap_or(512);
@@ -64,6 +64,8 @@ fn main() -> anyhow::Result<()> {
                 opt("--read-ahead").map(|s| s.parse()).transpose()?.unwrap_or(EngineOptions::default().read_ahead);
             let load_threads: usize =
                 opt("--load-threads").map(|s| s.parse()).transpose()?.unwrap_or(EngineOptions::default().load_threads);
+            // The streaming path's two graphs per layer even when every expert fits.
+            let fused = !flag("--layer-graphs");
             let mut e = Engine::load(
                 a[2].as_ref(),
                 EngineOptions {
@@ -75,6 +77,7 @@ fn main() -> anyhow::Result<()> {
                     prefetch,
                     read_ahead,
                     load_threads,
+                    fused,
                     ..Default::default()
                 },
             )?;
@@ -93,7 +96,7 @@ fn main() -> anyhow::Result<()> {
             let st = e.stats().sched;
             let (hits, misses) = (st.hits - after_prompt.hits, st.misses - after_prompt.misses);
             serde_json::json!({
-                "engine": "sage", "policy": policy, "read_ahead": read_ahead, "load_threads": load_threads, "prefetch": e.stats().prefetch, "arena_bytes": e.arena_bytes(), "arena_slots": e.n_slots(),
+                "engine": "sage", "one_graph": e.all_resident(), "policy": policy, "read_ahead": read_ahead, "load_threads": load_threads, "prefetch": e.stats().prefetch, "arena_bytes": e.arena_bytes(), "arena_slots": e.n_slots(),
                 "load_s": load_s,
                 "prompt_tok_s": n_prompt as f64 / prompt_s, "decode_tok_s": n_gen as f64 / decode_s,
                 "decode_hit_rate": hits as f64 / (hits + misses).max(1) as f64,

@@ -256,7 +256,28 @@ fn load_engine(dir: &Path, e: &EngineArgs, n_ctx: usize) -> anyhow::Result<Engin
     };
     // Read usage.json before loading the model: a damaged file fails fast.
     let usage = e.warm.as_ref().map(|p| Usage::load(p)).transpose()?;
-    let mut engine = Engine::load(dir, opts).with_context(|| format!("loading {}", dir.display()))?;
+    // An arena that holds every expert is filled while loading (one graph per batch after).
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        indicatif::ProgressBar::new(0)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("loading experts [{bar:30}] {bytes}/{total_bytes} ({eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let mut progress = |done: u64, total: u64| {
+        bar.set_length(total);
+        bar.set_position(done);
+    };
+    let engine = Engine::load_with_progress(dir, opts, &mut progress);
+    bar.finish_and_clear();
+    let mut engine = engine.with_context(|| format!("loading {}", dir.display()))?;
+    if engine.all_resident() {
+        let w = engine.warm_stats();
+        log::info!("all {} experts resident ({} loaded): one graph per batch", w.misses, short_bytes(w.bytes_read));
+    }
     for (il, ids) in engine.pool().iter().enumerate() {
         log::info!("pool blk.{il}: {} experts ({})", ids.len(), sage::inspect::id_ranges(ids));
     }
@@ -426,6 +447,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         "prefetch": g.stats.prefetch,
         "arena_bytes": engine.arena_bytes(),
         "arena_slots": engine.n_slots(),
+        "all_resident": engine.all_resident(),
         "memory": mem,
         "peak_rss_bytes": peak,
         "overhead_bytes": overhead,

@@ -77,6 +77,11 @@ pub struct EngineOptions {
     /// Bytes per slice when base tensors are read from disk (repacked matrices go in slices
     /// of whole row groups, about this size).
     pub load_slice: usize,
+    /// When the arena holds every expert and every layer has all of its experts (no pool),
+    /// load them all while loading the engine and evaluate each batch as one graph, the
+    /// router on the backend (as llama.cpp does). Off: the streaming path's two graphs per
+    /// layer, whatever the arena.
+    pub fused: bool,
 }
 
 impl Default for EngineOptions {
@@ -95,6 +100,7 @@ impl Default for EngineOptions {
             load_slice: 16 << 20,
             read_ahead: 2,
             load_threads: 0,
+            fused: true,
         }
     }
 }
@@ -159,7 +165,7 @@ pub struct Engine {
     output_norm: usize,
     /// None when tied to the token embedding.
     output: Option<usize>,
-    /// k[il] and v[il]: [head_dim * n_head_kv, n_ctx].
+    /// k[il]: [head_dim * n_head_kv, n_ctx]; v[il] transposed: [n_ctx, head_dim * n_head_kv].
     kv: TensorSet,
     _kv_buf: Buffer,
     /// Per layer gate/up/down views of the arena ([ne0, ne1, n_slots], slot stride apart),
@@ -188,6 +194,9 @@ pub struct Engine {
     warm_stats: SchedStats,
     /// Capacity of the buffer that carried the base from disk (freed after loading).
     load_buffer: usize,
+    /// In the all-resident mode (`EngineOptions::fused`): per layer, the slot of its expert
+    /// 0; expert e sits in that slot + e.
+    fused: Option<Vec<usize>>,
 }
 
 /// Where a group of experts stands among a layer's groups (see `Engine::experts`).
@@ -336,15 +345,108 @@ fn load_expert(
 }
 
 const GRAPH_NODES: usize = 1024;
+/// Tensors and nodes per layer in the one-graph (all-resident) evaluation: about 70 of each
+/// at n_expert_used 8.
+const FUSED_PER_LAYER: usize = 160;
 const GRAPH_TENSORS: usize = 1024;
 
 fn ffi(path: &Path, what: &str, e: crate::ggml::FfiError) -> Error {
     Error::Tensor { path: path.to_path_buf(), tensor: what.to_string(), source: e }
 }
 
+/// One layer's attention block as built into a graph.
+struct Attn<'a> {
+    /// The copies of this batch's K and V into the cache (expand them before anything that
+    /// reads the layer's output).
+    k_store: Tensor<'a>,
+    v_store: Tensor<'a>,
+    /// The residual stream after attention ([n_embd, n]).
+    ffn_inp: Tensor<'a>,
+    /// `ffn_inp` through the FFN norm: what the router and the experts see.
+    normed: Tensor<'a>,
+}
+
+/// Attention of layer `il` over `x` ([n_embd, n]) at positions `pos` after `n_past` cached
+/// tokens, with `mask` ([n_past + n, n]): RMSNorm, q/k norms, NEOX RoPE, grouped-query
+/// attention over the cache (this batch's K and V stored first), output projection, residual
+/// and FFN norm.
+#[allow(clippy::too_many_arguments)]
+fn build_attention<'a>(
+    ctx: &'a Context,
+    cfg: &ModelConfig,
+    w: &'a TensorSet,
+    lw: &LayerW,
+    kv: &'a TensorSet,
+    il: u32,
+    x: Tensor<'a>,
+    pos: Tensor<'a>,
+    mask: Tensor<'a>,
+    n_past: usize,
+) -> Attn<'a> {
+    let n = x.ne()[1];
+    let (hd, nh, nkv) = (cfg.head_dim as i64, cfg.n_head as i64, cfg.n_head_kv as i64);
+    let n_kv = n_past as i64 + n;
+    let eps = cfg.rms_eps;
+    let cur = ctx.mul(ctx.rms_norm(x, eps), w.get(lw.attn_norm));
+    let rope = |t| ctx.rope(t, pos, hd as i32, ROPE_TYPE_NEOX, cfg.n_ctx_train as i32, cfg.rope_theta);
+    let q = ctx.reshape_3d(ctx.mul_mat(w.get(lw.q), cur), hd, nh, n);
+    let q = rope(ctx.mul(ctx.rms_norm(q, eps), w.get(lw.q_norm)));
+    let k = ctx.reshape_3d(ctx.mul_mat(w.get(lw.k), cur), hd, nkv, n);
+    let k = rope(ctx.mul(ctx.rms_norm(k, eps), w.get(lw.k_norm)));
+    let v = ctx.mul_mat(w.get(lw.v), cur);
+
+    // Store this batch's K and V in the cache, then attend over everything cached. V is
+    // cached transposed (a row per channel, positions along it), as llama.cpp caches it
+    // without flash attention: KQ·V then reads it in place, with no per-step copy of the
+    // whole V cache.
+    let (kc, vc) = (kv.get(2 * il as usize), kv.get(2 * il as usize + 1));
+    let (esz, row_k, row_v) = (kc.nb()[0], kc.nb()[1], vc.nb()[1]);
+    let k_store = ctx.cpy(ctx.reshape_2d(k, hd * nkv, n), ctx.view_2d(kc, hd * nkv, n, row_k, n_past * row_k));
+    let v_store = ctx.cpy(ctx.transpose(v), ctx.view_2d(vc, n, hd * nkv, row_v, n_past * esz));
+    let kview = ctx.view_3d(kc, [hd, n_kv, nkv], row_k, hd as usize * esz, 0);
+    let kq = ctx.mul_mat(kview, ctx.permute(q, [0, 2, 1, 3])); // [n_kv, n, n_head]
+    let kq = ctx.soft_max_ext(kq, mask, 1.0 / (hd as f32).sqrt());
+    let vt = ctx.view_3d(vc, [n_kv, hd, nkv], row_v, hd as usize * row_v, 0); // [n_kv, hd, n_head_kv]
+    let kqv = ctx.mul_mat(vt, kq); // [hd, n, n_head]
+    let o = ctx.reshape_2d(ctx.cont(ctx.permute(kqv, [0, 2, 1, 3])), hd * nh, n);
+    let ffn_inp = ctx.add(ctx.mul_mat(w.get(lw.o), o), x);
+    let normed = ctx.mul(ctx.rms_norm(ffn_inp, eps), w.get(lw.ffn_norm));
+    Attn { k_store, v_store, ffn_inp, normed }
+}
+
+/// The experts' SwiGLU FFN over `x` ([n_embd, 1, n]): per token, the matrices `ids` ([k, n],
+/// i32) picks from `exps` (gate, up, down: [ne0, ne1, n_mat] each), weighted by `wts`
+/// ([1, k, n]) and summed over the k experts in id-list order. Returns [n_embd, n].
+fn build_moe<'a>(
+    ctx: &'a Context,
+    exps: [Tensor<'a>; 3],
+    x: Tensor<'a>,
+    ids: Tensor<'a>,
+    wts: Tensor<'a>,
+) -> Tensor<'a> {
+    let [gate, up, down] = exps;
+    let (n_embd, k, n) = (x.ne()[0], ids.ne()[0], ids.ne()[1]);
+    let g = ctx.mul_mat_id(gate, x, ids);
+    let u = ctx.mul_mat_id(up, x, ids);
+    let d = ctx.mul_mat_id(down, ctx.swiglu_split(g, u), ids); // [n_embd, k, n]
+    let d = ctx.mul(d, wts);
+    let nb = d.nb();
+    let mut moe = ctx.view_2d(d, n_embd, n, nb[2], 0);
+    for j in 1..k as usize {
+        moe = ctx.add(moe, ctx.view_2d(d, n_embd, n, nb[2], j * nb[1]));
+    }
+    moe
+}
+
 impl Engine {
     /// Open a model directory and load its base onto the device.
     pub fn load(dir: &Path, opts: EngineOptions) -> Result<Engine> {
+        Engine::load_with_progress(dir, opts, &mut |_, _| {})
+    }
+
+    /// `load`, calling `progress(bytes done, bytes total)` as experts are loaded up front (the
+    /// all-resident mode, see `EngineOptions::fused`).
+    pub fn load_with_progress(dir: &Path, opts: EngineOptions, progress: &mut dyn FnMut(u64, u64)) -> Result<Engine> {
         let md = ModelDir::open(dir)?;
         let cfg = md.config.clone();
         let base_path = md.base_path.clone();
@@ -498,7 +600,8 @@ impl Engine {
         let mut kv = TensorSet::new(2 * cfg.n_layer as usize);
         for il in 0..cfg.n_layer {
             kv.add(kv_ty, &[n_embd_kv, opts.n_ctx as i64], &format!("cache_k_l{il}"));
-            kv.add(kv_ty, &[n_embd_kv, opts.n_ctx as i64], &format!("cache_v_l{il}"));
+            kv.add(kv_ty, &[opts.n_ctx as i64, n_embd_kv], &format!("cache_v_l{il}"));
+            // transposed
         }
         let kv_buf = backend.alloc_ctx_tensors(kv.context()).map_err(|e| ffi(dir, "KV cache", e))?;
         kv_buf.clear(0);
@@ -548,7 +651,7 @@ impl Engine {
             _ => None,
         };
         let alloc = Allocator::new(&backend);
-        Ok(Engine {
+        let mut engine = Engine {
             config: cfg,
             dir: md,
             weights,
@@ -577,9 +680,43 @@ impl Engine {
             trace: None,
             warm_stats: SchedStats::default(),
             load_buffer,
+            fused: None,
             backend,
             opts,
-        })
+        };
+        let all_resident = n_slots == total_experts
+            && engine.dir.manifest.layers.iter().all(|l| l.ids.len() == engine.config.n_expert as usize);
+        if engine.opts.fused && all_resident {
+            engine.load_all_experts(progress)?;
+        }
+        Ok(engine)
+    }
+
+    /// Load every expert, layer by layer, into consecutive slots, and switch to evaluating
+    /// whole batches in one graph. The loads are counted in `warm_stats`, not in the run's.
+    fn load_all_experts(&mut self, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
+        let n_layer = self.config.n_layer;
+        let total: u64 = self.dir.manifest.layers.iter().map(|l| l.record_size() * l.ids.len() as u64).sum();
+        let mut done = 0;
+        let mut base = Vec::with_capacity(n_layer as usize);
+        for il in 0..n_layer {
+            let layer = &self.dir.manifest.layers[il as usize];
+            let (ids, bytes) = (layer.ids.clone(), layer.record_size() * layer.ids.len() as u64);
+            let slots = self.ensure_group(il, &ids)?;
+            // An empty arena fills from slot 0 up, so each layer's experts are consecutive.
+            let first = slots.first().copied().unwrap_or(0);
+            if slots.iter().enumerate().any(|(i, &s)| s != first + i) {
+                log::warn!("blk.{il}: experts not in consecutive slots; evaluating layer by layer");
+                return Ok(());
+            }
+            base.push(first);
+            done += bytes;
+            progress(done, total);
+        }
+        self.warm_stats = std::mem::take(&mut self.sched.stats);
+        self.fused = Some(base);
+        log::info!("all {} experts resident: one graph per batch", self.sched.n_slots());
+        Ok(())
     }
 
     pub fn device_name(&self) -> String {
@@ -601,6 +738,11 @@ impl Engine {
     /// Bytes of the expert arena (fixed for the engine's life).
     pub fn arena_bytes(&self) -> usize {
         self.arena_buf.size()
+    }
+
+    /// Whether every expert is resident and batches run as one graph (`EngineOptions::fused`).
+    pub fn all_resident(&self) -> bool {
+        self.fused.is_some()
     }
 
     pub fn n_slots(&self) -> usize {
@@ -709,14 +851,97 @@ impl Engine {
         for i in 0..n {
             mask[i * n_kv..=i * n_kv + n_past + i].fill(0.0);
         }
-        for il in 0..self.config.n_layer {
-            let (logits, next) = self.attention(il, tokens, &pos, &mask)?;
-            self.experts(il, n, &logits, next.as_deref())?;
-        }
-        let out = self.output_logits(n, all_logits)?;
+        let out = if self.fused.is_some() {
+            self.eval_fused(tokens, &pos, &mask, all_logits)?
+        } else {
+            for il in 0..self.config.n_layer {
+                let (logits, next) = self.attention(il, tokens, &pos, &mask)?;
+                self.experts(il, n, &logits, next.as_deref())?;
+            }
+            self.output_logits(n, all_logits)?
+        };
         self.n_past += n;
         self.stats.tokens_evaluated += n as u64;
         Ok(out)
+    }
+
+    /// The whole batch as one graph, every expert resident: per layer attention, the router
+    /// (softmax, top-k, renormalization on the backend, as llama.cpp's MoE graph does) and the
+    /// experts through `mul_mat_id` on the layer's consecutive slots; then the output. The
+    /// chosen experts are read back afterwards for the hit counts and the routing trace.
+    fn eval_fused(&mut self, tokens: &[u32], positions: &[i32], causal_mask: &[f32], all: bool) -> Result<Vec<f32>> {
+        let cfg = &self.config;
+        let base = self.fused.as_ref().expect("fused mode");
+        let n = tokens.len() as i64;
+        let (n_embd, n_exp, k) = (cfg.n_embd as i64, cfg.n_expert as i64, cfg.n_expert_used as i64);
+        let n_kv = self.n_past as i64 + n;
+        let n_layer = cfg.n_layer as usize;
+        let size = FUSED_PER_LAYER * n_layer + GRAPH_NODES;
+        let ctx = Context::new(size, size);
+        let w = &self.weights;
+        let ids = ctx.new_tensor(GgmlType::I32, &[n]);
+        ids.set_input();
+        let pos = ctx.new_tensor(GgmlType::I32, &[n]);
+        pos.set_input();
+        let mask = ctx.new_tensor(GgmlType::F32, &[n_kv, n]);
+        mask.set_input();
+        let mut g = ctx.graph(size);
+        let mut x = ctx.get_rows(self.embd.get(0), ids);
+        let mut chosen = Vec::with_capacity(n_layer);
+        for (il, (lw, &first)) in self.layers.iter().zip(base).enumerate() {
+            let a = build_attention(&ctx, cfg, w, lw, &self.kv, il as u32, x, pos, mask, self.n_past);
+            g.expand(a.k_store);
+            g.expand(a.v_store);
+            // Router: probabilities [n_expert, n], sorted. The full argsort is the output read
+            // back: a view of it (the top k) would not keep its memory from being reused
+            // later in the graph.
+            let probs = ctx.soft_max(ctx.mul_mat(w.get(lw.router), a.normed));
+            let order = ctx.argsort_desc(probs);
+            order.set_output();
+            let sel = ctx.view_2d(order, k, n, order.nb()[1], 0); // [k, n]
+            let mut wts = ctx.get_rows(ctx.reshape_3d(probs, 1, n_exp, n), sel); // [1, k, n]
+            if cfg.norm_topk_prob {
+                let w2 = ctx.reshape_2d(wts, k, n);
+                wts = ctx.reshape_3d(ctx.div(w2, ctx.sum_rows(w2)), 1, k, n);
+            }
+            let exps = Proj::ALL.map(|p| {
+                let t = self.arena.get(3 * il + p.index());
+                let [ne0, ne1, ..] = t.ne();
+                ctx.view_3d(t, [ne0, ne1, n_exp], t.nb()[1], self.slot_stride, first * self.slot_stride)
+            });
+            let moe = build_moe(&ctx, exps, ctx.reshape_3d(a.normed, n_embd, 1, n), sel, wts);
+            x = ctx.add(moe, a.ffn_inp);
+            chosen.push(order);
+        }
+        let n_out = if all { n } else { 1 };
+        let last = ctx.view_2d(x, n_embd, n_out, x.nb()[1], (n - n_out) as usize * x.nb()[1]);
+        let cur = ctx.mul(ctx.rms_norm(last, cfg.rms_eps), w.get(self.output_norm));
+        let out_w = match self.output {
+            Some(i) => w.get(i),
+            None => self.embd.get(0),
+        };
+        let logits = ctx.mul_mat(out_w, cur);
+        logits.set_output();
+        g.expand(logits);
+        let t0 = Instant::now();
+        self.alloc.alloc(&g).map_err(|e| ffi(&self.dir.path, "compute graph", e))?;
+        ids.write_i32(&tokens.iter().map(|&t| t as i32).collect::<Vec<_>>());
+        pos.write_i32(positions);
+        mask.write_f32(causal_mask);
+        self.backend.compute(&g).map_err(|e| ffi(&self.dir.path, "compute graph", e))?;
+        self.stats.compute += t0.elapsed();
+        for (il, order) in chosen.iter().enumerate() {
+            let order = order.read_i32((n_exp * n) as usize);
+            let mut used: Vec<u32> =
+                order.chunks(n_exp as usize).flat_map(|row| row[..k as usize].iter().map(|&e| e as u32)).collect();
+            if let Some(trace) = &mut self.trace {
+                trace.choices[il].extend(used.iter().copied());
+            }
+            used.sort_unstable();
+            used.dedup();
+            self.sched.record_hits(il as u32, &used);
+        }
+        Ok(logits.read_f32(cfg.n_vocab as usize * n_out as usize))
     }
 
     /// Graph A of layer `il`: attention (storing this batch's K and V), residual, FFN norm and
@@ -731,14 +956,11 @@ impl Engine {
     ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
         let cfg = &self.config;
         let n = tokens.len() as i64;
-        let (hd, nh, nkv) = (cfg.head_dim as i64, cfg.n_head as i64, cfg.n_head_kv as i64);
         let n_embd = cfg.n_embd as i64;
-        let n_past = self.n_past as i64;
-        let n_kv = n_past + n;
+        let n_kv = self.n_past as i64 + n;
         let eps = cfg.rms_eps;
         let ctx = Context::new(GRAPH_TENSORS, GRAPH_NODES);
         let w = &self.weights;
-        let lw = &self.layers[il as usize];
         let (hidden_s, ffn_inp_s, normed_s) = (self.state.get(0), self.state.get(1), self.state.get(2));
         let row = hidden_s.nb()[1];
 
@@ -753,45 +975,22 @@ impl Engine {
         pos.set_input();
         let mask = ctx.new_tensor(GgmlType::F32, &[n_kv, n]);
         mask.set_input();
-
-        let cur = ctx.mul(ctx.rms_norm(x, eps), w.get(lw.attn_norm));
-        let rope = |t| ctx.rope(t, pos, hd as i32, ROPE_TYPE_NEOX, cfg.n_ctx_train as i32, cfg.rope_theta);
-        let q = ctx.reshape_3d(ctx.mul_mat(w.get(lw.q), cur), hd, nh, n);
-        let q = rope(ctx.mul(ctx.rms_norm(q, eps), w.get(lw.q_norm)));
-        let k = ctx.reshape_3d(ctx.mul_mat(w.get(lw.k), cur), hd, nkv, n);
-        let k = rope(ctx.mul(ctx.rms_norm(k, eps), w.get(lw.k_norm)));
-        let v = ctx.mul_mat(w.get(lw.v), cur);
-
-        // Store this batch's K and V in the cache, then attend over everything cached.
-        let (kc, vc) = (self.kv.get(2 * il as usize), self.kv.get(2 * il as usize + 1));
-        let (esz, row_kv) = (kc.nb()[0], kc.nb()[1]);
-        let at = n_past as usize * row_kv;
-        let k_store = ctx.cpy(ctx.reshape_2d(k, hd * nkv, n), ctx.view_2d(kc, hd * nkv, n, row_kv, at));
-        let v_store = ctx.cpy(v, ctx.view_2d(vc, hd * nkv, n, row_kv, at));
-        let kview = ctx.view_3d(kc, [hd, n_kv, nkv], row_kv, hd as usize * esz, 0);
-        let vview = ctx.view_3d(vc, [hd, n_kv, nkv], row_kv, hd as usize * esz, 0);
-        let kq = ctx.mul_mat(kview, ctx.permute(q, [0, 2, 1, 3])); // [n_kv, n, n_head]
-        let kq = ctx.soft_max_ext(kq, mask, 1.0 / (hd as f32).sqrt());
-        let vt = ctx.cont(ctx.permute(vview, [1, 0, 2, 3])); // [n_kv, hd, n_head_kv]
-        let kqv = ctx.mul_mat(vt, kq); // [hd, n, n_head]
-        let o = ctx.reshape_2d(ctx.cont(ctx.permute(kqv, [0, 2, 1, 3])), hd * nh, n);
-        let ffn_inp = ctx.add(ctx.mul_mat(w.get(lw.o), o), x);
-        let normed = ctx.mul(ctx.rms_norm(ffn_inp, eps), w.get(lw.ffn_norm));
-        let logits = ctx.mul_mat(w.get(lw.router), normed); // [n_expert, n]
+        let a = build_attention(&ctx, cfg, w, &self.layers[il as usize], &self.kv, il, x, pos, mask, self.n_past);
+        let logits = ctx.mul_mat(w.get(self.layers[il as usize].router), a.normed); // [n_expert, n]
         logits.set_output();
-        let keep_inp = ctx.cpy(ffn_inp, ctx.view_2d(ffn_inp_s, n_embd, n, row, 0));
-        let keep_normed = ctx.cpy(normed, ctx.view_2d(normed_s, n_embd, n, row, 0));
+        let keep_inp = ctx.cpy(a.ffn_inp, ctx.view_2d(ffn_inp_s, n_embd, n, row, 0));
+        let keep_normed = ctx.cpy(a.normed, ctx.view_2d(normed_s, n_embd, n, row, 0));
         let predict = self.opts.prefetch && n == 1 && il + 1 < cfg.n_layer;
         let next = predict.then(|| {
             let nw = &self.layers[il as usize + 1];
-            let x = ctx.mul(ctx.rms_norm(ffn_inp, eps), w.get(nw.ffn_norm));
+            let x = ctx.mul(ctx.rms_norm(a.ffn_inp, eps), w.get(nw.ffn_norm));
             let t = ctx.mul_mat(w.get(nw.router), x);
             t.set_output();
             t
         });
 
         let mut g = ctx.graph(GRAPH_NODES);
-        for t in [k_store, v_store, logits, keep_inp, keep_normed].into_iter().chain(next) {
+        for t in [a.k_store, a.v_store, logits, keep_inp, keep_normed].into_iter().chain(next) {
             g.expand(t);
         }
         let t0 = Instant::now();
@@ -846,37 +1045,7 @@ impl Engine {
         // Each group of experts is loaded once and runs once for the whole batch.
         let n_groups = needed.len().div_ceil(n_slots);
         for (gi, group) in needed.chunks(n_slots).enumerate() {
-            let (dir, shards, staging) = (&self.dir, &self.shards, &mut self.staging);
-            let arena = ArenaRef::new(&self.arena, &self.arena_buf, self.slot_stride, &self.opts);
-            let drop_cache = !self.opts.page_cache;
-            // The group's misses, in the order `ensure` loads them: the I/O thread reads
-            // `read_ahead` of them ahead of the one being copied into its slot.
-            let layer = &dir.manifest.layers[il as usize];
-            let missing: Vec<u32> = group.iter().copied().filter(|&e| !self.sched.is_resident(il, e)).collect();
-            let (io, ahead) = (&mut self.io, self.opts.read_ahead);
-            let mut issued = 0;
-            let mut read_ahead = |io: &mut Prefetcher, upto: usize| {
-                while issued < upto.min(missing.len()) {
-                    let e = missing[issued];
-                    let at = layer.offsets[layer.slot_of(e).expect("routed experts are present")];
-                    io.request((il, e), at, layer.record_size() as usize, false);
-                    issued += 1;
-                }
-            };
-            if ahead > 0 {
-                read_ahead(io, ahead);
-            }
-            let mut started = 0;
-            let slots = self.sched.ensure(il, group, |slot, e| {
-                started += 1;
-                if ahead > 0 {
-                    read_ahead(io, started + ahead);
-                }
-                let pre = io.take((il, e));
-                let (bytes, spare) = load_expert(dir, shards, staging, &arena, drop_cache, il, slot, e, pre)?;
-                io.recycle(spare);
-                Ok(bytes)
-            })?;
+            let slots = self.ensure_group(il, group)?;
             // The next layer's predicted experts are read while this layer's experts and the
             // next layer's attention compute; asked for only now, so that they never queue
             // ahead of this layer's own loads.
@@ -917,6 +1086,41 @@ impl Engine {
         Ok(())
     }
 
+    /// Make `group` (distinct experts of layer `il`, at most one arena's worth) resident and
+    /// return their slots. The misses load in the order `ensure` asks for them, while the I/O
+    /// thread reads `read_ahead` of them ahead of the one being copied into its slot.
+    fn ensure_group(&mut self, il: u32, group: &[u32]) -> Result<Vec<usize>> {
+        let (dir, shards, staging) = (&self.dir, &self.shards, &mut self.staging);
+        let arena = ArenaRef::new(&self.arena, &self.arena_buf, self.slot_stride, &self.opts);
+        let drop_cache = !self.opts.page_cache;
+        let layer = &dir.manifest.layers[il as usize];
+        let missing: Vec<u32> = group.iter().copied().filter(|&e| !self.sched.is_resident(il, e)).collect();
+        let (io, ahead) = (&mut self.io, self.opts.read_ahead);
+        let mut issued = 0;
+        let mut read_ahead = |io: &mut Prefetcher, upto: usize| {
+            while issued < upto.min(missing.len()) {
+                let e = missing[issued];
+                let at = layer.offsets[layer.slot_of(e).expect("routed experts are present")];
+                io.request((il, e), at, layer.record_size() as usize, false);
+                issued += 1;
+            }
+        };
+        if ahead > 0 {
+            read_ahead(io, ahead);
+        }
+        let mut started = 0;
+        self.sched.ensure(il, group, |slot, e| {
+            started += 1;
+            if ahead > 0 {
+                read_ahead(io, started + ahead);
+            }
+            let pre = io.take((il, e));
+            let (bytes, spare) = load_expert(dir, shards, staging, &arena, drop_cache, il, slot, e, pre)?;
+            io.recycle(spare);
+            Ok(bytes)
+        })
+    }
+
     fn moe_graph(&mut self, il: u32, n: usize, step: GroupStep, ids: &[i32], wts: &[f32]) -> Result<()> {
         let cfg = &self.config;
         let (n_embd, k, n) = (cfg.n_embd as i64, cfg.n_expert_used as i64, n as i64);
@@ -929,15 +1133,7 @@ impl Engine {
         let wts_t = ctx.new_tensor(GgmlType::F32, &[1, k, n]);
         wts_t.set_input();
         let a = |p: Proj| self.arena.get(3 * il as usize + p.index());
-        let gate = ctx.mul_mat_id(a(Proj::Gate), x, ids_t);
-        let up = ctx.mul_mat_id(a(Proj::Up), x, ids_t);
-        let down = ctx.mul_mat_id(a(Proj::Down), ctx.swiglu_split(gate, up), ids_t); // [n_embd, k, n]
-        let down = ctx.mul(down, wts_t);
-        let nb = down.nb();
-        let mut moe = ctx.view_2d(down, n_embd, n, nb[2], 0);
-        for j in 1..k as usize {
-            moe = ctx.add(moe, ctx.view_2d(down, n_embd, n, nb[2], j * nb[1]));
-        }
+        let moe = build_moe(&ctx, [a(Proj::Gate), a(Proj::Up), a(Proj::Down)], x, ids_t, wts_t);
         // Groups add up in `acc` first and join the residual last, in the same order of
         // additions as one group would: the result does not depend on the arena's size.
         let acc_s = self.state.get(3);

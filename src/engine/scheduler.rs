@@ -178,6 +178,16 @@ impl Scheduler {
         self.policy.name()
     }
 
+    /// Count a use of each of `layer`'s `experts` (distinct), all resident: hits, as
+    /// `ensure` counts them.
+    pub fn record_hits(&mut self, layer: u32, experts: &[u32]) {
+        for &e in experts {
+            let s = *self.where_.get(&(layer, e)).expect("record_hits is for resident experts");
+            self.stats.hits += 1;
+            self.policy.touch(s);
+        }
+    }
+
     /// Make all of `layer`'s `experts` resident (at most `n_slots` of them, distinct), loading
     /// the missing ones with `load(slot, expert)`; returns their slots in the same order.
     pub fn ensure<E>(

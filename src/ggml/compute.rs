@@ -424,6 +424,15 @@ impl<'c> Tensor<'c> {
         unsafe { sys::ggml_backend_tensor_get(self.ptr.as_ptr(), out.as_mut_ptr() as *mut c_void, 0, n * 4) };
         out
     }
+
+    /// Read `n` i32 values from the start of the tensor's data.
+    pub fn read_i32(&self, n: usize) -> Vec<i32> {
+        assert!(self.is_allocated() && n * 4 <= self.nbytes());
+        let mut out = vec![0i32; n];
+        // SAFETY: allocated tensor; n * 4 bytes lie inside it (asserted) and fit `out`.
+        unsafe { sys::ggml_backend_tensor_get(self.ptr.as_ptr(), out.as_mut_ptr() as *mut c_void, 0, n * 4) };
+        out
+    }
 }
 
 macro_rules! op {
@@ -520,6 +529,22 @@ impl Context {
     }
     pub fn soft_max_ext<'a>(&'a self, a: Tensor<'a>, mask: Tensor<'a>, scale: f32) -> Tensor<'a> {
         op!(self, sys::ggml_soft_max_ext(self.c(), a.ptr.as_ptr(), mask.ptr.as_ptr(), scale, 0.0))
+    }
+    /// Softmax along rows.
+    pub fn soft_max<'a>(&'a self, a: Tensor<'a>) -> Tensor<'a> {
+        op!(self, sys::ggml_soft_max(self.c(), a.ptr.as_ptr()))
+    }
+    /// Indices (i32) of each row's values, largest first.
+    pub fn argsort_desc<'a>(&'a self, a: Tensor<'a>) -> Tensor<'a> {
+        op!(self, sys::ggml_argsort(self.c(), a.ptr.as_ptr(), sys::GGML_SORT_ORDER_DESC))
+    }
+    /// Sum of each row: [1, ne1, ...].
+    pub fn sum_rows<'a>(&'a self, a: Tensor<'a>) -> Tensor<'a> {
+        op!(self, sys::ggml_sum_rows(self.c(), a.ptr.as_ptr()))
+    }
+    /// a / b (b broadcast over a).
+    pub fn div<'a>(&'a self, a: Tensor<'a>, b: Tensor<'a>) -> Tensor<'a> {
+        op!(self, sys::ggml_div(self.c(), a.ptr.as_ptr(), b.ptr.as_ptr()))
     }
     /// RoPE of `a` [head_dim, n_head, n_tokens] at positions `pos` (i32 [n_tokens]).
     pub fn rope<'a>(

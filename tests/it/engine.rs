@@ -141,6 +141,44 @@ fn the_arena_budget_holds_while_every_expert_streams_through() {
 }
 
 #[test]
+fn one_graph_when_every_expert_is_resident_matches_layer_by_layer() {
+    let dir = tmp();
+    let (model_dir, _) = converted(dir.path(), GgmlType::Q4_K, None);
+    let mut one = Engine::load(&model_dir, exact(ArenaSize::All)).unwrap();
+    let mut layered = Engine::load(&model_dir, EngineOptions { fused: false, ..exact(ArenaSize::All) }).unwrap();
+    assert!(one.all_resident() && !layered.all_resident());
+    // All 16 experts were loaded with the engine, and counted apart from the run.
+    assert_eq!((one.warm_stats().misses, one.stats().sched.misses), (16, 0));
+    one.start_trace();
+    layered.start_trace();
+    for p in reference() {
+        let ids: Vec<u32> = p.ids.iter().map(|&i| i as u32).collect();
+        for e in [&mut one, &mut layered] {
+            e.reset();
+        }
+        // The prompt in one batch, then two tokens one at a time (the decode graph).
+        let (a, b) = (one.eval(&ids, true).unwrap(), layered.eval(&ids, true).unwrap());
+        let d = max_abs_diff(&rows(a, 512), &rows(b, 512));
+        assert!(d <= 1e-4, "{}: one graph vs layer by layer {d}", p.name);
+        for t in [5u32, 77] {
+            let (a, b) = (one.eval(&[t], false).unwrap(), layered.eval(&[t], false).unwrap());
+            let d = max_abs_diff(&rows(a, 512), &rows(b, 512));
+            assert!(d <= 1e-4, "{}: decode step, one graph vs layer by layer {d}", p.name);
+        }
+    }
+    // The same experts chosen, and each (batch, layer, expert) counted once, as a hit.
+    let (ta, tb) = (one.take_trace().unwrap(), layered.take_trace().unwrap());
+    assert_eq!(ta.choices, tb.choices);
+    let (sa, sb) = (one.stats().sched, layered.stats().sched);
+    assert_eq!((sa.hits, sa.misses, sa.bytes_read), (sb.hits + sb.misses, 0, 0));
+    assert!(sb.misses == 16 && sb.hits > 0);
+    // One slot short of every expert, or a pool: layer by layer.
+    assert!(!Engine::load(&model_dir, exact(ArenaSize::Experts(15))).unwrap().all_resident());
+    let (pooled, _) = converted(&dir.path().join("pool"), GgmlType::F32, Some(reference_pool()));
+    assert!(!Engine::load(&pooled, exact(ArenaSize::All)).unwrap().all_resident());
+}
+
+#[test]
 fn bad_input_is_a_clear_error() {
     let dir = tmp();
     let (model_dir, _) = converted(dir.path(), GgmlType::Q8_0, None);
