@@ -1,6 +1,6 @@
 //! One engine, one measurement, one JSON line: what bench/run.sh runs inside a memory cgroup.
 //!
-//! cargo run --release --example bench_one -- sage MODEL_DIR [--arena BYTES] [--policy P] [--prefetch] [--read-ahead N] [--load-threads N] [--layer-graphs] [OPTS]
+//! cargo run --release --example bench_one -- sage MODEL_DIR [--arena BYTES] [--policy P] [--prefetch] [--read-ahead N] [--load-threads N] [--layer-graphs] [--arena-repack yes|no] [OPTS]
 //! cargo run --release --example bench_one -- llama MODEL.gguf [--no-mmap] [OPTS]
 //! cargo run --release --example bench_one -- sizes MODEL_DIR
 //! OPTS: --prompt N (512) --gen N (128) --threads N (all cores)
@@ -66,6 +66,13 @@ fn main() -> anyhow::Result<()> {
                 opt("--load-threads").map(|s| s.parse()).transpose()?.unwrap_or(EngineOptions::default().load_threads);
             // The streaming path's two graphs per layer even when every expert fits.
             let fused = !flag("--layer-graphs");
+            // The arena's layout (default: repacked only when every expert is resident).
+            let arena_repack = match opt("--arena-repack").as_deref() {
+                None => None,
+                Some("yes") => Some(true),
+                Some("no") => Some(false),
+                Some(x) => anyhow::bail!("--arena-repack takes yes or no, not {x}"),
+            };
             let mut e = Engine::load(
                 a[2].as_ref(),
                 EngineOptions {
@@ -78,6 +85,7 @@ fn main() -> anyhow::Result<()> {
                     read_ahead,
                     load_threads,
                     fused,
+                    arena_repack,
                     ..Default::default()
                 },
             )?;
@@ -96,7 +104,7 @@ fn main() -> anyhow::Result<()> {
             let st = e.stats().sched;
             let (hits, misses) = (st.hits - after_prompt.hits, st.misses - after_prompt.misses);
             serde_json::json!({
-                "engine": "sage", "one_graph": e.all_resident(), "policy": policy, "read_ahead": read_ahead, "load_threads": load_threads, "prefetch": e.stats().prefetch, "arena_bytes": e.arena_bytes(), "arena_slots": e.n_slots(),
+                "engine": "sage", "one_graph": e.all_resident(), "arena_repack": arena_repack, "policy": policy, "read_ahead": read_ahead, "load_threads": load_threads, "prefetch": e.stats().prefetch, "arena_bytes": e.arena_bytes(), "arena_slots": e.n_slots(),
                 "load_s": load_s,
                 "prompt_tok_s": n_prompt as f64 / prompt_s, "decode_tok_s": n_gen as f64 / decode_s,
                 "decode_hit_rate": hits as f64 / (hits + misses).max(1) as f64,

@@ -1,11 +1,14 @@
 //! The runtime: the base resident on a ggml backend, experts streamed from the shards into a
 //! fixed-size arena, and the Qwen3-MoE forward pass built from ggml ops.
 //!
-//! Per layer and batch the engine runs two graphs: (A) attention and the router logits, read
-//! back so the router (`router.rs`) picks experts on the CPU; the scheduler (`scheduler.rs`)
-//! makes them resident in arena slots; (B) the experts' SwiGLU FFN through `mul_mat_id` over
-//! slot ids. When a batch needs more distinct experts in a layer than the arena has slots,
-//! (B) runs once per group of experts, each group's contribution added to the residual.
+//! When the arena holds every expert of a full pool, all are loaded with the engine and a
+//! batch is one graph, the router included (`eval_fused`), as in llama.cpp. Otherwise (the
+//! streaming mode) each layer and batch runs two graphs: (A) attention and the router
+//! logits, read back so the router (`router.rs`) picks experts on the CPU; the scheduler
+//! (`scheduler.rs`) makes them resident in arena slots; (B) the experts' SwiGLU FFN through
+//! `mul_mat_id` over slot ids. When a batch needs more distinct experts in a layer than the
+//! arena has slots, (B) runs once per group of experts, each group's contribution added to
+//! the residual.
 
 pub mod generate;
 pub mod prefetch;
@@ -57,8 +60,8 @@ pub struct EngineOptions {
     pub kv_type: KvType,
     /// Most tokens evaluated in one graph.
     pub n_batch: usize,
-    /// On the CPU, keep quantized matrices (base and arena) in ggml's repacked layouts for its
-    /// faster kernels, as llama.cpp does by default.
+    /// On the CPU, keep quantized matrices in ggml's repacked layouts for its faster kernels,
+    /// as llama.cpp does by default (base always; the arena as `arena_repack` says).
     pub repack: bool,
     /// Eviction policy of the arena (`scheduler::POLICIES`).
     pub policy: String,
@@ -71,6 +74,12 @@ pub struct EngineOptions {
     /// Reads of a batch's missed experts kept in flight on the I/O thread ahead of the one
     /// being copied into its slot (0: each load reads its record itself, synchronously).
     pub read_ahead: usize,
+    /// Whether the arena keeps experts in ggml's repacked layouts (with `repack`). None: only
+    /// when every expert is resident (loaded once). A streaming arena stays in the file's
+    /// layout, so a miss is a plain copy: repacking costs more than reading (about 1.8 ms
+    /// against 0.4 ms for a Qwen3-30B-A3B expert at q4_K on 2 cores), more than the
+    /// repacked kernels save on one use.
+    pub arena_repack: Option<bool>,
     /// Threads that repack one expert into its slot (CPU repacked layouts); 0: `threads` for
     /// matrices of 256 KiB or more, one for smaller ones.
     pub load_threads: usize,
@@ -100,6 +109,7 @@ impl Default for EngineOptions {
             load_slice: 16 << 20,
             read_ahead: 2,
             load_threads: 0,
+            arena_repack: None,
             fused: true,
         }
     }
@@ -608,7 +618,11 @@ impl Engine {
 
         // The arena: one buffer, fixed size, allocated once.
         let arena_bytes = n_slots * slot_stride;
-        let arena_buf = backend.alloc_buffer_in(repack, arena_bytes + tail).map_err(|e| ffi(dir, "expert arena", e))?;
+        let all_resident =
+            n_slots == total_experts && md.manifest.layers.iter().all(|l| l.ids.len() == cfg.n_expert as usize);
+        let arena_layout = if opts.arena_repack.unwrap_or(opts.fused && all_resident) { repack } else { None };
+        let arena_buf =
+            backend.alloc_buffer_in(arena_layout, arena_bytes + tail).map_err(|e| ffi(dir, "expert arena", e))?;
         arena_buf.clear(0);
         let mut arena = TensorSet::new(3 * cfg.n_layer as usize + 1);
         for l in &md.manifest.layers {
@@ -684,8 +698,6 @@ impl Engine {
             backend,
             opts,
         };
-        let all_resident = n_slots == total_experts
-            && engine.dir.manifest.layers.iter().all(|l| l.ids.len() == engine.config.n_expert as usize);
         if engine.opts.fused && all_resident {
             engine.load_all_experts(progress)?;
         }

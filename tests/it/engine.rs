@@ -42,6 +42,10 @@ fn logits_match_llama_cpp_with_full_and_smallest_arena() {
         let mut full = Engine::load(&model_dir, exact(ArenaSize::All)).unwrap();
         let mut small = Engine::load(&model_dir, exact(ArenaSize::Experts(2))).unwrap();
         assert_eq!((full.n_slots(), small.n_slots()), (16, 2));
+        // A streaming arena keeps the file's layout by default; repacked on request.
+        let mut small_rp =
+            Engine::load(&model_dir, EngineOptions { arena_repack: Some(true), ..exact(ArenaSize::Experts(2)) })
+                .unwrap();
         for p in reference() {
             let ids: Vec<u32> = p.ids.iter().map(|&i| i as u32).collect();
             // llama.cpp's prompt path (one batch) and its decode path (a token at a time).
@@ -49,8 +53,13 @@ fn logits_match_llama_cpp_with_full_and_smallest_arena() {
             let stepwise = llama_logits_stepwise(&llama, &p.ids);
             full.reset();
             small.reset();
+            small_rp.reset();
             let a = rows(full.eval(&ids, true).unwrap(), 512);
             let b = rows(small.eval(&ids, true).unwrap(), 512);
+            let c = rows(small_rp.eval(&ids, true).unwrap(), 512);
+            let drp = max_abs_diff(&a, &c);
+            eprintln!("{ty} {}: |all - 2 repacked slots| {drp:e}", p.name);
+            assert!(drp <= 1e-4, "{ty} {}: repacked streaming arena {drp}", p.name);
             let (da, db, dab) = (max_abs_diff(&a, &want), max_abs_diff(&b, &want), max_abs_diff(&a, &b));
             let (dstep, dllama) = (max_abs_diff(&a, &stepwise), max_abs_diff(&want, &stepwise));
             eprintln!(
@@ -352,7 +361,8 @@ fn read_ahead_and_load_threads_change_nothing_but_when_bytes_are_read() {
     let dir = tmp();
     let (model_dir, _) = convert_into(&plain(), dir.path(), &opts(Some(GgmlType::Q4_K)));
     let run = |read_ahead: usize, load_threads: usize| {
-        let o = EngineOptions { read_ahead, load_threads, ..exact(ArenaSize::Experts(2)) };
+        // A repacked arena, so that the threads that repack each expert have work.
+        let o = EngineOptions { read_ahead, load_threads, arena_repack: Some(true), ..exact(ArenaSize::Experts(2)) };
         let mut e = Engine::load(&model_dir, o).unwrap();
         let prompt: Vec<u32> = (1..40).collect();
         let mut logits = e.eval(&prompt, true).unwrap();
