@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # sage against llama.cpp on the same files and threads, in one run, under the same memory
 # limits (cgroup v1 memory controller; needs root):
-#   1. llama.cpp, the whole model in memory, read with --no-mmap (no limit). On the CPU
-#      llama.cpp copies every q4_K matrix into its repacking buffer; with mmap it would hold
-#      that copy and the mapped file's pages (34 GB for 17 GB of model), and llama-cpp-2
-#      0.1.160 offers no way to turn repacking off (no `use_extra_bufts`; a buffer-type
-#      override to the CPU selects the repacking buffer again)
+#   1. llama.cpp, the whole model in memory, read with --no-mmap (no limit), its weights in
+#      its CPU repacking buffers (its default, and its fastest kernels)
 #   2. sage, every expert in its arena (no limit)
 #   3. limits of base + 25% and base + 50% of the expert bytes (+ 384 MiB for KV cache,
-#      compute buffers and code): llama.cpp with mmap, and sage with the arena that fits
+#      compute buffers and code): llama.cpp with mmap and its CPU repacking off (through
+#      llama.cpp's C API: use_extra_bufts = false; with repacking on it would copy every q4_K
+#      matrix out of the mapping, 34 GB in all, and is OOM-killed at either limit), and sage
+#      with the arena that fits
 #   4. the I/O bound: this disk's sequential read bandwidth (O_DIRECT) / sage's bytes read
 #      per decoded token under the limit
 # Page cache is dropped before every run and counts against the limit.
@@ -71,7 +71,7 @@ R+=("$(run none sage-full $B sage "$DIR" --prompt "$NP" --gen "$NG" --policy "$P
 for pct in 25 50; do
     limit=$((BASE + EXP * pct / 100 + MARGIN))
     arena=$((EXP * pct / 100))
-    R+=("$(run $limit llama-mmap-$pct $B llama "$GGUF" --prompt "$NP" --gen "$NG")")
+    R+=("$(run $limit llama-mmap-$pct $B llama "$GGUF" --no-repack --prompt "$NP" --gen "$NG")")
     R+=("$(run $limit sage-$pct $B sage "$DIR" --arena $arena --prompt "$NP" --gen "$NG" --policy "$POLICY" ${SAGE_FLAGS:-})")
 done
 F=()

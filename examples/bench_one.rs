@@ -1,7 +1,7 @@
 //! One engine, one measurement, one JSON line: what bench/run.sh runs inside a memory cgroup.
 //!
 //! cargo run --release --example bench_one -- sage MODEL_DIR [--arena BYTES] [--policy P] [--prefetch] [--read-ahead N] [--load-threads N] [--layer-graphs] [--arena-repack yes|no] [OPTS]
-//! cargo run --release --example bench_one -- llama MODEL.gguf [--no-mmap] [OPTS]
+//! cargo run --release --example bench_one -- llama MODEL.gguf [--no-mmap] [--no-repack] [OPTS]
 //! cargo run --release --example bench_one -- sizes MODEL_DIR
 //! OPTS: --prompt N (512) --gen N (128) --threads N (all cores)
 //!
@@ -9,14 +9,8 @@
 //! token at a time. Both engines: f16 KV cache, flash attention off. Prints
 //! {"engine", "prompt_tok_s", "decode_tok_s", "peak_rss_bytes", ...}.
 
-use std::num::NonZeroU32;
 use std::time::Instant;
 
-use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
-use llama_cpp_2::llama_backend::LlamaBackend;
-use llama_cpp_2::llama_batch::LlamaBatch;
-use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::model::LlamaModel;
 use sage::engine::sampler::argmax;
 use sage::engine::{ArenaSize, Engine, EngineOptions, KvType};
 
@@ -35,7 +29,7 @@ fn prompt_ids(n: usize, n_vocab: u32) -> Vec<u32> {
 
 fn main() -> anyhow::Result<()> {
     let a: Vec<String> = std::env::args().collect();
-    anyhow::ensure!(a.len() >= 3, "usage: bench_one sage|llama PATH [--arena BYTES] [--policy P] [--prefetch] [--read-ahead N] [--load-threads N] [--layer-graphs] [--no-mmap] [--prompt N] [--gen N] [--threads N]");
+    anyhow::ensure!(a.len() >= 3, "usage: bench_one sage|llama PATH [--arena BYTES] [--policy P] [--prefetch] [--read-ahead N] [--load-threads N] [--layer-graphs] [--no-mmap] [--no-repack] [--prompt N] [--gen N] [--threads N]");
     let opt = |name: &str| a.iter().position(|x| x == name).and_then(|i| a.get(i + 1)).cloned();
     let flag = |name: &str| a.iter().any(|x| x == name);
     let n_prompt: usize = opt("--prompt").map(|s| s.parse()).transpose()?.unwrap_or(512);
@@ -115,45 +109,33 @@ fn main() -> anyhow::Result<()> {
             })
         }
         "llama" => {
-            let backend = LlamaBackend::init()?;
             let mmap = !flag("--no-mmap");
             // On the CPU llama.cpp copies every repackable matrix (q4_K: all of them) into
-            // its repacking buffer, so with mmap it holds the mapped file's pages and an
-            // anonymous repacked copy. llama-cpp-2 0.1.160 cannot turn that off: it does not
-            // expose `use_extra_bufts`, and a buffer-type override to the CPU (what
-            // `--cpu-moe` sets) selects the repacking buffer again. --no-mmap leaves one copy.
-            let model = LlamaModel::load_from_file(&backend, &a[2], &LlamaModelParams::default().with_use_mmap(mmap))?;
-            let params = LlamaContextParams::default()
-                .with_n_ctx(NonZeroU32::new(n_ctx as u32))
-                .with_n_batch(n_prompt as u32)
-                .with_n_ubatch(n_prompt as u32)
-                .with_n_threads(threads as i32)
-                .with_n_threads_batch(threads as i32)
-                .with_type_k(KvCacheType::F16)
-                .with_type_v(KvCacheType::F16)
-                .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED);
-            let mut ctx = model.new_context(&backend, params)?;
+            // its repacking buffer by default, so with mmap it holds the mapped file's pages
+            // and an anonymous repacked copy. --no-repack turns that off (use_extra_bufts),
+            // leaving the weights in the mapped file: the mmap baseline under a memory limit.
+            let repack = !flag("--no-repack");
+            let o = sage::ggml::LlamaRunOptions {
+                mmap,
+                repack,
+                n_ctx: n_ctx as u32,
+                n_batch: n_prompt as u32,
+                threads: threads as i32,
+                kv_type: sage::ggml::GgmlType::F16,
+            };
+            let mut llama = sage::ggml::LlamaRunner::load(a[2].as_ref(), &o)?;
             let load_s = t_load.elapsed().as_secs_f64();
-            let prompt = prompt_ids(n_prompt, model.n_vocab() as u32);
-            let mut batch = LlamaBatch::new(n_prompt, 1);
-            for (i, &id) in prompt.iter().enumerate() {
-                batch.add(llama_cpp_2::token::LlamaToken(id as i32), i as i32, &[0], i + 1 == n_prompt)?;
-            }
+            let prompt: Vec<i32> = prompt_ids(n_prompt, llama.n_vocab() as u32).iter().map(|&t| t as i32).collect();
             let t = Instant::now();
-            ctx.decode(&mut batch)?;
+            let mut logits = llama.decode(&prompt)?;
             let prompt_s = t.elapsed().as_secs_f64();
-            let mut last = (n_prompt - 1) as i32;
             let t = Instant::now();
-            for step in 0..n_gen {
-                let next = argmax(ctx.get_logits_ith(last));
-                let mut b = LlamaBatch::new(1, 1);
-                b.add(llama_cpp_2::token::LlamaToken(next as i32), (n_prompt + step) as i32, &[0], true)?;
-                ctx.decode(&mut b)?;
-                last = 0;
+            for _ in 0..n_gen {
+                logits = llama.decode(&[argmax(&logits) as i32])?;
             }
             let decode_s = t.elapsed().as_secs_f64();
             serde_json::json!({
-                "engine": "llama.cpp", "mmap": mmap, "load_s": load_s,
+                "engine": "llama.cpp", "mmap": mmap, "repack": repack, "load_s": load_s,
                 "prompt_tok_s": n_prompt as f64 / prompt_s, "decode_tok_s": n_gen as f64 / decode_s,
                 "peak_rss_bytes": peak_rss(),
             })

@@ -131,6 +131,8 @@ pub enum FfiError {
     RowNotBlock { name: String, ty: GgmlType, ne0: u64, blck: u64 },
     #[error("{0}")]
     Gguf(String),
+    #[error("{0}")]
+    Llama(String),
 }
 
 /// Convert `src` (whole rows of `ty`, `n_per_row` elements each) to f32.
@@ -826,3 +828,5 @@ mod tests {
 
 mod compute;
 pub use compute::*;
+mod llama;
+pub use llama::{LlamaRunOptions, LlamaRunner};
