@@ -23,6 +23,17 @@ fn peak_rss() -> u64 {
         * 1024
 }
 
+/// A progress line on stderr (a run cut short by a time limit still shows how far it got):
+/// after the prompt, then after every 8th decoded token.
+fn progress(phase: &str, tokens: usize, secs: f64) {
+    if phase == "prompt" || tokens.is_multiple_of(8) {
+        eprintln!(
+            "{{\"phase\": \"{phase}\", \"tokens\": {tokens}, \"s\": {secs:.2}, \"tok_s\": {:.3}}}",
+            tokens as f64 / secs
+        );
+    }
+}
+
 fn prompt_ids(n: usize, n_vocab: u32) -> Vec<u32> {
     (0..n as u32).map(|i| (i.wrapping_mul(2654435761) >> 7) % n_vocab.min(100_000)).collect()
 }
@@ -88,11 +99,13 @@ fn main() -> anyhow::Result<()> {
             let t = Instant::now();
             let mut logits = e.eval(&prompt, false)?;
             let prompt_s = t.elapsed().as_secs_f64();
+            progress("prompt", n_prompt, prompt_s);
             let after_prompt = e.stats().sched;
             let t = Instant::now();
-            for _ in 0..n_gen {
+            for i in 0..n_gen {
                 let next = argmax(&logits);
                 logits = e.eval(&[next], false)?;
+                progress("decode", i + 1, t.elapsed().as_secs_f64());
             }
             let decode_s = t.elapsed().as_secs_f64();
             let st = e.stats().sched;
@@ -129,9 +142,11 @@ fn main() -> anyhow::Result<()> {
             let t = Instant::now();
             let mut logits = llama.decode(&prompt)?;
             let prompt_s = t.elapsed().as_secs_f64();
+            progress("prompt", n_prompt, prompt_s);
             let t = Instant::now();
-            for _ in 0..n_gen {
+            for i in 0..n_gen {
                 logits = llama.decode(&[argmax(&logits) as i32])?;
+                progress("decode", i + 1, t.elapsed().as_secs_f64());
             }
             let decode_s = t.elapsed().as_secs_f64();
             serde_json::json!({

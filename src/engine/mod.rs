@@ -900,33 +900,41 @@ impl Engine {
         let mut g = ctx.graph(size);
         let mut x = ctx.get_rows(self.embd.get(0), ids);
         let mut chosen = Vec::with_capacity(n_layer);
+        // Only the last token's logits wanted (and no routing trace): the last layer's FFN
+        // runs for that token alone, as in llama.cpp.
+        let n_out = if all { n } else { 1 };
         for (il, (lw, &first)) in self.layers.iter().zip(base).enumerate() {
             let a = build_attention(&ctx, cfg, w, lw, &self.kv, il as u32, x, pos, mask, self.n_past);
             g.expand(a.k_store);
             g.expand(a.v_store);
-            // Router: probabilities [n_expert, n], sorted. The full argsort is the output read
-            // back: a view of it (the top k) would not keep its memory from being reused
+            let (mut ffn_inp, mut normed, mut rows) = (a.ffn_inp, a.normed, n);
+            if il + 1 == n_layer && n_out < n && self.trace.is_none() {
+                let last = |t| ctx.view_2d(t, n_embd, n_out, t.nb()[1], (n - n_out) as usize * t.nb()[1]);
+                (ffn_inp, normed, rows) = (last(ffn_inp), last(normed), n_out);
+            }
+            // Router: probabilities [n_expert, rows], sorted. The full argsort is the output
+            // read back: a view of it (the top k) would not keep its memory from being reused
             // later in the graph.
-            let probs = ctx.soft_max(ctx.mul_mat(w.get(lw.router), a.normed));
+            let probs = ctx.soft_max(ctx.mul_mat(w.get(lw.router), normed));
             let order = ctx.argsort_desc(probs);
             order.set_output();
-            let sel = ctx.view_2d(order, k, n, order.nb()[1], 0); // [k, n]
-            let mut wts = ctx.get_rows(ctx.reshape_3d(probs, 1, n_exp, n), sel); // [1, k, n]
+            let sel = ctx.view_2d(order, k, rows, order.nb()[1], 0); // [k, rows]
+            let mut wts = ctx.get_rows(ctx.reshape_3d(probs, 1, n_exp, rows), sel); // [1, k, rows]
             if cfg.norm_topk_prob {
-                let w2 = ctx.reshape_2d(wts, k, n);
-                wts = ctx.reshape_3d(ctx.div(w2, ctx.sum_rows(w2)), 1, k, n);
+                let w2 = ctx.reshape_2d(wts, k, rows);
+                wts = ctx.reshape_3d(ctx.div(w2, ctx.sum_rows(w2)), 1, k, rows);
             }
             let exps = Proj::ALL.map(|p| {
                 let t = self.arena.get(3 * il + p.index());
                 let [ne0, ne1, ..] = t.ne();
                 ctx.view_3d(t, [ne0, ne1, n_exp], t.nb()[1], self.slot_stride, first * self.slot_stride)
             });
-            let moe = build_moe(&ctx, exps, ctx.reshape_3d(a.normed, n_embd, 1, n), sel, wts);
-            x = ctx.add(moe, a.ffn_inp);
-            chosen.push(order);
+            let moe = build_moe(&ctx, exps, ctx.reshape_3d(normed, n_embd, 1, rows), sel, wts);
+            x = ctx.add(moe, ffn_inp);
+            chosen.push((order, rows));
         }
-        let n_out = if all { n } else { 1 };
-        let last = ctx.view_2d(x, n_embd, n_out, x.nb()[1], (n - n_out) as usize * x.nb()[1]);
+        let rows = x.ne()[1];
+        let last = ctx.view_2d(x, n_embd, n_out, x.nb()[1], (rows - n_out) as usize * x.nb()[1]);
         let cur = ctx.mul(ctx.rms_norm(last, cfg.rms_eps), w.get(self.output_norm));
         let out_w = match self.output {
             Some(i) => w.get(i),
@@ -942,8 +950,8 @@ impl Engine {
         mask.write_f32(causal_mask);
         self.backend.compute(&g).map_err(|e| ffi(&self.dir.path, "compute graph", e))?;
         self.stats.compute += t0.elapsed();
-        for (il, order) in chosen.iter().enumerate() {
-            let order = order.read_i32((n_exp * n) as usize);
+        for (il, (order, rows)) in chosen.iter().enumerate() {
+            let order = order.read_i32((n_exp * rows) as usize);
             let mut used: Vec<u32> =
                 order.chunks(n_exp as usize).flat_map(|row| row[..k as usize].iter().map(|&e| e as u32)).collect();
             if let Some(trace) = &mut self.trace {

@@ -97,10 +97,11 @@ fn q8_0_experts_hold_the_source_weights_in_gate_up_down_order() {
     }
 }
 
+/// A tensor's name, type, shape and data.
+type TensorContents = (String, Option<GgmlType>, Vec<u64>, Vec<u8>);
+
 /// Tensor names, types, shapes and data of a GGUF, and its metadata minus sage's own keys.
-fn gguf_contents(
-    path: &Path,
-) -> (Vec<(String, Option<GgmlType>, Vec<u64>, Vec<u8>)>, Vec<(String, sage::ggml::GgufValue)>) {
+fn gguf_contents(path: &Path) -> (Vec<TensorContents>, Vec<(String, sage::ggml::GgufValue)>) {
     let g = Gguf::open(path).unwrap();
     let bytes = std::fs::read(path).unwrap();
     let base = g.data_offset() as usize;
