@@ -257,16 +257,7 @@ fn load_engine(dir: &Path, e: &EngineArgs, n_ctx: usize) -> anyhow::Result<Engin
     // Read usage.json before loading the model: a damaged file fails fast.
     let usage = e.warm.as_ref().map(|p| Usage::load(p)).transpose()?;
     // An arena that holds every expert is filled while loading (one graph per batch after).
-    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        indicatif::ProgressBar::new(0)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("loading experts [{bar:30}] {bytes}/{total_bytes} ({eta})")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
+    let bar = styled_bar(0, "loading experts [{bar:30}] {bytes}/{total_bytes} ({eta})");
     let mut progress = |done: u64, total: u64| {
         bar.set_length(total);
         bar.set_position(done);
@@ -298,17 +289,20 @@ fn read_text_tokens(dir: &Path, text: &Path) -> anyhow::Result<Vec<u32>> {
         .to_vec())
 }
 
-fn progress_bar(n: usize, what: &str) -> indicatif::ProgressBar {
+/// A progress bar of `len` steps drawn with `template` on stderr, hidden when stderr is not
+/// a terminal.
+fn styled_bar(len: u64, template: &str) -> indicatif::ProgressBar {
     let pb = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        indicatif::ProgressBar::new(n as u64)
+        indicatif::ProgressBar::new(len)
     } else {
         indicatif::ProgressBar::hidden()
     };
-    pb.set_style(
-        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} windows {msg} ({eta})")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
+    pb.set_style(indicatif::ProgressStyle::with_template(template).expect("valid template").progress_chars("=> "));
+    pb
+}
+
+fn progress_bar(n: usize, what: &str) -> indicatif::ProgressBar {
+    let pb = styled_bar(n as u64, "{prefix} [{bar:30}] {pos}/{len} windows {msg} ({eta})");
     pb.set_prefix(what.to_string());
     pb
 }
