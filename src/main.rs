@@ -265,10 +265,6 @@ fn load_engine(dir: &Path, e: &EngineArgs, n_ctx: usize) -> anyhow::Result<Engin
     let engine = Engine::load_with_progress(dir, opts, &mut progress);
     bar.finish_and_clear();
     let mut engine = engine.with_context(|| format!("loading {}", dir.display()))?;
-    if engine.all_resident() {
-        let w = engine.warm_stats();
-        log::info!("all {} experts resident ({} loaded): one graph per batch", w.misses, short_bytes(w.bytes_read));
-    }
     for (il, ids) in engine.pool().iter().enumerate() {
         log::info!("pool blk.{il}: {} experts ({})", ids.len(), sage::inspect::id_ranges(ids));
     }

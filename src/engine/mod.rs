@@ -727,7 +727,11 @@ impl Engine {
         }
         self.warm_stats = std::mem::take(&mut self.sched.stats);
         self.fused = Some(base);
-        log::info!("all {} experts resident: one graph per batch", self.sched.n_slots());
+        log::info!(
+            "all {} experts resident ({} bytes loaded): one graph per batch",
+            self.warm_stats.misses,
+            self.warm_stats.bytes_read
+        );
         Ok(())
     }
 
