@@ -607,11 +607,11 @@ impl Engine {
             KvType::F16 => GgmlType::F16,
         };
         let n_embd_kv = (cfg.head_dim * cfg.n_head_kv as u64) as i64;
+        // V transposed: a row of n_ctx positions per channel (see `build_attention`).
         let mut kv = TensorSet::new(2 * cfg.n_layer as usize);
         for il in 0..cfg.n_layer {
             kv.add(kv_ty, &[n_embd_kv, opts.n_ctx as i64], &format!("cache_k_l{il}"));
             kv.add(kv_ty, &[opts.n_ctx as i64, n_embd_kv], &format!("cache_v_l{il}"));
-            // transposed
         }
         let kv_buf = backend.alloc_ctx_tensors(kv.context()).map_err(|e| ffi(dir, "KV cache", e))?;
         kv_buf.clear(0);
