@@ -40,7 +40,7 @@ fn prompt_ids(n: usize, n_vocab: u32) -> Vec<u32> {
 
 fn main() -> anyhow::Result<()> {
     let a: Vec<String> = std::env::args().collect();
-    anyhow::ensure!(a.len() >= 3, "usage: bench_one sage|llama PATH [--arena BYTES] [--policy P] [--prefetch] [--read-ahead N] [--load-threads N] [--layer-graphs] [--no-mmap] [--no-repack] [--prompt N] [--gen N] [--threads N]");
+    anyhow::ensure!(a.len() >= 3, "usage: bench_one sage|llama PATH [--arena BYTES] [--policy P] [--prefetch] [--read-ahead N] [--load-threads N] [--layer-graphs] [--arena-repack yes|no] [--no-mmap] [--no-repack] [--prompt N] [--gen N] [--threads N]");
     let opt = |name: &str| a.iter().position(|x| x == name).and_then(|i| a.get(i + 1)).cloned();
     let flag = |name: &str| a.iter().any(|x| x == name);
     let n_prompt: usize = opt("--prompt").map(|s| s.parse()).transpose()?.unwrap_or(512);

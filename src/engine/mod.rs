@@ -448,6 +448,25 @@ fn build_moe<'a>(
     moe
 }
 
+/// Output norm and lm head over `x` ([n_embd, n_out]): the logits [n_vocab, n_out]. The lm
+/// head is `output`, or the token embedding when tied to it (None).
+fn build_output<'a>(
+    ctx: &'a Context,
+    eps: f32,
+    w: &'a TensorSet,
+    output_norm: usize,
+    output: Option<usize>,
+    embd: &'a TensorSet,
+    x: Tensor<'a>,
+) -> Tensor<'a> {
+    let cur = ctx.mul(ctx.rms_norm(x, eps), w.get(output_norm));
+    let out_w = match output {
+        Some(i) => w.get(i),
+        None => embd.get(0),
+    };
+    ctx.mul_mat(out_w, cur)
+}
+
 impl Engine {
     /// Open a model directory and load its base onto the device.
     pub fn load(dir: &Path, opts: EngineOptions) -> Result<Engine> {
@@ -939,12 +958,7 @@ impl Engine {
         }
         let rows = x.ne()[1];
         let last = ctx.view_2d(x, n_embd, n_out, x.nb()[1], (rows - n_out) as usize * x.nb()[1]);
-        let cur = ctx.mul(ctx.rms_norm(last, cfg.rms_eps), w.get(self.output_norm));
-        let out_w = match self.output {
-            Some(i) => w.get(i),
-            None => self.embd.get(0),
-        };
-        let logits = ctx.mul_mat(out_w, cur);
+        let logits = build_output(&ctx, cfg.rms_eps, w, self.output_norm, self.output, &self.embd, last);
         logits.set_output();
         g.expand(logits);
         let t0 = Instant::now();
@@ -1187,12 +1201,7 @@ impl Engine {
         let hidden_s = self.state.get(0);
         let row = hidden_s.nb()[1];
         let x = ctx.view_2d(hidden_s, cfg.n_embd as i64, n_out as i64, row, (n - n_out) * row);
-        let cur = ctx.mul(ctx.rms_norm(x, cfg.rms_eps), self.weights.get(self.output_norm));
-        let out_w = match self.output {
-            Some(i) => self.weights.get(i),
-            None => self.embd.get(0),
-        };
-        let logits = ctx.mul_mat(out_w, cur);
+        let logits = build_output(&ctx, cfg.rms_eps, &self.weights, self.output_norm, self.output, &self.embd, x);
         logits.set_output();
         let mut g = ctx.graph(GRAPH_NODES);
         g.expand(logits);
