@@ -161,6 +161,59 @@ impl RouteTrace {
         }
     }
 
+    /// Hit rate of an LRU arena that is told the routing a little ahead, for the same replay:
+    /// on a miss it evicts the least recently used expert that neither the current token's
+    /// remaining layers nor the next `tokens_ahead` tokens choose, or plain LRU's victim when
+    /// every resident expert is chosen again within that window. With `tokens_ahead` = 0 it
+    /// knows what a router lookahead could predict (this token's later layers); with 1, what
+    /// a perfect predictor of the next token's routing would add.
+    pub fn lookahead_hit_rate(&self, n_slots: usize, tokens_ahead: usize) -> f64 {
+        let n_tokens = self.n_tokens();
+        let mut resident: HashMap<(u32, u32), u64> = HashMap::new(); // key -> last use
+        let (mut clock, mut hits, mut all) = (0u64, 0u64, 0u64);
+        for t in 0..n_tokens {
+            for il in 0..self.n_layer {
+                let step = self.token(il, t);
+                let chosen_soon = |&(l, e): &(u32, u32)| {
+                    (t..(t + 1 + tokens_ahead).min(n_tokens))
+                        .any(|u| (u > t || l as usize > il) && self.token(l as usize, u).contains(&e))
+                };
+                // As `Scheduler::ensure`: the step's hits first, then its misses; none of the
+                // step's experts is evicted while the step loads.
+                for &e in step {
+                    if let Some(last) = resident.get_mut(&(il as u32, e)) {
+                        hits += 1;
+                        clock += 1;
+                        *last = clock;
+                    }
+                }
+                for &e in step {
+                    let key = (il as u32, e);
+                    if resident.contains_key(&key) {
+                        continue;
+                    }
+                    if resident.len() >= n_slots {
+                        let victim = resident
+                            .iter()
+                            .filter(|(r, _)| !(r.0 == il as u32 && step.contains(&r.1)))
+                            .min_by_key(|&(r, &last)| (chosen_soon(r), last))
+                            .map(|(r, _)| *r)
+                            .expect("a step uses fewer experts than the arena has slots");
+                        resident.remove(&victim);
+                    }
+                    clock += 1;
+                    resident.insert(key, clock);
+                }
+                all += step.len() as u64;
+            }
+        }
+        if all == 0 {
+            0.0
+        } else {
+            hits as f64 / all as f64
+        }
+    }
+
     pub fn stats(&self) -> RoutingStats {
         let total = self.n_layer * self.n_expert;
         let arena = [25u32, 50, 75]
@@ -388,5 +441,30 @@ mod tests {
             assert!(t.optimal_hit_rate(slots) >= t.hit_rate("lru", slots));
             assert!(t.optimal_hit_rate(slots) >= t.hit_rate("lfru", slots));
         }
+    }
+
+    #[test]
+    fn lookahead_replay() {
+        // One layer, top-1, experts 0 1 2 cycling, 2 slots: LRU always evicts the expert
+        // needed next and never hits.
+        let mut t = RouteTrace::new(1, 3, 1);
+        t.choices[0] = vec![0, 1, 2, 0, 1, 2];
+        assert_eq!(t.hit_rate("lru", 2), 0.0);
+        // Knowing only the current token (a single layer: nothing left of it) is LRU.
+        assert_eq!(t.lookahead_hit_rate(2, 0), 0.0);
+        // Knowing the next token: token 2 keeps 0 (token 3's) and evicts 1; token 4 keeps 2
+        // and evicts 0: tokens 3 and 5 hit, as the optimal policy does.
+        assert!((t.lookahead_hit_rate(2, 1) - 2.0 / 6.0).abs() < 1e-12);
+        assert!((t.optimal_hit_rate(2) - 2.0 / 6.0).abs() < 1e-12);
+
+        // Two layers, top-1, 3 slots. Token 2's layer 0 misses (expert 0) with layer 0's
+        // expert 1 and layer 1's experts 1 and 2 resident. LRU evicts layer 1's expert 1, the
+        // oldest, which token 2's layer 1 then needs; knowing the current token's routing
+        // keeps it and evicts layer 0's expert 1.
+        let mut t = RouteTrace::new(2, 3, 1);
+        t.choices[0] = vec![1, 1, 0];
+        t.choices[1] = vec![1, 2, 1];
+        assert!((t.hit_rate("lru", 3) - 1.0 / 6.0).abs() < 1e-12);
+        assert!((t.lookahead_hit_rate(3, 0) - 2.0 / 6.0).abs() < 1e-12);
     }
 }
