@@ -14,7 +14,7 @@
 # Page cache is dropped before every run and counts against the limit.
 #
 #   bench/run.sh MODEL_DIR MODEL.gguf [N_PROMPT] [N_GEN] [POLICY]
-# SAGE_FLAGS="--prefetch" passes flags to sage's runs; RUNS="sage-25 sage-50" runs only those
+# SAGE_FLAGS="--no-prefetch" passes flags to sage's runs; RUNS="sage-25 sage-50" runs only those
 # (names: llama-full sage-full llama-mmap-25 sage-25 llama-mmap-50 sage-50).
 # MODEL.gguf is `sage-convert merge MODEL_DIR` (or `sage-convert synth ... --merged`).
 # Prints one JSON line per run, then a markdown table.

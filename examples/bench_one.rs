@@ -1,6 +1,6 @@
 //! One engine, one measurement, one JSON line: what bench/run.sh runs inside a memory cgroup.
 //!
-//! cargo run --release --example bench_one -- sage MODEL_DIR [--arena BYTES] [--policy P] [--prefetch] [--read-ahead N] [--load-threads N] [--layer-graphs] [--arena-repack yes|no] [OPTS]
+//! cargo run --release --example bench_one -- sage MODEL_DIR [--arena BYTES] [--policy P] [--no-prefetch] [--read-ahead N] [--load-threads N] [--layer-graphs] [--arena-repack yes|no] [OPTS]
 //! cargo run --release --example bench_one -- llama MODEL.gguf [--no-mmap] [--no-repack] [OPTS]
 //! cargo run --release --example bench_one -- sizes MODEL_DIR
 //! OPTS: --prompt N (512) --gen N (128) --threads N (all cores)
@@ -40,7 +40,7 @@ fn prompt_ids(n: usize, n_vocab: u32) -> Vec<u32> {
 
 fn main() -> anyhow::Result<()> {
     let a: Vec<String> = std::env::args().collect();
-    anyhow::ensure!(a.len() >= 3, "usage: bench_one sage|llama PATH [--arena BYTES] [--policy P] [--prefetch] [--read-ahead N] [--load-threads N] [--layer-graphs] [--arena-repack yes|no] [--no-mmap] [--no-repack] [--prompt N] [--gen N] [--threads N]");
+    anyhow::ensure!(a.len() >= 3, "usage: bench_one sage|llama PATH [--arena BYTES] [--policy P] [--no-prefetch] [--read-ahead N] [--load-threads N] [--layer-graphs] [--arena-repack yes|no] [--no-mmap] [--no-repack] [--prompt N] [--gen N] [--threads N]");
     let opt = |name: &str| a.iter().position(|x| x == name).and_then(|i| a.get(i + 1)).cloned();
     let flag = |name: &str| a.iter().any(|x| x == name);
     let n_prompt: usize = opt("--prompt").map(|s| s.parse()).transpose()?.unwrap_or(512);
@@ -64,7 +64,7 @@ fn main() -> anyhow::Result<()> {
                 None => ArenaSize::All,
             };
             let policy = opt("--policy").unwrap_or_else(|| "lru".into());
-            let prefetch = flag("--prefetch");
+            let prefetch = !flag("--no-prefetch");
             let read_ahead: usize =
                 opt("--read-ahead").map(|s| s.parse()).transpose()?.unwrap_or(EngineOptions::default().read_ahead);
             let load_threads: usize =

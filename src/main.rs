@@ -58,10 +58,11 @@ struct EngineArgs {
     /// Which experts the arena evicts: lru, or lfru (frequency and recency together).
     #[arg(long, default_value = "lru", value_parser = clap::builder::PossibleValuesParser::new(sage::engine::scheduler::POLICIES))]
     policy: String,
-    /// While a layer computes, read the experts the next layer is predicted to choose on an
-    /// I/O thread (decode; prediction: the next layer's router on this layer's residual stream).
+    /// Do not read the experts the next layer is predicted to choose while a layer computes
+    /// (by default an I/O thread does, in decode; prediction: the next layer's router on this
+    /// layer's residual stream).
     #[arg(long)]
-    prefetch: bool,
+    no_prefetch: bool,
     /// Keep expert bytes in the page cache after loading them (by default they are dropped, so
     /// memory goes to the arena, not to a second copy of the experts).
     #[arg(long)]
@@ -251,7 +252,7 @@ fn load_engine(dir: &Path, e: &EngineArgs, n_ctx: usize) -> anyhow::Result<Engin
         kv_type: if e.exact { KvType::F32 } else { KvType::F16 },
         policy: e.policy.clone(),
         page_cache: e.page_cache,
-        prefetch: e.prefetch,
+        prefetch: !e.no_prefetch,
         ..Default::default()
     };
     // Read usage.json before loading the model: a damaged file fails fast.
@@ -463,8 +464,11 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             st.stall.as_secs_f64()
         );
         let pf = &g.stats.prefetch;
-        if pf.issued > 0 {
-            eprintln!("prefetch: {} reads started, {} used by loads, {} not needed", pf.issued, pf.used, pf.wasted);
+        if pf.issued + pf.skipped > 0 {
+            eprintln!(
+                "prefetch: {} reads started, {} used by loads, {} not needed; {} predictions not read (recent ones mostly wrong)",
+                pf.issued, pf.used, pf.wasted, pf.skipped
+            );
         }
         eprintln!(
             "memory: base {} + arena {} ({} slots of {}) + KV {} + compute {} = {}; peak RSS {} (overhead {}) | device {}",

@@ -410,7 +410,13 @@ fn read_ahead_and_load_threads_change_nothing_but_when_bytes_are_read() {
     let (model_dir, _) = convert_into(&plain(), dir.path(), &opts(Some(GgmlType::Q4_K)));
     let run = |read_ahead: usize, load_threads: usize| {
         // A repacked arena, so that the threads that repack each expert have work.
-        let o = EngineOptions { read_ahead, load_threads, arena_repack: Some(true), ..exact(ArenaSize::Experts(2)) };
+        let o = EngineOptions {
+            read_ahead,
+            load_threads,
+            arena_repack: Some(true),
+            prefetch: false,
+            ..exact(ArenaSize::Experts(2))
+        };
         let mut e = Engine::load(&model_dir, o).unwrap();
         let prompt: Vec<u32> = (1..40).collect();
         let mut logits = e.eval(&prompt, true).unwrap();
