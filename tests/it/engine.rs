@@ -379,6 +379,39 @@ fn prefetch_changes_nothing_but_where_bytes_come_from() {
     assert!(st.prefetch.issued > 0 && st.prefetch.used > 0, "{:?}", st.prefetch);
 }
 
+/// On routing that the next layer's router predicts badly (the bundled trained model, 16 of its
+/// 64 experts resident), the gate stops reading predictions; it keeps scoring them, and the
+/// output does not change. Its prediction share is the engine's own (used / issued, from
+/// reads it did make) and must sit below the gate's threshold once it has closed.
+#[test]
+fn prefetch_gate_stops_reading_wrong_predictions() {
+    let dir = tmp();
+    let model_dir = dir.path().join("bundled");
+    sage::convert::convert(&bundled(), &model_dir, &opts(Some(GgmlType::Q8_0))).unwrap();
+    let decode = |prefetch: bool| {
+        let o = EngineOptions { prefetch, ..exact(ArenaSize::Experts(16)) };
+        let mut e = Engine::load(&model_dir, o).unwrap();
+        let mut logits = e.eval(&[10, 20, 30, 40], false).unwrap();
+        let mut all = logits.clone();
+        for _ in 0..48 {
+            let next = sage::engine::sampler::argmax(&logits);
+            logits = e.eval(&[next], false).unwrap();
+            all.extend(&logits);
+        }
+        (all, e.stats())
+    };
+    let (plain_run, off) = decode(false);
+    let (gated, st) = decode(true);
+    assert_eq!(plain_run, gated);
+    assert_eq!(off.prefetch.issued + off.prefetch.skipped, 0, "{:?}", off.prefetch);
+    let p = &st.prefetch;
+    eprintln!("prefetch: {p:?}");
+    assert!(p.issued > 0, "the gate starts open: {p:?}");
+    assert!(p.skipped > p.issued, "the gate closed for most of the run: {p:?}");
+    assert!(p.used + p.wasted <= p.issued, "{p:?}");
+    assert!((p.used as f64) < sage::engine::prefetch::PrefetchGate::MIN_PRECISION * p.issued as f64, "{p:?}");
+}
+
 #[test]
 fn base_matrices_load_in_slices_of_whole_row_groups() {
     // At q4_K the tiny fixture's output matrix is 512 rows of 144 bytes (73728 bytes), kept
