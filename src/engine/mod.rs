@@ -1,8 +1,8 @@
 //! The runtime: the base resident on a ggml backend, experts streamed from the shards into a
 //! fixed-size arena, and the Qwen3-MoE forward pass built from ggml ops.
 //!
-//! When the arena holds every expert of a full pool, all are loaded with the engine and a
-//! batch is one graph, the router included (`eval_fused`), as in llama.cpp. Otherwise (the
+//! When the arena holds every expert present (all of them, or a pool's), all are loaded with
+//! the engine and a batch is one graph, the router included (`eval_fused`), as in llama.cpp. Otherwise (the
 //! streaming mode) each layer and batch runs two graphs: (A) attention and the router
 //! logits, read back so the router (`router.rs`) picks experts on the CPU; the scheduler
 //! (`scheduler.rs`) makes them resident in arena slots; (B) the experts' SwiGLU FFN through
@@ -88,9 +88,10 @@ pub struct EngineOptions {
     /// Bytes per slice when base tensors are read from disk (repacked matrices go in slices
     /// of whole row groups, about this size).
     pub load_slice: usize,
-    /// When the arena holds every expert and every layer has all of its experts (no pool),
-    /// load them all while loading the engine and evaluate each batch as one graph, the
-    /// router on the backend (as llama.cpp does). Off: the streaming path's two graphs per
+    /// When the arena holds every expert present (a pool's, if the directory has one), load
+    /// them all while loading the engine and evaluate each batch as one graph, the router on
+    /// the backend (as llama.cpp does; a pooled layer's router logits are cut down to its
+    /// experts). Off: the streaming path's two graphs per
     /// layer, whatever the arena.
     pub fused: bool,
 }
@@ -643,8 +644,7 @@ impl Engine {
 
         // The arena: one buffer, fixed size, allocated once.
         let arena_bytes = n_slots * slot_stride;
-        let all_resident =
-            n_slots == total_experts && md.manifest.layers.iter().all(|l| l.ids.len() == cfg.n_expert as usize);
+        let all_resident = n_slots == total_experts;
         let arena_layout = if opts.arena_repack.unwrap_or(opts.fused && all_resident) { repack } else { None };
         let arena_buf =
             backend.alloc_buffer_in(arena_layout, arena_bytes + tail).map_err(|e| ffi(dir, "expert arena", e))?;
@@ -932,6 +932,10 @@ impl Engine {
         let mut g = ctx.graph(size);
         let mut x = ctx.get_rows(self.embd.get(0), ids);
         let mut chosen = Vec::with_capacity(n_layer);
+        // A layer with a pool (some experts absent) routes over its present experts only: its
+        // router logits are cut down to them, in the order of their slots, so the chosen
+        // indices are slot offsets (ranks in the pool), mapped back to ids after the graph.
+        let mut pools = Vec::new();
         // Only the last token's logits wanted (and no routing trace): the last layer's FFN
         // runs for that token alone, as in llama.cpp.
         let n_out = if all { n } else { 1 };
@@ -944,14 +948,26 @@ impl Engine {
                 let last = |t| ctx.view_2d(t, n_embd, n_out, t.nb()[1], (n - n_out) as usize * t.nb()[1]);
                 (ffn_inp, normed, rows) = (last(ffn_inp), last(normed), n_out);
             }
-            // Router: probabilities [n_expert, rows], sorted. The full argsort is the output
+            // Router: probabilities [n_expert (or the pool's size), rows], sorted. The full argsort is the output
             // read back: a view of it (the top k) would not keep its memory from being reused
             // later in the graph.
-            let probs = ctx.soft_max(ctx.mul_mat(w.get(lw.router), normed));
+            let mut logits = ctx.mul_mat(w.get(lw.router), normed); // [n_expert, rows]
+            let present = &self.dir.manifest.layers[il].ids;
+            let n_here = present.len() as i64;
+            if n_here < n_exp {
+                let keep = ctx.new_tensor(GgmlType::I32, &[n_here]);
+                keep.set_input();
+                pools.push((keep, present));
+                // get_rows picks rows (dimension 1): experts go there and back.
+                let by_expert = ctx.cont(ctx.transpose(logits)); // [rows, n_expert]
+                logits = ctx.cont(ctx.transpose(ctx.get_rows(by_expert, keep)));
+                // [n_here, rows]
+            }
+            let probs = ctx.soft_max(logits);
             let order = ctx.argsort_desc(probs);
             order.set_output();
             let sel = ctx.view_2d(order, k, rows, order.nb()[1], 0); // [k, rows]
-            let mut wts = ctx.get_rows(ctx.reshape_3d(probs, 1, n_exp, rows), sel); // [1, k, rows]
+            let mut wts = ctx.get_rows(ctx.reshape_3d(probs, 1, n_here, rows), sel); // [1, k, rows]
             if cfg.norm_topk_prob {
                 let w2 = ctx.reshape_2d(wts, k, rows);
                 wts = ctx.reshape_3d(ctx.div(w2, ctx.sum_rows(w2)), 1, k, rows);
@@ -959,11 +975,11 @@ impl Engine {
             let exps = Proj::ALL.map(|p| {
                 let t = self.arena.get(3 * il + p.index());
                 let [ne0, ne1, ..] = t.ne();
-                ctx.view_3d(t, [ne0, ne1, n_exp], t.nb()[1], self.slot_stride, first * self.slot_stride)
+                ctx.view_3d(t, [ne0, ne1, n_here], t.nb()[1], self.slot_stride, first * self.slot_stride)
             });
             let moe = build_moe(&ctx, exps, ctx.reshape_3d(normed, n_embd, 1, rows), sel, wts);
             x = ctx.add(moe, ffn_inp);
-            chosen.push((order, rows));
+            chosen.push((order, rows, present));
         }
         let rows = x.ne()[1];
         let last = ctx.view_2d(x, n_embd, n_out, x.nb()[1], (rows - n_out) as usize * x.nb()[1]);
@@ -975,12 +991,17 @@ impl Engine {
         ids.write_i32(&tokens.iter().map(|&t| t as i32).collect::<Vec<_>>());
         pos.write_i32(positions);
         mask.write_f32(causal_mask);
+        for (keep, present) in &pools {
+            keep.write_i32(&present.iter().map(|&e| e as i32).collect::<Vec<_>>());
+        }
         self.backend.compute(&g).map_err(|e| ffi(&self.dir.path, "compute graph", e))?;
         self.stats.compute += t0.elapsed();
-        for (il, (order, rows)) in chosen.iter().enumerate() {
-            let order = order.read_i32((n_exp * rows) as usize);
+        for (il, (order, rows, present)) in chosen.iter().enumerate() {
+            let n_here = present.len();
+            let order = order.read_i32(n_here * *rows as usize);
+            // Ranks in the layer's pool (its experts in slot order) to expert ids.
             let mut used: Vec<u32> =
-                order.chunks(n_exp as usize).flat_map(|row| row[..k as usize].iter().map(|&e| e as u32)).collect();
+                order.chunks(n_here).flat_map(|row| row[..k as usize].iter().map(|&r| present[r as usize])).collect();
             if let Some(trace) = &mut self.trace {
                 trace.choices[il].extend(used.iter().copied());
             }

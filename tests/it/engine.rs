@@ -193,10 +193,41 @@ fn one_graph_when_every_expert_is_resident_matches_layer_by_layer() {
         let d = max_abs_diff(&rows(a, 512), &rows(b, 512));
         assert!(d <= 1e-4, "{}: last token only, one graph vs layer by layer {d}", p.name);
     }
-    // One slot short of every expert, or a pool: layer by layer.
+    // One slot short of every expert: layer by layer.
     assert!(!Engine::load(&model_dir, exact(ArenaSize::Experts(15))).unwrap().all_resident());
-    let (pooled, _) = converted(&dir.path().join("pool"), GgmlType::F32, Some(reference_pool()));
-    assert!(!Engine::load(&pooled, exact(ArenaSize::All)).unwrap().all_resident());
+}
+
+/// A pool whose ids are not its ranks (experts 1, 4, 6, 7 of 8) runs as one graph when the
+/// arena holds all of it, and both paths give llama.cpp's logits on the merged GGUF (a
+/// 4-expert model whose router has only the pool's rows), choose the same experts, and
+/// choose only experts of the pool.
+#[test]
+fn scattered_pool_runs_as_one_graph_and_matches_llama_cpp() {
+    let dir = tmp();
+    let pool = vec![1, 4, 6, 7];
+    let (model_dir, gguf) = converted(dir.path(), GgmlType::Q8_0, Some(pool.clone()));
+    let llama = load_llama(&gguf);
+    let mut one = Engine::load(&model_dir, exact(ArenaSize::All)).unwrap();
+    let mut layered = Engine::load(&model_dir, exact(ArenaSize::Experts(2))).unwrap();
+    assert!(one.all_resident() && !layered.all_resident());
+    assert_eq!(one.pool(), vec![pool.clone(); 2]);
+    for p in reference() {
+        let ids: Vec<u32> = p.ids.iter().map(|&i| i as u32).collect();
+        let want = llama_logits(&llama, &p.ids);
+        let mut traces = Vec::new();
+        for (name, e) in [("one graph", &mut one), ("layer by layer", &mut layered)] {
+            e.reset();
+            e.start_trace();
+            let got = rows(e.eval(&ids, true).unwrap(), 512);
+            let d = max_abs_diff(&got, &want);
+            eprintln!("pool {pool:?}, {name}, {}: |sage - llama.cpp| {d:e}", p.name);
+            assert!(d <= ENGINE_TOL, "{name} {}: {d}", p.name);
+            let t = e.take_trace().unwrap();
+            assert!(t.choices.iter().flatten().all(|x| pool.contains(x)), "{name}: {:?}", t.choices);
+            traces.push(t.choices);
+        }
+        assert_eq!(traces[0], traces[1], "{}", p.name);
+    }
 }
 
 #[test]
