@@ -194,6 +194,16 @@ impl Manifest {
             if ids.is_empty() || ids.windows(2).any(|w| w[0] >= w[1]) || ids.iter().any(|&e| e >= cfg.n_expert) {
                 return Err(bad(&key("ids"), format!("expected ascending ids below {}, got {ids:?}", cfg.n_expert)));
             }
+            if ids.len() < cfg.n_expert_used as usize {
+                return Err(bad(
+                    &key("ids"),
+                    format!(
+                        "expected at least the {} experts each token uses, got a pool of {}",
+                        cfg.n_expert_used,
+                        ids.len()
+                    ),
+                ));
+            }
             let offsets = match g.get(&key("offsets")) {
                 Some(GgufValue::Array(GgufArray::U64(v))) if v.len() == ids.len() => v,
                 other => {

@@ -101,6 +101,12 @@ fn damaged_expert_manifest_is_refused() {
             "expected ascending ids below 8",
         ),
         (
+            // One expert where each token uses two: no top-2 to take.
+            "sage.experts.blk.1.ids",
+            GgufValue::Array(GgufArray::U32(vec![5])),
+            "'sage.experts.blk.1.ids': expected at least the 2 experts each token uses, got a pool of 1",
+        ),
+        (
             "sage.experts.blk.0.shapes",
             GgufValue::Array(GgufArray::U64(vec![256, 256, 256, 256, 256, u64::MAX])),
             "'sage.experts.blk.0.shapes': expected",
