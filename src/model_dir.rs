@@ -216,7 +216,11 @@ impl Manifest {
             };
             let types: [Option<GgmlType>; 3] = std::array::from_fn(|p| GgmlType::from_raw(types[p]));
             let types = match types {
-                [Some(a), Some(b), Some(c)] => [a, b, c],
+                [Some(a), Some(b), Some(c)] if [a, b, c].iter().all(|t| t.can_matmul()) => [a, b, c],
+                [Some(a), Some(b), Some(c)] => {
+                    let got = format!("{a}, {b}, {c}");
+                    return Err(bad(&key("types"), format!("expected types ggml can multiply, got {got}")));
+                }
                 _ => return Err(bad(&key("types"), "unknown ggml type id".into())),
             };
             let shapes = match g.get(&key("shapes")) {
@@ -277,7 +281,7 @@ impl ModelDir {
         }
         let (base, base_file, base_tensors) = open_gguf_checked(&base_path)?;
         let config = ModelConfig::read_gguf(&base, &base_path)?;
-        for (name, want, _) in self::base_tensors(&config) {
+        for (name, want, role) in self::base_tensors(&config) {
             let t = base_tensors.iter().find(|t| t.name == name);
             match t {
                 None if name == OUTPUT => {} // tied to the token embedding
@@ -296,6 +300,24 @@ impl ModelDir {
                         tensor: name,
                         got: format!("ggml type id {}", t.raw_type),
                         expected: "a type this ggml build knows".into(),
+                    })
+                }
+                // sage-convert writes norms and routers in f32, as llama.cpp keeps them; ggml
+                // multiplies by a norm only in f32, and aborts (not errs) on what it cannot.
+                Some(t) if role != Role::Weight && t.ty != Some(GgmlType::F32) => {
+                    return Err(Error::UnsupportedDtype {
+                        path: base_path.clone(),
+                        tensor: name,
+                        got: t.ty.map_or("?".into(), |ty| ty.to_string()),
+                        expected: "f32".into(),
+                    })
+                }
+                Some(t) if !t.ty.is_some_and(GgmlType::can_matmul) => {
+                    return Err(Error::UnsupportedDtype {
+                        path: base_path.clone(),
+                        tensor: name,
+                        got: t.ty.map_or("?".into(), |ty| ty.to_string()),
+                        expected: "a type ggml can multiply (f32, f16, bf16 or a quantized type)".into(),
                     })
                 }
                 Some(_) => {}

@@ -102,6 +102,17 @@ impl GgmlType {
         self == GgmlType::F32 || self.traits().to_float.is_some()
     }
 
+    /// Whether ggml's CPU kernels can multiply a matrix of this type (it has a dot product),
+    /// as every weight but the norms is used. Types that are only intermediate forms (q8_1,
+    /// q8_K) or integers have none, and ggml would abort on them mid-graph.
+    pub fn can_matmul(self) -> bool {
+        // SAFETY: valid type id; ggml returns a pointer into its static CPU traits table
+        // (or null for an id it does not know, checked), never written after start-up.
+        let t = unsafe { sys::ggml_get_type_traits_cpu(self.0) };
+        // SAFETY: non-null pointers from that table point at a live static entry.
+        !t.is_null() && unsafe { (*t).vec_dot.is_some() }
+    }
+
     /// Whether ggml can quantize f32 into this type without an importance matrix.
     pub fn can_quantize(self) -> bool {
         // SAFETY: valid type id; plain table lookup.

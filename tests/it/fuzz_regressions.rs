@@ -142,3 +142,17 @@ fn expert_type_without_a_cpu_kernel_is_refused() {
         assert_eq!(GgmlType::from_raw(raw), None);
     }
 }
+
+/// A base.gguf whose attention norm weight is q5_1 (found by `model_dir`): ggml multiplies by
+/// a norm only in f32 and aborted the process mid-graph ("binary_op: unsupported types").
+/// Norms and routers must now be f32 (what sage-convert writes, as llama.cpp keeps them), the
+/// other weights of a type ggml can multiply; the model is refused when it opens.
+#[test]
+fn norm_weight_that_is_not_f32_is_refused() {
+    let dir = tmp();
+    let model = model_with_base(dir.path(), "base-gguf-q5_1-norm.gguf");
+    let err = sage::model_dir::ModelDir::open(&model).err().expect("refused").to_string();
+    assert!(err.contains("base.gguf") && err.contains("norm") && err.contains("expected f32"), "{err}");
+    let stderr = sage_run_fails(&model);
+    assert!(stderr.contains("expected f32"), "{stderr}");
+}

@@ -96,6 +96,12 @@ fn damaged_expert_manifest_is_refused() {
             "'sage.experts.blk.0.types': unknown ggml type id",
         ),
         (
+            // i32 (26) is a type ggml knows, but has no dot product to multiply with.
+            "sage.experts.blk.0.types",
+            GgufValue::Array(GgufArray::U32(vec![8, 26, 8])),
+            "'sage.experts.blk.0.types': expected types ggml can multiply, got q8_0, i32, q8_0",
+        ),
+        (
             "sage.experts.blk.0.ids",
             GgufValue::Array(GgufArray::U32(vec![0, 1, 2, 3, 4, 5, 6, 9])),
             "expected ascending ids below 8",
