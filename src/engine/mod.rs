@@ -2,13 +2,13 @@
 //! fixed-size arena, and the Qwen3-MoE forward pass built from ggml ops.
 //!
 //! When the arena holds every expert present (all of them, or a pool's), all are loaded with
-//! the engine and a batch is one graph, the router included (`eval_fused`), as in llama.cpp. Otherwise (the
-//! streaming mode) each layer and batch runs two graphs: (A) attention and the router
-//! logits, read back so the router (`router.rs`) picks experts on the CPU; the scheduler
-//! (`scheduler.rs`) makes them resident in arena slots; (B) the experts' SwiGLU FFN through
-//! `mul_mat_id` over slot ids. When a batch needs more distinct experts in a layer than the
-//! arena has slots, (B) runs once per group of experts, each group's contribution added to
-//! the residual.
+//! the engine and a batch is one graph, the router included (`eval_fused`), as in llama.cpp.
+//! Otherwise (the streaming mode) each layer and batch runs two graphs: (A) attention and the
+//! router logits, read back so the router (`router.rs`) picks experts on the CPU; the
+//! scheduler (`scheduler.rs`) makes them resident in arena slots; (B) the experts' SwiGLU FFN
+//! through `mul_mat_id` over slot ids. When a batch needs more distinct experts in a layer
+//! than the arena has slots, (B) runs once per group of experts, each group's contribution
+//! added to the residual.
 
 pub mod generate;
 pub mod prefetch;
@@ -91,8 +91,7 @@ pub struct EngineOptions {
     /// When the arena holds every expert present (a pool's, if the directory has one), load
     /// them all while loading the engine and evaluate each batch as one graph, the router on
     /// the backend (as llama.cpp does; a pooled layer's router logits are cut down to its
-    /// experts). Off: the streaming path's two graphs per
-    /// layer, whatever the arena.
+    /// experts). Off: the streaming path's two graphs per layer, whatever the arena.
     pub fused: bool,
 }
 
@@ -948,9 +947,9 @@ impl Engine {
                 let last = |t| ctx.view_2d(t, n_embd, n_out, t.nb()[1], (n - n_out) as usize * t.nb()[1]);
                 (ffn_inp, normed, rows) = (last(ffn_inp), last(normed), n_out);
             }
-            // Router: probabilities [n_expert (or the pool's size), rows], sorted. The full argsort is the output
-            // read back: a view of it (the top k) would not keep its memory from being reused
-            // later in the graph.
+            // Router: probabilities [n_expert (or the pool's size), rows], sorted. The full
+            // argsort is the output read back: a view of it (the top k) would not keep its
+            // memory from being reused later in the graph.
             let mut logits = ctx.mul_mat(w.get(lw.router), normed); // [n_expert, rows]
             let present = &self.dir.manifest.layers[il].ids;
             let n_here = present.len() as i64;
@@ -958,10 +957,10 @@ impl Engine {
                 let keep = ctx.new_tensor(GgmlType::I32, &[n_here]);
                 keep.set_input();
                 pools.push((keep, present));
-                // get_rows picks rows (dimension 1): experts go there and back.
+                // get_rows picks rows (dimension 1): experts go there and back, to
+                // [n_here, rows].
                 let by_expert = ctx.cont(ctx.transpose(logits)); // [rows, n_expert]
                 logits = ctx.cont(ctx.transpose(ctx.get_rows(by_expert, keep)));
-                // [n_here, rows]
             }
             let probs = ctx.soft_max(logits);
             let order = ctx.argsort_desc(probs);
