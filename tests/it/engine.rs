@@ -33,6 +33,25 @@ fn rows(flat: Vec<f32>, n_vocab: usize) -> Vec<Vec<f32>> {
     flat.chunks(n_vocab).map(|r| r.to_vec()).collect()
 }
 
+/// Load `model_dir` with `o`, evaluate `prompt`, then decode `steps` tokens greedily, one at a
+/// time: the last-token logits of every step, and the engine's figures.
+fn greedy_decode(
+    model_dir: &Path,
+    o: EngineOptions,
+    prompt: &[u32],
+    steps: usize,
+) -> (Vec<f32>, sage::engine::EngineStats) {
+    let mut e = Engine::load(model_dir, o).unwrap();
+    let mut logits = e.eval(prompt, false).unwrap();
+    let mut all = logits.clone();
+    for _ in 0..steps {
+        let next = sage::engine::sampler::argmax(&logits);
+        logits = e.eval(&[next], false).unwrap();
+        all.extend(&logits);
+    }
+    (all, e.stats())
+}
+
 #[test]
 fn logits_match_llama_cpp_with_full_and_smallest_arena() {
     let dir = tmp();
@@ -393,15 +412,7 @@ fn prefetch_changes_nothing_but_where_bytes_come_from() {
     let (model_dir, _) = convert_into(&plain(), dir.path(), &opts(Some(GgmlType::Q4_K)));
     let decode = |prefetch: bool| {
         let o = EngineOptions { prefetch, read_ahead: 0, ..exact(ArenaSize::Experts(3)) };
-        let mut e = Engine::load(&model_dir, o).unwrap();
-        let mut logits = e.eval(&[1, 2, 3], false).unwrap();
-        let mut all = logits.clone();
-        for _ in 0..24 {
-            let next = sage::engine::sampler::argmax(&logits);
-            logits = e.eval(&[next], false).unwrap();
-            all.extend(&logits);
-        }
-        (all, e.stats())
+        greedy_decode(&model_dir, o, &[1, 2, 3], 24)
     };
     let (plain_run, _) = decode(false);
     let (prefetched, st) = decode(true);
@@ -421,15 +432,7 @@ fn prefetch_gate_stops_reading_wrong_predictions() {
     sage::convert::convert(&bundled(), &model_dir, &opts(Some(GgmlType::Q8_0))).unwrap();
     let decode = |prefetch: bool| {
         let o = EngineOptions { prefetch, ..exact(ArenaSize::Experts(16)) };
-        let mut e = Engine::load(&model_dir, o).unwrap();
-        let mut logits = e.eval(&[10, 20, 30, 40], false).unwrap();
-        let mut all = logits.clone();
-        for _ in 0..48 {
-            let next = sage::engine::sampler::argmax(&logits);
-            logits = e.eval(&[next], false).unwrap();
-            all.extend(&logits);
-        }
-        (all, e.stats())
+        greedy_decode(&model_dir, o, &[10, 20, 30, 40], 48)
     };
     let (plain_run, off) = decode(false);
     let (gated, st) = decode(true);

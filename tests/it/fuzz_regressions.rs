@@ -143,7 +143,7 @@ fn expert_type_without_a_cpu_kernel_is_refused() {
     }
 }
 
-/// A base.gguf whose attention norm weight is q5_1 (found by `model_dir`): ggml multiplies by
+/// A base.gguf whose output norm weight is q5_1 (found by `model_dir`): ggml multiplies by
 /// a norm only in f32 and aborted the process mid-graph ("binary_op: unsupported types").
 /// Norms and routers must now be f32 (what sage-convert writes, as llama.cpp keeps them), the
 /// other weights of a type ggml can multiply; the model is refused when it opens.
