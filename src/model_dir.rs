@@ -294,33 +294,26 @@ impl ModelDir {
                         got: crate::convert::dims(&t.ne),
                     })
                 }
-                Some(t) if t.ty.is_none() => {
-                    return Err(Error::UnsupportedDtype {
-                        path: base_path.clone(),
-                        tensor: name,
-                        got: format!("ggml type id {}", t.raw_type),
-                        expected: "a type this ggml build knows".into(),
-                    })
+                Some(t) => {
+                    // sage-convert writes norms and routers in f32, as llama.cpp keeps them;
+                    // ggml multiplies by a norm only in f32, and aborts (not errs) on a type
+                    // it cannot use.
+                    let (ok, expected) = match (t.ty, role) {
+                        (None, _) => (false, "a type this ggml build knows"),
+                        (Some(ty), Role::Weight) => {
+                            (ty.can_matmul(), "a type ggml can multiply (f32, f16, bf16 or a quantized type)")
+                        }
+                        (Some(ty), Role::Norm | Role::Router) => (ty == GgmlType::F32, "f32"),
+                    };
+                    if !ok {
+                        return Err(Error::UnsupportedDtype {
+                            path: base_path.clone(),
+                            tensor: name,
+                            got: t.ty.map_or_else(|| format!("ggml type id {}", t.raw_type), |ty| ty.to_string()),
+                            expected: expected.into(),
+                        });
+                    }
                 }
-                // sage-convert writes norms and routers in f32, as llama.cpp keeps them; ggml
-                // multiplies by a norm only in f32, and aborts (not errs) on what it cannot.
-                Some(t) if role != Role::Weight && t.ty != Some(GgmlType::F32) => {
-                    return Err(Error::UnsupportedDtype {
-                        path: base_path.clone(),
-                        tensor: name,
-                        got: t.ty.map_or("?".into(), |ty| ty.to_string()),
-                        expected: "f32".into(),
-                    })
-                }
-                Some(t) if !t.ty.is_some_and(GgmlType::can_matmul) => {
-                    return Err(Error::UnsupportedDtype {
-                        path: base_path.clone(),
-                        tensor: name,
-                        got: t.ty.map_or("?".into(), |ty| ty.to_string()),
-                        expected: "a type ggml can multiply (f32, f16, bf16 or a quantized type)".into(),
-                    })
-                }
-                Some(_) => {}
             }
         }
         let manifest = Manifest::read_gguf(&base, &base_path, &config)?;
