@@ -210,9 +210,19 @@ pub struct Engine {
     warm_stats: SchedStats,
     /// Capacity of the buffer that carried the base from disk (freed after loading).
     load_buffer: usize,
-    /// In the all-resident mode (`EngineOptions::fused`): per layer, the slot of its expert
-    /// 0; expert e sits in that slot + e.
-    fused: Option<Vec<usize>>,
+    /// In the all-resident mode (`EngineOptions::fused`), what the one graph needs.
+    fused: Option<Fused>,
+}
+
+/// The all-resident mode's layout: per layer, the slot of the first expert of its pool (the
+/// expert of rank r in the pool sits at that slot + r); and the expert ids of each pooled layer
+/// (some experts absent), on the backend once, to cut its router logits to the pool.
+struct Fused {
+    first_slot: Vec<usize>,
+    pool_ids: TensorSet,
+    /// Per layer: its tensor in `pool_ids`; None where every expert is present.
+    pool_index: Vec<Option<usize>>,
+    _pool_buf: Option<Buffer>,
 }
 
 /// Where a group of experts stands among a layer's groups (see `Engine::experts`).
@@ -751,8 +761,29 @@ impl Engine {
             done += bytes;
             progress(done, total);
         }
+        let pooled = |l: &&ExpertLayer| l.ids.len() < self.config.n_expert as usize;
+        let mut pool_ids = TensorSet::new(self.dir.manifest.layers.len());
+        let pool_index: Vec<Option<usize>> = self
+            .dir
+            .manifest
+            .layers
+            .iter()
+            .map(|l| pooled(&l).then(|| pool_ids.add(GgmlType::I32, &[l.ids.len() as i64], &format!("pool.{}", l.il))))
+            .collect();
+        let pool_buf = if pool_ids.is_empty() {
+            None
+        } else {
+            let buf =
+                self.backend.alloc_ctx_tensors(pool_ids.context()).map_err(|e| ffi(&self.dir.path, "pool ids", e))?;
+            for (l, i) in self.dir.manifest.layers.iter().zip(&pool_index) {
+                if let Some(i) = *i {
+                    pool_ids.get(i).write_i32(&l.ids.iter().map(|&e| e as i32).collect::<Vec<_>>());
+                }
+            }
+            Some(buf)
+        };
         self.warm_stats = std::mem::take(&mut self.sched.stats);
-        self.fused = Some(base);
+        self.fused = Some(Fused { first_slot: base, pool_ids, pool_index, _pool_buf: pool_buf });
         log::info!(
             "all {} experts resident ({} bytes loaded): one graph per batch",
             self.warm_stats.misses,
@@ -914,9 +945,9 @@ impl Engine {
     /// chosen experts are read back afterwards for the hit counts and the routing trace.
     fn eval_fused(&mut self, tokens: &[u32], positions: &[i32], causal_mask: &[f32], all: bool) -> Result<Vec<f32>> {
         let cfg = &self.config;
-        let base = self.fused.as_ref().expect("fused mode");
+        let fused = self.fused.as_ref().expect("fused mode");
         let n = tokens.len() as i64;
-        let (n_embd, n_exp, k) = (cfg.n_embd as i64, cfg.n_expert as i64, cfg.n_expert_used as i64);
+        let (n_embd, k) = (cfg.n_embd as i64, cfg.n_expert_used as i64);
         let n_kv = self.n_past as i64 + n;
         let n_layer = cfg.n_layer as usize;
         let size = FUSED_PER_LAYER * n_layer + GRAPH_NODES;
@@ -931,14 +962,10 @@ impl Engine {
         let mut g = ctx.graph(size);
         let mut x = ctx.get_rows(self.embd.get(0), ids);
         let mut chosen = Vec::with_capacity(n_layer);
-        // A layer with a pool (some experts absent) routes over its present experts only: its
-        // router logits are cut down to them, in the order of their slots, so the chosen
-        // indices are slot offsets (ranks in the pool), mapped back to ids after the graph.
-        let mut pools = Vec::new();
         // Only the last token's logits wanted (and no routing trace): the last layer's FFN
         // runs for that token alone, as in llama.cpp.
         let n_out = if all { n } else { 1 };
-        for (il, (lw, &first)) in self.layers.iter().zip(base).enumerate() {
+        for (il, (lw, &first)) in self.layers.iter().zip(&fused.first_slot).enumerate() {
             let a = build_attention(&ctx, cfg, w, lw, &self.kv, il as u32, x, pos, mask, self.n_past);
             g.expand(a.k_store);
             g.expand(a.v_store);
@@ -953,14 +980,13 @@ impl Engine {
             let mut logits = ctx.mul_mat(w.get(lw.router), normed); // [n_expert, rows]
             let present = &self.dir.manifest.layers[il].ids;
             let n_here = present.len() as i64;
-            if n_here < n_exp {
-                let keep = ctx.new_tensor(GgmlType::I32, &[n_here]);
-                keep.set_input();
-                pools.push((keep, present));
-                // get_rows picks rows (dimension 1): experts go there and back, to
-                // [n_here, rows].
+            // A pooled layer routes over its present experts only: its router logits are cut
+            // down to them, in the order of their slots, so the chosen indices are slot
+            // offsets (ranks in the pool), mapped back to ids after the graph. get_rows picks
+            // rows (dimension 1): experts go there and back, to [n_here, rows].
+            if let Some(i) = fused.pool_index[il] {
                 let by_expert = ctx.cont(ctx.transpose(logits)); // [rows, n_expert]
-                logits = ctx.cont(ctx.transpose(ctx.get_rows(by_expert, keep)));
+                logits = ctx.cont(ctx.transpose(ctx.get_rows(by_expert, fused.pool_ids.get(i))));
             }
             let probs = ctx.soft_max(logits);
             let order = ctx.argsort_desc(probs);
@@ -990,9 +1016,6 @@ impl Engine {
         ids.write_i32(&tokens.iter().map(|&t| t as i32).collect::<Vec<_>>());
         pos.write_i32(positions);
         mask.write_f32(causal_mask);
-        for (keep, present) in &pools {
-            keep.write_i32(&present.iter().map(|&e| e as i32).collect::<Vec<_>>());
-        }
         self.backend.compute(&g).map_err(|e| ffi(&self.dir.path, "compute graph", e))?;
         self.stats.compute += t0.elapsed();
         for (il, (order, rows, present)) in chosen.iter().enumerate() {
