@@ -7,7 +7,8 @@
 //! cargo run --release --example policy_sweep -- MODEL_DIR TEXT [WINDOW] [TRACE_OUT]
 //!
 //! TRACE_OUT: also write the routing, one line per layer of the chosen expert ids (token after
-//! token, top-k each), for scripts/policy_sim.py.
+//! token, top-k each), and TRACE_OUT.logits, one line per layer of every router logit (token
+//! after token, n_expert each; recorded layer by layer), for scripts/policy_sim.py.
 
 use sage::engine::scheduler::{Lfru, Lru};
 use sage::engine::{Engine, EngineOptions};
@@ -20,12 +21,16 @@ fn main() -> anyhow::Result<()> {
     let tok = sage::engine::generate::load_tokenizer(a[1].as_ref())?;
     let text = std::fs::read_to_string(&a[2])?;
     let ids = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("{e}"))?.get_ids().to_vec();
-    let mut e = Engine::load(a[1].as_ref(), EngineOptions { n_ctx: window, ..Default::default() })?;
-    let t = sage::eval::profile(&mut e, &ids, window, |_, _| {})?;
-    if let Some(out) = a.get(4) {
-        let lines: Vec<String> =
-            t.choices.iter().map(|c| c.iter().map(|e| e.to_string()).collect::<Vec<_>>().join(" ")).collect();
-        std::fs::write(out, lines.join("\n") + "\n")?;
+    let out = a.get(4);
+    let opts = EngineOptions { n_ctx: window, fused: out.is_none(), ..Default::default() };
+    let mut e = Engine::load(a[1].as_ref(), opts)?;
+    let t = sage::eval::profile(&mut e, &ids, window, out.is_some(), |_, _| {})?;
+    if let Some(out) = out {
+        fn lines<T: ToString>(rows: &[Vec<T>]) -> String {
+            rows.iter().map(|r| r.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(" ") + "\n").collect()
+        }
+        std::fs::write(out, lines(&t.choices))?;
+        std::fs::write(format!("{out}.logits"), lines(t.router_logits.as_deref().expect("recorded")))?;
     }
     let total = t.n_layer * t.n_expert;
     println!("{} tokens x {} layers, top-{} of {}", t.n_tokens(), t.n_layer, t.n_expert_used, t.n_expert);

@@ -83,12 +83,12 @@ fn main() -> anyhow::Result<()> {
     };
     let usage = {
         let mut e = Engine::load(&full, EngineOptions { n_ctx: WINDOW, ..Default::default() })?;
-        sage::eval::profile(&mut e, &calib_ids, WINDOW, |_, _| {})?.usage("heldout.txt, first half")
+        sage::eval::profile(&mut e, &calib_ids, WINDOW, false, |_, _| {})?.usage("heldout.txt, first half")
     };
     usage.save(&work.join("usage.json"))?;
     let eval_usage: Usage = {
         let mut e = Engine::load(&full, EngineOptions { n_ctx: WINDOW, ..Default::default() })?;
-        sage::eval::profile(&mut e, &eval_ids, WINDOW, |_, _| {})?.usage("heldout.txt, second half")
+        sage::eval::profile(&mut e, &eval_ids, WINDOW, false, |_, _| {})?.usage("heldout.txt, second half")
     };
 
     // Pools at q8_0.

@@ -10,7 +10,14 @@ Policies: BIP (LRU that inserts a loaded expert at the LRU end, except with prob
 SRRIP / BRRIP (re-reference interval prediction, Jaleel et al. 2010, M-bit values); a learned
 reuse probability: evict the expert least likely to be chosen at its layer's next turn, from
 online counts per (layer, expert, turns since last use).
+
+With TRACE.logits beside the trace (policy_sweep writes it), two more use the router: evict the
+expert least likely to be chosen at its layer's next turn given the rank its layer's router gave
+it at its latest turn (0: the highest logit), ties by LRU; the probability per (layer, rank)
+either learned online or counted over the whole trace beforehand (hindsight: the best this
+ranking can do).
 """
+import os
 import random
 import sys
 
@@ -20,6 +27,13 @@ L = len(rows)
 T = len(rows[0]) // K
 E = max(max(r) for r in rows) + 1
 C = [[rows[l][t * K:(t + 1) * K] for t in range(T)] for l in range(L)]
+RANK = None
+if os.path.exists(sys.argv[1] + ".logits"):
+    import numpy as np
+
+    lg = [np.array(line.split(), dtype=np.float32).reshape(T, E) for line in open(sys.argv[1] + ".logits")]
+    # RANK[l][t][e]: position of expert e in token t's router logits at layer l (0: highest).
+    RANK = [np.argsort(np.argsort(-x, axis=1, kind="stable"), axis=1).tolist() for x in lg]
 
 
 def replay(slots, pol):
@@ -134,10 +148,51 @@ class ReuseProb(Lru):
         return min(cands, key=lambda k: (self.p(k, t, l), self.last[k]))
 
 
+class RouterRank(Lru):
+    """Evict the expert least likely to be chosen at its layer's next turn, given the rank the
+    router gave it at its layer's latest turn. `hindsight`: probabilities counted over the whole
+    trace before the replay; otherwise learned as tokens pass."""
+
+    def __init__(self, hindsight):
+        self.hindsight = hindsight
+
+    def reset(self):
+        super().reset()
+        self.num = [[1.0] * E for _ in range(L)]
+        self.den = [[2.0] * E for _ in range(L)]
+        self.latest = [-1] * L
+        if self.hindsight:
+            for t in range(1, T):
+                for l in range(L):
+                    self.count(l, t)
+
+    def count(self, l, t):
+        nxt = C[l][t]
+        for e in range(E):
+            r = RANK[l][t - 1][e]
+            self.den[l][r] += 1
+            self.num[l][r] += e in nxt
+
+    def step(self, t, l, chosen):
+        if not self.hindsight and t > 0:
+            self.count(l, t)
+        self.latest[l] = t
+
+    def victim(self, cands, t, l):
+        def p(k):
+            kl, e = k
+            r = RANK[kl][self.latest[kl]][e]
+            return self.num[kl][r] / self.den[kl][r]
+
+        return min(cands, key=lambda k: (p(k), self.last[k]))
+
+
 print(f"{T} tokens x {L} layers, top-{K} of {E}")
 total = L * E
 for pct in (25, 50, 75):
     slots = max(total * pct // 100, K)
     cols = [("LRU", Lru()), ("reuse prob", ReuseProb()), ("BIP 1/32", Bip(1 / 32))]
+    if RANK is not None:
+        cols += [("router rank", RouterRank(False)), ("router rank, hindsight", RouterRank(True))]
     cols += [(f"{'B' if eps else 'S'}RRIP {bits}-bit", Rrip(bits, eps)) for bits in (2, 3) for eps in (0.0, 31 / 32)]
     print(f"{pct}% ({slots}): " + ", ".join(f"{name} {100 * replay(slots, p):.1f}%" for name, p in cols), flush=True)

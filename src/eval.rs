@@ -71,15 +71,17 @@ pub fn perplexity(
     Ok(Perplexity { windows: ws.len(), window, tokens_scored: n, nll: mean, ppl: mean.exp() })
 }
 
-/// The routing of every token of `tokens`, evaluated in windows.
+/// The routing of every token of `tokens`, evaluated in windows (with every router logit if
+/// `router_logits`: see `Engine::start_trace`).
 pub fn profile(
     engine: &mut Engine,
     tokens: &[u32],
     window: usize,
+    router_logits: bool,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<RouteTrace> {
     let ws = windows(tokens.len(), window)?;
-    engine.start_trace();
+    engine.start_trace(router_logits)?;
     for (i, w) in ws.iter().enumerate() {
         engine.reset();
         if let Err(e) = engine.eval(&tokens[w.clone()], false) {

@@ -354,7 +354,7 @@ fn profile(a: ProfileArgs) -> anyhow::Result<()> {
     let tokens = read_text_tokens(&a.dir, &a.text)?;
     let mut engine = load_engine(&a.dir, &a.engine, a.ctx)?;
     let pb = progress_bar(tokens.len() / a.ctx.max(1), "profile");
-    let trace = sage::eval::profile(&mut engine, &tokens, a.ctx, |done, _| pb.set_position(done as u64))
+    let trace = sage::eval::profile(&mut engine, &tokens, a.ctx, false, |done, _| pb.set_position(done as u64))
         .with_context(|| format!("profiling {}", a.text.display()))?;
     pb.finish_and_clear();
     let usage = trace.usage(&a.text.display().to_string());

@@ -28,11 +28,14 @@ pub struct RouteTrace {
     pub n_expert_used: usize,
     /// `choices[il]` holds `n_expert_used` ids per token, tokens in order of evaluation.
     pub choices: Vec<Vec<u32>>,
+    /// When recorded (`Engine::start_trace(true)`): `router_logits[il]` holds the router's
+    /// `n_expert` logits per token, tokens in the order of `choices`.
+    pub router_logits: Option<Vec<Vec<f32>>>,
 }
 
 impl RouteTrace {
     pub fn new(n_layer: usize, n_expert: usize, n_expert_used: usize) -> RouteTrace {
-        RouteTrace { n_layer, n_expert, n_expert_used, choices: vec![Vec::new(); n_layer] }
+        RouteTrace { n_layer, n_expert, n_expert_used, choices: vec![Vec::new(); n_layer], router_logits: None }
     }
 
     pub fn n_tokens(&self) -> usize {

@@ -843,10 +843,20 @@ impl Engine {
         self.opts.n_ctx
     }
 
-    /// Record every token's routing from now on (for `sage profile`).
-    pub fn start_trace(&mut self) {
+    /// Record every token's routing from now on (for `sage profile`), and with `router_logits`
+    /// every router logit too. The one-graph mode keeps its router logits on the backend: an
+    /// engine in that mode records them only if loaded with `EngineOptions::fused` off.
+    pub fn start_trace(&mut self, router_logits: bool) -> Result<()> {
+        if router_logits && self.fused.is_some() {
+            return Err(Error::Usage(
+                "router logits are recorded layer by layer: load the engine with `fused: false`".into(),
+            ));
+        }
         let c = &self.config;
-        self.trace = Some(RouteTrace::new(c.n_layer as usize, c.n_expert as usize, c.n_expert_used as usize));
+        let mut t = RouteTrace::new(c.n_layer as usize, c.n_expert as usize, c.n_expert_used as usize);
+        t.router_logits = router_logits.then(|| vec![Vec::new(); c.n_layer as usize]);
+        self.trace = Some(t);
+        Ok(())
     }
 
     /// Stop recording and return what was recorded.
@@ -1138,6 +1148,9 @@ impl Engine {
         }
         if let Some(trace) = &mut self.trace {
             trace.choices[il as usize].extend(choices.iter().flat_map(|c| c.experts.iter().copied()));
+            if let Some(l) = &mut trace.router_logits {
+                l[il as usize].extend_from_slice(&router_logits[..n * n_exp]);
+            }
         }
         let mut needed: Vec<u32> = choices.iter().flat_map(|c| c.experts.iter().copied()).collect();
         needed.sort_unstable();

@@ -177,8 +177,10 @@ fn one_graph_when_every_expert_is_resident_matches_layer_by_layer() {
     assert!(one.all_resident() && !layered.all_resident());
     // All 16 experts were loaded with the engine, and counted apart from the run.
     assert_eq!((one.warm_stats().misses, one.stats().sched.misses), (16, 0));
-    one.start_trace();
-    layered.start_trace();
+    // The one graph keeps its router logits on the backend; layer by layer records them.
+    assert!(one.start_trace(true).unwrap_err().to_string().contains("fused: false"));
+    one.start_trace(false).unwrap();
+    layered.start_trace(true).unwrap();
     for p in reference() {
         let ids: Vec<u32> = p.ids.iter().map(|&i| i as u32).collect();
         for e in [&mut one, &mut layered] {
@@ -197,6 +199,21 @@ fn one_graph_when_every_expert_is_resident_matches_layer_by_layer() {
     // The same experts chosen, and each (batch, layer, expert) counted once, as a hit.
     let (ta, tb) = (one.take_trace().unwrap(), layered.take_trace().unwrap());
     assert_eq!(ta.choices, tb.choices);
+    // Each token's recorded router logits rank its chosen experts first.
+    assert!(ta.router_logits.is_none());
+    let logits = tb.router_logits.as_ref().unwrap();
+    let (k, n_exp) = (tb.n_expert_used, tb.n_expert);
+    for (il, l) in logits.iter().enumerate() {
+        assert_eq!(l.len(), tb.n_tokens() * n_exp);
+        for (t, (row, chosen)) in l.chunks(n_exp).zip(tb.choices[il].chunks(k)).enumerate() {
+            let mut order: Vec<u32> = (0..n_exp as u32).collect();
+            order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+            let (mut top, mut chosen) = (order[..k].to_vec(), chosen.to_vec());
+            top.sort_unstable();
+            chosen.sort_unstable();
+            assert_eq!(top, chosen, "layer {il}, token {t}");
+        }
+    }
     let (sa, sb) = (one.stats().sched, layered.stats().sched);
     assert_eq!((sa.hits, sa.misses, sa.bytes_read), (sb.hits + sb.misses, 0, 0));
     assert!(sb.misses == 16 && sb.hits > 0);
@@ -236,7 +253,7 @@ fn scattered_pool_runs_as_one_graph_and_matches_llama_cpp() {
         let mut traces = Vec::new();
         for (name, e) in [("one graph", &mut one), ("layer by layer", &mut layered)] {
             e.reset();
-            e.start_trace();
+            e.start_trace(false).unwrap();
             let got = rows(e.eval(&ids, true).unwrap(), 512);
             let d = max_abs_diff(&got, &want);
             eprintln!("pool {pool:?}, {name}, {}: |sage - llama.cpp| {d:e}", p.name);
