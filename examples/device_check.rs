@@ -1,7 +1,9 @@
 //! Parity on another device: the engine on `DEVICE` against llama.cpp (llama-cpp-2, CPU) on
 //! the merged GGUF of the same model directory, every position of a few prompts, full and
-//! smallest arena. For the lent GPU machine (build with `--features dynamic-backends` and
-//! drop the GPU backend module next to the binary).
+//! smallest arena. Then where the device departs from the CPU: the same engine on both, layer
+//! by layer, each layer's router logits (a linear function of its normed residual stream)
+//! and chosen experts compared. For the lent GPU machine (build with `--features
+//! dynamic-backends` and drop the GPU backend module next to the binary).
 //!
 //! device_check MODEL_DIR MODEL.gguf DEVICE
 
@@ -61,7 +63,55 @@ fn main() -> anyhow::Result<()> {
             worst = worst.max(d);
         }
     }
+    divergence(a[1].as_ref(), &a[3], &tk, &prompts)?;
     println!("worst {worst:e} (tolerance 1e-3): {}", if worst <= 1e-3 { "PASS" } else { "FAIL" });
     anyhow::ensure!(worst <= 1e-3, "device parity failed");
+    Ok(())
+}
+
+/// The engine on the CPU and on `device`, layer by layer with every expert resident: per layer,
+/// the largest difference in router logits and the tokens whose chosen experts differ. The
+/// first layer whose logits differ beyond rounding points at that layer's attention or norms
+/// (or the FFN of the layer before it); differing choices alone would point at near ties.
+fn divergence(dir: &std::path::Path, device: &str, tk: &tokenizers::Tokenizer, prompts: &[&str]) -> anyhow::Result<()> {
+    let opts = |device: &str| EngineOptions {
+        device: device.into(),
+        arena: ArenaSize::All,
+        fused: false,
+        kv_type: KvType::F32,
+        n_ctx: 256,
+        ..Default::default()
+    };
+    let mut cpu = Engine::load(dir, opts("cpu"))?;
+    let mut dev = Engine::load(dir, opts(device))?;
+    println!("layer by layer, {} against {}:", dev.device_name(), cpu.device_name());
+    for p in prompts {
+        let ids: Vec<u32> = tk.encode(*p, false).map_err(|e| anyhow::anyhow!("{e}"))?.get_ids().to_vec();
+        let mut out = Vec::new();
+        for e in [&mut cpu, &mut dev] {
+            e.reset();
+            e.start_trace(true)?;
+            let logits = e.eval(&ids, true)?;
+            out.push((logits, e.take_trace().expect("started above")));
+        }
+        let ((lc, tc), (ld, td)) = (&out[0], &out[1]);
+        let (rc, rd) = (tc.router_logits.as_ref().expect("recorded"), td.router_logits.as_ref().expect("recorded"));
+        let k = tc.n_expert_used;
+        println!("  {:?}:", &p[..12]);
+        for il in 0..tc.n_layer {
+            let d = rc[il].iter().zip(&rd[il]).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            let differ: Vec<usize> = (0..tc.n_tokens())
+                .filter(|&t| {
+                    let (mut x, mut y) = (tc.choices[il][t * k..][..k].to_vec(), td.choices[il][t * k..][..k].to_vec());
+                    x.sort_unstable();
+                    y.sort_unstable();
+                    x != y
+                })
+                .collect();
+            println!("    layer {il}: router logits max diff {d:e}; tokens choosing other experts {differ:?}");
+        }
+        let d = lc.iter().zip(ld).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        println!("    output logits max diff {d:e}");
+    }
     Ok(())
 }
