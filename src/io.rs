@@ -45,7 +45,7 @@ pub struct WatchedFile {
 
 /// Offset, length and memory alignment O_DIRECT reads use (the page size; every logical
 /// block size of common disks divides it). Shard records start on such boundaries.
-const DIRECT_ALIGN: usize = 4096;
+pub const DIRECT_ALIGN: usize = 4096;
 
 impl WatchedFile {
     pub fn open(path: &Path) -> Result<WatchedFile> {
@@ -65,50 +65,57 @@ impl WatchedFile {
     /// the kernel, no readahead past the record) where the file system supports it and
     /// `offset` is aligned, otherwise a positioned read; then `drop_cached`.
     pub fn read_record(&self, offset: u64, len: usize, what: &str, uncached: bool, rec: &mut Record) -> Result<()> {
+        let span = len.next_multiple_of(DIRECT_ALIGN);
+        if rec.buf.len() < span + DIRECT_ALIGN {
+            rec.buf.resize(span + DIRECT_ALIGN, 0);
+        }
+        let a = rec.buf.as_ptr().align_offset(DIRECT_ALIGN);
+        self.read_record_to(offset, len, what, uncached, &mut rec.buf[a..a + span])?;
+        rec.range = a..a + len;
+        Ok(())
+    }
+
+    /// `read_record` into the first `len` bytes of `dst`. The O_DIRECT path reads whole
+    /// blocks: it needs `dst` aligned to `DIRECT_ALIGN` with room for `len` rounded up to it
+    /// (the bytes past `len` are overwritten); otherwise a positioned read fills `dst[..len]`.
+    pub fn read_record_to(&self, offset: u64, len: usize, what: &str, uncached: bool, dst: &mut [u8]) -> Result<()> {
+        assert!(dst.len() >= len, "a destination smaller than the record");
+        let span = len.next_multiple_of(DIRECT_ALIGN);
+        let aligned = offset.is_multiple_of(DIRECT_ALIGN as u64)
+            && dst.as_ptr().align_offset(DIRECT_ALIGN) == 0
+            && dst.len() >= span;
+        self.check_unchanged()?;
+        let end = offset.saturating_add(len as u64);
+        if end > self.len {
+            return Err(self.truncated(what, end));
+        }
         match &self.direct {
-            Some(d) if uncached && offset.is_multiple_of(DIRECT_ALIGN as u64) => {
-                self.check_unchanged()?;
-                let end = offset.saturating_add(len as u64);
-                if end > self.len {
-                    return Err(self.truncated(what, end));
-                }
-                let span = len.next_multiple_of(DIRECT_ALIGN);
-                if rec.buf.len() < span + DIRECT_ALIGN {
-                    rec.buf.resize(span + DIRECT_ALIGN, 0);
-                }
-                let a = rec.buf.as_ptr().align_offset(DIRECT_ALIGN);
+            Some(d) if uncached && aligned => {
                 let mut got = 0;
                 while got < len {
                     // Reads end early only at the end of the file.
-                    match d.read_at(&mut rec.buf[a + got..a + span], offset + got as u64) {
+                    match d.read_at(&mut dst[got..span], offset + got as u64) {
                         Ok(0) => return Err(self.truncated(what, end)),
                         Ok(n) => got += n,
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                         // EINVAL: this file system or device refuses O_DIRECT after all.
                         Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
-                            return self.read_then_drop(offset, len, what, rec)
+                            read_exact_to(&self.file, &self.path, offset, &mut dst[..len], what)?;
+                            break;
                         }
                         Err(source) => return Err(Error::Io { path: self.path.clone(), source }),
                     }
                 }
-                rec.range = a..a + len;
                 // Pages another reader cached stay cached under O_DIRECT; drop them too.
                 self.drop_cached(offset, len);
-                Ok(())
             }
-            _ if uncached => self.read_then_drop(offset, len, what, rec),
             _ => {
-                self.read_into(offset, len, what, &mut rec.buf)?;
-                rec.range = 0..len;
-                Ok(())
+                read_exact_to(&self.file, &self.path, offset, &mut dst[..len], what)?;
+                if uncached {
+                    self.drop_cached(offset, len);
+                }
             }
         }
-    }
-
-    fn read_then_drop(&self, offset: u64, len: usize, what: &str, rec: &mut Record) -> Result<()> {
-        self.read_into(offset, len, what, &mut rec.buf)?;
-        rec.range = 0..len;
-        self.drop_cached(offset, len);
         Ok(())
     }
 
@@ -165,14 +172,19 @@ pub fn read_at(file: &File, path: &Path, offset: u64, len: u64, what: &str) -> R
 
 /// `read_at` into a reused buffer.
 pub fn read_at_into(file: &File, path: &Path, offset: u64, len: u64, what: &str, buf: &mut Vec<u8>) -> Result<()> {
+    buf.clear();
+    buf.resize(len as usize, 0);
+    read_exact_to(file, path, offset, buf, what)
+}
+
+/// Fill `dst` from `offset`; a short file is a `Truncated` error naming `what`.
+fn read_exact_to(file: &File, path: &Path, offset: u64, dst: &mut [u8], what: &str) -> Result<()> {
     let file_len = file.metadata().at(path)?.len();
-    let end = offset.saturating_add(len);
+    let end = offset.saturating_add(dst.len() as u64);
     if end > file_len {
         return Err(Error::Truncated { path: path.to_path_buf(), what: what.to_string(), needed: end, got: file_len });
     }
-    buf.clear();
-    buf.resize(len as usize, 0);
-    file.read_exact_at(buf, offset).map_err(|source| match source.kind() {
+    file.read_exact_at(dst, offset).map_err(|source| match source.kind() {
         // The file shrank between the size check and the read.
         std::io::ErrorKind::UnexpectedEof => {
             Error::Truncated { path: path.to_path_buf(), what: what.to_string(), needed: end, got: file_len }
