@@ -182,10 +182,75 @@ impl Drop for Buffer {
     }
 }
 
+/// A buffer that other threads may write into through a [`HostWriter`] while its owner keeps
+/// using it (the engine's I/O thread fills arena slots while graphs compute on other slots).
+/// The buffer is freed when the last handle, the owner's or a writer's, is dropped.
+pub struct SharedBuffer(Buffer);
+
+// SAFETY: other threads reach the buffer only through `HostWriter::write` (a copy into a byte
+// range of host memory, bounds checked) and `Drop` (ggml_backend_buffer_free, run once, by
+// whichever thread drops the last handle); ggml keeps no per-thread state for a buffer.
+unsafe impl Send for SharedBuffer {}
+// SAFETY: as above: shared use is `HostWriter::write` into host memory and the owner's calls.
+unsafe impl Sync for SharedBuffer {}
+
+impl std::ops::Deref for SharedBuffer {
+    type Target = Buffer;
+    fn deref(&self) -> &Buffer {
+        &self.0
+    }
+}
+
+impl SharedBuffer {
+    pub fn new(b: Buffer) -> std::sync::Arc<SharedBuffer> {
+        std::sync::Arc::new(SharedBuffer(b))
+    }
+
+    /// A writer into this buffer for another thread; None unless its memory is host memory.
+    pub fn host_writer(self: &std::sync::Arc<Self>) -> Option<HostWriter> {
+        let p = self.0.ptr.as_ptr();
+        // SAFETY: valid buffer; queries only.
+        let (host, base) = unsafe { (sys::ggml_backend_buffer_is_host(p), sys::ggml_backend_buffer_get_base(p)) };
+        (host && !base.is_null()).then(|| HostWriter { buf: self.clone(), base: base as usize, len: self.size() })
+    }
+}
+
+/// Fills ranges of a host buffer from any thread. The buffer stays allocated while a writer
+/// exists. Writing a range that a running graph reads gives that graph torn data: the owner
+/// hands out ranges no graph reads until the write is reported done.
+#[derive(Clone)]
+pub struct HostWriter {
+    buf: std::sync::Arc<SharedBuffer>,
+    base: usize,
+    len: usize,
+}
+
+impl HostWriter {
+    /// Let `f` fill bytes `offset..offset + len` of the buffer (read a file into them).
+    pub fn fill<R>(&self, offset: usize, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        assert!(offset.checked_add(len).is_some_and(|end| end <= self.len), "a range past the buffer's end");
+        let _alive = &self.buf;
+        // SAFETY: the range lies inside the buffer (asserted), host memory kept allocated by
+        // `buf` for the whole call. Nothing else holds it as a slice: this module hands out
+        // a buffer's memory only here, for the length of `f`, and the owner gives each range
+        // to one writer at a time and runs no graph on it meanwhile.
+        let dst = unsafe { std::slice::from_raw_parts_mut((self.base + offset) as *mut u8, len) };
+        f(dst)
+    }
+}
+
 impl Buffer {
     pub fn size(&self) -> usize {
         // SAFETY: valid buffer.
         unsafe { sys::ggml_backend_buffer_get_size(self.ptr.as_ptr()) }
+    }
+
+    /// Bytes from the start of this buffer to its first address that is a multiple of `align`
+    /// (a power of two), as the backend reports its address.
+    pub fn offset_to_aligned(&self, align: usize) -> usize {
+        // SAFETY: valid buffer; only the base address is read.
+        let base = unsafe { sys::ggml_backend_buffer_get_base(self.ptr.as_ptr()) } as usize;
+        base.next_multiple_of(align) - base
     }
 
     pub fn clear(&self, value: u8) {
