@@ -151,8 +151,21 @@ pub struct Scheduler {
     slots: Vec<Option<ExpertKey>>,
     where_: HashMap<ExpertKey, usize>,
     ever_loaded: std::collections::HashSet<ExpertKey>,
+    /// Keys given a slot by `reserve` and not used yet, with the bytes filled in for them.
+    reserved: HashMap<ExpertKey, u64>,
     policy: Box<dyn Policy>,
     pub stats: SchedStats,
+    pub reservations: Reservations,
+}
+
+/// What became of `Scheduler::reserve`'s slots.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Reservations {
+    pub made: u64,
+    /// Used by `ensure` (each counted there as a miss).
+    pub used: u64,
+    /// Evicted or forgotten before any use.
+    pub unused: u64,
 }
 
 impl Scheduler {
@@ -161,13 +174,62 @@ impl Scheduler {
             slots: vec![None; n_slots],
             where_: HashMap::new(),
             ever_loaded: Default::default(),
+            reserved: HashMap::new(),
             policy,
             stats: SchedStats::default(),
+            reservations: Reservations::default(),
+        }
+    }
+
+    /// Empty `slot`, if it holds anything.
+    fn evict(&mut self, slot: usize) {
+        if let Some(old) = self.slots[slot].take() {
+            self.where_.remove(&old);
+            if self.reserved.remove(&old).is_some() {
+                self.reservations.unused += 1;
+            }
+        }
+    }
+
+    /// Give `key` (not resident) a slot now for bytes that arrive outside `ensure` (a read
+    /// started ahead of its layer; the caller fills the slot), evicting by policy among the
+    /// slots not in `keep`. The key is resident from then on; its first use by `ensure` counts
+    /// as a miss that loaded `bytes`. None when every slot is kept.
+    pub fn reserve(&mut self, key: ExpertKey, bytes: u64, keep: &[usize]) -> Option<usize> {
+        assert!(!self.where_.contains_key(&key), "reserving a resident expert");
+        let slot = match self.slots.iter().position(|s| s.is_none()) {
+            Some(s) => s,
+            None => {
+                let candidates: Vec<usize> = (0..self.slots.len()).filter(|s| !keep.contains(s)).collect();
+                if candidates.is_empty() {
+                    return None;
+                }
+                self.policy.victim(&candidates)
+            }
+        };
+        self.evict(slot);
+        self.slots[slot] = Some(key);
+        self.where_.insert(key, slot);
+        self.reserved.insert(key, bytes);
+        self.policy.loaded(slot, key);
+        self.reservations.made += 1;
+        Some(slot)
+    }
+
+    /// Drop `key` from the arena (its slot's bytes are not its own: a read into it failed).
+    pub fn forget(&mut self, key: ExpertKey) {
+        if let Some(&s) = self.where_.get(&key) {
+            self.evict(s);
         }
     }
 
     pub fn n_slots(&self) -> usize {
         self.slots.len()
+    }
+
+    /// The slot holding `expert` of `layer`, if it is resident.
+    pub fn slot_of(&self, layer: u32, expert: u32) -> Option<usize> {
+        self.where_.get(&(layer, expert)).copied()
     }
 
     pub fn is_resident(&self, layer: u32, expert: u32) -> bool {
@@ -201,7 +263,17 @@ impl Scheduler {
         let mut out = vec![usize::MAX; experts.len()];
         for (i, &e) in experts.iter().enumerate() {
             if let Some(&s) = self.where_.get(&(layer, e)) {
-                self.stats.hits += 1;
+                if let Some(bytes) = self.reserved.remove(&(layer, e)) {
+                    // Loaded ahead through `reserve`: a miss whose load is already done.
+                    self.stats.misses += 1;
+                    self.stats.bytes_read += bytes;
+                    if self.ever_loaded.insert((layer, e)) {
+                        self.stats.distinct_loaded += 1;
+                    }
+                    self.reservations.used += 1;
+                } else {
+                    self.stats.hits += 1;
+                }
                 self.policy.touch(s);
                 pinned[s] = true;
                 out[i] = s;
@@ -219,9 +291,7 @@ impl Scheduler {
                     self.policy.victim(&candidates)
                 }
             };
-            if let Some(old) = self.slots[slot].take() {
-                self.where_.remove(&old);
-            }
+            self.evict(slot);
             let t = std::time::Instant::now();
             let bytes = load(slot, e)?;
             self.stats.stall += t.elapsed();
@@ -258,6 +328,39 @@ mod tests {
         assert_eq!(s.ensure(1, &[1, 3], &mut load).unwrap().len(), 2);
         assert_eq!(loads, vec![(0, 1), (1, 2), (0, 3), (1, 1), (0, 3)]);
         assert_eq!((s.stats.hits, s.stats.misses, s.stats.bytes_read), (1, 5, 50));
+    }
+
+    #[test]
+    fn a_reserved_slot_is_a_miss_when_used_and_unused_when_evicted_first() {
+        let mut s = Scheduler::new(3, Box::new(Lru::new(3)));
+        let mut load = |_: usize, _: u32| -> Result<u64, ()> { Ok(10) };
+        let busy = s.ensure(0, &[1, 2], &mut load).unwrap();
+        // Layer 1's experts 5 and 6 ahead of it: one free slot, then only layer 0's slots,
+        // both kept.
+        assert_eq!(s.reserve((1, 5), 7, &busy), Some(2));
+        assert_eq!(s.reserve((1, 6), 7, &[busy[0], busy[1], 2]), None);
+        assert!(s.is_resident(1, 5) && s.slot_of(1, 5) == Some(2));
+        // Used: counted as a miss that loaded its 7 bytes, without calling `load`.
+        let before = s.stats.clone();
+        let slots = s.ensure(1, &[5], |_, _| -> Result<u64, ()> { panic!("reserved, not loaded") }).unwrap();
+        assert_eq!(slots, vec![2]);
+        assert_eq!(
+            (s.stats.hits, s.stats.misses, s.stats.bytes_read),
+            (before.hits, before.misses + 1, before.bytes_read + 7)
+        );
+        // A second use is a hit.
+        s.ensure(1, &[5], &mut load).unwrap();
+        assert_eq!(s.stats.hits, before.hits + 1);
+        // Reserved, then evicted before any use; and reserved, then forgotten.
+        assert_eq!(s.reserve((1, 7), 7, &[2]), Some(0));
+        s.ensure(0, &[3, 4, 9], &mut load).unwrap();
+        assert!(!s.is_resident(1, 7));
+        let slot = s.reserve((1, 8), 7, &[]).unwrap();
+        s.forget((1, 8));
+        assert!(!s.is_resident(1, 8) && s.slot_of(1, 8).is_none());
+        assert_eq!(s.reservations, Reservations { made: 3, used: 1, unused: 2 });
+        // The forgotten key's slot is free again.
+        assert_eq!(s.ensure(0, &[10], &mut load).unwrap(), vec![slot]);
     }
 
     #[test]
