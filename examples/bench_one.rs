@@ -101,6 +101,7 @@ fn main() -> anyhow::Result<()> {
             let prompt_s = t.elapsed().as_secs_f64();
             progress("prompt", n_prompt, prompt_s);
             let after_prompt = e.stats().sched;
+            let prompt_compute = e.stats().compute;
             let t = Instant::now();
             for i in 0..n_gen {
                 let next = argmax(&logits);
@@ -117,6 +118,8 @@ fn main() -> anyhow::Result<()> {
                 "decode_hit_rate": hits as f64 / (hits + misses).max(1) as f64,
                 "decode_bytes_read_per_token": (st.bytes_read - after_prompt.bytes_read) / n_gen.max(1) as u64,
                 "decode_stall_s": (st.stall - after_prompt.stall).as_secs_f64(),
+                "prompt_stall_s": after_prompt.stall.as_secs_f64(), "prompt_compute_s": prompt_compute.as_secs_f64(),
+                "prompt_bytes_read": after_prompt.bytes_read,
                 "memory": e.memory(),
                 "peak_rss_bytes": peak_rss(),
             })

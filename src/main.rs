@@ -466,8 +466,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         let pf = &g.stats.prefetch;
         if pf.issued + pf.skipped > 0 {
             eprintln!(
-                "prefetch: {} reads started, {} used by loads, {} not needed; {} predictions not read (recent ones mostly wrong)",
-                pf.issued, pf.used, pf.wasted, pf.skipped
+                "prefetch: {} reads started ({} straight into arena slots), {} used by loads, {} not needed; {} predictions not read (recent ones mostly wrong)",
+                pf.issued, pf.into_arena, pf.used, pf.wasted, pf.skipped
             );
         }
         eprintln!(

@@ -22,8 +22,11 @@ use std::time::{Duration, Instant};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::ggml::{Allocator, Backend, Buffer, Context, GgmlType, GgufValue, Tensor, TensorSet, ROPE_TYPE_NEOX};
-use crate::io::{Record, WatchedFile};
+use crate::ggml::{
+    Allocator, Backend, Buffer, Context, GgmlType, GgufValue, HostWriter, SharedBuffer, Tensor, TensorSet,
+    ROPE_TYPE_NEOX,
+};
+use crate::io::{Record, WatchedFile, DIRECT_ALIGN};
 use crate::model_dir::{ExpertLayer, ModelDir};
 use crate::names::*;
 use crate::usage::{RouteTrace, Usage};
@@ -68,10 +71,11 @@ pub struct EngineOptions {
     /// Leave expert bytes in the page cache after loading them (default: drop them, so a
     /// memory limit holds the arena, not a second copy of the experts).
     pub page_cache: bool,
-    /// While a layer computes, read the next layer's predicted experts on an I/O thread
-    /// (decode only: one token per batch). On by default: at Qwen3-30B-A3B scale with an
-    /// arena of 25% of the experts it made decode 1.03–1.78× faster (median 1.09× over 6
-    /// alternating pairs, docs/bench.md) for 2% of its reads wasted.
+    /// While a layer computes, read the next layer's predicted experts on an I/O thread: for a
+    /// decode step into buffers, for a batch straight into reserved arena slots (a host arena
+    /// in the files' layout). On by default: at Qwen3-30B-A3B scale with an arena of 25% of
+    /// the experts it made decode 1.03–1.78× faster (median 1.09× over 6 alternating pairs)
+    /// for 2% of its reads wasted, and a 512-token prompt 1.29–1.34× (docs/bench.md).
     pub prefetch: bool,
     /// Reads of a batch's missed experts kept in flight on the I/O thread ahead of the one
     /// being copied into its slot (0: each load reads its record itself, synchronously).
@@ -183,7 +187,12 @@ pub struct Engine {
     /// Per layer gate/up/down views of the arena ([ne0, ne1, n_slots], slot stride apart),
     /// then one raw byte view of the whole arena (index 3 * n_layer).
     arena: TensorSet,
-    arena_buf: Buffer,
+    arena_buf: Arc<SharedBuffer>,
+    /// Writes into the arena from the I/O thread: when the arena is host memory in the files'
+    /// layout (a plain copy loads a slot), for batches' reads straight into reserved slots.
+    arena_writer: Option<HostWriter>,
+    /// Where slot 0 starts in `arena_buf`.
+    arena_head: usize,
     slot_stride: usize,
     /// hidden, ffn_inp, normed, moe_acc: [n_embd, n_batch] f32 carried between graphs.
     state: TensorSet,
@@ -287,6 +296,8 @@ struct ArenaRef<'a> {
     buf: &'a Buffer,
     /// Bytes from one slot to the next.
     stride: usize,
+    /// Where slot 0 starts in the buffer.
+    head: usize,
     /// Threads that repack one expert's matrices.
     threads: usize,
     /// Split only matrices of at least this many bytes (starting a thread costs tens of
@@ -295,14 +306,14 @@ struct ArenaRef<'a> {
 }
 
 impl<'a> ArenaRef<'a> {
-    fn new(views: &'a TensorSet, buf: &'a Buffer, stride: usize, opts: &EngineOptions) -> ArenaRef<'a> {
+    fn new(views: &'a TensorSet, buf: &'a Buffer, stride: usize, head: usize, opts: &EngineOptions) -> ArenaRef<'a> {
         // 0 (the default): --threads threads, for matrices of 256 KiB or more (a Qwen3-30B-A3B
         // expert projection at q4_K is 884 KiB); N: exactly N, for any matrix.
         let (threads, split_min) = match opts.load_threads {
             0 => (opts.threads, 256 << 10),
             n => (n, 0),
         };
-        ArenaRef { views, buf, stride, threads, split_min }
+        ArenaRef { views, buf, stride, head, threads, split_min }
     }
 }
 
@@ -326,7 +337,7 @@ fn load_slot(
         if a.views.get(3 * il as usize + p.index()).is_repacked() {
             let [ne0, ne1] = layer.shapes[p.index()];
             let threads = if part.len() >= a.split_min { a.threads } else { 1 };
-            a.buf.write_repacked(layer.types[p.index()], ne0, ne1, at + off, part, threads)?;
+            a.buf.write_repacked(layer.types[p.index()], ne0, ne1, a.head + at + off, part, threads)?;
         } else {
             raw.write(at + off, part);
         }
@@ -501,7 +512,7 @@ impl Engine {
 
         // Arena geometry first: a too-small arena is an error before anything is loaded.
         let record_max = md.manifest.layers.iter().map(|l| l.record_size()).max().unwrap_or(0);
-        let slot_stride = record_max.next_multiple_of(4096) as usize;
+        let slot_stride = (record_max as usize).next_multiple_of(DIRECT_ALIGN);
         let total_experts: usize = md.manifest.layers.iter().map(|l| l.ids.len()).sum();
         let backend = match Backend::open(&opts.device, opts.threads) {
             Ok(b) => b,
@@ -533,7 +544,10 @@ impl Engine {
         let n_slots = match opts.arena {
             ArenaSize::All => total_experts,
             ArenaSize::Experts(n) => n.min(total_experts),
-            ArenaSize::Bytes(b) => ((b.saturating_sub(tail as u64) / slot_stride as u64) as usize).min(total_experts),
+            ArenaSize::Bytes(b) => {
+                let room = b.saturating_sub((DIRECT_ALIGN + tail) as u64);
+                ((room / slot_stride as u64) as usize).min(total_experts)
+            }
         };
         if n_slots < cfg.n_expert_used as usize {
             return Err(Error::Usage(format!(
@@ -655,8 +669,12 @@ impl Engine {
         let arena_bytes = n_slots * slot_stride;
         let all_resident = n_slots == total_experts;
         let arena_layout = if opts.arena_repack.unwrap_or(opts.fused && all_resident) { repack } else { None };
-        let arena_buf =
-            backend.alloc_buffer_in(arena_layout, arena_bytes + tail).map_err(|e| ffi(dir, "expert arena", e))?;
+        let arena_buf = backend
+            .alloc_buffer_in(arena_layout, DIRECT_ALIGN + arena_bytes + tail)
+            .map_err(|e| ffi(dir, "expert arena", e))?;
+        // Slots start on a DIRECT_ALIGN boundary (their stride is a multiple of it), so the I/O
+        // thread can read records straight into them with O_DIRECT.
+        let arena_head = arena_buf.offset_to_aligned(DIRECT_ALIGN);
         arena_buf.clear(0);
         let mut arena = TensorSet::new(3 * cfg.n_layer as usize + 1);
         for l in &md.manifest.layers {
@@ -671,16 +689,18 @@ impl Engine {
                 );
                 let t = arena.get(i);
                 t.set_outer_strides(slot_stride);
-                arena_buf.place(t, off).map_err(|e| ffi(dir, "expert arena", e))?;
+                arena_buf.place(t, arena_head + off).map_err(|e| ffi(dir, "expert arena", e))?;
                 off += sizes[p.index()] as usize;
             }
         }
         let raw = arena.add(GgmlType::I8, &[arena_bytes as i64], "arena.bytes");
-        arena_buf.place(arena.get(raw), 0).map_err(|e| ffi(dir, "expert arena", e))?;
+        arena_buf.place(arena.get(raw), arena_head).map_err(|e| ffi(dir, "expert arena", e))?;
         // Zeros are valid weights of every type: a slot that a batch uses only with weight 0
         // (see `experts`) before anything was loaded into it contributes exactly 0, never NaN
         // from uninitialized device memory. It also commits the arena's memory up front.
         arena_buf.clear(0);
+        let arena_buf = SharedBuffer::new(arena_buf);
+        let arena_writer = if arena_layout.is_none() { arena_buf.host_writer() } else { None };
 
         let mut state = TensorSet::new(4);
         for name in ["hidden", "ffn_inp", "normed", "moe_acc"] {
@@ -713,6 +733,8 @@ impl Engine {
             _kv_buf: kv_buf,
             arena,
             arena_buf,
+            arena_writer,
+            arena_head,
             slot_stride,
             state,
             _state_buf: state_buf,
@@ -832,7 +854,10 @@ impl Engine {
     }
 
     pub fn stats(&self) -> EngineStats {
-        EngineStats { sched: self.sched.stats.clone(), prefetch: self.io.stats.clone(), ..self.stats.clone() }
+        let mut prefetch = self.io.stats.clone();
+        prefetch.used += self.sched.reservations.used;
+        prefetch.wasted += self.sched.reservations.unused;
+        EngineStats { sched: self.sched.stats.clone(), prefetch, ..self.stats.clone() }
     }
 
     pub fn n_past(&self) -> usize {
@@ -875,10 +900,11 @@ impl Engine {
             .filter(|&(il, e)| self.present[il as usize][e as usize])
             .take(self.sched.n_slots())
             .collect();
+        self.settle_slot_reads()?;
         // Least used first, so that the most used are the most recently used when evicting starts.
         for &(il, e) in chosen.iter().rev() {
             let (dir, shards, staging) = (&self.dir, &self.shards, &mut self.staging);
-            let arena = ArenaRef::new(&self.arena, &self.arena_buf, self.slot_stride, &self.opts);
+            let arena = ArenaRef::new(&self.arena, &self.arena_buf, self.slot_stride, self.arena_head, &self.opts);
             let drop_cache = !self.opts.page_cache;
             self.sched.ensure(il, &[e], |slot, e| {
                 load_expert(dir, shards, staging, &arena, drop_cache, il, slot, e, None).map(|r| r.0)
@@ -1080,7 +1106,10 @@ impl Engine {
         logits.set_output();
         let keep_inp = ctx.cpy(a.ffn_inp, ctx.view_2d(ffn_inp_s, n_embd, n, row, 0));
         let keep_normed = ctx.cpy(a.normed, ctx.view_2d(normed_s, n_embd, n, row, 0));
-        let predict = self.opts.prefetch && n == 1 && il + 1 < cfg.n_layer;
+        // Decode: the next layer's likely experts are read into buffers (`prefetch_next`); a
+        // batch's straight into reserved arena slots where the arena allows
+        // (`prefetch_batch`).
+        let predict = self.opts.prefetch && (n == 1 || self.arena_writer.is_some()) && il + 1 < cfg.n_layer;
         let next = predict.then(|| {
             let nw = &self.layers[il as usize + 1];
             let x = ctx.mul(ctx.rms_norm(a.ffn_inp, eps), w.get(nw.ffn_norm));
@@ -1102,13 +1131,16 @@ impl Engine {
         mask.write_f32(causal_mask);
         self.backend.compute(&g).map_err(|e| ffi(&self.dir.path, "compute graph", e))?;
         self.stats.compute += t0.elapsed();
-        let next = next.map(|t| t.read_f32(cfg.n_expert as usize));
+        let next = next.map(|t| t.read_f32((cfg.n_expert as i64 * n) as usize));
         Ok((logits.read_f32((cfg.n_expert as i64 * n) as usize), next))
     }
 
-    /// Start reading the experts layer `il` is predicted to choose (from `logits`, its router
-    /// applied to the previous layer's residual stream) that are not resident, if recent
-    /// predictions were right often enough (`PrefetchGate`).
+    /// Start reading the experts layer `il` is predicted to choose for a decode step (from
+    /// `logits`, its router applied to the previous layer's residual stream) that are not
+    /// resident, into buffers the loads take them from, if recent predictions were right often
+    /// enough (`PrefetchGate`). (Reading them straight into reserved slots, as batches do,
+    /// decoded no faster: 0.99× median of 5 alternating pairs; and a wrong guess would evict an
+    /// expert.)
     fn prefetch_next(&mut self, il: u32, logits: &[f32]) {
         let p = &mut self.io;
         let c = &self.config;
@@ -1130,10 +1162,61 @@ impl Engine {
         self.predicted = Some((il, experts));
     }
 
+    /// A batch: reserve arena slots for the experts layer `il` is predicted to choose for any
+    /// of its tokens (`logits`: [n][n_expert], its router applied to the previous layer's
+    /// residual stream) that are not resident, and have the I/O thread read each straight into
+    /// its slot while the previous layer computes on the slots in `busy`. As many as there
+    /// are slots besides `busy` and the predicted experts already resident; nothing reads
+    /// those slots before `settle_slot_reads`.
+    fn prefetch_batch(&mut self, il: u32, n: usize, logits: &[f32], busy: &[usize]) {
+        let Some(writer) = &self.arena_writer else { return };
+        let c = &self.config;
+        let (n_exp, k) = (c.n_expert as usize, c.n_expert_used as usize);
+        let mut wanted = vec![false; n_exp];
+        for row in logits.chunks(n_exp).take(n) {
+            for e in route(row, &self.present[il as usize], k, c.norm_topk_prob).experts {
+                wanted[e as usize] = true;
+            }
+        }
+        let mut keep = busy.to_vec();
+        let mut missing = Vec::new();
+        for e in (0..n_exp as u32).filter(|&e| wanted[e as usize]) {
+            match self.sched.slot_of(il, e) {
+                Some(s) => keep.push(s),
+                None => missing.push(e),
+            }
+        }
+        let layer = &self.dir.manifest.layers[il as usize];
+        let record = layer.record_size();
+        for e in missing {
+            let Some(slot) = self.sched.reserve((il, e), record, &keep) else { return };
+            keep.push(slot);
+            let at = layer.offsets[layer.slot_of(e).expect("routed experts are present")];
+            let slot_at = self.arena_head + slot * self.slot_stride;
+            self.io.request_into((il, e), at, record as usize, writer.clone(), slot_at, self.slot_stride);
+        }
+    }
+
+    /// Wait for the reads into reserved arena slots to finish: before any slot is used or
+    /// evicted again. A failed read leaves its expert out of the arena, and fails the call.
+    fn settle_slot_reads(&mut self) -> Result<()> {
+        let mut first = None;
+        let t = Instant::now();
+        let failed = self.io.finish_slot_reads();
+        // Waiting for reads is stalling on loads, wherever it happens.
+        self.sched.stats.stall += t.elapsed();
+        for (key, e) in failed {
+            self.sched.forget(key);
+            first.get_or_insert(e);
+        }
+        first.map_or(Ok(()), Err)
+    }
+
     /// Graph B of layer `il`: route, make the chosen experts resident, run them, add to the
     /// residual (left in the `hidden` state for the next layer).
     fn experts(&mut self, il: u32, n: usize, router_logits: &[f32], predict_next: Option<&[f32]>) -> Result<()> {
         let (n_exp, k) = (self.config.n_expert as usize, self.config.n_expert_used as usize);
+        self.settle_slot_reads()?;
         self.io.retire_all_but(il);
         let present = &self.present[il as usize];
         let norm = self.config.norm_topk_prob;
@@ -1164,8 +1247,12 @@ impl Engine {
             // The next layer's predicted experts are read while this layer's experts and the
             // next layer's attention compute; asked for only now, so that they never queue
             // ahead of this layer's own loads.
-            if let (0, Some(next)) = (gi, predict_next) {
-                self.prefetch_next(il + 1, next);
+            match (gi, predict_next) {
+                (0, Some(next)) if n == 1 => self.prefetch_next(il + 1, next),
+                // Reads into slots only while no other slot of the arena takes part in the
+                // graph: one group uses no spare slots.
+                (0, Some(next)) if n_groups == 1 => self.prefetch_batch(il + 1, n, next, &slots),
+                _ => {}
             }
             let mut ids = Vec::with_capacity(n * k);
             let mut wts = Vec::with_capacity(n * k);
@@ -1206,7 +1293,7 @@ impl Engine {
     /// thread reads `read_ahead` of them ahead of the one being copied into its slot.
     fn ensure_group(&mut self, il: u32, group: &[u32]) -> Result<Vec<usize>> {
         let (dir, shards, staging) = (&self.dir, &self.shards, &mut self.staging);
-        let arena = ArenaRef::new(&self.arena, &self.arena_buf, self.slot_stride, &self.opts);
+        let arena = ArenaRef::new(&self.arena, &self.arena_buf, self.slot_stride, self.arena_head, &self.opts);
         let drop_cache = !self.opts.page_cache;
         let layer = &dir.manifest.layers[il as usize];
         let missing: Vec<u32> = group.iter().copied().filter(|&e| !self.sched.is_resident(il, e)).collect();

@@ -12,6 +12,12 @@
 //!
 //! The same I/O thread reads ahead of the loads a batch is known to need: while one missed
 //! expert is copied into its slot, the next ones are already being read.
+//!
+//! A batch of many tokens needs most of a layer's experts, more than buffers outside the arena
+//! could hold. For it the engine reserves arena slots for the next layer's predicted experts
+//! (`Scheduler::reserve`) and the I/O thread reads them straight into those slots
+//! (`request_into`) while this layer's experts compute on others; the next layer waits for
+//! them (`finish_slot_reads`) before it uses any slot.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -19,13 +25,17 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use super::scheduler::ExpertKey;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::ggml::HostWriter;
 use crate::io::{Record, WatchedFile};
 
 struct Request {
     key: ExpertKey,
     offset: u64,
     len: usize,
+    /// Read the record into the arena here instead of returning it: a writer, a byte offset
+    /// and the room there (a slot).
+    into: Option<(HostWriter, usize, usize)>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
@@ -40,6 +50,10 @@ pub struct PrefetchStats {
     pub read_ahead: u64,
     /// Predicted experts not read because recent predictions were mostly wrong.
     pub skipped: u64,
+    /// Of the reads started for predicted experts, those straight into reserved arena slots
+    /// (a batch's). Their use is counted when a load finds the expert resident in its slot,
+    /// and as wasted when the slot is evicted first.
+    pub into_arena: u64,
 }
 
 /// Whether predictions have been right lately: the share of predicted experts that would be
@@ -90,6 +104,9 @@ pub struct Prefetcher {
     worker: Option<JoinHandle<()>>,
     in_flight: HashSet<ExpertKey>,
     ready: HashMap<ExpertKey, Result<Record>>,
+    /// Reads into arena slots not reported done yet, and those that failed.
+    slot_reads: HashSet<ExpertKey>,
+    slot_failed: Vec<(ExpertKey, Error)>,
     /// Requests that were predictions (counted as used or wasted).
     predicted: HashSet<ExpertKey>,
     pub stats: PrefetchStats,
@@ -106,10 +123,17 @@ impl Prefetcher {
             .spawn(move || {
                 for r in requests {
                     let shard = &shards[r.key.0 as usize];
-                    let mut rec = spares.try_recv().unwrap_or_default();
                     let what = format!("expert {} (read ahead)", r.key.1);
-                    let res = shard.read_record(r.offset, r.len, &what, drop_cache, &mut rec);
-                    if done.send((r.key, res.map(|_| rec))).is_err() {
+                    let res = match r.into {
+                        Some((arena, at, room)) => arena
+                            .fill(at, room, |slot| shard.read_record_to(r.offset, r.len, &what, drop_cache, slot))
+                            .map(|_| Record::default()),
+                        None => {
+                            let mut rec = spares.try_recv().unwrap_or_default();
+                            shard.read_record(r.offset, r.len, &what, drop_cache, &mut rec).map(|_| rec)
+                        }
+                    };
+                    if done.send((r.key, res)).is_err() {
                         break;
                     }
                 }
@@ -122,6 +146,8 @@ impl Prefetcher {
             worker: Some(worker),
             in_flight: HashSet::new(),
             ready: HashMap::new(),
+            slot_reads: HashSet::new(),
+            slot_failed: Vec::new(),
             predicted: HashSet::new(),
             stats: PrefetchStats::default(),
         }
@@ -135,7 +161,7 @@ impl Prefetcher {
             return;
         }
         if let Some(tx) = &self.tx {
-            if tx.send(Request { key, offset, len }).is_ok() {
+            if tx.send(Request { key, offset, len, into: None }).is_ok() {
                 self.in_flight.insert(key);
                 if predicted {
                     self.predicted.insert(key);
@@ -144,6 +170,49 @@ impl Prefetcher {
                     self.stats.read_ahead += 1;
                 }
             }
+        }
+    }
+
+    /// Start reading `key`'s record (`len` bytes at `offset` of its layer's shard) straight
+    /// into the arena through `arena`, at byte `at` with `room` bytes there: a slot the
+    /// scheduler reserved for it, which nothing reads until `finish_slot_reads` returns.
+    pub fn request_into(&mut self, key: ExpertKey, offset: u64, len: usize, arena: HostWriter, at: usize, room: usize) {
+        let tx = self.tx.as_ref().expect("the I/O thread runs until the prefetcher drops");
+        if tx.send(Request { key, offset, len, into: Some((arena, at, room)) }).is_ok() {
+            self.in_flight.insert(key);
+            self.slot_reads.insert(key);
+            self.stats.issued += 1;
+            self.stats.into_arena += 1;
+        } else {
+            // The I/O thread is gone (it stops only when dropped): the slot stays unfilled.
+            self.slot_failed.push((key, Error::Usage("the I/O thread has stopped".into())));
+        }
+    }
+
+    /// Wait until every read `request_into` started is done. Returns the keys whose read
+    /// failed, with why: their slots hold no expert.
+    pub fn finish_slot_reads(&mut self) -> Vec<(ExpertKey, Error)> {
+        while !self.slot_reads.is_empty() {
+            let Ok((k, r)) = self.rx.recv() else { break };
+            self.in_flight.remove(&k);
+            self.absorb(k, r);
+        }
+        // Reads the thread never answered (it stopped) failed too.
+        for k in std::mem::take(&mut self.slot_reads) {
+            self.in_flight.remove(&k);
+            self.slot_failed.push((k, Error::Usage("the I/O thread has stopped".into())));
+        }
+        std::mem::take(&mut self.slot_failed)
+    }
+
+    /// File a finished read: a slot read is done (or failed); a record waits to be taken.
+    fn absorb(&mut self, k: ExpertKey, r: Result<Record>) {
+        if self.slot_reads.remove(&k) {
+            if let Err(e) = r {
+                self.slot_failed.push((k, e));
+            }
+        } else {
+            self.ready.insert(k, r);
         }
     }
 
@@ -163,7 +232,7 @@ impl Prefetcher {
                 self.count_use(key);
                 return Some(r);
             }
-            self.ready.insert(k, r);
+            self.absorb(k, r);
         }
         None
     }
@@ -179,7 +248,7 @@ impl Prefetcher {
     pub fn retire_all_but(&mut self, layer: u32) {
         while let Ok((k, r)) = self.rx.try_recv() {
             self.in_flight.remove(&k);
-            self.ready.insert(k, r);
+            self.absorb(k, r);
         }
         let keep = |k: &ExpertKey| k.0 == layer || k.0 == layer + 1;
         let before = self.ready.len();

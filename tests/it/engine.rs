@@ -165,7 +165,8 @@ fn the_arena_budget_holds_while_every_expert_streams_through() {
     let st = e.stats().sched;
     assert_eq!(st.distinct_loaded, 16, "every expert of both layers went through the arena");
     assert!(st.misses > 16 && st.bytes_read > 16 * slot / 2);
-    assert_eq!(e.arena_bytes() as u64, 3 * slot);
+    // Three slots, and up to a page before them to align them for O_DIRECT reads.
+    assert_eq!(e.arena_bytes() as u64, 3 * slot + 4096);
 }
 
 #[test]
@@ -436,6 +437,46 @@ fn prefetch_changes_nothing_but_where_bytes_come_from() {
     assert_eq!(plain_run, prefetched);
     eprintln!("prefetch: {:?}, hit rate {:.2}", st.prefetch, st.sched.hit_rate());
     assert!(st.prefetch.issued > 0 && st.prefetch.used > 0, "{:?}", st.prefetch);
+}
+
+/// A batch reads the next layer's predicted experts straight into reserved arena slots while
+/// a layer computes. The logits are those of the same engine without it and llama.cpp's; the
+/// reads are used; a shard that breaks under them is a clear error, not torn weights.
+#[test]
+fn batch_reads_into_arena_slots_change_nothing() {
+    let dir = tmp();
+    let (model_dir, gguf) = converted(dir.path(), GgmlType::Q8_0, None);
+    let llama = load_llama(&gguf);
+    // 12 of 16 slots: a prompt's layer 0 takes most of them, the rest go to layer 1 ahead.
+    let load = |prefetch: bool| Engine::load(&model_dir, EngineOptions { prefetch, ..exact(ArenaSize::Experts(12)) });
+    let (mut with, mut without) = (load(true).unwrap(), load(false).unwrap());
+    for p in reference() {
+        let ids: Vec<u32> = p.ids.iter().map(|&i| i as u32).collect();
+        for e in [&mut with, &mut without] {
+            e.reset();
+        }
+        let (a, b) = (with.eval(&ids, true).unwrap(), without.eval(&ids, true).unwrap());
+        assert_eq!(a, b, "{}", p.name);
+        let d = max_abs_diff(&rows(a, 512), &llama_logits(&llama, &p.ids));
+        assert!(d <= ENGINE_TOL, "{}: |sage - llama.cpp| {d}", p.name);
+    }
+    let (pf, sched) = (with.stats().prefetch, with.stats().sched);
+    eprintln!("prefetch {pf:?}; {sched:?}");
+    assert!(pf.into_arena > 0 && pf.into_arena == pf.issued && pf.used > 0 && pf.used <= pf.issued, "{pf:?}");
+    assert_eq!(without.stats().prefetch.issued, 0);
+    // Reads into slots count as misses when used, as loads do: as many as without them, give
+    // or take the slots their wrong guesses took.
+    let (m_with, m_without) = (sched.misses, without.stats().sched.misses);
+    assert!(m_with.abs_diff(m_without) <= pf.issued - pf.used, "{m_with} vs {m_without}");
+
+    // Layer 1's shard cut short under the reads: the batch fails naming it.
+    let shard = model_dir.join("experts/blk.001.bin");
+    let mut e = load(true).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&shard).unwrap().set_len(4096).unwrap();
+    let ids: Vec<u32> = reference()[0].ids.iter().map(|&i| i as u32).collect();
+    let err = e.eval(&ids, false).unwrap_err().to_string();
+    assert!(err.contains("blk.001.bin: changed while sage was running"), "{err}");
+    assert!(e.stats().prefetch.into_arena > 0, "reads into slots were under way");
 }
 
 /// On routing that the next layer's router predicts badly (the bundled trained model, 16 of its
