@@ -75,7 +75,8 @@ pub struct EngineOptions {
     /// decode step into buffers, for a batch straight into reserved arena slots (a host arena
     /// in the files' layout). On by default: at Qwen3-30B-A3B scale with an arena of 25% of
     /// the experts it made decode 1.03–1.78× faster (median 1.09× over 6 alternating pairs)
-    /// for 2% of its reads wasted, and a 512-token prompt 1.29–1.34× (docs/bench.md).
+    /// for 2% of its reads wasted, and a 512-token prompt 1.03–1.34× faster (median 1.12× over
+    /// 5 pairs, docs/bench.md).
     pub prefetch: bool,
     /// Reads of a batch's missed experts kept in flight on the I/O thread ahead of the one
     /// being copied into its slot (0: each load reads its record itself, synchronously).
