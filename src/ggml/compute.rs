@@ -187,11 +187,12 @@ impl Drop for Buffer {
 /// The buffer is freed when the last handle, the owner's or a writer's, is dropped.
 pub struct SharedBuffer(Buffer);
 
-// SAFETY: other threads reach the buffer only through `HostWriter::write` (a copy into a byte
-// range of host memory, bounds checked) and `Drop` (ggml_backend_buffer_free, run once, by
-// whichever thread drops the last handle); ggml keeps no per-thread state for a buffer.
+// SAFETY: other threads reach the buffer only through `HostWriter::fill` (a byte range of host
+// memory, bounds checked) and `Drop` (ggml_backend_buffer_free, run once, by whichever thread
+// drops the last handle); ggml keeps no per-thread state for a buffer.
 unsafe impl Send for SharedBuffer {}
-// SAFETY: as above: shared use is `HostWriter::write` into host memory and the owner's calls.
+// SAFETY: as above: the engine keeps the `Arc` itself and gives other threads `HostWriter`s,
+// whose only use is `fill`; the buffer's other methods run on the owner's thread.
 unsafe impl Sync for SharedBuffer {}
 
 impl std::ops::Deref for SharedBuffer {
@@ -284,13 +285,13 @@ impl Buffer {
             return Ok(());
         }
         let slices: Vec<(u64, u64)> = (0..ne1).step_by(per as usize).map(|r0| (r0, per.min(ne1 - r0))).collect();
-        struct SharedBuffer(NonNull<sys::ggml_backend_buffer>);
+        struct ForThreads(NonNull<sys::ggml_backend_buffer>);
         // SAFETY: the threads below only place proxy tensors in the buffer and write through
         // them; ggml's CPU buffer functions for that (tensor_alloc, init_tensor, set_tensor
         // with repacking) keep no state of their own and write only to the proxy and to its
         // bytes, and the slices' bytes are disjoint. The buffer outlives the scope.
-        unsafe impl Sync for SharedBuffer {}
-        let shared = SharedBuffer(self.ptr);
+        unsafe impl Sync for ForThreads {}
+        let shared = ForThreads(self.ptr);
         let shared = &shared;
         std::thread::scope(|scope| {
             let jobs: Vec<_> = slices
