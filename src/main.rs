@@ -59,8 +59,9 @@ struct EngineArgs {
     #[arg(long, default_value = "lru", value_parser = clap::builder::PossibleValuesParser::new(sage::engine::scheduler::POLICIES))]
     policy: String,
     /// Do not read the experts the next layer is predicted to choose while a layer computes
-    /// (by default an I/O thread does, in decode; prediction: the next layer's router on this
-    /// layer's residual stream).
+    /// (by default an I/O thread does: for a decode step into buffers, for a prompt batch
+    /// straight into arena slots; prediction: the next layer's router on this layer's residual
+    /// stream).
     #[arg(long)]
     no_prefetch: bool,
     /// Keep expert bytes in the page cache after loading them (by default they are dropped, so
