@@ -96,6 +96,11 @@ impl PrefetchGate {
     }
 }
 
+/// Why a read into a slot never happened: the I/O thread is gone.
+fn io_thread_stopped() -> Error {
+    Error::Usage("the I/O thread has stopped".into())
+}
+
 pub struct Prefetcher {
     tx: Option<Sender<Request>>,
     rx: Receiver<(ExpertKey, Result<Record>)>,
@@ -185,7 +190,7 @@ impl Prefetcher {
             self.stats.into_arena += 1;
         } else {
             // The I/O thread is gone (it stops only when dropped): the slot stays unfilled.
-            self.slot_failed.push((key, Error::Usage("the I/O thread has stopped".into())));
+            self.slot_failed.push((key, io_thread_stopped()));
         }
     }
 
@@ -200,7 +205,7 @@ impl Prefetcher {
         // Reads the thread never answered (it stopped) failed too.
         for k in std::mem::take(&mut self.slot_reads) {
             self.in_flight.remove(&k);
-            self.slot_failed.push((k, Error::Usage("the I/O thread has stopped".into())));
+            self.slot_failed.push((k, io_thread_stopped()));
         }
         std::mem::take(&mut self.slot_failed)
     }

@@ -191,16 +191,13 @@ impl Scheduler {
         }
     }
 
-    /// Give `key` (not resident) a slot now for bytes that arrive outside `ensure` (a read
-    /// started ahead of its layer; the caller fills the slot), evicting by policy among the
-    /// slots not in `keep`. The key is resident from then on; its first use by `ensure` counts
-    /// as a miss that loaded `bytes`. None when every slot is kept.
-    pub fn reserve(&mut self, key: ExpertKey, bytes: u64, keep: &[usize]) -> Option<usize> {
-        assert!(!self.where_.contains_key(&key), "reserving a resident expert");
+    /// An empty slot for a new key: a free one, else the policy's victim among the slots
+    /// `usable` allows, evicted. None when no slot is free or usable.
+    fn claim(&mut self, usable: impl Fn(usize) -> bool) -> Option<usize> {
         let slot = match self.slots.iter().position(|s| s.is_none()) {
             Some(s) => s,
             None => {
-                let candidates: Vec<usize> = (0..self.slots.len()).filter(|s| !keep.contains(s)).collect();
+                let candidates: Vec<usize> = (0..self.slots.len()).filter(|&s| usable(s)).collect();
                 if candidates.is_empty() {
                     return None;
                 }
@@ -208,10 +205,34 @@ impl Scheduler {
             }
         };
         self.evict(slot);
+        Some(slot)
+    }
+
+    /// `key` now lives in `slot` (just claimed), its bytes loaded or on their way.
+    fn place(&mut self, slot: usize, key: ExpertKey) {
         self.slots[slot] = Some(key);
         self.where_.insert(key, slot);
-        self.reserved.insert(key, bytes);
         self.policy.loaded(slot, key);
+    }
+
+    /// Count a load of `key` that read `bytes`.
+    fn count_miss(&mut self, key: ExpertKey, bytes: u64) {
+        self.stats.misses += 1;
+        self.stats.bytes_read += bytes;
+        if self.ever_loaded.insert(key) {
+            self.stats.distinct_loaded += 1;
+        }
+    }
+
+    /// Give `key` (not resident) a slot now for bytes that arrive outside `ensure` (a read
+    /// started ahead of its layer; the caller fills the slot), evicting by policy among the
+    /// slots not in `keep`. The key is resident from then on; its first use by `ensure` counts
+    /// as a miss that loaded `bytes`. None when every slot is kept.
+    pub fn reserve(&mut self, key: ExpertKey, bytes: u64, keep: &[usize]) -> Option<usize> {
+        assert!(!self.where_.contains_key(&key), "reserving a resident expert");
+        let slot = self.claim(|s| !keep.contains(&s))?;
+        self.place(slot, key);
+        self.reserved.insert(key, bytes);
         self.reservations.made += 1;
         Some(slot)
     }
@@ -265,11 +286,7 @@ impl Scheduler {
             if let Some(&s) = self.where_.get(&(layer, e)) {
                 if let Some(bytes) = self.reserved.remove(&(layer, e)) {
                     // Loaded ahead through `reserve`: a miss whose load is already done.
-                    self.stats.misses += 1;
-                    self.stats.bytes_read += bytes;
-                    if self.ever_loaded.insert((layer, e)) {
-                        self.stats.distinct_loaded += 1;
-                    }
+                    self.count_miss((layer, e), bytes);
                     self.reservations.used += 1;
                 } else {
                     self.stats.hits += 1;
@@ -283,26 +300,12 @@ impl Scheduler {
             if out[i] != usize::MAX {
                 continue;
             }
-            let free = self.slots.iter().position(|s| s.is_none());
-            let slot = match free {
-                Some(s) => s,
-                None => {
-                    let candidates: Vec<usize> = (0..self.slots.len()).filter(|&s| !pinned[s]).collect();
-                    self.policy.victim(&candidates)
-                }
-            };
-            self.evict(slot);
+            let slot = self.claim(|s| !pinned[s]).expect("no more experts than slots: one is unpinned");
             let t = std::time::Instant::now();
             let bytes = load(slot, e)?;
             self.stats.stall += t.elapsed();
-            self.stats.bytes_read += bytes;
-            self.stats.misses += 1;
-            if self.ever_loaded.insert((layer, e)) {
-                self.stats.distinct_loaded += 1;
-            }
-            self.slots[slot] = Some((layer, e));
-            self.where_.insert((layer, e), slot);
-            self.policy.loaded(slot, (layer, e));
+            self.count_miss((layer, e), bytes);
+            self.place(slot, (layer, e));
             pinned[slot] = true;
             out[i] = slot;
         }
