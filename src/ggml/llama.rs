@@ -11,7 +11,7 @@ use std::ptr::NonNull;
 
 use llama_cpp_sys_2 as sys;
 
-use super::{FfiError, GgmlType};
+use super::{cstring, route_logs, take_last_error, FfiError, GgmlType};
 
 #[derive(Clone, Debug)]
 pub struct LlamaRunOptions {
@@ -109,5 +109,25 @@ impl Drop for LlamaRunner {
             sys::llama_free(self.ctx.as_ptr());
             sys::llama_model_free(self.model.as_ptr());
         }
+    }
+}
+
+/// Re-quantize a whole GGUF with `llama_model_quantize`, every quantizable tensor to q4_K
+/// (`pure`), on `nthread` threads; as `llama-quantize --pure IN OUT Q4_K_S` does.
+pub fn llama_quantize_pure_q4_k(input: &Path, output: &Path, nthread: i32) -> Result<(), FfiError> {
+    route_logs();
+    let (i, o) = (cstring(&input.to_string_lossy())?, cstring(&output.to_string_lossy())?);
+    // SAFETY: default params are plain values; the pointers in them are null (no imatrix or
+    // overrides), which llama.cpp accepts.
+    let mut params = unsafe { sys::llama_model_quantize_default_params() };
+    params.nthread = nthread;
+    params.ftype = sys::LLAMA_FTYPE_MOSTLY_Q4_K_S;
+    params.pure_ = true;
+    // SAFETY: both paths are valid C strings and params lives across the call.
+    let rc = unsafe { sys::llama_model_quantize(i.as_ptr(), o.as_ptr(), &params) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(FfiError::Gguf(format!("llama_model_quantize failed ({rc}): {}", take_last_error())))
     }
 }
