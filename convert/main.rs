@@ -5,14 +5,16 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use sage::convert::{convert, parse_expert_spec, ConvertOptions};
+use sage::cli::bytes_bar;
+use sage::convert::{convert_with_progress, parse_expert_spec, ConvertOptions};
 use sage::inspect::{human_bytes, inspect};
 use sage::quant::parse_quant;
 use sage::synth::{strategy, synth, synth_config, SynthOptions, ROUTING_NOTICE};
 use sage::usage::Usage;
 
-/// Convert a Qwen3-MoE checkpoint (Hugging Face directory or llama.cpp GGUF) into a sage model
-/// directory: base.gguf (everything but the experts) plus one expert shard per layer.
+/// Convert a Mixture-of-Experts checkpoint (Hugging Face directory or llama.cpp GGUF; Qwen3-MoE,
+/// Qwen3-Omni's thinker, Mixtral, OLMoE, Qwen2-MoE) into a sage model directory: base.gguf
+/// (everything but the experts) plus one expert shard per layer.
 #[derive(Parser)]
 #[command(name = "sage-convert", version, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 struct Cli {
@@ -28,7 +30,7 @@ struct Cli {
 #[derive(Args)]
 struct ConvertArgs {
     /// Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json) or a
-    /// llama.cpp .gguf file of architecture qwen3moe.
+    /// llama.cpp .gguf file (qwen3moe, llama with experts, olmoe, qwen2moe).
     #[arg(required = true)]
     input: Option<PathBuf>,
     /// Output model directory.
@@ -77,8 +79,8 @@ enum Command {
     /// picked from a pool of random rows ggml quantized once (--exact quantizes every expert).
     /// Random routing is near uniform, so expert hit rates measured on it are a worst case.
     Synth {
-        /// The model whose shapes to copy: qwen3-30b-a3b, qwen3-omni-30b-a3b, tiny, or the path
-        /// of a Hugging Face config.json.
+        /// The model whose shapes to copy: qwen3-30b-a3b, qwen3-omni-30b-a3b, mixtral-8x7b,
+        /// olmoe-1b-7b, qwen1.5-moe-a2.7b, tiny, or the path of a Hugging Face config.json.
         #[arg(long)]
         like: String,
         /// Type of the matrices (base and experts): f32, f16, bf16, q8_0, q6_k, q5_k, q4_k,
@@ -146,16 +148,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Some(Command::Synth { like, quant, out, merged, layers, seed, exact, force }) => {
-            let opts = SynthOptions {
-                quant: parse_quant(&quant)?,
-                like,
-                layers,
-                seed,
-                exact,
-                merged,
-                force,
-                progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
-            };
+            let opts = SynthOptions { quant: parse_quant(&quant)?, like, layers, seed, exact, merged, force };
             // Checks the name and layer count before the notice.
             let cfg = synth_config(&opts.like, opts.layers)?;
             eprintln!("sage-convert synth: note: {ROUTING_NOTICE}.");
@@ -171,7 +164,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.n_vocab,
                 opts.quant
             );
-            let r = synth(&out, &opts).with_context(|| format!("writing a synthetic model to {}", out.display()))?;
+            let (bar, mut update) = bytes_bar();
+            let r = synth(&out, &opts, &mut update);
+            bar.finish_and_clear();
+            let r = r.with_context(|| format!("writing a synthetic model to {}", out.display()))?;
             let c = &r.convert;
             println!(
                 "wrote {} in {:.1} s: base {} tensors, {}; experts {} per layer, {} (conversion {})",
@@ -229,16 +225,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 _ => None,
             };
-            let opts = ConvertOptions {
-                quant_base: qb,
-                quant_experts: qe,
-                experts,
-                experts_per_layer,
-                force: a.force,
-                progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
-            };
-            let r = convert(&input, &out, &opts)
-                .with_context(|| format!("converting {} to {}", input.display(), out.display()))?;
+            let opts = ConvertOptions { quant_base: qb, quant_experts: qe, experts, experts_per_layer, force: a.force };
+            let (bar, mut update) = bytes_bar();
+            let r = convert_with_progress(&input, &out, &opts, &mut update);
+            bar.finish_and_clear();
+            let r = r.with_context(|| format!("converting {} to {}", input.display(), out.display()))?;
             for f in &r.fallbacks {
                 println!("fallback: {f}");
             }

@@ -23,7 +23,9 @@ fn main() -> anyhow::Result<()> {
     for d in sage::ggml::devices() {
         println!("device: {} ({}){}", d.name, d.description, if d.is_gpu { " [gpu]" } else { "" });
     }
-    let tk = sage::engine::generate::load_tokenizer(a[1].as_ref())?;
+    let tk = sage::tokenizer::Tokenizer::load(a[1].as_ref())?;
+    // The smallest arena the model allows: one token's experts.
+    let k = sage::model_dir::ModelDir::open(a[1].as_ref())?.config.n_expert_used as usize;
     let prompts = ["The quick brown fox jumps over the lazy dog.", "def main():\n    return 42  # the answer\n"];
     let backend = LlamaBackend::init()?;
     let gpu_layers: u32 = std::env::var("LLAMA_GPU_LAYERS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
@@ -31,13 +33,13 @@ fn main() -> anyhow::Result<()> {
     let model =
         LlamaModel::load_from_file(&backend, &a[2], &LlamaModelParams::default().with_n_gpu_layers(gpu_layers))?;
     let mut worst = 0f32;
-    for arena in [ArenaSize::All, ArenaSize::Experts(2)] {
+    for arena in [ArenaSize::All, ArenaSize::Experts(k)] {
         let opts =
             EngineOptions { device: a[3].clone(), arena, kv_type: KvType::F32, n_ctx: 256, ..Default::default() };
         let mut e = Engine::load(a[1].as_ref(), opts)?;
         println!("sage on {} with {} slots", e.device_name(), e.n_slots());
         for p in prompts {
-            let ids: Vec<u32> = tk.encode(p, false).map_err(|e| anyhow::anyhow!("{e}"))?.get_ids().to_vec();
+            let ids = tk.encode(p)?;
             e.reset();
             let got = e.eval(&ids, true)?;
             let params = LlamaContextParams::default()
@@ -73,7 +75,12 @@ fn main() -> anyhow::Result<()> {
 /// the largest difference in router logits and the tokens whose chosen experts differ. The
 /// first layer whose logits differ beyond rounding points at that layer's attention or norms
 /// (or the FFN of the layer before it); differing choices alone would point at near ties.
-fn divergence(dir: &std::path::Path, device: &str, tk: &tokenizers::Tokenizer, prompts: &[&str]) -> anyhow::Result<()> {
+fn divergence(
+    dir: &std::path::Path,
+    device: &str,
+    tk: &sage::tokenizer::Tokenizer,
+    prompts: &[&str],
+) -> anyhow::Result<()> {
     let opts = |device: &str| EngineOptions {
         device: device.into(),
         arena: ArenaSize::All,
@@ -86,7 +93,7 @@ fn divergence(dir: &std::path::Path, device: &str, tk: &tokenizers::Tokenizer, p
     let mut dev = Engine::load(dir, opts(device))?;
     println!("layer by layer, {} against {}:", dev.device_name(), cpu.device_name());
     for p in prompts {
-        let ids: Vec<u32> = tk.encode(*p, false).map_err(|e| anyhow::anyhow!("{e}"))?.get_ids().to_vec();
+        let ids = tk.encode(p)?;
         let mut out = Vec::new();
         for e in [&mut cpu, &mut dev] {
             e.reset();

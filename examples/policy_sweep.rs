@@ -18,9 +18,9 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(a.len() >= 3, "usage: policy_sweep MODEL_DIR TEXT [WINDOW] [TRACE_OUT]");
     let window: usize = a.get(3).map(|s| s.parse()).transpose()?.unwrap_or(512);
     sage::ggml::route_logs();
-    let tok = sage::engine::generate::load_tokenizer(a[1].as_ref())?;
+    let tok = sage::tokenizer::Tokenizer::load(a[1].as_ref())?;
     let text = std::fs::read_to_string(&a[2])?;
-    let ids = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("{e}"))?.get_ids().to_vec();
+    let ids = tok.encode(&text)?;
     let out = a.get(4);
     let opts = EngineOptions { n_ctx: window, fused: out.is_none(), ..Default::default() };
     let mut e = Engine::load(a[1].as_ref(), opts)?;

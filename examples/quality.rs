@@ -13,10 +13,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use sage::convert::{convert, ConvertOptions};
-use sage::engine::generate::load_tokenizer;
 use sage::engine::sampler::{Sampler, SamplerParams};
 use sage::engine::{ArenaSize, Engine, EngineOptions};
 use sage::ggml::GgmlType;
+use sage::tokenizer::Tokenizer;
 use sage::usage::Usage;
 
 const WINDOW: usize = 512;
@@ -31,11 +31,11 @@ struct Measured {
 }
 
 fn measure(dir: &Path, eval_ids: &[u32]) -> anyhow::Result<Measured> {
-    let tok = load_tokenizer(dir)?;
+    let tok = Tokenizer::load(dir)?;
     let mut engine = Engine::load(dir, EngineOptions { n_ctx: WINDOW, arena: ArenaSize::All, ..Default::default() })?;
-    let ppl = sage::eval::perplexity(&mut engine, eval_ids, WINDOW, |_, _, _| {})?.ppl;
+    let ppl = sage::eval::perplexity(&mut engine, eval_ids, WINDOW, tok.bos, |_, _, _| {})?.ppl;
     let mut gen = |p: &str| -> anyhow::Result<String> {
-        let ids = tok.encode(p, false).map_err(|e| anyhow::anyhow!("{e}"))?.get_ids().to_vec();
+        let ids = tok.encode(p)?;
         let mut s = Sampler::new(SamplerParams { temp: 0.0, ..Default::default() });
         let g = engine.generate(&tok, &ids, SAMPLE_TOKENS, &mut s, |_, _| {})?;
         Ok(format!("{p}{}", g.text))
@@ -61,7 +61,8 @@ fn main() -> anyhow::Result<()> {
     let held = std::fs::read_to_string(hf.join("heldout.txt")).context("reading heldout.txt")?;
     let half = held.char_indices().nth(held.chars().count() / 2).map(|(i, _)| i).unwrap_or(0);
     let (calib_text, eval_text) = held.split_at(half);
-    let tok = load_tokenizer(&hf)?;
+    // The checkpoint's own tokenizer.json (a Qwen2 BPE: no BOS token).
+    let tok = tokenizers::Tokenizer::from_file(hf.join("tokenizer.json")).map_err(|e| anyhow::anyhow!("{e}"))?;
     let ids = |t: &str| -> anyhow::Result<Vec<u32>> {
         Ok(tok.encode(t, false).map_err(|e| anyhow::anyhow!("{e}"))?.get_ids().to_vec())
     };

@@ -8,17 +8,17 @@ use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
 
-use indicatif::{ProgressBar, ProgressStyle};
-
-use crate::config::ModelConfig;
-use crate::error::{Error, IoContext, Result};
+use crate::arch::{base_tensors, Role};
+use crate::error::{dims, Error, IoContext, Result};
 use crate::ggml::{dequantize_into, quantize_into, GgmlType, Gguf, GgufValue};
 use crate::io::{AtomicFile, GgufStream};
 use crate::model_dir::*;
-use crate::model_dir::{base_tensors, Role};
 use crate::names::*;
-use crate::quant::fit;
 use crate::source::{self, Source, TensorMeta};
+
+/// Told how far a long job is: (bytes done, bytes in all, what it is working on). Library
+/// code reports progress through one of these and draws nothing itself.
+pub type Progress<'a> = &'a mut dyn FnMut(u64, u64, &str);
 
 #[derive(Clone, Debug, Default)]
 pub struct ConvertOptions {
@@ -34,8 +34,6 @@ pub struct ConvertOptions {
     pub experts_per_layer: Option<Vec<Vec<u32>>>,
     /// Replace a model already in the output directory.
     pub force: bool,
-    /// Draw a progress bar on stderr.
-    pub progress: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -48,14 +46,6 @@ pub struct ConvertReport {
     pub expert_bytes: u64,
     pub n_base_tensors: usize,
     pub n_experts_per_layer: usize,
-}
-
-/// Shape (ggml order) of one expert's projection `p`.
-pub fn expert_shape(cfg: &ModelConfig, p: Proj) -> [u64; 2] {
-    match p {
-        Proj::Gate | Proj::Up => [cfg.n_embd, cfg.n_ff_exp],
-        Proj::Down => [cfg.n_ff_exp, cfg.n_embd],
-    }
 }
 
 struct Planned {
@@ -97,33 +87,19 @@ fn new_conversion_id() -> String {
     format!("{a:016x}{:016x}", h.finish())
 }
 
-/// The type sage-convert stores a tensor of `role` with rows of `ne0` in when `wanted` is
-/// asked for: norms and the router stay f32, matrices take `wanted` or the nearest type whose
-/// blocks fit the rows (`quant::fit`).
-pub fn target_type(role: Role, wanted: GgmlType, ne0: u64) -> GgmlType {
-    match role {
-        Role::Norm | Role::Router => GgmlType::F32,
-        Role::Weight => fit(wanted, ne0),
-    }
-}
-
-/// Decide a tensor's output type, noting any fallback.
+/// Decide a tensor's output type (`Role::target_type` of what is asked, or of the source's
+/// type), noting any fallback.
 fn choose(name: &str, role: Role, src: &TensorMeta, wanted: Option<GgmlType>, fallbacks: &mut Vec<String>) -> GgmlType {
-    match role {
-        Role::Norm | Role::Router => GgmlType::F32,
-        Role::Weight => {
-            let w = wanted.unwrap_or(src.ty);
-            let got = target_type(role, w, src.ne[0]);
-            if got != w {
-                fallbacks.push(format!(
-                    "{name}: rows of {} do not fit {w} blocks of {}; using {got}",
-                    src.ne[0],
-                    w.block_size()
-                ));
-            }
-            got
-        }
+    let w = if role == Role::Weight { wanted.unwrap_or(src.ty) } else { GgmlType::F32 };
+    let got = role.target_type(w, src.ne[0]);
+    if got != w {
+        fallbacks.push(format!(
+            "{name}: rows of {} do not fit {w} blocks of {}; using {got}",
+            src.ne[0],
+            w.block_size()
+        ));
     }
+    got
 }
 
 fn check_convertible(path: &Path, name: &str, from: GgmlType, to: GgmlType) -> Result<()> {
@@ -165,11 +141,6 @@ impl Transcoder {
 
 fn shape_err(path: &Path, name: &str, expected: &[u64], got: &[u64]) -> Error {
     Error::WrongShape { path: path.to_path_buf(), tensor: name.to_string(), expected: dims(expected), got: dims(got) }
-}
-
-/// `256 x 512` (ggml order, as llama.cpp prints shapes).
-pub fn dims(ne: &[u64]) -> String {
-    ne.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(" x ")
 }
 
 /// Make the output directory ready, refusing to touch a model in it without `force`.
@@ -231,25 +202,28 @@ fn prepare_output(input: &Path, out: &Path, force: bool) -> Result<()> {
     Ok(())
 }
 
-fn progress_bar(total: u64, show: bool) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    let pb = ProgressBar::new(total);
-    pb.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, {eta}) {msg}")
-            .expect("valid template"),
-    );
-    pb
-}
-
 /// Convert the checkpoint at `input` into a model directory at `out`.
 pub fn convert(input: &Path, out: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
-    let src = source::open(input)?;
-    convert_source(src.as_ref(), out, opts)
+    convert_with_progress(input, out, opts, &mut |_, _, _| {})
 }
 
-pub fn convert_source(src: &dyn Source, out: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
+/// `convert`, telling `progress` how many of the source's bytes are done.
+pub fn convert_with_progress(
+    input: &Path,
+    out: &Path,
+    opts: &ConvertOptions,
+    progress: Progress,
+) -> Result<ConvertReport> {
+    let src = source::open(input)?;
+    convert_source(src.as_ref(), out, opts, progress)
+}
+
+pub fn convert_source(
+    src: &dyn Source,
+    out: &Path,
+    opts: &ConvertOptions,
+    progress: Progress,
+) -> Result<ConvertReport> {
     let cfg = src.config().clone();
     let path = src.path().to_path_buf();
     let pools: Vec<Vec<u32>> = match (&opts.experts_per_layer, &opts.experts) {
@@ -285,10 +259,10 @@ pub fn convert_source(src: &dyn Source, out: &Path, opts: &ConvertOptions) -> Re
     // 1. Plan and check everything before writing.
     let mut fallbacks = Vec::new();
     let mut planned = Vec::new();
-    for (name, want, role) in base_tensors(&cfg) {
+    for spec in base_tensors(&cfg) {
+        let (name, want, role) = (spec.name, spec.ne, spec.role);
         let meta = match src.base_meta(&name)? {
             Some(m) => m,
-            None if name == OUTPUT && cfg.tie_word_embeddings => continue,
             None => return Err(Error::MissingTensor { path: path.clone(), tensor: src.source_name(&name) }),
         };
         if meta.ne != want {
@@ -305,7 +279,7 @@ pub fn convert_source(src: &dyn Source, out: &Path, opts: &ConvertOptions) -> Re
         let ids = &pools[il as usize];
         let mut types = [GgmlType::F32; 3];
         for p in Proj::ALL {
-            let want = expert_shape(&cfg, p);
+            let want = cfg.expert_shape(p);
             let mut target = None;
             for &e in ids {
                 let m = src.expert_meta(il, e, p)?;
@@ -314,20 +288,14 @@ pub fn convert_source(src: &dyn Source, out: &Path, opts: &ConvertOptions) -> Re
                     return Err(shape_err(&path, &name, &want, &m.ne));
                 }
                 let t = *target.get_or_insert_with(|| {
-                    choose(
-                        &format!("blk.{il}.{}.weight", p.exps()),
-                        Role::Weight,
-                        &m,
-                        opts.quant_experts,
-                        &mut fallbacks,
-                    )
+                    choose(&p.stacked(il), Role::Weight, &m, opts.quant_experts, &mut fallbacks)
                 });
                 check_convertible(&path, &name, m.ty, t)?;
                 src_expert_bytes += m.size();
             }
             types[p.index()] = target.expect("pool is not empty");
         }
-        let shapes = Proj::ALL.map(|p| expert_shape(&cfg, p));
+        let shapes = Proj::ALL.map(|p| cfg.expert_shape(p));
         let mut layer = ExpertLayer { il, file: shard_name(il), ids: ids.clone(), offsets: vec![], types, shapes };
         layer.offsets = (0..ids.len() as u64).map(|i| RECORD_ALIGN + i * layer.stride()).collect();
         layers.push(layer);
@@ -351,13 +319,14 @@ pub fn convert_source(src: &dyn Source, out: &Path, opts: &ConvertOptions) -> Re
     )
     .at(&marker)?;
     let src_base_bytes: u64 = planned.iter().map(|p| p.src.size()).sum();
-    let pb = progress_bar(src_base_bytes + src_expert_bytes, opts.progress);
+    let total = src_base_bytes + src_expert_bytes;
+    let mut done = 0;
 
     let mut tc = Transcoder::default();
     let mut expert_bytes = 0;
     for layer in &layers {
         let il = layer.il;
-        pb.set_message(format!("experts of layer {il}"));
+        let what = format!("experts of layer {il}");
         let shard_path = out.join(&layer.file);
         let mut f = AtomicFile::create(&shard_path)?;
         f.write(&shard_header(layer, &conversion_id))?;
@@ -369,7 +338,8 @@ pub fn convert_source(src: &dyn Source, out: &Path, opts: &ConvertOptions) -> Re
                 let bytes = tc.run(&path, &name, meta.ty, meta.ne[0], layer.types[p.index()])?;
                 debug_assert_eq!(bytes.len() as u64, layer.sizes()[p.index()]);
                 f.write(bytes)?;
-                pb.inc(meta.size());
+                done += meta.size();
+                progress(done, total, &what);
             }
             f.pad_to(RECORD_ALIGN)?;
         }
@@ -388,7 +358,7 @@ pub fn convert_source(src: &dyn Source, out: &Path, opts: &ConvertOptions) -> Re
         set(&mut g, &k, &v)?;
     }
     cfg.write_gguf(&mut g)?;
-    set(&mut g, "general.quantization_version", &GgufValue::U32(2))?;
+    set(&mut g, GENERAL_QUANTIZATION_VERSION, &GgufValue::U32(2))?;
     for (k, v) in &tokenizer.gguf_kv {
         set(&mut g, k, v)?;
     }
@@ -405,7 +375,6 @@ pub fn convert_source(src: &dyn Source, out: &Path, opts: &ConvertOptions) -> Re
     let mut stream = GgufStream::create(&g, &base_path)?;
     let mut base_bytes = 0;
     for t in &planned {
-        pb.set_message(t.name.clone());
         let (n_rows, row) = (t.src.n_rows(), t.src.row_size());
         let step = (CHUNK_BYTES / row.max(1)).max(1);
         for r0 in (0..n_rows).step_by(step as usize) {
@@ -414,7 +383,8 @@ pub fn convert_source(src: &dyn Source, out: &Path, opts: &ConvertOptions) -> Re
             let bytes = tc.run(&path, &src.source_name(&t.name), t.src.ty, t.src.ne[0], t.target)?;
             base_bytes += bytes.len() as u64;
             stream.write_part(&t.name, bytes)?;
-            pb.inc((rows.end - rows.start) * row);
+            done += (rows.end - rows.start) * row;
+            progress(done, total, &t.name);
         }
         stream.end_tensor(&t.name)?;
     }
@@ -423,7 +393,6 @@ pub fn convert_source(src: &dyn Source, out: &Path, opts: &ConvertOptions) -> Re
     if let Ok(d) = std::fs::File::open(out) {
         let _ = d.sync_all();
     }
-    pb.finish_and_clear();
     Ok(ConvertReport {
         out: out.to_path_buf(),
         conversion_id,

@@ -75,6 +75,11 @@ pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
     line
 }
 
+/// `256 x 512`: a shape in ggml order, as llama.cpp prints shapes in its errors.
+pub fn dims(ne: &[u64]) -> String {
+    ne.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(" x ")
+}
+
 /// Attach a path to an `io::Error`.
 pub(crate) trait IoContext<T> {
     fn at(self, path: impl Into<PathBuf>) -> Result<T>;

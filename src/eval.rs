@@ -5,9 +5,9 @@
 
 use std::ops::Range;
 
+use crate::engine::trace::RouteTrace;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::usage::RouteTrace;
 
 /// Consecutive full windows over `n_tokens` tokens (a partial last window is dropped).
 pub fn windows(n_tokens: usize, window: usize) -> Result<Vec<Range<usize>>> {
@@ -47,21 +47,29 @@ pub struct Perplexity {
     pub ppl: f64,
 }
 
-/// Perplexity of `tokens`. `progress(done, total, ppl_so_far)` is called after each window.
+/// Perplexity of `tokens`. With `bos` (a model that wants a BOS token first), each window
+/// starts with it in place of its first token, as llama-perplexity does. `progress(done,
+/// total, ppl_so_far)` is called after each window.
 pub fn perplexity(
     engine: &mut Engine,
     tokens: &[u32],
     window: usize,
+    bos: Option<u32>,
     mut progress: impl FnMut(usize, usize, f64),
 ) -> Result<Perplexity> {
     let ws = windows(tokens.len(), window)?;
     let n_vocab = engine.config.n_vocab as usize;
     let (mut nll, mut n) = (0.0, 0usize);
+    let mut chunk = Vec::with_capacity(window);
     for (i, w) in ws.iter().enumerate() {
-        let chunk = &tokens[w.clone()];
+        chunk.clear();
+        chunk.extend_from_slice(&tokens[w.clone()]);
+        if let Some(b) = bos {
+            chunk[0] = b;
+        }
         engine.reset();
-        let logits = engine.eval(chunk, true)?;
-        let (s, c) = score(&logits, n_vocab, chunk, window / 2);
+        let logits = engine.eval(&chunk, true)?;
+        let (s, c) = score(&logits, n_vocab, &chunk, window / 2);
         nll += s;
         n += c;
         progress(i + 1, ws.len(), (nll / n as f64).exp());

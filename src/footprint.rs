@@ -2,7 +2,7 @@
 //! computed from its hyperparameters alone (a Hugging Face `config.json` is enough), and, for
 //! a model directory or a GGUF, checked against the bytes the files actually hold.
 //!
-//! Types follow sage-convert (`convert::target_type`): norms and the router stay f32, the
+//! Types follow sage-convert (`arch::Role::target_type`): norms and the router stay f32, the
 //! matrices take the requested type or the nearest one whose blocks fit their rows. Sizes come
 //! from ggml's block sizes (`GgmlType::tensor_size`); expert records and arena slots from the
 //! model directory format (`model_dir::ExpertLayer`), so nothing here restates either.
@@ -14,15 +14,15 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::arch::{base_tensors, Role, TensorSpec};
 use crate::config::{read_hf_config, ModelConfig};
-use crate::convert::{expert_shape, target_type};
-use crate::error::{Error, IoContext, Result};
-use crate::ggml::{GgmlType, GgufTensorInfo, GgufValue};
-use crate::inspect::{short_bytes, si_bytes, Tally};
-use crate::model_dir::{base_tensors, shard_name, ExpertLayer, ModelDir, Role, BASE, EXPERT_DIR, RECORD_ALIGN};
-use crate::names::{Proj, OUTPUT, SAGE_FORMAT_VERSION};
+use crate::engine::arena;
+use crate::error::{dims, Error, IoContext, Result};
+use crate::ggml::{GgmlType, Gguf, GgufTensorInfo, GgufValue};
+use crate::inspect::{short_bytes, si_bytes, types_line, Tally};
+use crate::model_dir::{shard_name, ExpertLayer, ModelDir, BASE, EXPERT_DIR, RECORD_ALIGN};
+use crate::names::{Proj, SAGE_FORMAT_VERSION};
 use crate::quant::QUANT_NAMES;
-use crate::source::open_gguf_checked;
 
 /// An arena size to report the resident total at.
 #[derive(Clone, Debug, PartialEq)]
@@ -54,7 +54,7 @@ impl ArenaSpec {
     pub fn slots(&self, n_experts: u64, slot_bytes: u64) -> u64 {
         let n = match self {
             ArenaSpec::Share(s) => (s.max(0.0) * n_experts as f64).round() as u64,
-            ArenaSpec::Bytes(b) => b.checked_div(slot_bytes).unwrap_or(0),
+            ArenaSpec::Bytes(b) => arena::slots_in(*b, slot_bytes, 0),
             ArenaSpec::Experts(n) => *n,
         };
         n.min(n_experts)
@@ -165,22 +165,9 @@ pub struct Footprint {
     pub measured: Option<Measured>,
 }
 
-/// Base tensors a model has: `base_tensors` less `output` when the embeddings are tied (then
-/// sage-convert, like llama.cpp, stores none).
-fn base_layout(cfg: &ModelConfig) -> Vec<(String, Vec<u64>, Role)> {
-    base_tensors(cfg).into_iter().filter(|(n, _, _)| !(n == OUTPUT && cfg.tie_word_embeddings)).collect()
-}
-
 fn size_of(ty: GgmlType, ne: &[u64], name: &str) -> Result<u64> {
-    ty.tensor_size(ne).ok_or_else(|| {
-        Error::Usage(format!("{name}: {} elements of {ty} overflow 64-bit sizes", crate::convert::dims(ne)))
-    })
-}
-
-fn add(map: &mut BTreeMap<String, Tally>, ty: GgmlType, count: u64, bytes: u64) {
-    let t = map.entry(ty.name().to_string()).or_default();
-    t.count += count;
-    t.bytes += bytes;
+    ty.tensor_size(ne)
+        .ok_or_else(|| Error::Usage(format!("{name}: {} elements of {ty} overflow 64-bit sizes", dims(ne))))
 }
 
 /// `blk.7.attn_q.weight` -> `blk.*.attn_q.weight`, to count fallbacks over layers once.
@@ -204,7 +191,7 @@ fn layer_of(cfg: &ModelConfig, types: [GgmlType; 3], n: u64) -> ExpertLayer {
         ids: (0..n as u32).collect(),
         offsets: Vec::new(),
         types,
-        shapes: Proj::ALL.map(|p| expert_shape(cfg, p)),
+        shapes: Proj::ALL.map(|p| cfg.expert_shape(p)),
     }
 }
 
@@ -218,22 +205,21 @@ fn quant_footprint(
     let mut base_bytes = 0;
     let mut base_types = BTreeMap::new();
     let mut falls: BTreeMap<(String, u64, GgmlType), u64> = BTreeMap::new();
-    let layout = base_layout(cfg);
-    for (name, ne, role) in &layout {
-        let ty = target_type(*role, quant, ne[0]);
+    let layout = base_tensors(cfg);
+    for TensorSpec { name, ne, role, .. } in &layout {
+        let ty = role.target_type(quant, ne[0]);
         let bytes = size_of(ty, ne, name)?;
         base_bytes += bytes;
-        add(&mut base_types, ty, 1, bytes);
+        Tally::add(&mut base_types, Some(ty), 0, 1, bytes);
         if *role == Role::Weight && ty != quant {
             *falls.entry((layerless(name), ne[0], ty)).or_default() += 1;
         }
     }
-    let types = Proj::ALL.map(|p| target_type(Role::Weight, quant, expert_shape(cfg, p)[0]));
+    let types = expert_plan(cfg, quant);
     for p in Proj::ALL {
         let ty = types[p.index()];
         if ty != quant {
-            *falls.entry((format!("blk.*.{}.weight", p.exps()), expert_shape(cfg, p)[0], ty)).or_default() +=
-                cfg.n_layer as u64;
+            *falls.entry((layerless(&p.stacked(0)), cfg.expert_shape(p)[0], ty)).or_default() += cfg.n_layer as u64;
         }
     }
     let one = layer_of(cfg, types, 1);
@@ -247,12 +233,13 @@ fn quant_footprint(
         .iter()
         .map(|a| {
             let slots = a.slots(n_experts, slot);
+            let bytes = arena::arena_bytes(slots, slot, 0);
             Resident {
                 arena: a.label(),
                 slots,
                 share: if n_experts == 0 { 0.0 } else { slots as f64 / n_experts as f64 },
-                arena_bytes: slots * slot,
-                total_bytes: base_bytes + slots * slot,
+                arena_bytes: bytes,
+                total_bytes: base_bytes + bytes,
                 enough: slots >= cfg.n_expert_used as u64,
             }
         })
@@ -350,7 +337,7 @@ fn detect(path: &Path) -> Result<Input> {
     (&mut f).take(64).read_to_end(&mut head).at(path)?;
     if head.starts_with(b"GGUF") {
         // sage's own base.gguf: the directory around it is the model.
-        if let Ok(g) = crate::ggml::Gguf::open(path) {
+        if let Ok(g) = Gguf::open(path) {
             if g.get(SAGE_FORMAT_VERSION).is_some() {
                 if let Some(dir) = path.parent().filter(|d| d.join(EXPERT_DIR).is_dir()) {
                     return Ok(Input::ModelDir(dir.to_path_buf()));
@@ -408,7 +395,7 @@ struct BaseCheck {
 }
 
 fn check_base(cfg: &ModelConfig, stored: &[GgufTensorInfo], is_expert: impl Fn(&str) -> bool) -> Result<BaseCheck> {
-    let layout = base_layout(cfg);
+    let layout = base_tensors(cfg);
     let by_name: BTreeMap<&str, &GgufTensorInfo> = stored.iter().map(|t| (t.name.as_str(), t)).collect();
     let ty_of = |name: &str| by_name.get(name).and_then(|t| t.ty);
     let mut notes = Vec::new();
@@ -416,25 +403,18 @@ fn check_base(cfg: &ModelConfig, stored: &[GgufTensorInfo], is_expert: impl Fn(&
     let mut measured = 0;
     for t in stored.iter().filter(|t| !is_expert(&t.name)) {
         measured += t.size;
-        match t.ty {
-            Some(ty) => add(&mut types, ty, 1, t.size),
-            None => {
-                let e = types.entry(format!("type {}", t.raw_type)).or_insert_with(Tally::default);
-                e.count += 1;
-                e.bytes += t.size;
-            }
-        }
-        if !layout.iter().any(|(n, _, _)| *n == t.name) {
+        Tally::add(&mut types, t.ty, t.raw_type, 1, t.size);
+        if !layout.iter().any(|spec| spec.name == t.name) {
             notes.push(format!("{} is not a tensor sage-convert writes ({} bytes)", t.name, t.size));
         }
     }
-    let plan_matches = |q: GgmlType| layout.iter().all(|(n, ne, role)| ty_of(n) == Some(target_type(*role, q, ne[0])));
-    let quant = matching_quant(plan_matches, layout.first().and_then(|(n, _, _)| ty_of(n)));
+    let plan_matches = |q: GgmlType| layout.iter().all(|t| ty_of(&t.name) == Some(t.role.target_type(q, t.ne[0])));
+    let quant = matching_quant(plan_matches, layout.first().and_then(|t| ty_of(&t.name)));
     let mut computed = 0;
-    for (name, ne, role) in &layout {
+    for TensorSpec { name, ne, role, .. } in &layout {
         // The plan's type, which for a matching plan is the stored one; else the stored one.
         let ty = match (quant, ty_of(name)) {
-            (Some(q), _) => target_type(*role, q, ne[0]),
+            (Some(q), _) => role.target_type(q, ne[0]),
             (None, Some(ty)) => ty,
             (None, None) => {
                 notes.push(format!("{name} is missing or of a type this ggml does not know"));
@@ -449,10 +429,14 @@ fn check_base(cfg: &ModelConfig, stored: &[GgufTensorInfo], is_expert: impl Fn(&
     Ok(BaseCheck { quant, types, measured, computed, notes })
 }
 
+/// The types sage-convert gives gate, up and down when `quant` is asked for.
+fn expert_plan(cfg: &ModelConfig, quant: GgmlType) -> [GgmlType; 3] {
+    Proj::ALL.map(|p| Role::Weight.target_type(quant, cfg.expert_shape(p)[0]))
+}
+
 /// Per layer expert types of a file; the `--quant` whose plan they all are, if one is.
 fn expert_quant(cfg: &ModelConfig, layers: &[[GgmlType; 3]]) -> Option<GgmlType> {
-    let plan = |q: GgmlType| Proj::ALL.map(|p| target_type(Role::Weight, q, expert_shape(cfg, p)[0]));
-    matching_quant(|q| layers.iter().all(|t| *t == plan(q)), layers.first().map(|t| t[0]))
+    matching_quant(|q| layers.iter().all(|t| *t == expert_plan(cfg, q)), layers.first().map(|t| t[0]))
 }
 
 fn file_len(path: &Path) -> Result<u64> {
@@ -475,7 +459,7 @@ pub fn of_model_dir(dir: &Path, opts: &FootprintOptions) -> Result<Footprint> {
     for l in &md.manifest.layers {
         let n = l.ids.len() as u64;
         let types = match eq {
-            Some(q) => Proj::ALL.map(|p| target_type(Role::Weight, q, expert_shape(cfg, p)[0])),
+            Some(q) => expert_plan(cfg, q),
             None => l.types,
         };
         let planned = layer_of(cfg, types, n);
@@ -485,7 +469,7 @@ pub fn of_model_dir(dir: &Path, opts: &FootprintOptions) -> Result<Footprint> {
         one = one.max(l.record_size());
         let sizes = l.sizes();
         for p in Proj::ALL {
-            add(&mut expert_types, l.types[p.index()], n, n * sizes[p.index()]);
+            Tally::add(&mut expert_types, Some(l.types[p.index()]), 0, n, n * sizes[p.index()]);
         }
         shards += file_len(&dir.join(&l.file))?;
     }
@@ -522,7 +506,7 @@ pub fn of_model_dir(dir: &Path, opts: &FootprintOptions) -> Result<Footprint> {
 /// The footprint of a llama.cpp GGUF (experts stacked per layer as `blk.N.ffn_*_exps`), with
 /// its tensors' bytes beside the computed ones.
 pub fn of_gguf(path: &Path, opts: &FootprintOptions) -> Result<Footprint> {
-    let (g, _file, tensors) = open_gguf_checked(path)?;
+    let (g, _file, tensors) = Gguf::open_checked(path)?;
     if let Some(GgufValue::U32(_)) = g.get(SAGE_FORMAT_VERSION) {
         log::info!("{}: a sage base.gguf without its experts/ beside it; its experts are not measured", path.display());
     }
@@ -540,12 +524,10 @@ pub fn of_gguf(path: &Path, opts: &FootprintOptions) -> Result<Footprint> {
     let mut n_experts = 0;
     for t in tensors.iter().filter(|t| is_expert(&t.name)) {
         experts += t.size;
-        if let Some(ty) = t.ty {
-            add(&mut expert_types, ty, t.ne.get(2).copied().unwrap_or(1), t.size);
-        }
+        Tally::add(&mut expert_types, t.ty, t.raw_type, t.ne.get(2).copied().unwrap_or(1), t.size);
     }
     for il in 0..cfg.n_layer {
-        let stacked = Proj::ALL.map(|p| by_name.get(crate::names::blk(il, p.exps()).as_str()).copied());
+        let stacked = Proj::ALL.map(|p| by_name.get(p.stacked(il).as_str()).copied());
         match stacked {
             [Some(a), Some(b), Some(c)] => match [a.ty, b.ty, c.ty] {
                 [Some(x), Some(y), Some(z)] => {
@@ -559,7 +541,7 @@ pub fn of_gguf(path: &Path, opts: &FootprintOptions) -> Result<Footprint> {
     }
     let eq = (layer_types.len() == cfg.n_layer as usize).then(|| expert_quant(&cfg, &layer_types)).flatten();
     let plan_types = |t: &[GgmlType; 3]| match eq {
-        Some(q) => Proj::ALL.map(|p| target_type(Role::Weight, q, expert_shape(&cfg, p)[0])),
+        Some(q) => expert_plan(&cfg, q),
         None => *t,
     };
     let computed: u64 =
@@ -611,10 +593,6 @@ fn table(f: &mut fmt::Formatter<'_>, rows: &[Vec<String>]) -> fmt::Result {
         writeln!(f, "{}", line.trim_end())?;
     }
     Ok(())
-}
-
-fn types_line(map: &BTreeMap<String, Tally>) -> String {
-    map.iter().map(|(t, v)| format!("{t}: {} × {}", v.count, short_bytes(v.bytes))).collect::<Vec<_>>().join("; ")
 }
 
 impl fmt::Display for Footprint {
@@ -677,7 +655,7 @@ impl fmt::Display for Footprint {
                 writeln!(f)?;
                 writeln!(
                     f,
-                    "  resident: base + arena (arena = slots × slot; KV cache and compute buffers not included)"
+                    "  resident: base + arena (arena = slots × slot + 4 KiB to align them; KV cache and compute buffers not included)"
                 )?;
                 // Slot counts go in the header where every quant gets the same (shares, counts).
                 let same: Vec<bool> = (0..q.resident.len())
@@ -743,7 +721,7 @@ impl fmt::Display for Footprint {
                 m.base_bytes,
                 verdict(m.base_computed_bytes, m.base_bytes)
             )?;
-            writeln!(f, "                 tensors by type: {}", types_line(&m.base_types))?;
+            writeln!(f, "                 tensors by type: {}", types_line(&m.base_types, "tensors"))?;
             if m.shard_file_bytes.is_some() {
                 writeln!(
                     f,
@@ -773,7 +751,7 @@ impl fmt::Display for Footprint {
                 m.experts_bytes,
                 verdict(m.experts_computed_bytes, m.experts_bytes)
             )?;
-            writeln!(f, "                 projections by type: {}", types_line(&m.expert_types))?;
+            writeln!(f, "                 projections by type: {}", types_line(&m.expert_types, "projections"))?;
             if let (Some(fc), Some(fm)) = (m.shard_computed_bytes, m.shard_file_bytes) {
                 writeln!(f, "    shard files  computed {fc}, measured {fm} bytes: {}", verdict(fc, fm))?;
             }
@@ -871,6 +849,7 @@ mod tests {
 
     fn cfg(n_embd: u64, n_ff_exp: u64) -> ModelConfig {
         ModelConfig {
+            arch: "qwen3moe",
             name: "t".into(),
             n_vocab: 100,
             n_embd,
@@ -880,6 +859,7 @@ mod tests {
             head_dim: n_embd / 2,
             n_ff: 0,
             n_ff_exp,
+            n_ff_shexp: 0,
             n_expert: 8,
             n_expert_used: 2,
             norm_topk_prob: true,

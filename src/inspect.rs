@@ -8,9 +8,9 @@ use serde::Serialize;
 
 use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::ggml::{GgmlType, Gguf};
 use crate::model_dir::ModelDir;
 use crate::names::Proj;
-use crate::source::open_gguf_checked;
 
 /// Count and bytes of tensors of one type.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -19,12 +19,31 @@ pub struct Tally {
     pub bytes: u64,
 }
 
+impl Tally {
+    /// Count `count` tensors of `bytes` in all under `ty` (ggml's name, or `type N` for a type
+    /// this ggml does not know).
+    pub fn add(map: &mut BTreeMap<String, Tally>, ty: Option<GgmlType>, raw: u32, count: u64, bytes: u64) {
+        let name = ty.map_or_else(|| format!("type {raw}"), |t| t.name().to_string());
+        let t = map.entry(name).or_default();
+        t.count += count;
+        t.bytes += bytes;
+    }
+}
+
+/// `f32: 21 tensors, 75.00 KiB; q4_K: 18 tensors, 1.55 MiB` (`what` names the things counted).
+pub fn types_line(map: &BTreeMap<String, Tally>, what: &str) -> String {
+    map.iter().map(|(t, v)| format!("{t}: {} {what}, {}", v.count, short_bytes(v.bytes))).collect::<Vec<_>>().join("; ")
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Inspection {
     pub path: PathBuf,
     /// "model directory" or "gguf".
     pub kind: String,
+    /// llama.cpp's name of the architecture (`general.architecture`).
     pub architecture: String,
+    /// The model family (`Qwen3-MoE`, `Mixtral`, …).
+    pub family: String,
     pub config: ModelConfig,
     pub conversion_id: Option<String>,
     pub source: Option<String>,
@@ -39,31 +58,26 @@ pub struct Inspection {
     pub experts_per_layer: Vec<Vec<u32>>,
 }
 
-fn add(map: &mut BTreeMap<String, Tally>, ty: &str, count: u64, bytes: u64) {
-    let t = map.entry(ty.to_string()).or_default();
-    t.count += count;
-    t.bytes += bytes;
-}
-
 pub fn inspect(path: &Path) -> Result<Inspection> {
     let mut base_types = BTreeMap::new();
     let mut expert_types = BTreeMap::new();
     if path.is_dir() {
         let m = ModelDir::open(path)?;
         for t in &m.base_tensors {
-            add(&mut base_types, &ty_name(t.ty), 1, t.size);
+            Tally::add(&mut base_types, t.ty, t.raw_type, 1, t.size);
         }
         for l in &m.manifest.layers {
             let sizes = l.sizes();
             for p in Proj::ALL {
                 let n = l.ids.len() as u64;
-                add(&mut expert_types, l.types[p.index()].name(), n, n * sizes[p.index()]);
+                Tally::add(&mut expert_types, Some(l.types[p.index()]), 0, n, n * sizes[p.index()]);
             }
         }
         return Ok(Inspection {
             path: path.to_path_buf(),
             kind: "model directory".into(),
-            architecture: crate::names::ARCH.into(),
+            architecture: m.config.arch().gguf_arch().into(),
+            family: m.config.arch().family().into(),
             n_base_tensors: m.base_tensors.len() as u64,
             base_bytes: m.base_bytes(),
             base_types,
@@ -76,14 +90,14 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
             config: m.config,
         });
     }
-    let (g, _file, tensors) = open_gguf_checked(path)?;
+    let (g, _file, tensors) = Gguf::open_checked(path)?;
     let config = ModelConfig::read_gguf(&g, path)?;
     let mut experts_per_layer = vec![Vec::new(); config.n_layer as usize];
     let (mut n_base, mut base_bytes, mut n_exp, mut exp_bytes) = (0, 0, 0, 0);
     for t in &tensors {
         if t.name.ends_with("_exps.weight") {
             let n = t.ne.get(2).copied().unwrap_or(1);
-            add(&mut expert_types, &ty_name(t.ty), n, t.size);
+            Tally::add(&mut expert_types, t.ty, t.raw_type, n, t.size);
             n_exp += n;
             exp_bytes += t.size;
             let il: Option<usize> = t.name.split('.').nth(1).and_then(|s| s.parse().ok());
@@ -91,7 +105,7 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
                 *ids = (0..n as u32).collect();
             }
         } else {
-            add(&mut base_types, &ty_name(t.ty), 1, t.size);
+            Tally::add(&mut base_types, t.ty, t.raw_type, 1, t.size);
             n_base += 1;
             base_bytes += t.size;
         }
@@ -99,7 +113,8 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
     Ok(Inspection {
         path: path.to_path_buf(),
         kind: "gguf".into(),
-        architecture: crate::names::ARCH.into(),
+        architecture: config.arch().gguf_arch().into(),
+        family: config.arch().family().into(),
         config,
         conversion_id: None,
         source: None,
@@ -111,10 +126,6 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
         expert_types,
         experts_per_layer,
     })
-}
-
-fn ty_name(t: Option<crate::ggml::GgmlType>) -> String {
-    t.map(|t| t.name().to_string()).unwrap_or_else(|| "unknown".into())
 }
 
 /// `n` in the largest of `units` (each `step` times the one before) that keeps it ≥ 1.
@@ -166,15 +177,11 @@ pub fn id_ranges(ids: &[u32]) -> String {
     out.join(",")
 }
 
-fn types_line(map: &BTreeMap<String, Tally>) -> String {
-    map.iter().map(|(t, v)| format!("{t}: {} × {}", v.count, short_bytes(v.bytes))).collect::<Vec<_>>().join("; ")
-}
-
 impl fmt::Display for Inspection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let c = &self.config;
         writeln!(f, "{}: {}", self.kind, self.path.display())?;
-        writeln!(f, "  architecture    {} ({})", self.architecture, c.name)?;
+        writeln!(f, "  architecture    {} ({}, {})", self.architecture, self.family, c.name)?;
         if let Some(id) = &self.conversion_id {
             writeln!(f, "  conversion      {id} from {}", self.source.as_deref().unwrap_or("?"))?;
         }
@@ -191,14 +198,14 @@ impl fmt::Display for Inspection {
         writeln!(f, "  rope theta      {}", c.rope_theta)?;
         writeln!(f, "  rms eps         {:e}", c.rms_eps)?;
         writeln!(f, "  base            {} tensors, {}", self.n_base_tensors, human_bytes(self.base_bytes))?;
-        writeln!(f, "                  {}", types_line(&self.base_types))?;
+        writeln!(f, "                  {}", types_line(&self.base_types, "tensors"))?;
         writeln!(
             f,
             "  experts         {} expert projections, {}",
             self.n_expert_tensors,
             human_bytes(self.expert_bytes)
         )?;
-        writeln!(f, "                  {}", types_line(&self.expert_types))?;
+        writeln!(f, "                  {}", types_line(&self.expert_types, "projections"))?;
         let total = self.base_bytes + self.expert_bytes;
         writeln!(f, "  total           {}", human_bytes(total))?;
         write!(f, "  experts/layer  ")?;

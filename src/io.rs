@@ -127,6 +127,11 @@ impl WatchedFile {
         &self.path
     }
 
+    /// The file's size when it was opened (reads check it still has it).
+    pub fn size(&self) -> u64 {
+        self.len
+    }
+
     /// Tell the kernel the bytes at `offset..offset + len` will not be needed again: their
     /// clean pages leave the page cache, so under a memory limit the budget goes to the arena
     /// rather than to a second copy of what it holds. Advice only; errors are ignored.

@@ -5,6 +5,8 @@
 //!
 //! All FFI and `unsafe` live in [`ggml`].
 
+pub mod arch;
+pub mod cli;
 pub mod config;
 pub mod convert;
 pub mod engine;
@@ -12,12 +14,14 @@ pub mod error;
 pub mod eval;
 pub mod footprint;
 pub mod ggml;
+pub mod graph;
 pub mod inspect;
 pub mod io;
 pub mod merge;
 pub mod model_dir;
 pub mod names;
 pub mod quant;
+pub mod sim;
 pub mod source;
 pub mod synth;
 pub mod tokenizer;

@@ -6,10 +6,11 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use sage::engine::generate::{chat_prompt, load_tokenizer};
+use sage::cli::{bytes_bar, parse_size, print_run_stats, run_stats, windows_bar};
 use sage::engine::sampler::{Sampler, SamplerParams};
 use sage::engine::{ArenaSize, Engine, EngineOptions, KvType};
 use sage::inspect::short_bytes;
+use sage::tokenizer::Tokenizer;
 use sage::usage::Usage;
 
 #[derive(Parser)]
@@ -121,7 +122,7 @@ struct RunArgs {
     /// The prompt.
     #[arg(short, long)]
     prompt: String,
-    /// Wrap the prompt in the Qwen chat template.
+    /// Wrap the prompt in the model family's chat template (one user turn).
     #[arg(long)]
     chat: bool,
     #[command(flatten)]
@@ -209,35 +210,6 @@ fn footprint(a: FootprintArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `2GiB`, `512MiB`, `1.5GB`, `4096`.
-fn parse_size(s: &str) -> anyhow::Result<u64> {
-    let t = s.trim();
-    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num.trim().parse().with_context(|| format!("'{s}' is not a size like 2GiB or 512MiB"))?;
-    let mul = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kb" => 1e3,
-        "m" | "mb" => 1e6,
-        "g" | "gb" => 1e9,
-        "kib" => 1024.0,
-        "mib" => 1024.0 * 1024.0,
-        "gib" => 1024.0 * 1024.0 * 1024.0,
-        u => bail!("unknown size unit '{u}' in '{s}' (use B, KiB, MiB, GiB, KB, MB, GB)"),
-    };
-    if n.is_nan() || n < 0.0 {
-        bail!("'{s}' is not a size");
-    }
-    Ok((n * mul) as u64)
-}
-
-fn peak_rss_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
 /// Load the engine as `e` says, with a KV cache of `n_ctx`, warmed if asked.
 fn load_engine(dir: &Path, e: &EngineArgs, n_ctx: usize) -> anyhow::Result<Engine> {
     let arena = match (&e.arena, e.arena_experts) {
@@ -259,59 +231,36 @@ fn load_engine(dir: &Path, e: &EngineArgs, n_ctx: usize) -> anyhow::Result<Engin
     // Read usage.json before loading the model: a damaged file fails fast.
     let usage = e.warm.as_ref().map(|p| Usage::load(p)).transpose()?;
     // An arena that holds every expert is filled while loading (one graph per batch after).
-    let bar = styled_bar(0, "loading experts [{bar:30}] {bytes}/{total_bytes} ({eta})");
-    let mut progress = |done: u64, total: u64| {
-        bar.set_length(total);
-        bar.set_position(done);
-    };
-    let engine = Engine::load_with_progress(dir, opts, &mut progress);
+    let (bar, mut update) = bytes_bar();
+    let engine = Engine::load_with_progress(dir, opts, &mut |done, total| update(done, total, "loading experts"));
     bar.finish_and_clear();
     let mut engine = engine.with_context(|| format!("loading {}", dir.display()))?;
     for (il, ids) in engine.pool().iter().enumerate() {
         log::info!("pool blk.{il}: {} experts ({})", ids.len(), sage::inspect::id_ranges(ids));
     }
     if let (Some(u), Some(p)) = (&usage, &e.warm) {
-        let n = engine.warm(u, p)?;
+        u.check_model(p, engine.config.n_layer, engine.config.n_expert)?;
+        let n = engine.warm(&u.ranked())?;
         log::info!("warmed the arena with {n} experts from {}", p.display());
     }
     Ok(engine)
 }
 
-fn read_text_tokens(dir: &Path, text: &Path) -> anyhow::Result<Vec<u32>> {
-    let tokenizer = load_tokenizer(dir).with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
+/// The tokens of text file `text` as the model in `dir` reads them, and its BOS token if it
+/// wants one first.
+fn read_text_tokens(dir: &Path, text: &Path) -> anyhow::Result<(Vec<u32>, Option<u32>)> {
+    let tokenizer = Tokenizer::load(dir).with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
     let s = std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
-    Ok(tokenizer
-        .encode(s.as_str(), false)
-        .map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", text.display()))?
-        .get_ids()
-        .to_vec())
-}
-
-/// A progress bar of `len` steps drawn with `template` on stderr, hidden when stderr is not
-/// a terminal.
-fn styled_bar(len: u64, template: &str) -> indicatif::ProgressBar {
-    let pb = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        indicatif::ProgressBar::new(len)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    pb.set_style(indicatif::ProgressStyle::with_template(template).expect("valid template").progress_chars("=> "));
-    pb
-}
-
-fn progress_bar(n: usize, what: &str) -> indicatif::ProgressBar {
-    let pb = styled_bar(n as u64, "{prefix} [{bar:30}] {pos}/{len} windows {msg} ({eta})");
-    pb.set_prefix(what.to_string());
-    pb
+    Ok((tokenizer.encode(&s).with_context(|| format!("tokenizing {}", text.display()))?, tokenizer.bos))
 }
 
 fn eval(a: EvalArgs) -> anyhow::Result<()> {
-    let tokens = read_text_tokens(&a.dir, &a.text)?;
+    let (tokens, bos) = read_text_tokens(&a.dir, &a.text)?;
     let mut engine = load_engine(&a.dir, &a.engine, a.ctx)?;
     let n_windows = tokens.len() / a.ctx.max(1);
-    let pb = progress_bar(n_windows, "perplexity");
+    let pb = windows_bar(n_windows, "perplexity");
     let t0 = std::time::Instant::now();
-    let p = sage::eval::perplexity(&mut engine, &tokens, a.ctx, |done, _, ppl| {
+    let p = sage::eval::perplexity(&mut engine, &tokens, a.ctx, bos, |done, _, ppl| {
         pb.set_position(done as u64);
         pb.set_message(format!("ppl {ppl:.3}"));
     })
@@ -352,9 +301,9 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
 }
 
 fn profile(a: ProfileArgs) -> anyhow::Result<()> {
-    let tokens = read_text_tokens(&a.dir, &a.text)?;
+    let (tokens, _) = read_text_tokens(&a.dir, &a.text)?;
     let mut engine = load_engine(&a.dir, &a.engine, a.ctx)?;
-    let pb = progress_bar(tokens.len() / a.ctx.max(1), "profile");
+    let pb = windows_bar(tokens.len() / a.ctx.max(1), "profile");
     let trace = sage::eval::profile(&mut engine, &tokens, a.ctx, false, |done, _| pb.set_position(done as u64))
         .with_context(|| format!("profiling {}", a.text.display()))?;
     pb.finish_and_clear();
@@ -388,14 +337,10 @@ fn profile(a: ProfileArgs) -> anyhow::Result<()> {
 }
 
 fn run(a: RunArgs) -> anyhow::Result<()> {
-    let tokenizer = load_tokenizer(&a.dir).with_context(|| format!("loading the tokenizer of {}", a.dir.display()))?;
+    let tokenizer = Tokenizer::load(&a.dir).with_context(|| format!("loading the tokenizer of {}", a.dir.display()))?;
     let mut engine = load_engine(&a.dir, &a.engine, a.ctx)?;
-    let text = if a.chat { chat_prompt(&a.prompt) } else { a.prompt.clone() };
-    let ids: Vec<u32> = tokenizer
-        .encode(text.as_str(), false)
-        .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?
-        .get_ids()
-        .to_vec();
+    let text = if a.chat { engine.config.arch().chat_prompt(&a.prompt) } else { a.prompt.clone() };
+    let ids = tokenizer.encode(&text).context("tokenizing the prompt")?;
     let mut sampler = Sampler::new(SamplerParams {
         temp: a.temp,
         top_k: a.top_k,
@@ -414,76 +359,13 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             let _ = stdout.flush();
         }
     })?;
-    if !json {
-        writeln!(stdout)?;
-    }
-    let st = &g.stats.sched;
-    let n_tok = g.stats.tokens_evaluated.max(1);
-    let mem = engine.memory();
-    let peak = peak_rss_bytes();
-    // Everything else the process holds: code, the tokenizer, allocator slack.
-    let overhead = peak.map(|p| p.saturating_sub(mem.total() as u64));
-    let stats = serde_json::json!({
-        "device": engine.device_name(),
-        "prompt_tokens": g.prompt_tokens,
-        "generated_tokens": g.tokens.len(),
-        "stop": g.stop,
-        "prompt_tok_per_s": g.prompt_tok_per_s(),
-        "gen_tok_per_s": g.gen_tok_per_s(),
-        "expert_hits": st.hits,
-        "expert_misses": st.misses,
-        "expert_hit_rate": st.hit_rate(),
-        "bytes_read": st.bytes_read,
-        "bytes_read_per_token": st.bytes_read / n_tok,
-        "load_stall_s": st.stall.as_secs_f64(),
-        "prefetch": g.stats.prefetch,
-        "arena_bytes": engine.arena_bytes(),
-        "arena_slots": engine.n_slots(),
-        "all_resident": engine.all_resident(),
-        "memory": mem,
-        "peak_rss_bytes": peak,
-        "overhead_bytes": overhead,
-    });
     if json {
-        writeln!(stdout, "{}", serde_json::json!({ "stats": stats }))?;
-    } else if a.stats {
-        eprintln!(
-            "prompt: {} tokens, {:.1} tok/s | generated: {} tokens, {:.1} tok/s (stop: {})",
-            g.prompt_tokens,
-            g.prompt_tok_per_s(),
-            g.tokens.len(),
-            g.gen_tok_per_s(),
-            g.stop
-        );
-        eprintln!(
-            "experts: hit rate {:.1}% ({} hits, {} misses), {} read from shards ({} per token), {:.3} s stalled on loads",
-            100.0 * st.hit_rate(),
-            st.hits,
-            st.misses,
-            short_bytes(st.bytes_read),
-            short_bytes(st.bytes_read / n_tok),
-            st.stall.as_secs_f64()
-        );
-        let pf = &g.stats.prefetch;
-        if pf.issued + pf.skipped > 0 {
-            eprintln!(
-                "prefetch: {} reads started ({} straight into arena slots), {} used by loads, {} not needed; {} predictions not read (recent ones mostly wrong)",
-                pf.issued, pf.into_arena, pf.used, pf.wasted, pf.skipped
-            );
+        writeln!(stdout, "{}", serde_json::json!({ "stats": run_stats(&g, &engine) }))?;
+    } else {
+        writeln!(stdout)?;
+        if a.stats {
+            print_run_stats(&g, &engine);
         }
-        eprintln!(
-            "memory: base {} + arena {} ({} slots of {}) + KV {} + compute {} = {}; peak RSS {} (overhead {}) | device {}",
-            short_bytes(mem.base as u64),
-            short_bytes(mem.arena as u64),
-            engine.n_slots(),
-            short_bytes(engine.slot_bytes() as u64),
-            short_bytes(mem.kv as u64),
-            short_bytes((mem.compute + mem.staging) as u64),
-            short_bytes(mem.total() as u64),
-            peak.map(short_bytes).unwrap_or_else(|| "?".into()),
-            overhead.map(short_bytes).unwrap_or_else(|| "?".into()),
-            engine.device_name()
-        );
     }
     Ok(())
 }
@@ -515,20 +397,5 @@ fn main() -> ExitCode {
             eprintln!("sage: error: {}", sage::error::chain(e.as_ref()));
             ExitCode::FAILURE
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
-        assert_eq!(parse_size("512 MiB").unwrap(), 512 << 20);
-        assert_eq!(parse_size("1.5GB").unwrap(), 1_500_000_000);
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert!(parse_size("2 parsecs").unwrap_err().to_string().contains("unknown size unit"));
-        assert!(parse_size("lots").is_err());
     }
 }

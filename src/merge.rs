@@ -42,20 +42,21 @@ pub fn merge(dir: &Path, out: &Path, force: bool) -> Result<MergeReport> {
 
     let mut g = Gguf::new_empty();
     for key in m.base.keys() {
-        if key.starts_with(SAGE_PREFIX) || key == "general.alignment" {
+        if key.starts_with(SAGE_PREFIX) || key == GENERAL_ALIGNMENT {
             continue;
         }
         let v = m.base.get(&key).expect("listed key");
         g.set(&key, &v).map_err(|e| Error::Usage(format!("{key}: {e}")))?;
     }
     if pooled {
-        g.set(&arch_key(K_EXPERT_COUNT), &GgufValue::U32(n_pool as u32)).map_err(|e| Error::Usage(e.to_string()))?;
+        let key = arch_key(m.config.arch().gguf_arch(), K_EXPERT_COUNT);
+        g.set(&key, &GgufValue::U32(n_pool as u32)).map_err(|e| Error::Usage(e.to_string()))?;
     }
     let tensor_err = |name: &str, e| Error::Tensor { path: out.to_path_buf(), tensor: name.to_string(), source: e };
     for t in &m.base_tensors {
         let ty = t.ty.expect("checked when opened");
         let mut ne = t.ne.clone();
-        if pooled && t.name.ends_with(&format!("{FFN_GATE_INP}.weight")) {
+        if pooled && split_blk(&t.name).is_some_and(|(_, suffix)| suffix == FFN_GATE_INP) {
             ne[1] = n_pool as u64;
         }
         g.add_tensor(&t.name, ty, &ne).map_err(|e| tensor_err(&t.name, e))?;
@@ -63,7 +64,7 @@ pub fn merge(dir: &Path, out: &Path, force: bool) -> Result<MergeReport> {
     for l in layers {
         for p in Proj::ALL {
             let [ne0, ne1] = l.shapes[p.index()];
-            let name = format!("blk.{}.{}.weight", l.il, p.exps());
+            let name = p.stacked(l.il);
             g.add_tensor(&name, l.types[p.index()], &[ne0, ne1, n_pool as u64]).map_err(|e| tensor_err(&name, e))?;
         }
     }
@@ -99,7 +100,7 @@ pub fn merge(dir: &Path, out: &Path, force: bool) -> Result<MergeReport> {
     for l in layers {
         let sizes = l.sizes();
         for p in Proj::ALL {
-            let name = format!("blk.{}.{}.weight", l.il, p.exps());
+            let name = p.stacked(l.il);
             let start: u64 = sizes[..p.index()].iter().sum();
             for &e in &l.ids {
                 m.read_expert_part(l.il, e, start..start + sizes[p.index()], &mut buf)?;

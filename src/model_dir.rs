@@ -14,13 +14,14 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use crate::arch::{base_tensors, Role};
 use crate::config::ModelConfig;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{dims, Error, Result};
 use crate::ggml::{GgmlType, Gguf, GgufArray, GgufTensorInfo, GgufValue};
-use crate::io::{read_at, read_at_into};
+use crate::io::{read_at_into, WatchedFile};
 use crate::names::*;
-use crate::source::open_gguf_checked;
 
 pub const BASE: &str = "base.gguf";
 pub const TOKENIZER: &str = "tokenizer.json";
@@ -31,38 +32,6 @@ pub const FORMAT_VERSION: u32 = 1;
 /// mapped on its own or read with O_DIRECT.
 pub const RECORD_ALIGN: u64 = 4096;
 pub const SHARD_MAGIC: &[u8; 8] = b"SAGEXPRT";
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Role {
-    /// 1-D norm weights: always f32, as llama.cpp keeps them.
-    Norm,
-    /// The router (`ffn_gate_inp`): always f32, as llama.cpp keeps it.
-    Router,
-    /// Matrices that take the requested base type.
-    Weight,
-}
-
-/// Non-expert tensors of a Qwen3-MoE model with their expected shapes (ggml order).
-pub fn base_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<u64>, Role)> {
-    let (e, v) = (cfg.n_embd, cfg.n_vocab);
-    let q = cfg.n_head as u64 * cfg.head_dim;
-    let kv = cfg.n_head_kv as u64 * cfg.head_dim;
-    let mut t = vec![(TOKEN_EMBD.to_string(), vec![e, v], Role::Weight)];
-    for il in 0..cfg.n_layer {
-        t.push((blk(il, ATTN_NORM), vec![e], Role::Norm));
-        t.push((blk(il, ATTN_Q), vec![e, q], Role::Weight));
-        t.push((blk(il, ATTN_K), vec![e, kv], Role::Weight));
-        t.push((blk(il, ATTN_V), vec![e, kv], Role::Weight));
-        t.push((blk(il, ATTN_OUT), vec![q, e], Role::Weight));
-        t.push((blk(il, ATTN_Q_NORM), vec![cfg.head_dim], Role::Norm));
-        t.push((blk(il, ATTN_K_NORM), vec![cfg.head_dim], Role::Norm));
-        t.push((blk(il, FFN_NORM), vec![e], Role::Norm));
-        t.push((blk(il, FFN_GATE_INP), vec![e, cfg.n_expert as u64], Role::Router));
-    }
-    t.push((OUTPUT_NORM.to_string(), vec![e], Role::Norm));
-    t.push((OUTPUT.to_string(), vec![e, v], Role::Weight));
-    t
-}
 
 /// Relative path of layer `il`'s shard.
 pub fn shard_name(il: u32) -> String {
@@ -106,8 +75,14 @@ impl ExpertLayer {
         RECORD_ALIGN + self.ids.len() as u64 * self.stride()
     }
 
-    pub fn slot_of(&self, expert: u32) -> Option<usize> {
+    /// Where expert `expert`'s record is among the layer's records (its rank in `ids`).
+    pub fn record_index(&self, expert: u32) -> Option<usize> {
         self.ids.binary_search(&expert).ok()
+    }
+
+    /// File offset of expert `expert`'s record, None when the layer does not hold it.
+    pub fn record_offset(&self, expert: u32) -> Option<u64> {
+        self.record_index(expert).map(|i| self.offsets[i])
     }
 }
 
@@ -227,7 +202,7 @@ impl Manifest {
                 Some(GgufValue::Array(GgufArray::U64(v))) if v.len() == 6 => [[v[0], v[1]], [v[2], v[3]], [v[4], v[5]]],
                 other => return Err(bad(&key("shapes"), format!("expected 6 u64 dims, got {other:?}"))),
             };
-            let want = [[cfg.n_embd, cfg.n_ff_exp], [cfg.n_embd, cfg.n_ff_exp], [cfg.n_ff_exp, cfg.n_embd]];
+            let want = Proj::ALL.map(|p| cfg.expert_shape(p));
             if shapes != want || (0..3).any(|p| types[p].tensor_size(&shapes[p]).is_none()) {
                 return Err(bad(&key("shapes"), format!("expected {want:?} fitting {types:?}, got {shapes:?}")));
             }
@@ -259,7 +234,8 @@ pub struct ModelDir {
     pub base_tensors: Vec<GgufTensorInfo>,
     pub config: ModelConfig,
     pub manifest: Manifest,
-    shards: Vec<File>,
+    /// One per layer, opened once: the runtime reads its experts through these.
+    pub shards: Arc<Vec<WatchedFile>>,
 }
 
 impl ModelDir {
@@ -279,23 +255,22 @@ impl ModelDir {
         if !base_path.is_file() {
             return Err(bad(format!("{BASE} is missing")));
         }
-        let (base, base_file, base_tensors) = open_gguf_checked(&base_path)?;
+        let (base, base_file, stored) = Gguf::open_checked(&base_path)?;
         let config = ModelConfig::read_gguf(&base, &base_path)?;
-        for (name, want, role) in self::base_tensors(&config) {
-            let t = base_tensors.iter().find(|t| t.name == name);
-            match t {
-                None if name == OUTPUT => {} // tied to the token embedding
+        for spec in base_tensors(&config) {
+            let (name, want, role) = (spec.name, spec.ne, spec.role);
+            match stored.iter().find(|t| t.name == name) {
                 None => return Err(Error::MissingTensor { path: base_path.clone(), tensor: name }),
                 Some(t) if t.ne != want => {
                     return Err(Error::WrongShape {
                         path: base_path.clone(),
                         tensor: name,
-                        expected: crate::convert::dims(&want),
-                        got: crate::convert::dims(&t.ne),
+                        expected: dims(&want),
+                        got: dims(&t.ne),
                     })
                 }
                 Some(t) => {
-                    // sage-convert writes norms and routers in f32, as llama.cpp keeps them;
+                    // sage-convert writes norms, biases and routers in f32, as llama.cpp keeps them;
                     // ggml multiplies by a norm only in f32, and aborts (not errs) on a type
                     // it cannot use.
                     let (ok, expected) = match (t.ty, role) {
@@ -303,7 +278,7 @@ impl ModelDir {
                         (Some(ty), Role::Weight) => {
                             (ty.can_matmul(), "a type ggml can multiply (f32, f16, bf16 or a quantized type)")
                         }
-                        (Some(ty), Role::Norm | Role::Router) => (ty == GgmlType::F32, "f32"),
+                        (Some(ty), Role::Norm | Role::Bias | Role::Router) => (ty == GgmlType::F32, "f32"),
                     };
                     if !ok {
                         return Err(Error::UnsupportedDtype {
@@ -318,15 +293,15 @@ impl ModelDir {
         }
         let manifest = Manifest::read_gguf(&base, &base_path, &config)?;
         let mut shards = Vec::new();
+        let mut header = Vec::new();
         for l in &manifest.layers {
             let p = dir.join(&l.file);
-            let f = File::open(&p).at(&p)?;
-            let len = f.metadata().at(&p)?.len();
-            if len != l.file_size() {
+            let f = WatchedFile::open(&p)?;
+            if f.size() != l.file_size() {
                 let what = format!("{} experts of {} bytes", l.ids.len(), l.record_size());
-                return Err(Error::Truncated { path: p, what, needed: l.file_size(), got: len });
+                return Err(Error::Truncated { path: p, what, needed: l.file_size(), got: f.size() });
             }
-            let header = read_at(&f, &p, 0, RECORD_ALIGN, "shard header")?;
+            f.read_into(0, RECORD_ALIGN as usize, "shard header", &mut header)?;
             if header != shard_header(l, &manifest.conversion_id) {
                 return Err(Error::BadModelDir {
                     path: p,
@@ -340,7 +315,17 @@ impl ModelDir {
             }
             shards.push(f);
         }
-        Ok(ModelDir { path: dir.to_path_buf(), base_path, base, base_file, base_tensors, config, manifest, shards })
+        let shards = Arc::new(shards);
+        Ok(ModelDir {
+            path: dir.to_path_buf(),
+            base_path,
+            base,
+            base_file,
+            base_tensors: stored,
+            config,
+            manifest,
+            shards,
+        })
     }
 
     /// Bytes of expert `expert` of layer `il` (gate, up, down back to back).
@@ -354,19 +339,12 @@ impl ModelDir {
     /// Bytes `range` of an expert's record into `buf`.
     pub fn read_expert_part(&self, il: u32, expert: u32, range: std::ops::Range<u64>, buf: &mut Vec<u8>) -> Result<()> {
         let l = &self.manifest.layers[il as usize];
-        let slot = l.slot_of(expert).ok_or_else(|| Error::BadModelDir {
+        let at = l.record_offset(expert).ok_or_else(|| Error::BadModelDir {
             path: self.path.clone(),
             reason: format!("layer {il} has no expert {expert} (pool {:?})", l.ids),
         })?;
-        let at = l.offsets[slot] + range.start;
-        read_at_into(
-            &self.shards[il as usize],
-            &self.path.join(&l.file),
-            at,
-            range.end - range.start,
-            &format!("expert {expert}"),
-            buf,
-        )
+        let len = (range.end - range.start) as usize;
+        self.shards[il as usize].read_into(at + range.start, len, &format!("expert {expert}"), buf)
     }
 
     /// Bytes `range` (relative to the tensor's start) of a base tensor into `buf`.

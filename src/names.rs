@@ -1,15 +1,17 @@
-//! GGUF key and tensor names in one place: llama.cpp's `qwen3moe.*` hyperparameters and
-//! `blk.N.*` tensors, the tokenizer keys, and sage's own manifest keys.
-
-pub const ARCH: &str = "qwen3moe";
+//! GGUF key and tensor names every architecture shares, in one place: llama.cpp's
+//! `<arch>.*` hyperparameter keys (the prefix is the architecture's, see `arch`), the
+//! `tokenizer.ggml.*` keys, `blk.N.*` tensors, and sage's own manifest keys. A tensor or key
+//! only one family has is named in that family's file under `src/arch/`.
 
 pub const GENERAL_ARCHITECTURE: &str = "general.architecture";
 pub const GENERAL_NAME: &str = "general.name";
 pub const GENERAL_FILE_TYPE: &str = "general.file_type";
+pub const GENERAL_ALIGNMENT: &str = "general.alignment";
+pub const GENERAL_QUANTIZATION_VERSION: &str = "general.quantization_version";
 
-/// `qwen3moe.{suffix}`.
-pub fn arch_key(suffix: &str) -> String {
-    format!("{ARCH}.{suffix}")
+/// `{arch}.{suffix}`: a hyperparameter key of llama.cpp's architecture `arch`.
+pub fn arch_key(arch: &str, suffix: &str) -> String {
+    format!("{arch}.{suffix}")
 }
 
 pub const K_BLOCK_COUNT: &str = "block_count";
@@ -17,12 +19,14 @@ pub const K_CONTEXT_LENGTH: &str = "context_length";
 pub const K_EMBEDDING_LENGTH: &str = "embedding_length";
 pub const K_FEED_FORWARD_LENGTH: &str = "feed_forward_length";
 pub const K_EXPERT_FEED_FORWARD_LENGTH: &str = "expert_feed_forward_length";
+pub const K_EXPERT_SHARED_FEED_FORWARD_LENGTH: &str = "expert_shared_feed_forward_length";
 pub const K_HEAD_COUNT: &str = "attention.head_count";
 pub const K_HEAD_COUNT_KV: &str = "attention.head_count_kv";
 pub const K_KEY_LENGTH: &str = "attention.key_length";
 pub const K_VALUE_LENGTH: &str = "attention.value_length";
 pub const K_RMS_EPS: &str = "attention.layer_norm_rms_epsilon";
 pub const K_ROPE_FREQ_BASE: &str = "rope.freq_base";
+pub const K_ROPE_DIMENSION_COUNT: &str = "rope.dimension_count";
 pub const K_EXPERT_COUNT: &str = "expert_count";
 pub const K_EXPERT_USED_COUNT: &str = "expert_used_count";
 pub const K_EXPERT_WEIGHTS_NORM: &str = "expert_weights_norm";
@@ -31,12 +35,16 @@ pub const K_VOCAB_SIZE: &str = "vocab_size";
 pub const TOK_MODEL: &str = "tokenizer.ggml.model";
 pub const TOK_PRE: &str = "tokenizer.ggml.pre";
 pub const TOK_TOKENS: &str = "tokenizer.ggml.tokens";
+pub const TOK_SCORES: &str = "tokenizer.ggml.scores";
 pub const TOK_TYPES: &str = "tokenizer.ggml.token_type";
 pub const TOK_MERGES: &str = "tokenizer.ggml.merges";
 pub const TOK_BOS: &str = "tokenizer.ggml.bos_token_id";
 pub const TOK_EOS: &str = "tokenizer.ggml.eos_token_id";
+pub const TOK_UNK: &str = "tokenizer.ggml.unknown_token_id";
 pub const TOK_PAD: &str = "tokenizer.ggml.padding_token_id";
 pub const TOK_ADD_BOS: &str = "tokenizer.ggml.add_bos_token";
+pub const TOK_ADD_EOS: &str = "tokenizer.ggml.add_eos_token";
+pub const TOK_ADD_SPACE_PREFIX: &str = "tokenizer.ggml.add_space_prefix";
 pub const TOK_CHAT_TEMPLATE: &str = "tokenizer.chat_template";
 
 /// llama.cpp's token types (`llama_token_type`).
@@ -64,20 +72,35 @@ pub const TOKEN_EMBD: &str = "token_embd.weight";
 pub const OUTPUT_NORM: &str = "output_norm.weight";
 pub const OUTPUT: &str = "output.weight";
 
-/// `blk.{il}.{suffix}.weight`.
+/// `blk.{il}.{suffix}`: a tensor of layer `il` (`suffix` is `attn_q.weight`, `attn_q.bias`, …).
 pub fn blk(il: u32, suffix: &str) -> String {
-    format!("blk.{il}.{suffix}.weight")
+    format!("blk.{il}.{suffix}")
 }
 
-pub const ATTN_NORM: &str = "attn_norm";
-pub const ATTN_Q: &str = "attn_q";
-pub const ATTN_K: &str = "attn_k";
-pub const ATTN_V: &str = "attn_v";
-pub const ATTN_OUT: &str = "attn_output";
-pub const ATTN_Q_NORM: &str = "attn_q_norm";
-pub const ATTN_K_NORM: &str = "attn_k_norm";
-pub const FFN_NORM: &str = "ffn_norm";
-pub const FFN_GATE_INP: &str = "ffn_gate_inp";
+/// Layer `il` and suffix of a `blk.N.*` name.
+pub fn split_blk(name: &str) -> Option<(u32, &str)> {
+    let (il, suffix) = name.strip_prefix("blk.")?.split_once('.')?;
+    Some((il.parse().ok()?, suffix))
+}
+
+pub const ATTN_NORM: &str = "attn_norm.weight";
+pub const ATTN_Q: &str = "attn_q.weight";
+pub const ATTN_K: &str = "attn_k.weight";
+pub const ATTN_V: &str = "attn_v.weight";
+pub const ATTN_Q_BIAS: &str = "attn_q.bias";
+pub const ATTN_K_BIAS: &str = "attn_k.bias";
+pub const ATTN_V_BIAS: &str = "attn_v.bias";
+pub const ATTN_OUT: &str = "attn_output.weight";
+pub const ATTN_Q_NORM: &str = "attn_q_norm.weight";
+pub const ATTN_K_NORM: &str = "attn_k_norm.weight";
+pub const FFN_NORM: &str = "ffn_norm.weight";
+/// The router.
+pub const FFN_GATE_INP: &str = "ffn_gate_inp.weight";
+/// A shared expert (always resident, part of the base) and its gate.
+pub const FFN_GATE_SHEXP: &str = "ffn_gate_shexp.weight";
+pub const FFN_UP_SHEXP: &str = "ffn_up_shexp.weight";
+pub const FFN_DOWN_SHEXP: &str = "ffn_down_shexp.weight";
+pub const FFN_GATE_INP_SHEXP: &str = "ffn_gate_inp_shexp.weight";
 
 /// The three projections of an expert, in the order they are laid out in a shard record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,16 +122,25 @@ impl Proj {
         }
     }
 
-    /// Hugging Face's per-expert name: `gate_proj` etc.
-    pub fn hf(self) -> &'static str {
-        match self {
-            Proj::Gate => "gate_proj",
-            Proj::Up => "up_proj",
-            Proj::Down => "down_proj",
-        }
+    /// llama.cpp's name of layer `il`'s stacked tensor: `blk.{il}.ffn_gate_exps.weight`.
+    pub fn stacked(self, il: u32) -> String {
+        format!("blk.{il}.{}.weight", self.exps())
     }
 
     pub fn index(self) -> usize {
         self as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_names_round_trip() {
+        assert_eq!(blk(3, ATTN_Q_BIAS), "blk.3.attn_q.bias");
+        assert_eq!(split_blk("blk.12.ffn_gate_inp.weight"), Some((12, FFN_GATE_INP)));
+        assert_eq!(split_blk("output.weight"), None);
+        assert_eq!(Proj::Down.stacked(7), "blk.7.ffn_down_exps.weight");
     }
 }

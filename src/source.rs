@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, SafeTensors};
 
-use crate::config::{read_hf_config, HfLayout, ModelConfig};
+use crate::arch::{base_tensors, FromHf, HfLayout, TensorSpec};
+use crate::config::{read_hf_config, ModelConfig};
 use crate::error::{Error, IoContext, Result};
 use crate::ggml::{GgmlType, Gguf, GgufTensorInfo, GgufValue, Mapped};
 use crate::io::read_at_into;
@@ -65,7 +66,7 @@ pub trait Source {
     }
     /// The source's own name for one expert's projection, for error messages.
     fn expert_source_name(&self, il: u32, e: u32, proj: Proj) -> String {
-        format!("blk.{il}.{}.weight[expert {e}]", proj.exps())
+        format!("{}[expert {e}]", proj.stacked(il))
     }
     /// A fixed conversion id, for sources whose output is a function of their inputs alone
     /// (synthetic models: same seed, same bytes); None draws a fresh random id.
@@ -106,6 +107,8 @@ pub struct HfSource {
     config: ModelConfig,
     files: Vec<(PathBuf, File)>,
     tensors: BTreeMap<String, StEntry>,
+    /// The base tensors the family declares, by llama.cpp name.
+    specs: BTreeMap<String, TensorSpec>,
 }
 
 fn ggml_type_of(dtype: Dtype) -> Option<GgmlType> {
@@ -174,7 +177,7 @@ impl HfSource {
             })?;
             let data_start = 8 + n as u64;
             for (tname, info) in meta.tensors() {
-                if !keep_hf_name(layout, &tname) {
+                if !layout.keeps(&tname) {
                     continue;
                 }
                 let (b, e) = info.data_offsets;
@@ -191,34 +194,19 @@ impl HfSource {
             }
             files.push((path, file));
         }
-        Ok(HfSource { dir: dir.to_path_buf(), layout, config, files, tensors })
+        let specs = base_tensors(&config).into_iter().map(|t| (t.name.clone(), t)).collect();
+        Ok(HfSource { dir: dir.to_path_buf(), layout, config, files, tensors, specs })
     }
 
-    /// Hugging Face name of a base tensor (llama.cpp name in).
+    /// Hugging Face name of a base tensor (llama.cpp name in): the first of the family's
+    /// names for it that the checkpoint has, else the first (for error messages).
     fn hf_base_name(&self, name: &str) -> Option<String> {
-        let p = self.layout.model_prefix();
-        match name {
-            TOKEN_EMBD => return Some(format!("{p}embed_tokens.weight")),
-            OUTPUT_NORM => return Some(format!("{p}norm.weight")),
-            OUTPUT => return Some(self.layout.lm_head().into()),
-            _ => {}
+        if name == OUTPUT {
+            return Some(self.layout.lm_head.into());
         }
-        let rest = name.strip_prefix("blk.")?;
-        let (il, rest) = rest.split_once('.')?;
-        let suffix = rest.strip_suffix(".weight")?;
-        let hf = match suffix {
-            ATTN_NORM => "input_layernorm",
-            ATTN_Q => "self_attn.q_proj",
-            ATTN_K => "self_attn.k_proj",
-            ATTN_V => "self_attn.v_proj",
-            ATTN_OUT => "self_attn.o_proj",
-            ATTN_Q_NORM => "self_attn.q_norm",
-            ATTN_K_NORM => "self_attn.k_norm",
-            FFN_NORM => "post_attention_layernorm",
-            FFN_GATE_INP => "mlp.gate",
-            _ => return None,
-        };
-        Some(format!("{p}layers.{il}.{hf}.weight"))
+        let names: Vec<String> =
+            self.specs.get(name)?.hf.iter().map(|h| format!("{}{h}", self.layout.model_prefix)).collect();
+        names.iter().find(|n| self.tensors.contains_key(*n)).or(names.first()).cloned()
     }
 
     fn entry_meta(&self, hf_name: &str, e: &StEntry) -> Result<TensorMeta> {
@@ -228,7 +216,12 @@ impl HfSource {
             got: format!("{:?}", e.dtype),
             expected: "F32, F16 or BF16".into(),
         })?;
-        Ok(TensorMeta { ty, ne: e.shape.iter().rev().copied().collect() })
+        // ggml order; trailing 1s dropped, as GGUF files record shapes ([1, n_embd] gates).
+        let mut ne: Vec<u64> = e.shape.iter().rev().copied().collect();
+        while ne.len() > 1 && ne.last() == Some(&1) {
+            ne.pop();
+        }
+        Ok(TensorMeta { ty, ne })
     }
 
     fn read(&self, hf_name: &str, e: &StEntry, start: u64, len: u64, buf: &mut Vec<u8>) -> Result<()> {
@@ -236,25 +229,23 @@ impl HfSource {
         read_at_into(file, path, start, len, &format!("tensor '{hf_name}'"), buf)
     }
 
-    fn fused(&self, il: u32, which: &str) -> Option<(String, &StEntry)> {
-        let n = format!("{}layers.{il}.mlp.experts.{which}", self.layout.model_prefix());
+    /// transformers 5's fused tensor holding `proj` of every expert of layer `il`.
+    fn fused(&self, il: u32, proj: Proj) -> Option<(String, &StEntry)> {
+        let n = self.fused_name(il, proj);
         self.tensors.get(&n).map(|e| (n, e))
     }
 
+    fn fused_name(&self, il: u32, proj: Proj) -> String {
+        let [gate_up, down] = self.config.arch().hf_fused_experts(il);
+        format!("{}{}", self.layout.model_prefix, if proj == Proj::Down { down } else { gate_up })
+    }
+
     fn per_expert_name(&self, il: u32, e: u32, proj: Proj) -> String {
-        format!("{}layers.{il}.mlp.experts.{e}.{}.weight", self.layout.model_prefix(), proj.hf())
+        format!("{}{}", self.layout.model_prefix, self.config.arch().hf_expert(il, e, proj))
     }
 
     fn missing(&self, tensor: String) -> Error {
         Error::MissingTensor { path: self.dir.clone(), tensor }
-    }
-}
-
-/// Which safetensors names belong to the text model (Omni's audio, vision and talker parts do not).
-fn keep_hf_name(layout: HfLayout, name: &str) -> bool {
-    match layout {
-        HfLayout::Qwen3Moe => true,
-        HfLayout::Qwen3OmniThinker => name.starts_with("thinker.model.") || name.starts_with("thinker.lm_head."),
     }
 }
 
@@ -295,8 +286,22 @@ impl Source for HfSource {
     fn read_base(&self, name: &str, rows: Range<u64>, buf: &mut Vec<u8>) -> Result<()> {
         let hf = self.hf_base_name(name).ok_or_else(|| self.missing(name.to_string()))?;
         let e = self.tensors.get(&hf).ok_or_else(|| self.missing(hf.clone()))?;
-        let row = self.entry_meta(&hf, e)?.row_size();
-        self.read(&hf, e, e.start + rows.start * row, (rows.end - rows.start) * row, buf)
+        let meta = self.entry_meta(&hf, e)?;
+        let row = meta.row_size();
+        match self.specs.get(name).map_or(FromHf::AsIs, |s| s.from_hf) {
+            FromHf::AsIs => self.read(&hf, e, e.start + rows.start * row, (rows.end - rows.start) * row, buf),
+            // Rows reordered: each read from where it lies.
+            from => {
+                let n_rows = meta.n_rows();
+                buf.clear();
+                let mut one = Vec::new();
+                for r in rows {
+                    self.read(&hf, e, e.start + from.source_row(r, n_rows) * row, row, &mut one)?;
+                    buf.extend_from_slice(&one);
+                }
+                Ok(())
+            }
+        }
     }
 
     fn expert_meta(&self, il: u32, e: u32, proj: Proj) -> Result<TensorMeta> {
@@ -306,8 +311,7 @@ impl Source for HfSource {
         }
         // transformers 5 in memory (and checkpoints saved that way): gate_up_proj [E, 2F, D]
         // (gate rows first) and down_proj [E, D, F].
-        let which = if proj == Proj::Down { "down_proj" } else { "gate_up_proj" };
-        let (fname, entry) = self.fused(il, which).ok_or_else(|| self.missing(name))?;
+        let (fname, entry) = self.fused(il, proj).ok_or_else(|| self.missing(name))?;
         let m = self.entry_meta(&fname, entry)?;
         if m.ne.len() != 3 || (proj != Proj::Down && m.ne[1] % 2 != 0) || e as u64 >= m.ne[2] {
             return Err(Error::WrongShape {
@@ -327,8 +331,7 @@ impl Source for HfSource {
         if let Some(entry) = self.tensors.get(&name) {
             return self.read(&name, entry, entry.start, entry.end - entry.start, buf);
         }
-        let which = if proj == Proj::Down { "down_proj" } else { "gate_up_proj" };
-        let (fname, entry) = self.fused(il, which).ok_or_else(|| self.missing(name))?;
+        let (fname, entry) = self.fused(il, proj).ok_or_else(|| self.missing(name))?;
         let size = meta.size();
         let per_expert = if proj == Proj::Down { size } else { 2 * size };
         let mut start = entry.start + e as u64 * per_expert;
@@ -351,8 +354,7 @@ impl Source for HfSource {
         if self.tensors.contains_key(&name) {
             return name;
         }
-        let which = if proj == Proj::Down { "down_proj" } else { "gate_up_proj" };
-        format!("{}layers.{il}.mlp.experts.{which}[{e}]", self.layout.model_prefix())
+        format!("{}[{e}]", self.fused_name(il, proj))
     }
 }
 
@@ -367,30 +369,9 @@ pub struct GgufSource {
     tensors: BTreeMap<String, GgufTensorInfo>,
 }
 
-/// Open a GGUF file and check that every tensor's data lies inside it.
-pub fn open_gguf_checked(path: &Path) -> Result<(Gguf, File, Vec<GgufTensorInfo>)> {
-    let file = File::open(path).at(path)?;
-    let gguf = Gguf::open(path).map_err(|e| Error::BadGguf { path: path.to_path_buf(), reason: e.to_string() })?;
-    let len = file.metadata().at(path)?.len();
-    let data = gguf.data_offset();
-    let infos = gguf.tensors();
-    for t in &infos {
-        let end = data.saturating_add(t.offset).saturating_add(t.size);
-        if end > len {
-            return Err(Error::Truncated {
-                path: path.to_path_buf(),
-                what: format!("tensor '{}'", t.name),
-                needed: end,
-                got: len,
-            });
-        }
-    }
-    Ok((gguf, file, infos))
-}
-
 impl GgufSource {
     pub fn open(path: &Path) -> Result<GgufSource> {
-        let (gguf, file, infos) = open_gguf_checked(path)?;
+        let (gguf, file, infos) = Gguf::open_checked(path)?;
         let config = ModelConfig::read_gguf(&gguf, path)?;
         let tensors = infos.into_iter().map(|t| (t.name.clone(), t)).collect();
         Ok(GgufSource { path: path.to_path_buf(), file, gguf, config, tensors })
@@ -443,7 +424,7 @@ impl Source for GgufSource {
     }
 
     fn expert_meta(&self, il: u32, e: u32, proj: Proj) -> Result<TensorMeta> {
-        let name = format!("blk.{il}.{}.weight", proj.exps());
+        let name = proj.stacked(il);
         let t = self.info(&name)?;
         let m = self.meta_of(t)?;
         if m.ne.len() != 3 || e as u64 >= m.ne[2] {
@@ -459,7 +440,7 @@ impl Source for GgufSource {
 
     fn read_expert(&self, il: u32, e: u32, proj: Proj, buf: &mut Vec<u8>) -> Result<()> {
         let size = self.expert_meta(il, e, proj)?.size();
-        let t = self.info(&format!("blk.{il}.{}.weight", proj.exps()))?;
+        let t = self.info(&proj.stacked(il))?;
         self.read(t, e as u64 * size, size, buf)
     }
 
@@ -472,7 +453,7 @@ impl Source for GgufSource {
         self.gguf
             .keys()
             .into_iter()
-            .filter(|k| !k.starts_with(SAGE_PREFIX) && k != "general.alignment" && k != GENERAL_FILE_TYPE)
+            .filter(|k| !k.starts_with(SAGE_PREFIX) && k != GENERAL_ALIGNMENT && k != GENERAL_FILE_TYPE)
             .filter_map(|k| self.gguf.get(&k).map(|v| (k, v)))
             .collect()
     }

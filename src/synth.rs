@@ -25,28 +25,33 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use crate::arch::{base_tensors, Role};
 use crate::config::{read_hf_config, ModelConfig};
-use crate::convert::{convert_source, expert_shape, target_type, ConvertOptions, ConvertReport};
+use crate::convert::{convert_source, ConvertOptions, ConvertReport, Progress};
 use crate::error::{Error, IoContext, Result};
 use crate::ggml::{GgmlType, GgufValue};
 use crate::merge::{merge, MergeReport};
-use crate::model_dir::{base_tensors, Role};
 use crate::names::*;
 use crate::source::{Source, TensorMeta};
 use crate::tokenizer::TokenizerData;
 
-/// The models `--like` knows, with their published `config.json`.
-pub const LIKE: [(&str, &str); 3] = [
-    ("qwen3-30b-a3b", include_str!("../tests/fixtures/configs/qwen3-30b-a3b.config.json")),
-    ("qwen3-omni-30b-a3b", include_str!("../tests/fixtures/configs/qwen3-omni-30b-a3b-instruct.config.json")),
-    ("tiny", include_str!("../tests/fixtures/tiny-qwen3moe/config.json")),
+/// The models `--like` knows, with their published `config.json` (configs/README.md says
+/// where each comes from).
+pub const LIKE: [(&str, &str); 6] = [
+    ("qwen3-30b-a3b", include_str!("../configs/qwen3-30b-a3b.config.json")),
+    ("qwen3-omni-30b-a3b", include_str!("../configs/qwen3-omni-30b-a3b-instruct.config.json")),
+    ("mixtral-8x7b", include_str!("../configs/mixtral-8x7b.config.json")),
+    ("olmoe-1b-7b", include_str!("../configs/olmoe-1b-7b.config.json")),
+    ("qwen1.5-moe-a2.7b", include_str!("../configs/qwen1.5-moe-a2.7b.config.json")),
+    ("tiny", include_str!("../configs/tiny-qwen3moe.config.json")),
 ];
 
-/// The tokenizer every synthetic model gets: the tiny fixture's byte-level BPE (Qwen2 split,
-/// 512 tokens). Embedding rows past it are padding (`[PADn]`, unused), as llama.cpp's
-/// converter writes for checkpoints whose embedding is larger than their tokenizer.
-const TOKENIZER_JSON: &str = include_str!("../tests/fixtures/tiny-qwen3moe/tokenizer.json");
-const TOKENIZER_CONFIG_JSON: &str = include_str!("../tests/fixtures/tiny-qwen3moe/tokenizer_config.json");
+/// The tokenizer every synthetic model gets, whatever its family: a tiny byte-level BPE
+/// (Qwen2 split, 503 tokens). Embedding rows past it are padding (`[PADn]`, unused), as
+/// llama.cpp's converter writes for checkpoints whose embedding is larger than their
+/// tokenizer.
+const TOKENIZER_JSON: &str = include_str!("../configs/synth-tokenizer/tokenizer.json");
+const TOKENIZER_CONFIG_JSON: &str = include_str!("../configs/synth-tokenizer/tokenizer_config.json");
 
 /// What to tell whoever measures on a synthetic model.
 pub const ROUTING_NOTICE: &str = "random weights: the router is random, so expert routing is near uniform \
@@ -106,8 +111,6 @@ pub struct SynthOptions {
     pub merged: Option<PathBuf>,
     /// Replace an existing model directory and merged file.
     pub force: bool,
-    /// Draw a progress bar on stderr.
-    pub progress: bool,
 }
 
 #[derive(Debug)]
@@ -120,8 +123,9 @@ pub struct SynthReport {
     pub merge_seconds: f64,
 }
 
-/// Write a synthetic model directory at `out` (and the merged GGUF when asked).
-pub fn synth(out: &Path, opts: &SynthOptions) -> Result<SynthReport> {
+/// Write a synthetic model directory at `out` (and the merged GGUF when asked), telling
+/// `progress` how far the model directory is.
+pub fn synth(out: &Path, opts: &SynthOptions, progress: Progress) -> Result<SynthReport> {
     if let Some(m) = &opts.merged {
         // Refuse before minutes of writing, not after.
         if m.exists() && !opts.force {
@@ -139,11 +143,10 @@ pub fn synth(out: &Path, opts: &SynthOptions) -> Result<SynthReport> {
         quant_base: Some(opts.quant),
         quant_experts: Some(opts.quant),
         force: opts.force,
-        progress: opts.progress,
         ..Default::default()
     };
     let t0 = std::time::Instant::now();
-    let convert = convert_source(&src, out, &copts)?;
+    let convert = convert_source(&src, out, &copts, progress)?;
     let dir_seconds = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
     let merged = match &opts.merged {
@@ -427,14 +430,10 @@ impl SynthSource {
     pub fn new(like: &str, layers: Option<u32>, seed: u64, quant: GgmlType, exact: bool) -> Result<SynthSource> {
         let spec = SpecDir::create()?;
         let cfg = spec_config(&spec, like, layers)?;
-        let base = base_tensors(&cfg).into_iter().map(|(n, ne, r)| (n, (ne, r))).collect();
-        let expert_types = Proj::ALL.map(|p| {
-            if exact {
-                GgmlType::F16
-            } else {
-                target_type(Role::Weight, quant, expert_shape(&cfg, p)[0])
-            }
-        });
+        let base = base_tensors(&cfg).into_iter().map(|t| (t.name, (t.ne, t.role))).collect();
+        let expert_types =
+            Proj::ALL
+                .map(|p| if exact { GgmlType::F16 } else { Role::Weight.target_type(quant, cfg.expert_shape(p)[0]) });
         if !exact && !expert_types.iter().all(|t| t.can_quantize()) {
             return Err(Error::Usage(format!("ggml cannot quantize to {quant} without an importance matrix")));
         }
@@ -463,7 +462,7 @@ impl SynthSource {
     fn ty(role: Role) -> GgmlType {
         match role {
             Role::Weight => GgmlType::F16,
-            Role::Norm | Role::Router => GgmlType::F32,
+            Role::Norm | Role::Bias | Role::Router => GgmlType::F32,
         }
     }
 
@@ -500,19 +499,17 @@ impl Source for SynthSource {
     }
 
     fn base_meta(&self, name: &str) -> Result<Option<TensorMeta>> {
-        if name == OUTPUT && self.cfg.tie_word_embeddings {
-            return Ok(None);
-        }
         let (ne, role) = self.base_entry(name)?;
         Ok(Some(TensorMeta { ty: Self::ty(*role), ne: ne.clone() }))
     }
 
     fn read_base(&self, name: &str, rows: Range<u64>, buf: &mut Vec<u8>) -> Result<()> {
         let (ne, role) = self.base_entry(name)?;
+        let writes = |suffix: &str| split_blk(name).is_some_and(|(_, s)| s == suffix);
         let dist = match role {
             Role::Weight if name == TOKEN_EMBD => &self.embd,
-            Role::Weight if name.ends_with(&format!("{ATTN_OUT}.weight")) => &self.write,
-            Role::Weight => &self.weight,
+            Role::Weight if writes(ATTN_OUT) || writes(FFN_DOWN_SHEXP) => &self.write,
+            Role::Weight | Role::Bias => &self.weight,
             Role::Norm => &self.norm,
             Role::Router => &self.router,
         };
@@ -521,12 +518,12 @@ impl Source for SynthSource {
     }
 
     fn expert_meta(&self, _il: u32, _e: u32, proj: Proj) -> Result<TensorMeta> {
-        Ok(TensorMeta { ty: self.expert_types[proj.index()], ne: expert_shape(&self.cfg, proj).to_vec() })
+        Ok(TensorMeta { ty: self.expert_types[proj.index()], ne: self.cfg.expert_shape(proj).to_vec() })
     }
 
     fn read_expert(&self, il: u32, e: u32, proj: Proj, buf: &mut Vec<u8>) -> Result<()> {
-        let [ne0, ne1] = expert_shape(&self.cfg, proj);
-        let seed = hash_str(self.seed, &format!("blk.{il}.{}.weight[{e}]", proj.exps()));
+        let [ne0, ne1] = self.cfg.expert_shape(proj);
+        let seed = hash_str(self.seed, &format!("{}[{e}]", proj.stacked(il)));
         if self.exact {
             let dist = if proj == Proj::Down { &self.write } else { &self.weight };
             dist.fill(GgmlType::F16, seed, ne0, 0..ne1, buf);

@@ -10,7 +10,7 @@ fuzz_target!(init: sage_fuzz::init(), |data: &[u8]| {
     let Some(text) = sage_fuzz::text(data) else { return };
     let path = Path::new("fuzz/config.json");
     let Ok((_layout, cfg)) = sage::config::parse_hf_config(text, path) else { return };
-    let _ = sage::model_dir::base_tensors(&cfg);
+    let _ = sage::arch::base_tensors(&cfg);
     let _ = sage::footprint::of_config(&cfg, &sage::footprint::FootprintOptions::default());
     let _ = cfg.write_gguf(&mut sage::ggml::Gguf::new_empty());
 });

@@ -17,7 +17,8 @@ fuzz_target!(init: sage_fuzz::init(), |data: &[u8]| {
     )
     .expect("the micro config parses");
     let _ = sage::tokenizer::TokenizerData::from_hf_dir(&dir, &cfg);
-    if let Ok(tok) = sage::engine::generate::load_tokenizer(&dir) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    if let Ok(tok) = sage::tokenizer::validate_json(text, &dir.join("tokenizer.json")) {
         if let Ok(enc) = tok.encode("And God said unto Moses, def f(x): return x", false) {
             let _ = tok.decode(enc.get_ids(), false);
         }

@@ -1,16 +1,13 @@
-//! Text in, tokens out: tokenize (tokenizers crate), optional Qwen chat template, prompt
-//! evaluation, sampling, streaming, timings.
+//! Tokens in, tokens out: prompt evaluation, sampling, streaming text, timings. (Tokenizing
+//! and the chat template are the tokenizer's and the family's: `tokenizer::Tokenizer`,
+//! `arch::Arch::chat_prompt`.)
 
 use std::time::{Duration, Instant};
 
 use super::sampler::Sampler;
 use super::{Engine, EngineStats};
 use crate::error::{Error, Result};
-
-/// The Qwen chat template for one user turn, ready for the assistant's answer.
-pub fn chat_prompt(user: &str) -> String {
-    format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
-}
+use crate::tokenizer::Tokenizer;
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Generation {
@@ -34,19 +31,12 @@ impl Generation {
     }
 }
 
-/// Loads `tokenizer.json` of a model directory.
-pub fn load_tokenizer(dir: &std::path::Path) -> Result<tokenizers::Tokenizer> {
-    let path = dir.join(crate::model_dir::TOKENIZER);
-    let json = std::fs::read_to_string(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
-    crate::tokenizer::validate_json(&json, &path)
-}
-
 impl Engine {
     /// Generate from `prompt_ids` after a fresh context. `on_token(id, text_piece)` sees each
     /// token as it is made (the piece is empty while a UTF-8 character is incomplete).
     pub fn generate(
         &mut self,
-        tokenizer: &tokenizers::Tokenizer,
+        tokenizer: &Tokenizer,
         prompt_ids: &[u32],
         max_tokens: usize,
         sampler: &mut Sampler,
@@ -79,7 +69,7 @@ impl Engine {
             }
             out.push(id);
             history.push(id);
-            let full = tokenizer.decode(&out, false).map_err(|e| Error::Usage(format!("decoding tokens: {e}")))?;
+            let full = tokenizer.decode(&out)?;
             let piece =
                 if full.ends_with('\u{FFFD}') || !full.starts_with(text.as_str()) { "" } else { &full[text.len()..] };
             on_token(id, piece);
@@ -96,7 +86,7 @@ impl Engine {
             logits = self.eval(&[id], false)?;
         }
         let gen_time = t1.elapsed();
-        let text = tokenizer.decode(&out, false).map_err(|e| Error::Usage(format!("decoding tokens: {e}")))?;
+        let text = tokenizer.decode(&out)?;
         Ok(Generation {
             prompt_tokens: prompt_ids.len(),
             tokens: out,

@@ -2,6 +2,7 @@
 //! to be written.
 
 use std::ffi::{c_char, c_void, CStr, CString};
+use std::fs::File;
 use std::path::Path;
 use std::ptr::NonNull;
 
@@ -97,6 +98,29 @@ impl Drop for Gguf {
 }
 
 impl Gguf {
+    /// Open a GGUF file as `open` does and check that every tensor's data lies inside it;
+    /// with the file, for reading tensor data, and the tensor infos.
+    pub fn open_checked(path: &Path) -> crate::Result<(Gguf, File, Vec<GgufTensorInfo>)> {
+        use crate::error::{Error, IoContext};
+        let file = File::open(path).at(path)?;
+        let gguf = Gguf::open(path).map_err(|e| Error::BadGguf { path: path.to_path_buf(), reason: e.to_string() })?;
+        let len = file.metadata().at(path)?.len();
+        let data = gguf.data_offset();
+        let infos = gguf.tensors();
+        for t in &infos {
+            let end = data.saturating_add(t.offset).saturating_add(t.size);
+            if end > len {
+                return Err(Error::Truncated {
+                    path: path.to_path_buf(),
+                    what: format!("tensor '{}'", t.name),
+                    needed: end,
+                    got: len,
+                });
+            }
+        }
+        Ok((gguf, file, infos))
+    }
+
     /// Read the header, metadata and tensor infos of a GGUF file (not the tensor data).
     /// The error is ggml's own description of what is wrong.
     pub fn open(path: &Path) -> Result<Gguf, FfiError> {

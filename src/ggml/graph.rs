@@ -250,6 +250,10 @@ impl Context {
     pub fn sum_rows<'a>(&'a self, a: Tensor<'a>) -> Tensor<'a> {
         op!(self, sys::ggml_sum_rows(self.c(), a.ptr.as_ptr()))
     }
+    /// x · sigmoid(x), elementwise.
+    pub fn silu<'a>(&'a self, a: Tensor<'a>) -> Tensor<'a> {
+        op!(self, sys::ggml_silu(self.c(), a.ptr.as_ptr()))
+    }
     /// a / b (b broadcast over a).
     pub fn div<'a>(&'a self, a: Tensor<'a>, b: Tensor<'a>) -> Tensor<'a> {
         op!(self, sys::ggml_div(self.c(), a.ptr.as_ptr(), b.ptr.as_ptr()))

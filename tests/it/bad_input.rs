@@ -29,13 +29,14 @@ fn unknown_architecture() {
     let dir = tmp();
     let c = damaged_copy(dir.path());
     let cfg =
-        std::fs::read_to_string(c.join("config.json")).unwrap().replace("Qwen3MoeForCausalLM", "MixtralForCausalLM");
+        std::fs::read_to_string(c.join("config.json")).unwrap().replace("Qwen3MoeForCausalLM", "DeepseekV2ForCausalLM");
     std::fs::write(c.join("config.json"), cfg).unwrap();
     let e = convert_err(&c, dir.path());
-    assert!(
-        e.contains("config.json: unsupported architecture 'MixtralForCausalLM'; sage supports Qwen3MoeForCausalLM"),
-        "{e}"
-    );
+    // One error, listing every architecture sage converts.
+    assert!(e.contains("config.json: unsupported architecture 'DeepseekV2ForCausalLM'; sage supports "), "{e}");
+    for a in ["Qwen3MoeForCausalLM", "MixtralForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM"] {
+        assert!(e.contains(a), "{a} not listed: {e}");
+    }
 }
 
 #[test]
@@ -46,7 +47,19 @@ fn gguf_of_another_architecture() {
     let p = dir.path().join("llama.gguf");
     std::fs::write(&p, g.meta_bytes()).unwrap();
     let e = convert_err(&p, dir.path());
-    assert!(e.contains("llama.gguf: unsupported architecture 'llama'; sage supports 'qwen3moe'"), "{e}");
+    // llama.cpp writes Mixtral as `llama` with experts; a dense Llama is not a Mixture of Experts.
+    assert!(
+        e.contains("llama.gguf: unsupported architecture 'llama' without experts; sage supports 'qwen3moe'"),
+        "{e}"
+    );
+    let mut g = sage::ggml::Gguf::new_empty();
+    g.set("general.architecture", &GgufValue::Str("gemma".into())).unwrap();
+    std::fs::write(&p, g.meta_bytes()).unwrap();
+    let e = convert_err(&p, dir.path());
+    assert!(
+        e.contains("unsupported architecture 'gemma'; sage supports 'qwen3moe' (Qwen3-MoE), 'llama' (Mixtral)"),
+        "{e}"
+    );
 }
 
 #[test]

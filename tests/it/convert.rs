@@ -263,7 +263,7 @@ fn a_failed_conversion_never_leaves_a_directory_that_loads() {
     let dir = tmp();
     let out = dir.path().join("model");
     let src = FailingSource(source::open(&plain()).unwrap());
-    let e = convert_source(&src, &out, &opts(Some(GgmlType::Q8_0))).unwrap_err().to_string();
+    let e = convert_source(&src, &out, &opts(Some(GgmlType::Q8_0)), &mut |_, _, _| {}).unwrap_err().to_string();
     assert!(e.contains("injected read failure"), "{e}");
     assert!(!out.join("base.gguf").exists());
     assert!(out.join("experts/blk.000.bin").exists(), "layer 0 was finished before the failure");
@@ -359,7 +359,9 @@ fn cli_converts_inspects_and_merges() {
     let (ok, stdout, _) = run(&["inspect", out.to_str().unwrap()]);
     assert!(ok);
     assert!(
-        stdout.contains("q8_0: 10 ×") && stdout.contains("q4_K: 48 ×") && stdout.contains("blk.0-1: 8 (0-7)"),
+        stdout.contains("q8_0: 10 tensors,")
+            && stdout.contains("q4_K: 48 projections,")
+            && stdout.contains("blk.0-1: 8 (0-7)"),
         "{stdout}"
     );
     let (ok, stdout, _) = run(&["inspect", "--json", out.to_str().unwrap()]);

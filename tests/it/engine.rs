@@ -110,7 +110,7 @@ fn greedy_generation_matches_llama_cpp() {
     for ty in [GgmlType::F32, GgmlType::Q8_0, GgmlType::Q4_K] {
         let (model_dir, gguf) = converted(dir.path(), ty, None);
         let llama = load_llama(&gguf);
-        let tk = sage::engine::generate::load_tokenizer(&model_dir).unwrap();
+        let tk = sage::tokenizer::Tokenizer::load(&model_dir).unwrap();
         for arena in [ArenaSize::All, ArenaSize::Experts(3)] {
             let mut e = Engine::load(&model_dir, exact(arena)).unwrap();
             for p in reference() {
@@ -501,7 +501,7 @@ fn prefetch_gate_stops_reading_wrong_predictions() {
     assert!(p.issued > 0, "the gate starts open: {p:?}");
     assert!(p.skipped > p.issued, "the gate closed for most of the run: {p:?}");
     assert!(p.used + p.wasted <= p.issued, "{p:?}");
-    assert!((p.used as f64) < sage::engine::prefetch::PrefetchGate::MIN_PRECISION * p.issued as f64, "{p:?}");
+    assert!((p.used as f64) < sage::engine::predict::PrefetchGate::MIN_PRECISION * p.issued as f64, "{p:?}");
 }
 
 #[test]

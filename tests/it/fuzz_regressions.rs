@@ -48,7 +48,7 @@ fn tokenizer_json_that_panicked_the_tokenizers_crate() {
     // sage run: a model directory's tokenizer.json (library and CLI).
     let (model, _) = convert_into(&plain(), dir.path(), &opts(Some(GgmlType::Q8_0)));
     std::fs::write(model.join("tokenizer.json"), &bytes).unwrap();
-    let err = sage::engine::generate::load_tokenizer(&model).unwrap_err().to_string();
+    let err = sage::tokenizer::Tokenizer::load(&model).err().expect("refused").to_string();
     assert!(err.contains("tokenizer.json") && err.contains("not JSON"), "{err}");
     let stderr = sage_run_fails(&model);
     assert!(stderr.contains("tokenizer.json") && !stderr.contains("panicked"), "{stderr}");
@@ -87,8 +87,7 @@ fn config_json_with_too_many_layers() {
 #[test]
 fn config_limits_are_where_they_are_said_to_be() {
     let base: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("configs/qwen3-30b-a3b.config.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(configs().join("qwen3-30b-a3b.config.json")).unwrap()).unwrap();
     let path = std::path::Path::new("config.json");
     for (key, limit) in
         [("num_hidden_layers", 512u64), ("num_experts", 512), ("hidden_size", 1 << 20), ("vocab_size", 1 << 24)]

@@ -179,7 +179,7 @@ fn damaged_usage_json_is_a_clear_error() {
     let model_dir = convert_bundled(dir.path(), GgmlType::Q8_0);
     let cfg = ModelDir::open(&model_dir).unwrap().config;
     let mut trace =
-        sage::usage::RouteTrace::new(cfg.n_layer as usize, cfg.n_expert as usize, cfg.n_expert_used as usize);
+        sage::engine::trace::RouteTrace::new(cfg.n_layer as usize, cfg.n_expert as usize, cfg.n_expert_used as usize);
     for c in trace.choices.iter_mut() {
         c.extend([0, 1, 2, 3, 4, 5, 6, 7]);
     }

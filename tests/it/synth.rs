@@ -3,9 +3,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use sage::arch::{base_tensors, Role};
 use sage::config::read_hf_config;
 use sage::ggml::{dequantize, GgmlType};
-use sage::model_dir::{base_tensors, shard_name, ModelDir, Role, BASE, RECORD_ALIGN, TOKENIZER};
+use sage::model_dir::{shard_name, ModelDir, BASE, RECORD_ALIGN, TOKENIZER};
 use sage::names::*;
 use sage::synth::{synth, synth_config, SynthOptions, SynthReport, WEIGHT_STD, WRITE_STD};
 use sage::usage::Usage;
@@ -13,20 +14,11 @@ use sage::usage::Usage;
 use crate::util::*;
 
 fn opts(like: &str, quant: GgmlType, seed: u64) -> SynthOptions {
-    SynthOptions {
-        like: like.into(),
-        quant,
-        layers: None,
-        seed,
-        exact: false,
-        merged: None,
-        force: false,
-        progress: false,
-    }
+    SynthOptions { like: like.into(), quant, layers: None, seed, exact: false, merged: None, force: false }
 }
 
 fn write(out: &Path, o: &SynthOptions) -> SynthReport {
-    synth(out, o).unwrap_or_else(|e| panic!("synth {}: {e}", o.like))
+    synth(out, o, &mut |_, _, _| {}).unwrap_or_else(|e| panic!("synth {}: {e}", o.like))
 }
 
 fn sage_convert(args: &[&str]) -> Output {
@@ -85,7 +77,7 @@ fn synth_tiny_has_the_shapes_types_and_counts_of_its_config() {
     // Base: every tensor the config implies, norms and routers f32, matrices q4_K.
     let base = base_tensors(&want);
     assert_eq!(m.base_tensors.len(), base.len());
-    for (name, ne, role) in &base {
+    for sage::arch::TensorSpec { name, ne, role, .. } in &base {
         let t = m.base_tensors.iter().find(|t| &t.name == name).unwrap_or_else(|| panic!("{name} missing"));
         let ty = if *role == Role::Weight { GgmlType::Q4_K } else { GgmlType::F32 };
         assert_eq!((&t.ne, t.ty), (ne, Some(ty)), "{name}");
@@ -291,7 +283,9 @@ fn synth_errors_are_clear() {
     let o = sage_convert(&["synth", "--like", "qwen3-31b", "--quant", "q4_k", "-o", o_]);
     assert!(!o.status.success());
     assert!(
-        text(&o).contains("--like 'qwen3-31b': unknown model; expected one of qwen3-30b-a3b, qwen3-omni-30b-a3b, tiny"),
+        text(&o).contains(
+            "--like 'qwen3-31b': unknown model; expected one of qwen3-30b-a3b, qwen3-omni-30b-a3b, mixtral-8x7b, olmoe-1b-7b, qwen1.5-moe-a2.7b, tiny"
+        ),
         "{}",
         text(&o)
     );

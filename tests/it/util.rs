@@ -19,6 +19,11 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
+/// Published model configs (configs/README.md).
+pub fn configs() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("configs")
+}
+
 pub fn plain() -> PathBuf {
     fixtures().join("tiny-qwen3moe")
 }

@@ -1,23 +1,11 @@
-//! Prefetch: while a layer computes, an I/O thread reads the experts the next layer will
-//! probably choose. The engine predicts them by applying the next layer's router (and FFN
-//! norm) to the current layer's residual stream — it changes little from one layer to the
-//! next — and asks for those not resident. When the next layer routes, a predicted expert's
-//! bytes are already in memory (or on their way); a misprediction costs a wasted read, never a
-//! wrong result: the bytes come from the same shard offsets either way.
-//!
-//! A wrong guess costs a whole read on what is then the bottleneck, the disk, so predictions
-//! are read only while they have been right lately ([`PrefetchGate`]): the engine keeps
-//! predicting (a tiny matrix product) and scores each prediction against the layer's routing
-//! whether or not it was read.
-//!
-//! The same I/O thread reads ahead of the loads a batch is known to need: while one missed
-//! expert is copied into its slot, the next ones are already being read.
-//!
-//! A batch of many tokens needs most of a layer's experts, more than buffers outside the arena
-//! could hold. For it the engine reserves arena slots for the next layer's predicted experts
-//! (`Scheduler::reserve`) and the I/O thread reads them straight into those slots
-//! (`request_into`) while this layer's experts compute on others; the next layer waits for
-//! them (`finish_slot_reads`) before it uses any slot.
+//! The I/O thread: reads expert records from the shards while the engine computes, for two
+//! kinds of request. Reads ahead of a batch's known misses (while one missed expert is copied
+//! into its slot, the next ones are already being read), and reads of experts the next layer
+//! is predicted to choose (`predict`): for a decode step into buffers the loads take them
+//! from; for a batch straight into arena slots reserved for them (`request_into`), while this
+//! layer's experts compute on others; the next layer waits for those
+//! (`finish_slot_reads`) before it uses any slot. A misprediction costs a wasted read, never
+//! a wrong result: the bytes come from the same shard offsets either way.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -54,46 +42,6 @@ pub struct PrefetchStats {
     /// (a batch's). Their use is counted when a load finds the expert resident in its slot,
     /// and as wasted when the slot is evicted first.
     pub into_arena: u64,
-}
-
-/// Whether predictions have been right lately: the share of predicted experts that would be
-/// read (not resident when predicted) that their layer then chose, as a moving average over
-/// about the last `1 / WEIGHT` of them. Reads are worth it above `MIN_PRECISION`: with a
-/// layer's loads taking about three times its compute (Qwen3-30B-A3B at q4_K with a quarter
-/// of its experts resident, 2 cores), prefetching hides at most a third of a layer's reads
-/// behind compute, while each wrong guess adds a read; it breaks even near 2 in 3 right.
-/// Random-weight models route predictably (98% of predicted reads used); the bundled trained
-/// model's routing less so (about 63%).
-#[derive(Clone, Debug)]
-pub struct PrefetchGate {
-    precision: f64,
-}
-
-impl Default for PrefetchGate {
-    fn default() -> Self {
-        PrefetchGate { precision: 1.0 }
-    }
-}
-
-impl PrefetchGate {
-    pub const MIN_PRECISION: f64 = 0.75;
-    const WEIGHT: f64 = 1.0 / 64.0;
-
-    /// `predicted` experts were guessed (and not resident), of which `chosen` were then chosen.
-    pub fn record(&mut self, predicted: usize, chosen: usize) {
-        for i in 0..predicted {
-            let right = if i < chosen { 1.0 } else { 0.0 };
-            self.precision += Self::WEIGHT * (right - self.precision);
-        }
-    }
-
-    pub fn precision(&self) -> f64 {
-        self.precision
-    }
-
-    pub fn open(&self) -> bool {
-        self.precision >= Self::MIN_PRECISION
-    }
 }
 
 /// Why a read into a slot never happened: the I/O thread is gone.
@@ -284,38 +232,5 @@ impl Drop for Prefetcher {
         if let Some(w) = self.worker.take() {
             let _ = w.join();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::PrefetchGate;
-
-    #[test]
-    fn gate_closes_on_wrong_guesses_and_reopens_on_right_ones() {
-        let mut g = PrefetchGate::default();
-        assert!(g.open());
-        // Mostly right (7 of 8 per layer): stays open.
-        for _ in 0..100 {
-            g.record(8, 7);
-        }
-        assert!(g.open(), "{}", g.precision());
-        // Half right: closes within a few dozen layers.
-        let mut steps = 0;
-        while g.open() {
-            g.record(8, 4);
-            steps += 1;
-            assert!(steps < 50, "still open at {}", g.precision());
-        }
-        assert!(g.precision() < PrefetchGate::MIN_PRECISION);
-        // Right again: reopens.
-        for _ in 0..50 {
-            g.record(8, 8);
-        }
-        assert!(g.open(), "{}", g.precision());
-        // Nothing predicted (all resident) leaves it as it was.
-        let before = g.precision();
-        g.record(0, 0);
-        assert_eq!(g.precision(), before);
     }
 }

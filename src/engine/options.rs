@@ -1,0 +1,129 @@
+//! What the engine is told (`EngineOptions`, `ArenaSize`, `KvType`) and what it reports
+//! (`EngineStats`, `MemoryUse`).
+
+use std::time::Duration;
+
+use super::io_thread::PrefetchStats;
+use super::scheduler::SchedStats;
+
+/// How big the expert arena is.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ArenaSize {
+    /// At most this many bytes.
+    Bytes(u64),
+    /// This many expert slots.
+    Experts(usize),
+    /// One slot per expert present in the model directory.
+    All,
+}
+
+/// Element type of the KV cache.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum KvType {
+    F32,
+    F16,
+}
+
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// Device name: "cpu", "gpu", or one listed by `ggml::devices()`.
+    pub device: String,
+    pub threads: usize,
+    /// KV cache length in tokens.
+    pub n_ctx: usize,
+    pub arena: ArenaSize,
+    pub kv_type: KvType,
+    /// Most tokens evaluated in one graph.
+    pub n_batch: usize,
+    /// On the CPU, keep quantized matrices in ggml's repacked layouts for its faster kernels,
+    /// as llama.cpp does by default (base always; the arena as `arena_repack` says).
+    pub repack: bool,
+    /// Eviction policy of the arena (`scheduler::POLICIES`).
+    pub policy: String,
+    /// Leave expert bytes in the page cache after loading them (default: drop them, so a
+    /// memory limit holds the arena, not a second copy of the experts).
+    pub page_cache: bool,
+    /// While a layer computes, read the next layer's predicted experts on an I/O thread: for a
+    /// decode step into buffers, for a batch straight into reserved arena slots (a host arena
+    /// in the files' layout). On by default: at Qwen3-30B-A3B scale with an arena of 25% of
+    /// the experts it made decode 1.03–1.78× faster (median 1.09× over 6 alternating pairs)
+    /// for 2% of its reads wasted, and a 512-token prompt 1.03–1.34× faster (median 1.12× over
+    /// 5 pairs, docs/bench.md).
+    pub prefetch: bool,
+    /// Reads of a batch's missed experts kept in flight on the I/O thread ahead of the one
+    /// being copied into its slot (0: each load reads its record itself, synchronously).
+    pub read_ahead: usize,
+    /// Whether the arena keeps experts in ggml's repacked layouts (with `repack`). None: only
+    /// when every expert is resident (loaded once). A streaming arena stays in the file's
+    /// layout, so a miss is a plain copy: repacking costs more than reading (about 1.8 ms
+    /// against 0.4 ms for a Qwen3-30B-A3B expert at q4_K on 2 cores), more than the
+    /// repacked kernels save on one use.
+    pub arena_repack: Option<bool>,
+    /// Threads that repack one expert into its slot (CPU repacked layouts); 0: `threads` for
+    /// matrices of 256 KiB or more, one for smaller ones.
+    pub load_threads: usize,
+    /// Bytes per slice when base tensors are read from disk (repacked matrices go in slices
+    /// of whole row groups, about this size).
+    pub load_slice: usize,
+    /// When the arena holds every expert present (a pool's, if the directory has one), load
+    /// them all while loading the engine and evaluate each batch as one graph, the router on
+    /// the backend (as llama.cpp does; a pooled layer's router logits are cut down to its
+    /// experts). Off: the streaming path's two graphs per layer, whatever the arena.
+    pub fused: bool,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            device: "cpu".into(),
+            threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            n_ctx: 4096,
+            arena: ArenaSize::All,
+            kv_type: KvType::F16,
+            n_batch: 512,
+            repack: true,
+            policy: "lru".into(),
+            page_cache: false,
+            prefetch: true,
+            load_slice: 16 << 20,
+            read_ahead: 2,
+            load_threads: 0,
+            arena_repack: None,
+            fused: true,
+        }
+    }
+}
+
+/// Figures of a run (the scheduler's, plus time spent computing).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct EngineStats {
+    pub sched: SchedStats,
+    pub prefetch: PrefetchStats,
+    pub tokens_evaluated: u64,
+    pub compute: Duration,
+}
+
+/// Bytes the engine holds, by part (see `Engine::memory`).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct MemoryUse {
+    /// Base weights (embeddings, attention, norms, routers, output).
+    pub base: usize,
+    /// The expert arena (fixed).
+    pub arena: usize,
+    /// The KV cache (fixed by --ctx).
+    pub kv: usize,
+    /// ggml's compute buffer (grows to the largest graph, then stays) and the activations
+    /// carried between graphs.
+    pub compute: usize,
+    /// One expert record on its way from disk.
+    pub staging: usize,
+    /// The buffer that carried base tensors from disk while loading (freed after loading, so
+    /// not part of `total`; it bounds what loading adds to the peak).
+    pub load_buffer: usize,
+}
+
+impl MemoryUse {
+    pub fn total(&self) -> usize {
+        self.base + self.arena + self.kv + self.compute + self.staging
+    }
+}

@@ -1,0 +1,184 @@
+//! Graph pieces every architecture shares, written once, as llama.cpp's `llm_graph_context`:
+//! norms, projections, RoPE, attention over the KV cache, a dense SwiGLU FFN (shared experts),
+//! the routed experts over matrices picked by id (`moe`, llama.cpp's `build_moe_ffn` without
+//! its router), and the output. A family's layer graph (`Arch::build_layer`) is made of these.
+
+use crate::config::ModelConfig;
+use crate::ggml::{Context, Tensor, TensorSet};
+
+/// llama.cpp's RoPE modes (`GGML_ROPE_TYPE_*` in ggml.h, macros bindgen skips): "normal"
+/// rotates adjacent pairs (llama), NEOX the two halves of each head (Qwen, OLMoE).
+pub const ROPE_NORMAL: i32 = 0;
+pub const ROPE_NEOX: i32 = crate::ggml::ROPE_TYPE_NEOX;
+
+/// One layer's base tensors, by suffix (`attn_q.weight`).
+#[derive(Clone, Copy)]
+pub struct LayerWeights<'a> {
+    pub set: &'a TensorSet,
+    /// (suffix, index in `set`) of each tensor the layer has.
+    pub index: &'a [(String, usize)],
+    pub il: u32,
+}
+
+impl<'a> LayerWeights<'a> {
+    /// The layer's tensor `suffix`, if the model has it.
+    pub fn opt(&self, suffix: &str) -> Option<Tensor<'a>> {
+        self.index.iter().find(|(s, _)| s == suffix).map(|&(_, i)| self.set.get(i))
+    }
+
+    /// The layer's tensor `suffix`. Every tensor a family declares was checked present when
+    /// the model directory opened, so a missing one is a bug in the family's file.
+    pub fn get(&self, suffix: &str) -> Tensor<'a> {
+        self.opt(suffix).unwrap_or_else(|| panic!("blk.{}.{suffix} is not among the layer's tensors", self.il))
+    }
+}
+
+/// The KV cache: per layer K [head_dim * n_head_kv, n_ctx] and V transposed
+/// [n_ctx, head_dim * n_head_kv], as llama.cpp caches them without flash attention.
+pub struct KvCache<'a> {
+    pub set: &'a TensorSet,
+}
+
+impl<'a> KvCache<'a> {
+    pub fn k(&self, il: u32) -> Tensor<'a> {
+        self.set.get(2 * il as usize)
+    }
+
+    pub fn v(&self, il: u32) -> Tensor<'a> {
+        self.set.get(2 * il as usize + 1)
+    }
+}
+
+/// What a family's layer graph starts from.
+pub struct LayerInput<'a> {
+    pub ctx: &'a Context,
+    pub cfg: &'a ModelConfig,
+    pub w: LayerWeights<'a>,
+    /// The residual stream entering the layer: [n_embd, n].
+    pub x: Tensor<'a>,
+    /// Positions (i32 [n]).
+    pub pos: Tensor<'a>,
+    /// The causal mask [n_past + n, n].
+    pub mask: Tensor<'a>,
+    pub kv: KvCache<'a>,
+    /// Tokens already in the cache.
+    pub n_past: usize,
+}
+
+/// A layer's graph up to the routed experts.
+pub struct PreMoe<'a> {
+    /// The copies of this batch's K and V into the cache (expand them before anything that
+    /// reads the layer's output).
+    pub k_store: Tensor<'a>,
+    pub v_store: Tensor<'a>,
+    /// The residual stream after attention ([n_embd, n]).
+    pub ffn_inp: Tensor<'a>,
+    /// `ffn_inp` through the FFN norm: what the router and the experts see.
+    pub normed: Tensor<'a>,
+    /// Added to the routed experts' output before the residual (a shared expert's output).
+    pub shared: Option<Tensor<'a>>,
+}
+
+impl<'a> LayerInput<'a> {
+    /// `x` through RMSNorm and the weight `w`.
+    pub fn norm(&self, x: Tensor<'a>, w: Tensor<'a>) -> Tensor<'a> {
+        self.ctx.mul(self.ctx.rms_norm(x, self.cfg.rms_eps), w)
+    }
+
+    /// `w · x`, plus the bias `b` when there is one.
+    pub fn proj(&self, w: Tensor<'a>, b: Option<Tensor<'a>>, x: Tensor<'a>) -> Tensor<'a> {
+        let y = self.ctx.mul_mat(w, x);
+        match b {
+            Some(b) => self.ctx.add(y, b),
+            None => y,
+        }
+    }
+
+    /// `t` [head_dim * heads, n] as [head_dim, heads, n].
+    pub fn heads(&self, t: Tensor<'a>) -> Tensor<'a> {
+        let hd = self.cfg.head_dim as i64;
+        let ne = t.ne();
+        self.ctx.reshape_3d(t, hd, ne[0] / hd, ne[1])
+    }
+
+    /// RoPE of `t` [head_dim, heads, n] at the batch's positions, in `mode` (`ROPE_NORMAL`,
+    /// `ROPE_NEOX`).
+    pub fn rope(&self, t: Tensor<'a>, mode: i32) -> Tensor<'a> {
+        let c = self.cfg;
+        self.ctx.rope(t, self.pos, c.head_dim as i32, mode, c.n_ctx_train as i32, c.rope_theta)
+    }
+
+    /// Attention of `q` [head_dim, n_head, n] over the cache after this batch's `k`
+    /// [head_dim, n_head_kv, n] and `v` [head_dim * n_head_kv, n] are stored in it; the heads'
+    /// output through `attn_output`, plus the residual `x`, then the FFN norm. `q` and `k`
+    /// arrive with RoPE applied. V is cached transposed (a row per channel, positions along
+    /// it), as llama.cpp caches it without flash attention: KQ·V then reads it in place, with
+    /// no per-step copy of the whole V cache.
+    pub fn attend(&self, q: Tensor<'a>, k: Tensor<'a>, v: Tensor<'a>) -> PreMoe<'a> {
+        let (ctx, cfg) = (self.ctx, self.cfg);
+        let n = self.x.ne()[1];
+        let (hd, nh, nkv) = (cfg.head_dim as i64, cfg.n_head as i64, cfg.n_head_kv as i64);
+        let n_kv = self.n_past as i64 + n;
+        let (kc, vc) = (self.kv.k(self.w.il), self.kv.v(self.w.il));
+        let (esz, row_k, row_v) = (kc.nb()[0], kc.nb()[1], vc.nb()[1]);
+        let n_past = self.n_past;
+        let k_store = ctx.cpy(ctx.reshape_2d(k, hd * nkv, n), ctx.view_2d(kc, hd * nkv, n, row_k, n_past * row_k));
+        let v_store = ctx.cpy(ctx.transpose(v), ctx.view_2d(vc, n, hd * nkv, row_v, n_past * esz));
+        let kview = ctx.view_3d(kc, [hd, n_kv, nkv], row_k, hd as usize * esz, 0);
+        let kq = ctx.mul_mat(kview, ctx.permute(q, [0, 2, 1, 3])); // [n_kv, n, n_head]
+        let kq = ctx.soft_max_ext(kq, self.mask, 1.0 / (hd as f32).sqrt());
+        let vt = ctx.view_3d(vc, [n_kv, hd, nkv], row_v, hd as usize * row_v, 0); // [n_kv, hd, n_head_kv]
+        let kqv = ctx.mul_mat(vt, kq); // [hd, n, n_head]
+        let o = ctx.reshape_2d(ctx.cont(ctx.permute(kqv, [0, 2, 1, 3])), hd * nh, n);
+        let ffn_inp = ctx.add(ctx.mul_mat(self.w.get(crate::names::ATTN_OUT), o), self.x);
+        let normed = self.norm(ffn_inp, self.w.get(crate::names::FFN_NORM));
+        PreMoe { k_store, v_store, ffn_inp, normed, shared: None }
+    }
+
+    /// A dense SwiGLU FFN over `x`: down(silu(gate x) * (up x)), as llama.cpp's `build_ffn`
+    /// with parallel gate and up.
+    pub fn swiglu(&self, x: Tensor<'a>, gate: Tensor<'a>, up: Tensor<'a>, down: Tensor<'a>) -> Tensor<'a> {
+        let ctx = self.ctx;
+        let u = ctx.mul_mat(up, x);
+        let g = ctx.mul_mat(gate, x);
+        ctx.mul_mat(down, ctx.swiglu_split(g, u))
+    }
+
+    /// sigmoid(`x`), computed as llama.cpp computes a shared expert's gate: silu(x) / x.
+    pub fn sigmoid_as_llama(&self, x: Tensor<'a>) -> Tensor<'a> {
+        self.ctx.div(self.ctx.silu(x), x)
+    }
+}
+
+/// The routed experts' SwiGLU FFN over `x` ([n_embd, 1, n]): per token, the matrices `ids`
+/// ([k, n], i32) picks from `exps` (gate, up, down: [ne0, ne1, n_mat] each), weighted by `wts`
+/// ([1, k, n]) and summed over the k experts in id-list order. Returns [n_embd, n].
+pub fn moe<'a>(ctx: &'a Context, exps: [Tensor<'a>; 3], x: Tensor<'a>, ids: Tensor<'a>, wts: Tensor<'a>) -> Tensor<'a> {
+    let [gate, up, down] = exps;
+    let (n_embd, k, n) = (x.ne()[0], ids.ne()[0], ids.ne()[1]);
+    let g = ctx.mul_mat_id(gate, x, ids);
+    let u = ctx.mul_mat_id(up, x, ids);
+    let d = ctx.mul_mat_id(down, ctx.swiglu_split(g, u), ids); // [n_embd, k, n]
+    let d = ctx.mul(d, wts);
+    let nb = d.nb();
+    let mut out = ctx.view_2d(d, n_embd, n, nb[2], 0);
+    for j in 1..k as usize {
+        out = ctx.add(out, ctx.view_2d(d, n_embd, n, nb[2], j * nb[1]));
+    }
+    out
+}
+
+/// The layer's output: the routed experts' `moe` plus what the family adds beside them
+/// (`shared`), plus the residual `ffn_inp`, in llama.cpp's order of additions.
+pub fn layer_out<'a>(ctx: &'a Context, moe: Tensor<'a>, shared: Option<Tensor<'a>>, ffn_inp: Tensor<'a>) -> Tensor<'a> {
+    let ffn = match shared {
+        Some(s) => ctx.add(moe, s),
+        None => moe,
+    };
+    ctx.add(ffn, ffn_inp)
+}
+
+/// Output norm and lm head over `x` ([n_embd, n_out]): the logits [n_vocab, n_out].
+pub fn output<'a>(ctx: &'a Context, eps: f32, norm: Tensor<'a>, head: Tensor<'a>, x: Tensor<'a>) -> Tensor<'a> {
+    ctx.mul_mat(head, ctx.mul(ctx.rms_norm(x, eps), norm))
+}
