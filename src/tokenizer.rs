@@ -351,17 +351,19 @@ impl TokenizerData {
     }
 }
 
-/// The tokens of types that tokenizer.json lists as added tokens: control and user-defined.
+/// The tokens tokenizer.json lists as added tokens, matched in text before the model sees it:
+/// control and unknown tokens (special) and user-defined ones. They are in the model's vocab
+/// too, or the tokenizers crate gives them new ids past it.
 fn added_tokens(tokens: &[String], types: &[i32]) -> Vec<Value> {
     tokens
         .iter()
         .zip(types)
         .enumerate()
-        .filter(|(_, (_, &ty))| ty == TOKEN_CONTROL || ty == TOKEN_USER_DEFINED)
+        .filter(|(_, (_, &ty))| matches!(ty, TOKEN_CONTROL | TOKEN_UNKNOWN | TOKEN_USER_DEFINED))
         .map(|(id, (s, &ty))| {
             json!({
                 "id": id, "content": s, "single_word": false, "lstrip": false, "rstrip": false,
-                "normalized": false, "special": ty == TOKEN_CONTROL,
+                "normalized": false, "special": ty != TOKEN_USER_DEFINED,
             })
         })
         .collect()
@@ -371,7 +373,7 @@ fn added_tokens(tokens: &[String], types: &[i32]) -> Vec<Value> {
 fn byte_level_json(tokens: &[String], types: &[i32], merges: Vec<String>, pre: &str) -> Value {
     let mut vocab = serde_json::Map::new();
     for (id, (s, &ty)) in tokens.iter().zip(types).enumerate() {
-        if !matches!(ty, TOKEN_CONTROL | TOKEN_USER_DEFINED | TOKEN_UNUSED) {
+        if ty != TOKEN_UNUSED {
             vocab.insert(s.clone(), json!(id));
         }
     }

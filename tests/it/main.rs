@@ -1,5 +1,6 @@
 //! Integration tests against the committed fixtures (see scripts/make_fixtures.py).
 
+mod archs;
 mod bad_input;
 mod convert;
 mod engine;

@@ -52,10 +52,20 @@ pub struct RefPrompt {
     pub pool_logits: Vec<Vec<f32>>,
 }
 
+/// The transformers reference of the Qwen3-MoE fixture (scripts/make_fixtures.py).
 pub fn reference() -> Vec<RefPrompt> {
+    reference_from("reference").0
+}
+
+pub fn reference_pool() -> Vec<u32> {
+    reference_from("reference").1
+}
+
+/// The prompts and the pool of `fixtures/{name}.json` and `.safetensors`.
+pub fn reference_from(name: &str) -> (Vec<RefPrompt>, Vec<u32>, serde_json::Value) {
     let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("reference.json")).unwrap()).unwrap();
-    let bytes = std::fs::read(fixtures().join("reference.safetensors")).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join(format!("{name}.json"))).unwrap()).unwrap();
+    let bytes = std::fs::read(fixtures().join(format!("{name}.safetensors"))).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let rows = |name: &str| -> Vec<Vec<f32>> {
         let t = st.tensor(name).unwrap();
@@ -63,7 +73,7 @@ pub fn reference() -> Vec<RefPrompt> {
         let v: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
         v.chunks(n_vocab).map(|r| r.to_vec()).collect()
     };
-    meta["prompts"]
+    let prompts = meta["prompts"]
         .as_array()
         .unwrap()
         .iter()
@@ -78,13 +88,9 @@ pub fn reference() -> Vec<RefPrompt> {
                 name,
             }
         })
-        .collect()
-}
-
-pub fn reference_pool() -> Vec<u32> {
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("reference.json")).unwrap()).unwrap();
-    meta["pool"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+        .collect();
+    let pool = meta["pool"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    (prompts, pool, meta)
 }
 
 pub fn opts(quant: Option<GgmlType>) -> ConvertOptions {
