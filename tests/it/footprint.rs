@@ -339,3 +339,83 @@ fn footprint_cli_refuses_what_is_not_a_model() {
     let (ok, _, err) = sage(&["footprint", p(&cfg), "--arena", "2 parsecs"]);
     assert!(!ok && err.contains("unknown size unit"), "{err}");
 }
+
+/// Bytes of `n` weights in q5_0 (22 bytes per block of 32), the type q4_K falls back to for
+/// rows that are not whole blocks of 256.
+fn q5_0(n: u64) -> u64 {
+    assert_eq!(n % 32, 0);
+    n / 32 * 22
+}
+
+/// Mixtral-8x7B, OLMoE-1B-7B and Qwen1.5-MoE-A2.7B (configs/): base, one expert and all experts
+/// at bf16 and q4_k against sizes written out here from each family's tensors, and the
+/// published parameter counts.
+#[test]
+fn footprint_of_the_other_families_matches_their_tensors() {
+    struct Family {
+        file: &'static str,
+        /// Base bytes at `w` per matrix weight: written out per family below.
+        base: fn(fn(u64) -> u64) -> u64,
+        /// One expert's bytes at bf16 and at q4_k.
+        expert: [u64; 2],
+        n_experts: u64,
+        /// Published parameter counts: total and active per token.
+        params: (f64, f64),
+    }
+    let families = [
+        Family {
+            // 32 layers, n_embd 4096, 32 query / 8 KV heads of 128, 8 experts of 14336, vocab 32000.
+            file: "mixtral-8x7b.config.json",
+            base: |w| {
+                let layer = w(4096 * 4096) + 2 * w(4096 * 1024) + w(4096 * 4096) // q, k, v, o
+                    + f32(2 * 4096) // attn_norm, ffn_norm
+                    + f32(4096 * 8); // router
+                2 * w(32000 * 4096) + 32 * layer + f32(4096)
+            },
+            expert: [bf16(3 * 4096 * 14336), q4_k(3 * 4096 * 14336)],
+            n_experts: 32 * 8,
+            params: (46.7e9, 12.9e9),
+        },
+        Family {
+            // 16 layers, n_embd 2048, 16 heads of 128 (MHA) with q/k norms over 2048, 64 experts
+            // of 1024, vocab 50304.
+            file: "olmoe-1b-7b.config.json",
+            base: |w| {
+                let layer = 4 * w(2048 * 2048) + f32(4 * 2048) + f32(2048 * 64);
+                2 * w(50304 * 2048) + 16 * layer + f32(2048)
+            },
+            expert: [bf16(3 * 2048 * 1024), q4_k(3 * 2048 * 1024)],
+            n_experts: 16 * 64,
+            params: (6.9e9, 1.3e9),
+        },
+        Family {
+            // 24 layers, n_embd 2048, 16 heads of 128 (MHA) with q/k/v biases, 60 experts of 1408
+            // (not whole q4_K blocks: down falls back to q5_0), a shared expert of 5632 with a
+            // 1-row gate, vocab 151936.
+            file: "qwen1.5-moe-a2.7b.config.json",
+            base: |w| {
+                let layer = 4 * w(2048 * 2048) + f32(3 * 2048) // q, k, v, o; q/k/v biases
+                    + f32(2 * 2048) + f32(2048 * 60) // norms, router
+                    + f32(2048) + 3 * w(2048 * 5632); // shared expert's gate and FFN
+                2 * w(151936 * 2048) + 24 * layer + f32(2048)
+            },
+            expert: [bf16(3 * 2048 * 1408), q4_k(2 * 2048 * 1408) + q5_0(1408 * 2048)],
+            n_experts: 24 * 60,
+            params: (14.3e9, 2.7e9),
+        },
+    ];
+    for fam in families {
+        let f = footprint(&configs().join(fam.file), &FootprintOptions::default()).unwrap();
+        let (b, q) = (quant(&f, "bf16"), quant(&f, "q4_k"));
+        assert_eq!(f.n_experts, fam.n_experts, "{}", fam.file);
+        assert_eq!((b.base_bytes, q.base_bytes), ((fam.base)(bf16), (fam.base)(q4_k)), "{} base", fam.file);
+        assert_eq!([b.expert_bytes, q.expert_bytes], fam.expert, "{} one expert", fam.file);
+        assert_eq!(b.experts_bytes, fam.n_experts * fam.expert[0], "{} experts", fam.file);
+        // Parameters: bf16 bytes / 2, with the f32 vectors and routers counted once each.
+        let params = (b.base_bytes + b.experts_bytes) as f64 / 2.0;
+        let active = (b.base_bytes + b.active_bytes) as f64 / 2.0;
+        // Published counts are rounded to 2-3 digits; the f32 routers and norms count double here.
+        near(&format!("{} parameters", fam.file), params as u64, fam.params.0, 0.02);
+        near(&format!("{} active parameters", fam.file), active as u64, fam.params.1, 0.04);
+    }
+}

@@ -229,3 +229,23 @@ pub fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
         })
         .fold(0f32, f32::max)
 }
+
+/// At the smallest arena a batch runs its experts in groups, and ggml's quantized kernels
+/// tile the rows each expert gets (repacked GEMM blocks, GEMV for the rest), so a row's
+/// float sums can differ in the last bits; where such a difference moves an activation across
+/// a q8 rounding step (activations are quantized for these kernels, one scale per row at
+/// n_embd 256), the logits after it move by a few hundredths. llama.cpp's own batched and
+/// one-token paths differ that way on these files: up to 7e-2 (qwen2moe q4_K, "mixed"),
+/// 5e-2 (olmoe q8_0, "code"). A prompt may have one such position, within this bound; every
+/// other position is held to the type's tolerance.
+pub const ROUNDING_STEP_TOL: f32 = 0.1;
+
+/// Max abs difference of `got` and `want` ([n_tokens][n_vocab]) per position.
+pub fn per_position(got: &[Vec<f32>], want: &[Vec<f32>]) -> Vec<f32> {
+    got.iter().zip(want).map(|(a, b)| max_abs_diff(std::slice::from_ref(a), std::slice::from_ref(b))).collect()
+}
+
+/// Every position within `tol`, but at most one within `ROUNDING_STEP_TOL` (see there).
+pub fn close_but_one_rounding_step(d: &[f32], tol: f32) -> bool {
+    d.iter().all(|&x| x <= ROUNDING_STEP_TOL) && d.iter().filter(|&&x| x > tol).count() <= 1
+}
