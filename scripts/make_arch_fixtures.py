@@ -70,6 +70,9 @@ from transformers.models.olmoe import modeling_olmoe
 from transformers.models.qwen2_moe import modeling_qwen2_moe
 from transformers.tokenization_utils_base import generate_merges
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_fixtures import corpus  # noqa: E402  (the same training text as the Qwen3 fixture)
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
 QWEN_TOKENIZER_SRC = os.path.join(ROOT, "tiny-qwen3moe")
 
@@ -121,27 +124,6 @@ SPECIAL_STRINGS = {
     "olmoe": ["end<|endoftext|>start", "a <|padding|> b", "<|endoftext|>"],
     "qwen2moe": ["<|im_start|>user\nhi<|im_end|>\n", "text<|endoftext|>", "<|im_end|>"],
 }
-
-
-def corpus():
-    """Deterministic English-ish and code-ish text (the corpus of make_fixtures.py)."""
-    words = ("the quick brown fox jumps over lazy dog model expert router layer token weight "
-             "attention memory device stream arena cache hello world answer return main value "
-             "mixture small large run test file read write cafe naive uber done spaces end").split()
-    g = torch.Generator().manual_seed(7)
-    lines = []
-    for i in range(4000):
-        n = int(torch.randint(3, 12, (1,), generator=g))
-        idx = torch.randint(0, len(words), (n,), generator=g).tolist()
-        s = " ".join(words[j] for j in idx)
-        if i % 5 == 0:
-            s = s.capitalize() + "."
-        if i % 7 == 0:
-            s = f"def {words[idx[0]]}():\n    return {i}\n"
-        if i % 11 == 0:
-            s += f" {i * 37} caf\u00e9 na\u00efve \u00fcber \u2014, !?"
-        lines.append(s)
-    return lines
 
 
 def non_ascii_lines():

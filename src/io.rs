@@ -273,13 +273,6 @@ impl GgufStream {
         Ok(GgufStream { out, tensors, next: 0, alignment: g.alignment(), starts_at })
     }
 
-    /// Write the data of the next declared tensor, which must be `name` of the declared size.
-    /// Large tensors may come in pieces: `write_part` then `end_tensor`.
-    pub fn write_tensor(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
-        self.write_part(name, bytes)?;
-        self.end_tensor(name)
-    }
-
     pub fn write_part(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
         self.check_name(name)?;
         self.out.write(bytes)

@@ -8,7 +8,7 @@
 use super::{ffi, Engine, GRAPH_NODES};
 use crate::error::Result;
 use crate::ggml::{Buffer, Context, GgmlType, Tensor, TensorSet};
-use crate::graph::{self, KvCache, LayerInput};
+use crate::graph;
 use crate::model_dir::ExpertLayer;
 use crate::names::*;
 
@@ -115,16 +115,7 @@ impl Engine {
         let stride = self.arena.stride();
         for (il, &first) in fused.first_slot.iter().enumerate() {
             let w = self.base.layer(il as u32);
-            let l = LayerInput {
-                ctx: &ctx,
-                cfg,
-                w,
-                x,
-                pos: inp.pos,
-                mask: inp.mask,
-                kv: KvCache { set: &self.kv },
-                n_past: self.n_past,
-            };
+            let l = inp.layer(cfg, &self.base, &self.kv, il as u32, x);
             let a = cfg.arch().build_layer(&l);
             g.expand(a.k_store);
             g.expand(a.v_store);

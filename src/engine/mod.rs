@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::ggml::{Allocator, Backend, Buffer, Context, FfiError, GgmlType, GgufValue, Graph, Tensor, TensorSet};
+use crate::graph::{KvCache, LayerInput};
 use crate::io::Record;
 use crate::model_dir::ModelDir;
 use crate::names::*;
@@ -79,9 +80,11 @@ impl Runner {
 /// A batch's inputs: token ids, positions and the causal mask ([n_past + n, n]), the same for
 /// every layer.
 struct Inputs<'a> {
+    ctx: &'a Context,
     ids: Tensor<'a>,
     pos: Tensor<'a>,
     mask: Tensor<'a>,
+    n_past: usize,
 }
 
 impl<'a> Inputs<'a> {
@@ -91,7 +94,20 @@ impl<'a> Inputs<'a> {
         pos.set_input();
         let mask = ctx.new_tensor(GgmlType::F32, &[n_past as i64 + n, n]);
         mask.set_input();
-        Inputs { ids, pos, mask }
+        Inputs { ctx, ids, pos, mask, n_past }
+    }
+
+    /// What the family's graph of layer `il` starts from, with the residual stream `x`.
+    fn layer(
+        &self,
+        cfg: &'a ModelConfig,
+        base: &'a BaseWeights,
+        kv: &'a TensorSet,
+        il: u32,
+        x: Tensor<'a>,
+    ) -> LayerInput<'a> {
+        let (pos, mask, n_past) = (self.pos, self.mask, self.n_past);
+        LayerInput { ctx: self.ctx, cfg, w: base.layer(il), x, pos, mask, kv: KvCache { set: kv }, n_past }
     }
 
     /// Write them once the graph is allocated (the ids only where the graph reads them).

@@ -18,7 +18,6 @@ pub trait Policy: Send {
     }
     /// Pick a victim among `candidates` (never empty).
     fn victim(&mut self, candidates: &[usize]) -> usize;
-    fn name(&self) -> &'static str;
 }
 
 /// The policies sage has, by the names the CLI takes.
@@ -54,10 +53,6 @@ impl Policy for Lru {
     fn victim(&mut self, candidates: &[usize]) -> usize {
         *candidates.iter().min_by_key(|&&s| self.last_use[s]).expect("candidates are not empty")
     }
-
-    fn name(&self) -> &'static str {
-        "lru"
-    }
 }
 
 /// Frequency and recency together (LRFU, Lee et al. 2001): each resident expert has a
@@ -71,8 +66,6 @@ pub struct Lfru {
     clock: u64,
     /// Decay per use of the arena: score × 2^(-lambda × age).
     lambda: f64,
-    /// Prior scores of experts (a warm start from usage counts), given when loaded.
-    prior: std::collections::HashMap<ExpertKey, f64>,
 }
 
 impl Lfru {
@@ -86,14 +79,7 @@ impl Lfru {
             last: vec![0; n_slots],
             clock: 0,
             lambda: 1.0 / (half_life * n_slots.max(1) as f64),
-            prior: Default::default(),
         }
-    }
-
-    /// Start each expert's score from `prior` (e.g. its share of a usage profile) when loaded.
-    pub fn with_prior(mut self, prior: std::collections::HashMap<ExpertKey, f64>) -> Lfru {
-        self.prior = prior;
-        self
     }
 
     fn decayed(&self, slot: usize) -> f64 {
@@ -108,9 +94,9 @@ impl Policy for Lfru {
         self.last[slot] = self.clock;
     }
 
-    fn loaded(&mut self, slot: usize, key: ExpertKey) {
+    fn loaded(&mut self, slot: usize, _key: ExpertKey) {
         self.clock += 1;
-        self.score[slot] = 1.0 + self.prior.get(&key).copied().unwrap_or(0.0);
+        self.score[slot] = 1.0;
         self.last[slot] = self.clock;
     }
 
@@ -119,10 +105,6 @@ impl Policy for Lfru {
             .iter()
             .min_by(|&&a, &&b| self.decayed(a).total_cmp(&self.decayed(b)).then(self.last[a].cmp(&self.last[b])))
             .expect("candidates are not empty")
-    }
-
-    fn name(&self) -> &'static str {
-        "lfru"
     }
 }
 
@@ -255,10 +237,6 @@ impl Scheduler {
 
     pub fn is_resident(&self, layer: u32, expert: u32) -> bool {
         self.where_.contains_key(&(layer, expert))
-    }
-
-    pub fn policy_name(&self) -> &'static str {
-        self.policy.name()
     }
 
     /// Count a use of each of `layer`'s `experts` (distinct), all resident: hits, as

@@ -11,7 +11,7 @@ use super::router::route;
 use super::{Engine, GRAPH_NODES, GRAPH_TENSORS};
 use crate::error::Result;
 use crate::ggml::{Context, GgmlType};
-use crate::graph::{self, KvCache, LayerInput};
+use crate::graph;
 use crate::names::*;
 
 /// Where a group of experts stands among a layer's groups (see `Engine::experts`).
@@ -48,16 +48,7 @@ impl Engine {
             st.hidden
         };
         let w = self.base.layer(il);
-        let l = LayerInput {
-            ctx: &ctx,
-            cfg,
-            w,
-            x,
-            pos: inp.pos,
-            mask: inp.mask,
-            kv: KvCache { set: &self.kv },
-            n_past: self.n_past,
-        };
+        let l = inp.layer(cfg, &self.base, &self.kv, il, x);
         let a = cfg.arch().build_layer(&l);
         let logits = ctx.mul_mat(w.get(FFN_GATE_INP), a.normed); // [n_expert, n]
         logits.set_output();

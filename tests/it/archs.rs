@@ -245,28 +245,6 @@ fn sage(args: &[&str]) -> String {
     String::from_utf8(o.stdout).unwrap()
 }
 
-/// Perplexity of the second half of each window of `ids`, from llama.cpp's logits (here, not
-/// through sage::eval); with `bos`, each window starts with it, as llama-perplexity does.
-fn llama_cpp_ppl(gguf: &Path, ids: &[i32], window: usize, bos: Option<i32>) -> f64 {
-    let model = load_llama(gguf);
-    let (mut nll, mut n) = (0.0f64, 0usize);
-    for w in ids.chunks_exact(window) {
-        let mut w = w.to_vec();
-        if let Some(b) = bos {
-            w[0] = b;
-        }
-        let logits = llama_logits(&model, &w);
-        for j in window / 2..window - 1 {
-            let row = &logits[j];
-            let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
-            let z: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
-            nll += max + z.ln() - row[w[j + 1] as usize] as f64;
-            n += 1;
-        }
-    }
-    (nll / n as f64).exp()
-}
-
 /// `sage run --chat`, `sage eval` and `sage profile` on the family's model directory.
 fn cli_runs_evaluates_and_profiles(family: &str) {
     let dir = tmp();

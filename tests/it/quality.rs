@@ -48,24 +48,6 @@ fn convert_bundled(dir: &Path, ty: GgmlType) -> PathBuf {
     out
 }
 
-/// Mean negative log-likelihood of the second half of each window, computed here from
-/// llama.cpp's logits (independently of sage::eval).
-fn llama_cpp_ppl(gguf: &Path, ids: &[i32]) -> f64 {
-    let model = load_llama(gguf);
-    let (mut nll, mut n) = (0.0f64, 0usize);
-    for w in ids.chunks_exact(WINDOW) {
-        let logits = llama_logits(&model, w);
-        for j in WINDOW / 2..WINDOW - 1 {
-            let row = &logits[j];
-            let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
-            let z: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
-            nll += max + z.ln() - row[w[j + 1] as usize] as f64;
-            n += 1;
-        }
-    }
-    (nll / n as f64).exp()
-}
-
 #[test]
 fn eval_matches_llama_cpp_perplexity() {
     let dir = tmp();
@@ -75,7 +57,7 @@ fn eval_matches_llama_cpp_perplexity() {
     merge(&model_dir, &gguf, false).unwrap();
     let ids = llama_tokenize(&load_llama(&gguf), &std::fs::read_to_string(&text).unwrap());
     assert!(ids.len() >= 4 * WINDOW, "the test text is too short: {} tokens", ids.len());
-    let want = llama_cpp_ppl(&gguf, &ids);
+    let want = llama_cpp_ppl(&gguf, &ids, WINDOW, None);
 
     let w = WINDOW.to_string();
     for arena in [None, Some("4")] {
