@@ -55,7 +55,7 @@ fn main() -> anyhow::Result<()> {
         "sizes" => {
             // For scripts: bytes of the base and of all experts, and one arena slot.
             let md = sage::model_dir::ModelDir::open(a[2].as_ref())?;
-            let slot = md.manifest.layers.iter().map(|l| l.record_size()).max().unwrap_or(0).next_multiple_of(4096);
+            let slot = sage::engine::arena::slot_stride(&md.manifest.layers);
             serde_json::json!({"base_bytes": md.base_bytes(), "expert_bytes": md.expert_bytes(), "slot_bytes": slot})
         }
         "sage" => {

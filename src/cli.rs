@@ -1,13 +1,20 @@
-//! What the two command-line programs share beyond their argument parsing: sizes as users
-//! write them, progress bars over the library's progress callbacks, and the figures `sage run`
-//! prints. The library itself draws nothing: these are for the binaries.
+//! The command-line programs' work beyond parsing arguments (which stays in the binaries:
+//! `src/main.rs`, `convert/main.rs`): the `sage` commands' bodies, sizes as users write them,
+//! progress bars over the library's progress callbacks, and the figures `sage run` prints. The
+//! rest of the library draws and prints nothing.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+
+use anyhow::{bail, Context};
 
 use crate::engine::generate::Generation;
-use crate::engine::Engine;
+use crate::engine::sampler::{Sampler, SamplerParams};
+use crate::engine::{Engine, EngineOptions};
 use crate::error::{Error, Result};
 use crate::inspect::short_bytes;
+use crate::tokenizer::Tokenizer;
+use crate::usage::Usage;
 
 /// `2GiB`, `512MiB`, `1.5GB`, `4096`: a size in bytes. Refuses what is not a size, an unknown
 /// unit, and a size past 2^64 bytes.
@@ -152,6 +159,205 @@ pub fn print_run_stats(g: &Generation, engine: &Engine) {
         overhead.map(short_bytes).unwrap_or_else(|| "?".into()),
         engine.device_name()
     );
+}
+
+/// `sage footprint PATH`: the tables (or JSON) for `arenas` (sizes, or shares like `30%`),
+/// `arena_experts` and `quants`, and the chart when `plot` names a file.
+pub fn footprint(
+    path: &Path,
+    arenas_asked: &[String],
+    arena_experts: &[u64],
+    quants: &[String],
+    plot: Option<&Path>,
+    json: bool,
+) -> anyhow::Result<()> {
+    use crate::footprint::{ArenaSpec, FootprintOptions};
+    let mut arenas = ArenaSpec::defaults();
+    for s in arenas_asked {
+        arenas.push(match s.trim().strip_suffix('%') {
+            Some(p) => {
+                let p: f64 = p.trim().parse().with_context(|| format!("--arena '{s}' is not a percentage"))?;
+                if !(0.0..=100.0).contains(&p) {
+                    bail!("--arena '{s}': a share of the experts is between 0% and 100%");
+                }
+                ArenaSpec::Share(p / 100.0)
+            }
+            None => ArenaSpec::Bytes(parse_size(s).with_context(|| format!("--arena '{s}'"))?),
+        });
+    }
+    arenas.extend(arena_experts.iter().map(|&n| ArenaSpec::Experts(n)));
+    let quants = quants.iter().map(|q| crate::quant::parse_quant(q)).collect::<Result<Vec<_>>>()?;
+    // Library errors name the path already.
+    let fp = crate::footprint::footprint(path, &FootprintOptions { quants, arenas })?;
+    if let Some(out) = plot {
+        crate::footprint::plot_svg(&fp, out)?;
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&fp)?);
+    } else {
+        print!("{fp}");
+        if let Some(out) = plot {
+            println!("\nwrote {}", out.display());
+        }
+    }
+    Ok(())
+}
+
+/// Load the engine of model directory `dir` with `opts`, and fill its arena with the most used
+/// experts of usage.json `warm` when given, showing progress.
+pub fn load_engine(dir: &Path, opts: EngineOptions, warm: Option<&Path>) -> anyhow::Result<Engine> {
+    // Read usage.json before loading the model: a damaged file fails fast.
+    let usage = warm.map(Usage::load).transpose()?;
+    // An arena that holds every expert is filled while loading (one graph per batch after).
+    let (bar, mut update) = bytes_bar();
+    let engine = Engine::load_with_progress(dir, opts, &mut |done, total| update(done, total, "loading experts"));
+    bar.finish_and_clear();
+    let mut engine = engine.with_context(|| format!("loading {}", dir.display()))?;
+    for (il, ids) in engine.pool().iter().enumerate() {
+        log::info!("pool blk.{il}: {} experts ({})", ids.len(), crate::inspect::id_ranges(ids));
+    }
+    if let (Some(u), Some(p)) = (&usage, warm) {
+        u.check_model(p, engine.config.n_layer, engine.config.n_expert)?;
+        let n = engine.warm(&u.ranked())?;
+        log::info!("warmed the arena with {n} experts from {}", p.display());
+    }
+    Ok(engine)
+}
+
+/// The tokens of text file `text` as the model in `dir` reads them, and its BOS token if it
+/// wants one first.
+pub fn read_text_tokens(dir: &Path, text: &Path) -> anyhow::Result<(Vec<u32>, Option<u32>)> {
+    let tokenizer = Tokenizer::load(dir).with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
+    let s = std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
+    Ok((tokenizer.encode(&s).with_context(|| format!("tokenizing {}", text.display()))?, tokenizer.bos))
+}
+
+/// `sage eval`: perplexity of text file `text` in windows of the engine's context (`opts.n_ctx`).
+pub fn eval(dir: &Path, text: &Path, json: bool, opts: EngineOptions, warm: Option<&Path>) -> anyhow::Result<()> {
+    let (tokens, bos) = read_text_tokens(dir, text)?;
+    let window = opts.n_ctx;
+    let mut engine = load_engine(dir, opts, warm)?;
+    let n_windows = tokens.len() / window.max(1);
+    let pb = windows_bar(n_windows, "perplexity");
+    let t0 = std::time::Instant::now();
+    let p = crate::eval::perplexity(&mut engine, &tokens, window, bos, |done, _, ppl| {
+        pb.set_position(done as u64);
+        pb.set_message(format!("ppl {ppl:.3}"));
+    })
+    .with_context(|| format!("evaluating {}", text.display()))?;
+    pb.finish_and_clear();
+    let secs = t0.elapsed().as_secs_f64();
+    let st = engine.stats().sched;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "perplexity": p, "text_tokens": tokens.len(), "seconds": secs,
+                "expert_hit_rate": st.hit_rate(), "bytes_read": st.bytes_read,
+                "arena_slots": engine.n_slots(),
+            })
+        );
+    } else {
+        println!(
+            "perplexity {:.4} (mean NLL {:.4} nats) over {} scored tokens: {} windows of {} from {} tokens of {}",
+            p.ppl,
+            p.nll,
+            p.tokens_scored,
+            p.windows,
+            p.window,
+            tokens.len(),
+            text.display()
+        );
+        eprintln!(
+            "{:.1} s ({:.0} tok/s); experts: hit rate {:.1}%, {} read, arena {} slots",
+            secs,
+            (p.windows * p.window) as f64 / secs,
+            100.0 * st.hit_rate(),
+            short_bytes(st.bytes_read),
+            engine.n_slots()
+        );
+    }
+    Ok(())
+}
+
+/// `sage profile`: the routing of text file `text` in windows of the engine's context, written
+/// to `out` as usage.json, with its statistics printed.
+pub fn profile(dir: &Path, text: &Path, out: &Path, opts: EngineOptions, warm: Option<&Path>) -> anyhow::Result<()> {
+    let (tokens, _) = read_text_tokens(dir, text)?;
+    let window = opts.n_ctx;
+    let mut engine = load_engine(dir, opts, warm)?;
+    let pb = windows_bar(tokens.len() / window.max(1), "profile");
+    let trace = crate::eval::profile(&mut engine, &tokens, window, false, |done, _| pb.set_position(done as u64))
+        .with_context(|| format!("profiling {}", text.display()))?;
+    pb.finish_and_clear();
+    let usage = trace.usage(&text.display().to_string());
+    usage.save(out)?;
+    let st = usage.stats.as_ref().expect("usage from a trace has stats");
+    println!(
+        "routed {} tokens x {} layers x {} experts; wrote {}",
+        usage.tokens,
+        usage.n_layer,
+        usage.n_expert_used,
+        out.display()
+    );
+    println!("layer  entropy (of {:.2} bits)  next-token reuse  most used", st.max_entropy_bits);
+    let top = usage.most_used(usage.n_expert_used as usize);
+    for (il, ((entropy, reuse), top)) in st.entropy_bits.iter().zip(&st.next_token_reuse).zip(&top).enumerate() {
+        println!("{il:>5}  {entropy:>22.3}  {:>15.1}%  {}", 100.0 * reuse, crate::inspect::id_ranges(top));
+    }
+    println!("simulated arena (decode order), hit rate:   lru    lfru  optimal");
+    for s in &st.simulated_arena {
+        println!(
+            "  {:>3}% of experts ({:>6} slots)          {:>5.1}%  {:>5.1}%   {:>5.1}%",
+            s.percent_of_experts,
+            s.slots,
+            100.0 * s.lru_hit_rate,
+            100.0 * s.lfru_hit_rate,
+            100.0 * s.optimal_hit_rate
+        );
+    }
+    Ok(())
+}
+
+/// What `sage run` is asked to generate.
+pub struct RunJob {
+    pub prompt: String,
+    /// Wrap the prompt in the family's chat template.
+    pub chat: bool,
+    pub max_tokens: usize,
+    pub sampler: SamplerParams,
+    /// Print the figures on stderr after the text.
+    pub stats: bool,
+    /// One JSON object per token, then the figures.
+    pub json: bool,
+}
+
+/// `sage run`: generate from model directory `dir`, streaming text (or JSON) to stdout.
+pub fn run(dir: &Path, job: RunJob, opts: EngineOptions, warm: Option<&Path>) -> anyhow::Result<()> {
+    let tokenizer = Tokenizer::load(dir).with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
+    let mut engine = load_engine(dir, opts, warm)?;
+    let text = if job.chat { engine.config.arch().chat_prompt(&job.prompt) } else { job.prompt.clone() };
+    let ids = tokenizer.encode(&text).context("tokenizing the prompt")?;
+    let mut sampler = Sampler::new(job.sampler);
+    let mut stdout = std::io::stdout().lock();
+    let json = job.json;
+    let g = engine.generate(&tokenizer, &ids, job.max_tokens, &mut sampler, |id, piece| {
+        if json {
+            let _ = writeln!(stdout, "{}", serde_json::json!({"id": id, "text": piece}));
+        } else {
+            let _ = write!(stdout, "{piece}");
+            let _ = stdout.flush();
+        }
+    })?;
+    if json {
+        writeln!(stdout, "{}", serde_json::json!({ "stats": run_stats(&g, &engine) }))?;
+    } else {
+        writeln!(stdout)?;
+        if job.stats {
+            print_run_stats(&g, &engine);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -598,10 +598,12 @@ fn table(f: &mut fmt::Formatter<'_>, rows: &[Vec<String>]) -> fmt::Result {
 impl fmt::Display for Footprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let c = &self.config;
-        writeln!(f, "{} ({}: {})", c.name, self.kind, self.path.display())?;
+        writeln!(f, "{} ({}: {}; {})", c.name, self.kind, self.path.display(), c.arch().family())?;
+        let shared =
+            if c.n_ff_shexp > 0 { format!(", shared expert {} (in the base)", c.n_ff_shexp) } else { String::new() };
         writeln!(
             f,
-            "  n_layer {}, n_embd {}, n_vocab {}, n_head {}/{} (head_dim {}), n_expert {} (n_expert_used {}), n_ff_exp {}, tied embeddings: {}",
+            "  n_layer {}, n_embd {}, n_vocab {}, n_head {}/{} (head_dim {}), n_expert {} (n_expert_used {}), n_ff_exp {}{shared}, tied embeddings: {}",
             c.n_layer,
             c.n_embd,
             c.n_vocab,

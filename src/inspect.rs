@@ -195,6 +195,9 @@ impl fmt::Display for Inspection {
             "  experts         {} per layer, {} used per token, FFN {}, norm_topk_prob {}",
             c.n_expert, c.n_expert_used, c.n_ff_exp, c.norm_topk_prob
         )?;
+        if c.n_ff_shexp > 0 {
+            writeln!(f, "  shared expert   FFN {} (always resident, in the base)", c.n_ff_shexp)?;
+        }
         writeln!(f, "  rope theta      {}", c.rope_theta)?;
         writeln!(f, "  rms eps         {:e}", c.rms_eps)?;
         writeln!(f, "  base            {} tensors, {}", self.n_base_tensors, human_bytes(self.base_bytes))?;

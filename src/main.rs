@@ -1,17 +1,13 @@
 //! sage: run Mixture-of-Experts models with experts streamed through a fixed-size arena.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use sage::cli::{bytes_bar, parse_size, print_run_stats, run_stats, windows_bar};
-use sage::engine::sampler::{Sampler, SamplerParams};
-use sage::engine::{ArenaSize, Engine, EngineOptions, KvType};
-use sage::inspect::short_bytes;
-use sage::tokenizer::Tokenizer;
-use sage::usage::Usage;
+use sage::cli::{parse_size, RunJob};
+use sage::engine::sampler::SamplerParams;
+use sage::engine::{ArenaSize, EngineOptions, KvType};
 
 #[derive(Parser)]
 #[command(name = "sage", version, about = "Run Mixture-of-Experts models on devices smaller than the model")]
@@ -79,6 +75,28 @@ struct EngineArgs {
     /// one this build or machine lacks falls back to the CPU with a warning.
     #[arg(long, default_value = "cpu")]
     device: String,
+}
+
+impl EngineArgs {
+    /// The engine options these arguments ask for, with a KV cache of `n_ctx` tokens.
+    fn options(&self, n_ctx: usize) -> anyhow::Result<EngineOptions> {
+        let arena = match (&self.arena, self.arena_experts) {
+            (Some(s), _) => ArenaSize::Bytes(parse_size(s).with_context(|| format!("--arena '{s}'"))?),
+            (None, Some(n)) => ArenaSize::Experts(n),
+            (None, None) => ArenaSize::All,
+        };
+        Ok(EngineOptions {
+            device: self.device.clone(),
+            threads: self.threads.unwrap_or(EngineOptions::default().threads),
+            n_ctx,
+            arena,
+            kv_type: if self.exact { KvType::F32 } else { KvType::F16 },
+            policy: self.policy.clone(),
+            page_cache: self.page_cache,
+            prefetch: !self.no_prefetch,
+            ..Default::default()
+        })
+    }
 }
 
 #[derive(Args)]
@@ -177,209 +195,42 @@ struct FootprintArgs {
     json: bool,
 }
 
-fn footprint(a: FootprintArgs) -> anyhow::Result<()> {
-    use sage::footprint::{ArenaSpec, FootprintOptions};
-    let mut arenas = ArenaSpec::defaults();
-    for s in &a.arena {
-        arenas.push(match s.trim().strip_suffix('%') {
-            Some(p) => {
-                let p: f64 = p.trim().parse().with_context(|| format!("--arena '{s}' is not a percentage"))?;
-                if !(0.0..=100.0).contains(&p) {
-                    bail!("--arena '{s}': a share of the experts is between 0% and 100%");
-                }
-                ArenaSpec::Share(p / 100.0)
-            }
-            None => ArenaSpec::Bytes(parse_size(s).with_context(|| format!("--arena '{s}'"))?),
-        });
-    }
-    arenas.extend(a.arena_experts.iter().map(|&n| ArenaSpec::Experts(n)));
-    let quants = a.quant.iter().map(|q| sage::quant::parse_quant(q)).collect::<Result<Vec<_>, _>>()?;
-    // Library errors name the path already.
-    let fp = sage::footprint::footprint(&a.path, &FootprintOptions { quants, arenas })?;
-    if let Some(out) = &a.plot {
-        sage::footprint::plot_svg(&fp, out)?;
-    }
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&fp)?);
-    } else {
-        print!("{fp}");
-        if let Some(out) = &a.plot {
-            println!("\nwrote {}", out.display());
-        }
-    }
-    Ok(())
-}
-
-/// Load the engine as `e` says, with a KV cache of `n_ctx`, warmed if asked.
-fn load_engine(dir: &Path, e: &EngineArgs, n_ctx: usize) -> anyhow::Result<Engine> {
-    let arena = match (&e.arena, e.arena_experts) {
-        (Some(s), _) => ArenaSize::Bytes(parse_size(s)?),
-        (None, Some(n)) => ArenaSize::Experts(n),
-        (None, None) => ArenaSize::All,
-    };
-    let opts = EngineOptions {
-        device: e.device.clone(),
-        threads: e.threads.unwrap_or(EngineOptions::default().threads),
-        n_ctx,
-        arena,
-        kv_type: if e.exact { KvType::F32 } else { KvType::F16 },
-        policy: e.policy.clone(),
-        page_cache: e.page_cache,
-        prefetch: !e.no_prefetch,
-        ..Default::default()
-    };
-    // Read usage.json before loading the model: a damaged file fails fast.
-    let usage = e.warm.as_ref().map(|p| Usage::load(p)).transpose()?;
-    // An arena that holds every expert is filled while loading (one graph per batch after).
-    let (bar, mut update) = bytes_bar();
-    let engine = Engine::load_with_progress(dir, opts, &mut |done, total| update(done, total, "loading experts"));
-    bar.finish_and_clear();
-    let mut engine = engine.with_context(|| format!("loading {}", dir.display()))?;
-    for (il, ids) in engine.pool().iter().enumerate() {
-        log::info!("pool blk.{il}: {} experts ({})", ids.len(), sage::inspect::id_ranges(ids));
-    }
-    if let (Some(u), Some(p)) = (&usage, &e.warm) {
-        u.check_model(p, engine.config.n_layer, engine.config.n_expert)?;
-        let n = engine.warm(&u.ranked())?;
-        log::info!("warmed the arena with {n} experts from {}", p.display());
-    }
-    Ok(engine)
-}
-
-/// The tokens of text file `text` as the model in `dir` reads them, and its BOS token if it
-/// wants one first.
-fn read_text_tokens(dir: &Path, text: &Path) -> anyhow::Result<(Vec<u32>, Option<u32>)> {
-    let tokenizer = Tokenizer::load(dir).with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
-    let s = std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
-    Ok((tokenizer.encode(&s).with_context(|| format!("tokenizing {}", text.display()))?, tokenizer.bos))
-}
-
-fn eval(a: EvalArgs) -> anyhow::Result<()> {
-    let (tokens, bos) = read_text_tokens(&a.dir, &a.text)?;
-    let mut engine = load_engine(&a.dir, &a.engine, a.ctx)?;
-    let n_windows = tokens.len() / a.ctx.max(1);
-    let pb = windows_bar(n_windows, "perplexity");
-    let t0 = std::time::Instant::now();
-    let p = sage::eval::perplexity(&mut engine, &tokens, a.ctx, bos, |done, _, ppl| {
-        pb.set_position(done as u64);
-        pb.set_message(format!("ppl {ppl:.3}"));
-    })
-    .with_context(|| format!("evaluating {}", a.text.display()))?;
-    pb.finish_and_clear();
-    let secs = t0.elapsed().as_secs_f64();
-    let st = engine.stats().sched;
-    if a.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "perplexity": p, "text_tokens": tokens.len(), "seconds": secs,
-                "expert_hit_rate": st.hit_rate(), "bytes_read": st.bytes_read,
-                "arena_slots": engine.n_slots(),
-            })
-        );
-    } else {
-        println!(
-            "perplexity {:.4} (mean NLL {:.4} nats) over {} scored tokens: {} windows of {} from {} tokens of {}",
-            p.ppl,
-            p.nll,
-            p.tokens_scored,
-            p.windows,
-            p.window,
-            tokens.len(),
-            a.text.display()
-        );
-        eprintln!(
-            "{:.1} s ({:.0} tok/s); experts: hit rate {:.1}%, {} read, arena {} slots",
-            secs,
-            (p.windows * p.window) as f64 / secs,
-            100.0 * st.hit_rate(),
-            short_bytes(st.bytes_read),
-            engine.n_slots()
-        );
-    }
-    Ok(())
-}
-
-fn profile(a: ProfileArgs) -> anyhow::Result<()> {
-    let (tokens, _) = read_text_tokens(&a.dir, &a.text)?;
-    let mut engine = load_engine(&a.dir, &a.engine, a.ctx)?;
-    let pb = windows_bar(tokens.len() / a.ctx.max(1), "profile");
-    let trace = sage::eval::profile(&mut engine, &tokens, a.ctx, false, |done, _| pb.set_position(done as u64))
-        .with_context(|| format!("profiling {}", a.text.display()))?;
-    pb.finish_and_clear();
-    let usage = trace.usage(&a.text.display().to_string());
-    usage.save(&a.out)?;
-    let st = usage.stats.as_ref().expect("usage from a trace has stats");
-    println!(
-        "routed {} tokens x {} layers x {} experts; wrote {}",
-        usage.tokens,
-        usage.n_layer,
-        usage.n_expert_used,
-        a.out.display()
-    );
-    println!("layer  entropy (of {:.2} bits)  next-token reuse  most used", st.max_entropy_bits);
-    let top = usage.most_used(usage.n_expert_used as usize);
-    for (il, ((entropy, reuse), top)) in st.entropy_bits.iter().zip(&st.next_token_reuse).zip(&top).enumerate() {
-        println!("{il:>5}  {entropy:>22.3}  {:>15.1}%  {}", 100.0 * reuse, sage::inspect::id_ranges(top));
-    }
-    println!("simulated arena (decode order), hit rate:   lru    lfru  optimal");
-    for s in &st.simulated_arena {
-        println!(
-            "  {:>3}% of experts ({:>6} slots)          {:>5.1}%  {:>5.1}%   {:>5.1}%",
-            s.percent_of_experts,
-            s.slots,
-            100.0 * s.lru_hit_rate,
-            100.0 * s.lfru_hit_rate,
-            100.0 * s.optimal_hit_rate
-        );
-    }
-    Ok(())
-}
-
-fn run(a: RunArgs) -> anyhow::Result<()> {
-    let tokenizer = Tokenizer::load(&a.dir).with_context(|| format!("loading the tokenizer of {}", a.dir.display()))?;
-    let mut engine = load_engine(&a.dir, &a.engine, a.ctx)?;
-    let text = if a.chat { engine.config.arch().chat_prompt(&a.prompt) } else { a.prompt.clone() };
-    let ids = tokenizer.encode(&text).context("tokenizing the prompt")?;
-    let mut sampler = Sampler::new(SamplerParams {
-        temp: a.temp,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        repeat_penalty: a.repeat_penalty,
-        seed: a.seed,
-        ..Default::default()
-    });
-    let mut stdout = std::io::stdout().lock();
-    let json = a.json;
-    let g = engine.generate(&tokenizer, &ids, a.max_tokens, &mut sampler, |id, piece| {
-        if json {
-            let _ = writeln!(stdout, "{}", serde_json::json!({"id": id, "text": piece}));
-        } else {
-            let _ = write!(stdout, "{piece}");
-            let _ = stdout.flush();
-        }
-    })?;
-    if json {
-        writeln!(stdout, "{}", serde_json::json!({ "stats": run_stats(&g, &engine) }))?;
-    } else {
-        writeln!(stdout)?;
-        if a.stats {
-            print_run_stats(&g, &engine);
-        }
-    }
-    Ok(())
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = ["warn", "info", "debug"][cli.verbose.min(2) as usize];
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).format_timestamp(None).init();
     sage::ggml::route_logs();
     let result: anyhow::Result<()> = match cli.command {
-        Command::Run(a) => run(a),
-        Command::Eval(a) => eval(a),
-        Command::Profile(a) => profile(a),
-        Command::Footprint(a) => footprint(a),
+        Command::Run(a) => a.engine.options(a.ctx).and_then(|opts| {
+            let sampler = SamplerParams {
+                temp: a.temp,
+                top_k: a.top_k,
+                top_p: a.top_p,
+                repeat_penalty: a.repeat_penalty,
+                seed: a.seed,
+                ..Default::default()
+            };
+            let job = RunJob {
+                prompt: a.prompt,
+                chat: a.chat,
+                max_tokens: a.max_tokens,
+                sampler,
+                stats: a.stats,
+                json: a.json,
+            };
+            sage::cli::run(&a.dir, job, opts, a.engine.warm.as_deref())
+        }),
+        Command::Eval(a) => a
+            .engine
+            .options(a.ctx)
+            .and_then(|opts| sage::cli::eval(&a.dir, &a.text, a.json, opts, a.engine.warm.as_deref())),
+        Command::Profile(a) => a
+            .engine
+            .options(a.ctx)
+            .and_then(|opts| sage::cli::profile(&a.dir, &a.text, &a.out, opts, a.engine.warm.as_deref())),
+        Command::Footprint(a) => {
+            sage::cli::footprint(&a.path, &a.arena, &a.arena_experts, &a.quant, a.plot.as_deref(), a.json)
+        }
         Command::Inspect { path, json } => {
             sage::inspect::inspect(&path).with_context(|| format!("inspecting {}", path.display())).and_then(|i| {
                 if json {
