@@ -32,7 +32,8 @@ fn unknown_architecture() {
         std::fs::read_to_string(c.join("config.json")).unwrap().replace("Qwen3MoeForCausalLM", "DeepseekV2ForCausalLM");
     std::fs::write(c.join("config.json"), cfg).unwrap();
     let e = convert_err(&c, dir.path());
-    // One error, listing every architecture sage converts.
+    // One error, listing every architecture sage converts, and nothing written.
+    assert!(!dir.path().join("out").exists(), "{e}");
     assert!(e.contains("config.json: unsupported architecture 'DeepseekV2ForCausalLM'; sage supports "), "{e}");
     for a in ["Qwen3MoeForCausalLM", "MixtralForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM"] {
         assert!(e.contains(a), "{a} not listed: {e}");
