@@ -36,15 +36,10 @@ use crate::source::{Source, TensorMeta};
 use crate::tokenizer::TokenizerData;
 
 /// The models `--like` knows, with their published `config.json` (configs/README.md says
-/// where each comes from).
-pub const LIKE: [(&str, &str); 6] = [
-    ("qwen3-30b-a3b", include_str!("../configs/qwen3-30b-a3b.config.json")),
-    ("qwen3-omni-30b-a3b", include_str!("../configs/qwen3-omni-30b-a3b-instruct.config.json")),
-    ("mixtral-8x7b", include_str!("../configs/mixtral-8x7b.config.json")),
-    ("olmoe-1b-7b", include_str!("../configs/olmoe-1b-7b.config.json")),
-    ("qwen1.5-moe-a2.7b", include_str!("../configs/qwen1.5-moe-a2.7b.config.json")),
-    ("tiny", include_str!("../configs/tiny-qwen3moe.config.json")),
-];
+/// where each comes from): every family's (`Arch::published`).
+pub fn like_names() -> Vec<(&'static str, &'static str)> {
+    crate::arch::ARCHS.iter().flat_map(|a| a.published().iter().copied()).collect()
+}
 
 /// The tokenizer every synthetic model gets, whatever its family: a tiny byte-level BPE
 /// (Qwen2 split, 503 tokens). Embedding rows past it are padding (`[PADn]`, unused), as
@@ -98,7 +93,7 @@ quantized once (every record valid and distinct, rows repeat); --exact quantizes
 
 #[derive(Clone, Debug)]
 pub struct SynthOptions {
-    /// A name from [`LIKE`] or the path of a Hugging Face `config.json`.
+    /// A name from [`like_names`] or the path of a Hugging Face `config.json`.
     pub like: String,
     /// Type of the matrices (base and experts); norms and routers stay f32.
     pub quant: GgmlType,
@@ -156,14 +151,14 @@ pub fn synth(out: &Path, opts: &SynthOptions, progress: Progress) -> Result<Synt
     Ok(SynthReport { config: src.cfg.clone(), convert, merged, dir_seconds, merge_seconds: t1.elapsed().as_secs_f64() })
 }
 
-/// The config of `like` (a [`LIKE`] name or a config.json path) cut to `layers` layers.
+/// The config of `like` (a [`like_names`] name or a config.json path) cut to `layers` layers.
 pub fn synth_config(like: &str, layers: Option<u32>) -> Result<ModelConfig> {
     let spec = SpecDir::create()?;
     spec_config(&spec, like, layers)
 }
 
 fn spec_config(spec: &SpecDir, like: &str, layers: Option<u32>) -> Result<ModelConfig> {
-    let (name, config_path) = match LIKE.iter().find(|(n, _)| *n == like) {
+    let (name, config_path) = match like_names().into_iter().find(|(n, _)| *n == like) {
         Some((n, json)) => {
             let p = spec.path.join("config.json");
             std::fs::write(&p, json).at(&p)?;
@@ -177,7 +172,7 @@ fn spec_config(spec: &SpecDir, like: &str, layers: Option<u32>) -> Result<ModelC
         None => {
             return Err(Error::Usage(format!(
                 "--like '{like}': unknown model; expected one of {} or the path of a config.json",
-                LIKE.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                like_names().iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
             )))
         }
     };

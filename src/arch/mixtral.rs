@@ -108,4 +108,10 @@ impl Arch for Mixtral {
         // The BOS token comes from the tokenizer (`add_bos_token`), not the text.
         format!("[INST] {user} [/INST]")
     }
+
+    fn published(&self) -> &'static [(&'static str, &'static str)] {
+        &[
+            ("mixtral-8x7b", include_str!("../../configs/mixtral-8x7b.config.json")),
+        ]
+    }
 }

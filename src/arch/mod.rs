@@ -17,11 +17,6 @@
 //! The implementation is chosen by Hugging Face `architectures` or GGUF
 //! `general.architecture`.
 
-pub mod mixtral;
-pub mod olmoe;
-pub mod qwen2moe;
-pub mod qwen3moe;
-
 use std::path::Path;
 
 use crate::config::{GgufKeys, HfConfig, ModelConfig};
@@ -31,8 +26,17 @@ use crate::graph::{LayerInput, PreMoe};
 use crate::names::*;
 use crate::quant::fit;
 
-/// Every architecture sage runs. Adding one: its file above, and one line here.
-pub static ARCHS: &[&dyn Arch] = &[&qwen3moe::Qwen3Moe, &mixtral::Mixtral, &olmoe::Olmoe, &qwen2moe::Qwen2Moe];
+/// `register!(file::Type, …)`: the module of each family's file, and `ARCHS`, in that order.
+macro_rules! register {
+    ($($file:ident :: $family:ident),* $(,)?) => {
+        $(pub mod $file;)*
+        /// Every architecture sage runs, in the order sage tries them.
+        pub static ARCHS: &[&dyn Arch] = &[$(&$file::$family),*];
+    };
+}
+
+// Adding a family: its file, and its entry in this line.
+register!(qwen3moe::Qwen3Moe, mixtral::Mixtral, olmoe::Olmoe, qwen2moe::Qwen2Moe);
 
 /// What a tensor is for, which decides the type sage-convert stores it in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,6 +200,11 @@ pub trait Arch: Sync {
     /// The prompt for one user turn in the family's default chat template (used when the
     /// model brings none).
     fn chat_prompt(&self, user: &str) -> String;
+    /// Published models of the family, by the names `sage-convert synth --like` takes, with
+    /// their config.json (configs/).
+    fn published(&self) -> &'static [(&'static str, &'static str)] {
+        &[]
+    }
 }
 
 /// `ARCHS` by sage's name.

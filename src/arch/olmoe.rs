@@ -97,4 +97,10 @@ impl Arch for Olmoe {
         // OLMoE-Instruct's (Tulu) format; its BOS is written in the text.
         format!("<|endoftext|><|user|>\n{user}\n<|assistant|>\n")
     }
+
+    fn published(&self) -> &'static [(&'static str, &'static str)] {
+        &[
+            ("olmoe-1b-7b", include_str!("../../configs/olmoe-1b-7b.config.json")),
+        ]
+    }
 }

@@ -131,4 +131,10 @@ impl Arch for Qwen2Moe {
     fn chat_prompt(&self, user: &str) -> String {
         super::qwen3moe::chatml(user)
     }
+
+    fn published(&self) -> &'static [(&'static str, &'static str)] {
+        &[
+            ("qwen1.5-moe-a2.7b", include_str!("../../configs/qwen1.5-moe-a2.7b.config.json")),
+        ]
+    }
 }

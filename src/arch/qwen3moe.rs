@@ -114,4 +114,12 @@ impl Arch for Qwen3Moe {
     fn chat_prompt(&self, user: &str) -> String {
         chatml(user)
     }
+
+    fn published(&self) -> &'static [(&'static str, &'static str)] {
+        &[
+            ("qwen3-30b-a3b", include_str!("../../configs/qwen3-30b-a3b.config.json")),
+            ("qwen3-omni-30b-a3b", include_str!("../../configs/qwen3-omni-30b-a3b-instruct.config.json")),
+            ("tiny", include_str!("../../configs/tiny-qwen3moe.config.json")),
+        ]
+    }
 }

@@ -285,7 +285,7 @@ fn synth_errors_are_clear() {
     assert!(!o.status.success());
     assert!(
         text(&o).contains(
-            "--like 'qwen3-31b': unknown model; expected one of qwen3-30b-a3b, qwen3-omni-30b-a3b, mixtral-8x7b, olmoe-1b-7b, qwen1.5-moe-a2.7b, tiny"
+            "--like 'qwen3-31b': unknown model; expected one of qwen3-30b-a3b, qwen3-omni-30b-a3b, tiny, mixtral-8x7b, olmoe-1b-7b, qwen1.5-moe-a2.7b"
         ),
         "{}",
         text(&o)
