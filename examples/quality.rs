@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use sage::convert::{convert, ConvertOptions};
 use sage::engine::sampler::{Sampler, SamplerParams};
-use sage::engine::{ArenaSize, Engine, EngineOptions};
+use sage::engine::{ArenaSize, Engine, EngineOptions, GenOptions};
 use sage::ggml::GgmlType;
 use sage::tokenizer::Tokenizer;
 use sage::usage::Usage;
@@ -37,7 +37,8 @@ fn measure(dir: &Path, eval_ids: &[u32]) -> anyhow::Result<Measured> {
     let mut gen = |p: &str| -> anyhow::Result<String> {
         let ids = tok.encode(p)?;
         let mut s = Sampler::new(SamplerParams { temp: 0.0, ..Default::default() });
-        let g = engine.generate(&tok, &ids, SAMPLE_TOKENS, &mut s, |_, _| {})?;
+        let opts = GenOptions { max_tokens: SAMPLE_TOKENS, stop_ids: tok.eog.clone(), ..Default::default() };
+        let g = engine.generate(&tok, &ids, &opts, &mut s, |_, _| true)?;
         Ok(format!("{p}{}", g.text))
     };
     let (sample, sample2) = (gen(PROMPT)?, gen(PROMPT2)?);

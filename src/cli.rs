@@ -4,11 +4,12 @@
 //! rest of the library draws and prints nothing.
 
 use std::io::{IsTerminal, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 
-use crate::engine::generate::Generation;
+use crate::chat::{ChatTemplate, Message};
+use crate::engine::generate::{GenOptions, Generation};
 use crate::engine::sampler::{Sampler, SamplerParams};
 use crate::engine::{Engine, EngineOptions};
 use crate::error::{Error, Result};
@@ -96,7 +97,8 @@ pub fn run_stats(g: &Generation, engine: &Engine) -> serde_json::Value {
         "device": engine.device_name(),
         "prompt_tokens": g.prompt_tokens,
         "generated_tokens": g.tokens.len(),
-        "stop": g.stop,
+        "stop": g.stop.as_str(),
+        "cached_prompt_tokens": g.cached_tokens,
         "prompt_tok_per_s": g.prompt_tok_per_s(),
         "gen_tok_per_s": g.gen_tok_per_s(),
         "expert_hits": st.hits,
@@ -125,7 +127,7 @@ pub fn print_run_stats(g: &Generation, engine: &Engine) {
         g.prompt_tok_per_s(),
         g.tokens.len(),
         g.gen_tok_per_s(),
-        g.stop
+        g.stop.as_str()
     );
     eprintln!(
         "experts: hit rate {:.1}% ({} hits, {} misses), {} read from shards ({} per token), {:.3} s stalled on loads",
@@ -322,8 +324,12 @@ pub fn profile(dir: &Path, text: &Path, out: &Path, opts: EngineOptions, warm: O
 /// What `sage run` is asked to generate.
 pub struct RunJob {
     pub prompt: String,
-    /// Wrap the prompt in the family's chat template.
+    /// Wrap the prompt in the model's chat template, as the user's turn.
     pub chat: bool,
+    /// With `chat`: a system message first.
+    pub system: Option<String>,
+    /// With `chat`: this template instead of the model's.
+    pub chat_template: Option<PathBuf>,
     pub max_tokens: usize,
     pub sampler: SamplerParams,
     /// Print the figures on stderr after the text.
@@ -332,22 +338,38 @@ pub struct RunJob {
     pub json: bool,
 }
 
+/// The prompt's ids: as text (the model's BOS first where it wants one), or with `chat` the
+/// conversation rendered by the chat template (which writes its own special tokens).
+fn prompt_ids(engine: &Engine, tokenizer: &Tokenizer, job: &RunJob) -> anyhow::Result<Vec<u32>> {
+    if !job.chat {
+        return Ok(tokenizer.encode(&job.prompt).context("tokenizing the prompt")?);
+    }
+    let md = engine.model_dir();
+    let template = ChatTemplate::for_model(&md.base, md.config.arch(), tokenizer, job.chat_template.as_deref())?;
+    let mut messages: Vec<Message> = job.system.iter().map(|s| Message::new("system", s)).collect();
+    messages.push(Message::new("user", &job.prompt));
+    let text = template.render(&messages, true)?;
+    log::info!("prompt from {}: {text:?}", template.origin);
+    Ok(tokenizer.encode_with(&text, false).context("tokenizing the prompt")?)
+}
+
 /// `sage run`: generate from model directory `dir`, streaming text (or JSON) to stdout.
 pub fn run(dir: &Path, job: RunJob, opts: EngineOptions, warm: Option<&Path>) -> anyhow::Result<()> {
     let tokenizer = Tokenizer::load(dir).with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
     let mut engine = load_engine(dir, opts, warm)?;
-    let text = if job.chat { engine.config.arch().chat_prompt(&job.prompt) } else { job.prompt.clone() };
-    let ids = tokenizer.encode(&text).context("tokenizing the prompt")?;
-    let mut sampler = Sampler::new(job.sampler);
+    let ids = prompt_ids(&engine, &tokenizer, &job)?;
+    let mut sampler = Sampler::new(job.sampler.clone());
+    let gen = GenOptions { max_tokens: job.max_tokens, stop_ids: tokenizer.eog.clone(), ..Default::default() };
     let mut stdout = std::io::stdout().lock();
     let json = job.json;
-    let g = engine.generate(&tokenizer, &ids, job.max_tokens, &mut sampler, |id, piece| {
+    let g = engine.generate(&tokenizer, &ids, &gen, &mut sampler, |id, piece| {
         if json {
             let _ = writeln!(stdout, "{}", serde_json::json!({"id": id, "text": piece}));
         } else {
             let _ = write!(stdout, "{piece}");
             let _ = stdout.flush();
         }
+        true
     })?;
     if json {
         writeln!(stdout, "{}", serde_json::json!({ "stats": run_stats(&g, &engine) }))?;

@@ -51,6 +51,9 @@ pub enum Error {
     #[error("{path}: not a usable expert usage file: {reason}")]
     BadUsage { path: PathBuf, reason: String },
 
+    #[error("{origin}: {reason}")]
+    Template { origin: String, reason: String },
+
     #[error("{path}: changed while sage was running: {reason}")]
     Changed { path: PathBuf, reason: String },
 

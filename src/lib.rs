@@ -6,6 +6,7 @@
 //! All FFI and `unsafe` live in [`ggml`].
 
 pub mod arch;
+pub mod chat;
 pub mod cli;
 pub mod config;
 pub mod convert;

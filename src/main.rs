@@ -140,9 +140,16 @@ struct RunArgs {
     /// The prompt.
     #[arg(short, long)]
     prompt: String,
-    /// Wrap the prompt in the model family's chat template (one user turn).
+    /// Wrap the prompt in the model's chat template (its own; its family's when it has none),
+    /// as the user's turn.
     #[arg(long)]
     chat: bool,
+    /// With --chat: a system message before the user's.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    /// With --chat: a Jinja chat template file to use instead of the model's.
+    #[arg(long, requires = "chat")]
+    chat_template: Option<PathBuf>,
     #[command(flatten)]
     engine: EngineArgs,
     /// Context length in tokens (KV cache size).
@@ -213,6 +220,8 @@ fn main() -> ExitCode {
             let job = RunJob {
                 prompt: a.prompt,
                 chat: a.chat,
+                system: a.system,
+                chat_template: a.chat_template,
                 max_tokens: a.max_tokens,
                 sampler,
                 stats: a.stats,

@@ -267,6 +267,25 @@ impl TokenizerData {
                 kv.push((key.into(), GgufValue::U32(id)));
             }
         }
+        // The end tokens of generation_config.json (an id or a list).
+        let gc_path = dir.join("generation_config.json");
+        if let Ok(t) = std::fs::read_to_string(&gc_path) {
+            let gc: Value = serde_json::from_str(&t).map_err(|e| tok_err(&gc_path, e.to_string()))?;
+            let ids: Vec<u32> = match gc.get("eos_token_id") {
+                Some(Value::Number(n)) => n.as_u64().into_iter().map(|n| n as u32).collect(),
+                Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|n| n as u32).collect(),
+                _ => Vec::new(),
+            };
+            if let Some(&bad) = ids.iter().find(|&&i| i as u64 >= cfg.n_vocab) {
+                return Err(tok_err(
+                    &gc_path,
+                    format!("eos_token_id {bad} is outside the vocabulary of {}", cfg.n_vocab),
+                ));
+            }
+            if !ids.is_empty() {
+                kv.push((SAGE_EOS_IDS.into(), GgufValue::Array(GgufArray::U32(ids))));
+            }
+        }
         let template = match tc.get("chat_template").and_then(|t| t.as_str()) {
             Some(t) => Some(t.to_string()),
             None => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
@@ -476,37 +495,65 @@ fn spm_json(tokens: &[String], types: &[i32], scores: &[f32], space_prefix: bool
 }
 
 /// The tokenizer of a model directory as `sage run` uses it: `tokenizer.json` through the
-/// tokenizers crate, and base.gguf's BOS rule (`tokenizer.ggml.add_bos_token`), applied as
-/// llama.cpp applies it.
+/// tokenizers crate, and from base.gguf the BOS rule (`tokenizer.ggml.add_bos_token`, applied as
+/// llama.cpp applies it) and the tokens that end a generation.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     /// Put before every encoded text (llama.cpp's `add_bos_token`).
     pub bos: Option<u32>,
+    /// The model's BOS token, whether or not texts get it (chat templates write it).
+    pub bos_token: Option<u32>,
     pub eos: Option<u32>,
+    /// The tokens that end a generation: EOS, end-of-turn, and the `eos_token_id` list of the
+    /// checkpoint's generation_config.json.
+    pub eog: Vec<u32>,
 }
+
+/// `sage.generation.eos_token_ids`: generation_config.json's `eos_token_id` (an id or a list), kept
+/// in base.gguf.
+pub const SAGE_EOS_IDS: &str = "sage.generation.eos_token_ids";
 
 impl Tokenizer {
     /// Load the tokenizer of model directory `dir`.
     pub fn load(dir: &Path) -> Result<Tokenizer> {
+        let base = dir.join(crate::model_dir::BASE);
+        let g = Gguf::open(&base).map_err(|e| Error::BadGguf { path: base.clone(), reason: e.to_string() })?;
+        Tokenizer::load_with(dir, &g)
+    }
+
+    /// Load the tokenizer of model directory `dir` whose base.gguf is `g`.
+    pub fn load_with(dir: &Path, g: &Gguf) -> Result<Tokenizer> {
         let path = dir.join(crate::model_dir::TOKENIZER);
         let json = std::fs::read_to_string(&path).at(&path)?;
         let inner = validate_json(&json, &path)?;
-        let base = dir.join(crate::model_dir::BASE);
-        let g = Gguf::open(&base).map_err(|e| Error::BadGguf { path: base.clone(), reason: e.to_string() })?;
         let id = |key: &str| match g.get(key) {
             Some(GgufValue::U32(id)) => Some(id),
             Some(GgufValue::I32(id)) if id >= 0 => Some(id as u32),
             _ => None,
         };
         let add_bos = matches!(g.get(TOK_ADD_BOS), Some(GgufValue::Bool(true)));
-        Ok(Tokenizer { inner, bos: id(TOK_BOS).filter(|_| add_bos), eos: id(TOK_EOS) })
+        let (bos, eos) = (id(TOK_BOS), id(TOK_EOS));
+        let mut eog: Vec<u32> = eos.into_iter().chain(id(TOK_EOT)).collect();
+        if let Some(GgufValue::Array(GgufArray::U32(ids))) = g.get(SAGE_EOS_IDS) {
+            eog.extend(ids);
+        }
+        eog.sort_unstable();
+        eog.dedup();
+        Ok(Tokenizer { inner, bos: bos.filter(|_| add_bos), bos_token: bos, eos, eog })
     }
 
     /// The ids of `text`: special tokens written in it are matched, and the BOS token comes
     /// first where the model wants one.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_with(text, true)
+    }
+
+    /// `encode`, with the model's BOS rule applied only when `add_bos` (a rendered chat
+    /// template writes its own, as transformers' `apply_chat_template` tokenizes it).
+    pub fn encode_with(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, false).map_err(|e| Error::Usage(format!("tokenizing: {e}")))?;
-        Ok(self.bos.into_iter().chain(enc.get_ids().iter().copied()).collect())
+        let bos = if add_bos { self.bos } else { None };
+        Ok(bos.into_iter().chain(enc.get_ids().iter().copied()).collect())
     }
 
     /// The text of `ids` (special tokens included).
@@ -514,9 +561,62 @@ impl Tokenizer {
         self.inner.decode(ids, false).map_err(|e| Error::Usage(format!("decoding tokens: {e}")))
     }
 
+    /// The text of token `id` as the vocabulary writes it (`<s>`, `<|im_end|>`).
+    pub fn token_text(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     /// The tokenizers crate's tokenizer underneath.
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
+    }
+}
+
+/// Text from tokens one at a time: each token's text is what decoding a short window of tokens
+/// ending with it adds to decoding the window without it, so a character split over tokens
+/// comes out whole, once, with the next token that completes it, and a decoder that strips or
+/// adds spaces at the start of a text (SentencePiece's) sees the tokens before it. Each step
+/// decodes a few tokens, not the whole output.
+pub struct Detokenizer<'a> {
+    tok: &'a Tokenizer,
+    ids: Vec<u32>,
+    /// The window starts here; `read` is where its already returned part ends.
+    prefix: usize,
+    read: usize,
+}
+
+impl<'a> Detokenizer<'a> {
+    /// A detokenizer whose text follows `context` (e.g. the prompt's last token), which it does
+    /// not return.
+    pub fn new(tok: &'a Tokenizer, context: &[u32]) -> Detokenizer<'a> {
+        Detokenizer { tok, ids: context.to_vec(), prefix: 0, read: context.len() }
+    }
+
+    /// The text `id` completes.
+    pub fn push(&mut self, id: u32) -> Result<String> {
+        self.ids.push(id);
+        self.take(false)
+    }
+
+    /// What is left undecoded (an incomplete character at the end), as best it decodes.
+    pub fn flush(&mut self) -> Result<String> {
+        self.take(true)
+    }
+
+    fn take(&mut self, all: bool) -> Result<String> {
+        let before = self.tok.decode(&self.ids[self.prefix..self.read])?;
+        let now = self.tok.decode(&self.ids[self.prefix..])?;
+        if now.len() <= before.len() || (!all && now.ends_with('\u{FFFD}')) {
+            return Ok(String::new());
+        }
+        let piece = match now.get(before.len()..) {
+            Some(p) if now.starts_with(&before) => p.to_string(),
+            // A decoder that rewrote the window's start: the characters past the old text.
+            _ => now.chars().skip(before.chars().count()).collect(),
+        };
+        self.prefix = self.read;
+        self.read = self.ids.len();
+        Ok(piece)
     }
 }
 

@@ -104,9 +104,10 @@ impl Arch for Mixtral {
         l.attend(q, k, v)
     }
 
-    fn chat_prompt(&self, user: &str) -> String {
-        // The BOS token comes from the tokenizer (`add_bos_token`), not the text.
-        format!("[INST] {user} [/INST]")
+    /// Mixtral-8x7B-Instruct-v0.1's template as released (the Hub's changed in 2024 to match
+    /// mistral_common).
+    fn chat_template(&self) -> &'static str {
+        "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
     }
 
     fn published(&self) -> &'static [(&'static str, &'static str)] {

@@ -10,7 +10,8 @@
 //!   built from the pieces every family shares (`crate::graph`);
 //! - its router's normalization (`ModelConfig::norm_topk_prob`, set by the family) and shared
 //!   expert (`ModelConfig::n_ff_shexp`);
-//! - its tokenizer's pre-tokenizer name for llama.cpp and its default chat template.
+//! - its tokenizer's pre-tokenizer name for llama.cpp and its default chat template (for a model
+//!   that brings none).
 //!
 //! What the families share (the routed experts over arena slots, attention over the KV cache,
 //! norms, the output) is written once, in `crate::graph`; the runtime never names a family.
@@ -197,9 +198,9 @@ pub trait Arch: Sync {
     fn gpt2_pre(&self) -> &'static str {
         "gpt-2"
     }
-    /// The prompt for one user turn in the family's default chat template (used when the
-    /// model brings none).
-    fn chat_prompt(&self, user: &str) -> String;
+    /// The family's default chat template (Jinja, as tokenizer_config.json writes one), for a
+    /// model that brings none.
+    fn chat_template(&self) -> &'static str;
     /// Published models of the family, by the names `sage-convert synth --like` takes, with
     /// their config.json (configs/).
     fn published(&self) -> &'static [(&'static str, &'static str)] {

@@ -93,9 +93,9 @@ impl Arch for Olmoe {
         "olmo"
     }
 
-    fn chat_prompt(&self, user: &str) -> String {
-        // OLMoE-Instruct's (Tulu) format; its BOS is written in the text.
-        format!("<|endoftext|><|user|>\n{user}\n<|assistant|>\n")
+    /// OLMoE-1B-7B-0924-Instruct's (Tulu) format.
+    fn chat_template(&self) -> &'static str {
+        "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}{{ '<|system|>\\n' + message['content'] + '\\n' }}{% elif message['role'] == 'user' %}{{ '<|user|>\\n' + message['content'] + '\\n' }}{% elif message['role'] == 'assistant' %}{% if not loop.last %}{{ '<|assistant|>\\n'  + message['content'] + eos_token + '\\n' }}{% else %}{{ '<|assistant|>\\n'  + message['content'] + eos_token }}{% endif %}{% endif %}{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}{% endfor %}"
     }
 
     fn published(&self) -> &'static [(&'static str, &'static str)] {

@@ -128,8 +128,8 @@ impl Arch for Qwen2Moe {
         out
     }
 
-    fn chat_prompt(&self, user: &str) -> String {
-        super::qwen3moe::chatml(user)
+    fn chat_template(&self) -> &'static str {
+        super::qwen3moe::CHATML
     }
 
     fn published(&self) -> &'static [(&'static str, &'static str)] {

@@ -24,10 +24,8 @@ const OMNI_THINKER: HfLayout = HfLayout {
 const OMNI: [&str; 3] =
     ["Qwen3OmniMoeForConditionalGeneration", "Qwen3OmniMoeThinkerForConditionalGeneration", "qwen3_omni_moe"];
 
-/// ChatML, as Qwen's templates write one user turn.
-pub(crate) fn chatml(user: &str) -> String {
-    format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
-}
+/// ChatML, the form of Qwen's chat templates (without the default system prompt some add).
+pub(crate) const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
 impl Arch for Qwen3Moe {
     fn name(&self) -> &'static str {
@@ -111,8 +109,8 @@ impl Arch for Qwen3Moe {
         l.attend(q, k, v)
     }
 
-    fn chat_prompt(&self, user: &str) -> String {
-        chatml(user)
+    fn chat_template(&self) -> &'static str {
+        CHATML
     }
 
     fn published(&self) -> &'static [(&'static str, &'static str)] {

@@ -22,6 +22,7 @@ pub mod arena;
 mod base;
 mod fused;
 pub mod generate;
+pub use generate::{Finish, GenOptions, Generation};
 pub mod io_thread;
 pub mod options;
 pub mod predict;
@@ -36,11 +37,10 @@ use std::time::{Duration, Instant};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::ggml::{Allocator, Backend, Buffer, Context, FfiError, GgmlType, GgufValue, Graph, Tensor, TensorSet};
+use crate::ggml::{Allocator, Backend, Buffer, Context, FfiError, GgmlType, Graph, Tensor, TensorSet};
 use crate::graph::{KvCache, LayerInput};
 use crate::io::Record;
 use crate::model_dir::ModelDir;
-use crate::names::*;
 use arena::Arena;
 use base::BaseWeights;
 use fused::Fused;
@@ -184,8 +184,8 @@ pub struct Engine {
     /// Per layer: which experts exist (the pool).
     present: Vec<Vec<bool>>,
     opts: EngineOptions,
-    n_past: usize,
-    pub eos: Option<u32>,
+    /// The tokens whose K and V the cache holds, in order (its length is n_past).
+    context: Vec<u32>,
     stats: EngineStats,
     /// Routing choices, recorded while `Some` (see `start_trace`).
     trace: Option<RouteTrace>,
@@ -278,11 +278,6 @@ impl Engine {
 
         let io = Prefetcher::new(md.shards.clone(), !opts.page_cache);
         let present = layers.iter().map(|l| (0..cfg.n_expert).map(|e| l.record_index(e).is_some()).collect()).collect();
-        let eos = match md.base.get(TOK_EOS) {
-            Some(GgufValue::U32(id)) => Some(id),
-            Some(GgufValue::I32(id)) if id >= 0 => Some(id as u32),
-            _ => None,
-        };
         let runner =
             Runner { alloc: Allocator::new(&backend), backend, path: dir.to_path_buf(), compute: Duration::ZERO };
         let mut engine = Engine {
@@ -300,8 +295,7 @@ impl Engine {
             predicted: None,
             staging: Record::default(),
             present,
-            n_past: 0,
-            eos,
+            context: Vec::new(),
             stats: EngineStats::default(),
             trace: None,
             warm_stats: SchedStats::default(),
@@ -365,8 +359,14 @@ impl Engine {
         EngineStats { sched: self.sched.stats.clone(), prefetch, compute: self.runner.compute, ..self.stats.clone() }
     }
 
+    /// Tokens in the context (the KV cache).
     pub fn n_past(&self) -> usize {
-        self.n_past
+        self.context.len()
+    }
+
+    /// The tokens in the context, in order.
+    pub fn context(&self) -> &[u32] {
+        &self.context
     }
 
     pub fn n_ctx(&self) -> usize {
@@ -424,18 +424,33 @@ impl Engine {
 
     /// Forget the context (the arena keeps its experts).
     pub fn reset(&mut self) {
-        self.n_past = 0;
+        self.keep(0);
+    }
+
+    /// Keep the first `n` tokens of the context and forget the rest (their cache entries are
+    /// written over by what is evaluated next).
+    pub fn keep(&mut self, n: usize) {
+        self.context.truncate(n);
         self.predicted = None;
+    }
+
+    /// Keep the longest prefix of the context that `prompt` starts with, leaving at least the
+    /// prompt's last token to evaluate (its logits are the next token's); returns its length.
+    pub fn keep_prefix_of(&mut self, prompt: &[u32]) -> usize {
+        let common = self.context.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        let n = common.min(prompt.len().saturating_sub(1));
+        self.keep(n);
+        n
     }
 
     /// Evaluate `tokens` after the current context. Returns logits for every token when
     /// `all_logits`, else for the last one only (row-major [n][n_vocab]).
     pub fn eval(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
-        if self.n_past + tokens.len() > self.opts.n_ctx {
+        if self.n_past() + tokens.len() > self.opts.n_ctx {
             return Err(Error::Usage(format!(
                 "{} tokens after {} do not fit the context of {} (--ctx)",
                 tokens.len(),
-                self.n_past,
+                self.n_past(),
                 self.opts.n_ctx
             )));
         }
@@ -457,7 +472,7 @@ impl Engine {
     fn eval_batch(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
         let n = tokens.len();
         // Positions and the causal mask ([n_kv][n]) are the same for every layer of the batch.
-        let (n_past, n_kv) = (self.n_past, self.n_past + n);
+        let (n_past, n_kv) = (self.n_past(), self.n_past() + n);
         let pos: Vec<i32> = (0..n).map(|i| (n_past + i) as i32).collect();
         let mut mask = vec![f32::NEG_INFINITY; n_kv * n];
         for i in 0..n {
@@ -472,7 +487,7 @@ impl Engine {
             }
             self.output_logits(n, all_logits)?
         };
-        self.n_past += n;
+        self.context.extend_from_slice(tokens);
         self.stats.tokens_evaluated += n as u64;
         Ok(out)
     }

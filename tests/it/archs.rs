@@ -96,18 +96,25 @@ fn tokenizers_agree(family: &str) {
         }
     }
     // What `sage run` feeds the model: the prompts' ids (BOS first where the model wants one),
-    // and for `--chat` the family's own template.
-    let arch = sage::model_dir::ModelDir::open(&model_dir).unwrap().config.arch();
+    // and for `--chat` the conversation rendered by the model's own template (stored in
+    // base.gguf), which writes its own special tokens.
+    let md = sage::model_dir::ModelDir::open(&model_dir).unwrap();
+    let template = sage::chat::ChatTemplate::for_model(&md.base, md.config.arch(), &from_hf, None).unwrap();
+    assert_eq!(template.origin, sage::chat::Origin::Model);
     for p in &prompts {
-        let text = if p.name == "chat" {
-            arch.chat_prompt(meta["chat_messages"][0]["content"].as_str().unwrap())
+        let chat = p.name == "chat";
+        let text = if chat {
+            let messages: Vec<sage::chat::Message> = serde_json::from_value(meta["chat_messages"].clone()).unwrap();
+            let text = template.render(&messages, true).unwrap();
+            assert_eq!(text, meta["chat_prompt"].as_str().unwrap(), "{family}: rendered chat prompt");
+            text
         } else {
             p.text.clone()
         };
-        let got: Vec<i32> = from_hf.encode(&text).unwrap().iter().map(|&i| i as i32).collect();
+        let got: Vec<i32> = from_hf.encode_with(&text, !chat).unwrap().iter().map(|&i| i as i32).collect();
         assert_eq!(got, p.ids, "{family} {}: sage's prompt ids", p.name);
         let llama_ids: Vec<i32> =
-            model.vocab().tokenize(text.as_bytes(), true, true).into_iter().map(|t| t.0).collect();
+            model.vocab().tokenize(text.as_bytes(), !chat, true).into_iter().map(|t| t.0).collect();
         assert_eq!(llama_ids, p.ids, "{family} {}: llama.cpp's prompt ids", p.name);
     }
 }
@@ -166,14 +173,15 @@ fn greedy_matches_llama_cpp(family: &str) {
         let k = sage::model_dir::ModelDir::open(&model_dir).unwrap().config.n_expert_used as usize;
         for arena in [ArenaSize::All, ArenaSize::Experts(k)] {
             let mut e = Engine::load(&model_dir, exact(arena)).unwrap();
-            e.eos = None; // the reference runs all 32 steps
+            // No stop tokens: the reference runs all 32 steps.
+            let opts = sage::engine::GenOptions { max_tokens: 32, ..Default::default() };
             for p in &prompts {
                 let want = llama_greedy(&llama, &p.ids, 32);
                 let mut s = sage::engine::sampler::Sampler::new(sage::engine::sampler::SamplerParams {
                     temp: 0.0,
                     ..Default::default()
                 });
-                let g = e.generate(&tk, &ids_u32(p), 32, &mut s, |_, _| {}).unwrap();
+                let g = e.generate(&tk, &ids_u32(p), &opts, &mut s, |_, _| true).unwrap();
                 let got: Vec<i32> = g.tokens.iter().map(|&t| t as i32).collect();
                 assert_eq!(got, want, "{family} {ty} {arena:?} {}", p.name);
             }

@@ -120,8 +120,9 @@ fn greedy_generation_matches_llama_cpp() {
                     temp: 0.0,
                     ..Default::default()
                 });
-                e.eos = None; // the reference runs all 32 steps
-                let g = e.generate(&tk, &prompt, 32, &mut s, |_, _| {}).unwrap();
+                // No stop tokens: the reference runs all 32 steps.
+                let opts = sage::engine::GenOptions { max_tokens: 32, ..Default::default() };
+                let g = e.generate(&tk, &prompt, &opts, &mut s, |_, _| true).unwrap();
                 let got: Vec<i32> = g.tokens.iter().map(|&t| t as i32).collect();
                 assert_eq!(got, want, "{ty} {arena:?} {}", p.name);
             }

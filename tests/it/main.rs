@@ -2,6 +2,7 @@
 
 mod archs;
 mod bad_input;
+mod chat;
 mod convert;
 mod engine;
 mod footprint;
