@@ -1,7 +1,7 @@
 //! sage: run Mixture-of-Experts language models on devices whose memory is smaller than the
 //! model. This crate holds the converter (`convert`, `merge`, `inspect`), the model directory
 //! format (`model_dir`) and the runtime (`engine`) that streams experts from it into a
-//! fixed-size arena.
+//! fixed-size arena, and the OpenAI-compatible server (`server`).
 //!
 //! All FFI and `unsafe` live in [`ggml`].
 
@@ -22,6 +22,7 @@ pub mod merge;
 pub mod model_dir;
 pub mod names;
 pub mod quant;
+pub mod server;
 pub mod sim;
 pub mod source;
 pub mod synth;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use sage::cli::{parse_size, RunJob};
+use sage::cli::{parse_size, ChatJob, RunJob, ServeJob};
 use sage::engine::sampler::SamplerParams;
 use sage::engine::{ArenaSize, EngineOptions, KvType};
 
@@ -23,6 +23,11 @@ struct Cli {
 enum Command {
     /// Generate text from a model directory made by sage-convert.
     Run(RunArgs),
+    /// Serve the model over HTTP with the OpenAI API (chat and text completions, streaming),
+    /// one sequence at a time, the last conversation kept in the KV cache.
+    Serve(ServeArgs),
+    /// Chat with the model in the terminal: /reset, /stats; Ctrl-C stops an answer, Ctrl-D exits.
+    Chat(ChatArgs),
     /// Perplexity over a text file, in windows of --ctx tokens (as llama-perplexity cuts them).
     Eval(EvalArgs),
     /// Count which experts real routing uses over a text file; write usage.json.
@@ -158,9 +163,23 @@ struct RunArgs {
     /// Most tokens to generate.
     #[arg(short = 'n', long, default_value_t = 128)]
     max_tokens: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Print speed, expert hit rate, bytes read, stalls, peak RSS and arena bytes to stderr.
+    #[arg(long)]
+    stats: bool,
+    /// One JSON object per line: {"id", "text"} per token, then {"stats": {...}}.
+    #[arg(long)]
+    json: bool,
+}
+
+/// How tokens are picked.
+#[derive(Args)]
+struct SamplingArgs {
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.8)]
     temp: f32,
+    /// Keep the k most likely tokens (0: all).
     #[arg(long, default_value_t = 40)]
     top_k: usize,
     #[arg(long, default_value_t = 0.95)]
@@ -168,14 +187,81 @@ struct RunArgs {
     /// Repetition penalty over the last 64 tokens (1.0 is off).
     #[arg(long, default_value_t = 1.0)]
     repeat_penalty: f32,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Print speed, expert hit rate, bytes read, stalls, peak RSS and arena bytes to stderr.
+    /// Random seed (run and chat: 0 when not given; serve: a request without a seed gets a
+    /// fresh one unless this is given).
     #[arg(long)]
-    stats: bool,
-    /// One JSON object per line: {"id", "text"} per token, then {"stats": {...}}.
+    seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> SamplerParams {
+        SamplerParams {
+            temp: self.temp,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repeat_penalty: self.repeat_penalty,
+            seed: self.seed.unwrap_or(0),
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Model directory (from sage-convert).
+    dir: PathBuf,
+    /// Address to listen on: loopback unless told otherwise (0.0.0.0 serves the network).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port (0: any free one; the address is printed when the server is ready).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on /v1/* and /metrics.
+    #[arg(long, env = "SAGE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// The model's name in /v1/models and responses (default: the directory's name).
     #[arg(long)]
-    json: bool,
+    alias: Option<String>,
+    /// A Jinja chat template file to use instead of the model's.
+    #[arg(long)]
+    chat_template: Option<PathBuf>,
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// Context length in tokens (KV cache size): prompt and answer together.
+    #[arg(long, default_value_t = 4096)]
+    ctx: usize,
+    /// Largest request body accepted, e.g. 4MiB.
+    #[arg(long, default_value = "4MiB")]
+    max_body: String,
+    /// Requests that may wait for the engine; more get 503.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+    /// Sampling for requests that do not say (OpenAI's temperature, top_p, and llama.cpp's
+    /// top_k, repeat_penalty, seed).
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    /// Model directory (from sage-convert).
+    dir: PathBuf,
+    /// A system message first.
+    #[arg(long)]
+    system: Option<String>,
+    /// A Jinja chat template file to use instead of the model's.
+    #[arg(long)]
+    chat_template: Option<PathBuf>,
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// Context length in tokens (KV cache size): the whole conversation.
+    #[arg(long, default_value_t = 4096)]
+    ctx: usize,
+    /// Most tokens per answer (default: what the context has left).
+    #[arg(short = 'n', long)]
+    max_tokens: Option<usize>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
 }
 
 #[derive(Args)]
@@ -209,14 +295,7 @@ fn main() -> ExitCode {
     sage::ggml::route_logs();
     let result: anyhow::Result<()> = match cli.command {
         Command::Run(a) => a.engine.options(a.ctx).and_then(|opts| {
-            let sampler = SamplerParams {
-                temp: a.temp,
-                top_k: a.top_k,
-                top_p: a.top_p,
-                repeat_penalty: a.repeat_penalty,
-                seed: a.seed,
-                ..Default::default()
-            };
+            let sampler = a.sampling.params();
             let job = RunJob {
                 prompt: a.prompt,
                 chat: a.chat,
@@ -228,6 +307,30 @@ fn main() -> ExitCode {
                 json: a.json,
             };
             sage::cli::run(&a.dir, job, opts, a.engine.warm.as_deref())
+        }),
+        Command::Serve(a) => a.engine.options(a.ctx).and_then(|opts| {
+            let max_body = parse_size(&a.max_body).with_context(|| format!("--max-body '{}'", a.max_body))?;
+            let serve = ServeJob {
+                host: a.host,
+                port: a.port,
+                api_key: a.api_key,
+                alias: a.alias,
+                chat_template: a.chat_template,
+                max_body: usize::try_from(max_body).unwrap_or(usize::MAX),
+                max_queue: a.max_queue,
+                sampler: a.sampling.params(),
+                seed: a.sampling.seed,
+            };
+            sage::cli::serve(&a.dir, serve, opts, a.engine.warm.as_deref())
+        }),
+        Command::Chat(a) => a.engine.options(a.ctx).and_then(|opts| {
+            let job = ChatJob {
+                system: a.system,
+                chat_template: a.chat_template,
+                max_tokens: a.max_tokens,
+                sampler: a.sampling.params(),
+            };
+            sage::cli::chat(&a.dir, job, opts, a.engine.warm.as_deref())
         }),
         Command::Eval(a) => a
             .engine

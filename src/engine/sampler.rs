@@ -12,12 +12,25 @@ pub struct SamplerParams {
     /// 1.0 is off; > 1 discourages tokens among the last `repeat_last_n`.
     pub repeat_penalty: f32,
     pub repeat_last_n: usize,
+    /// OpenAI's penalties over the same window: each token seen loses `presence_penalty` once
+    /// and `frequency_penalty` per occurrence (0 is off; negative encourages).
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
     pub seed: u64,
 }
 
 impl Default for SamplerParams {
     fn default() -> Self {
-        SamplerParams { temp: 0.8, top_k: 40, top_p: 0.95, repeat_penalty: 1.0, repeat_last_n: 64, seed: 0 }
+        SamplerParams {
+            temp: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: 0,
+        }
     }
 }
 
@@ -44,15 +57,20 @@ impl Sampler {
 
     /// Pick the next token from `logits` (modified in place by the penalty).
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
-        if self.p.repeat_penalty != 1.0 {
-            let start = history.len().saturating_sub(self.p.repeat_last_n);
-            let mut seen = std::collections::HashSet::new();
+        let p = &self.p;
+        if p.repeat_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            let start = history.len().saturating_sub(p.repeat_last_n);
+            let mut counts = std::collections::HashMap::<u32, u32>::new();
             for &t in &history[start..] {
-                if seen.insert(t) {
-                    if let Some(l) = logits.get_mut(t as usize) {
-                        // As llama.cpp: shrink positive logits, grow negative ones.
-                        *l = if *l > 0.0 { *l / self.p.repeat_penalty } else { *l * self.p.repeat_penalty };
+                *counts.entry(t).or_default() += 1;
+            }
+            for (t, n) in counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    // As llama.cpp: shrink positive logits, grow negative ones.
+                    if p.repeat_penalty != 1.0 {
+                        *l = if *l > 0.0 { *l / p.repeat_penalty } else { *l * p.repeat_penalty };
                     }
+                    *l -= p.presence_penalty + p.frequency_penalty * n as f32;
                 }
             }
         }
@@ -107,6 +125,17 @@ mod tests {
         // The penalty moves the argmax off a repeated token.
         let mut p = Sampler::new(SamplerParams { temp: 0.0, repeat_penalty: 1.1, ..Default::default() });
         assert_eq!(p.sample(&mut logits, &[1]), 3);
+        // Presence and frequency penalties: 1 seen three times loses 0.5 + 3 * 0.1 and falls below 3.
+        let mut pf = Sampler::new(SamplerParams {
+            temp: 0.0,
+            presence_penalty: 0.5,
+            frequency_penalty: 0.1,
+            ..Default::default()
+        });
+        let mut l = vec![0.0, 5.0, 1.0, 4.5];
+        assert_eq!(pf.sample(&mut l, &[1, 1, 1]), 3);
+        assert!((l[1] - 4.2).abs() < 1e-6, "{}", l[1]);
+        assert_eq!(pf.sample(&mut [0.0, 5.0, 1.0, 4.5], &[1]), 1);
         // top_k = 1 is greedy at any temperature; a seed fixes the sequence.
         let logits = vec![0.0, 5.0, 1.0, 4.9];
         let mut k1 = Sampler::new(SamplerParams { temp: 2.0, top_k: 1, ..Default::default() });

@@ -139,3 +139,119 @@ fn a_template_file_overrides_and_a_model_without_one_gets_its_familys() {
         .to_string();
     assert!(e.contains("mine.jinja"), "{e}");
 }
+
+/// `sage chat` in a pseudo-terminal, as a person types: two turns (the second finds the first
+/// in the KV cache), /stats, /reset, Ctrl-C stopping a long answer, Ctrl-D leaving.
+#[test]
+fn sage_chat_in_a_terminal_two_turns_reset_ctrl_c_and_ctrl_d() {
+    use expectrl::{ControlCode, Eof, Regex, Session, WaitStatus};
+    use std::time::Duration;
+
+    let dir = tmp();
+    let (model, _) = convert_into(&bundled(), dir.path(), &opts(None));
+    let sage = env!("CARGO_BIN_EXE_sage");
+    let question = "And God said unto Moses,";
+    // The first answer as `sage run --chat` gives it.
+    let out = std::process::Command::new(sage)
+        .args(["run", model.to_str().unwrap(), "--chat", "--prompt", question, "--temp", "0", "-n", "12", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let lines: Vec<Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let want: String = lines.iter().filter_map(|v| v["text"].as_str()).collect();
+    let p1 = lines.last().unwrap()["stats"]["prompt_tokens"].as_u64().unwrap();
+    assert!(want.trim().len() > 5, "{want:?}");
+
+    let spawn = |n: &str| {
+        let mut cmd = std::process::Command::new(sage);
+        cmd.args(["chat", model.to_str().unwrap(), "--temp", "0", "--threads", "2", "-n", n]).env("TERM", "xterm");
+        let mut s = Session::spawn(cmd).unwrap();
+        s.set_expect_timeout(Some(Duration::from_secs(60)));
+        s.expect("Ctrl-D exits").unwrap();
+        s.expect("> ").unwrap();
+        s
+    };
+    let text = |b: &[u8]| String::from_utf8_lossy(b).replace("\r\n", "\n");
+
+    let mut s = spawn("12");
+    s.send_line(question).unwrap();
+    let turn = s.expect("> ").unwrap();
+    assert!(text(turn.before()).contains(&want), "{:?} should hold {want:?}", text(turn.before()));
+    s.send_line("And Moses answered,").unwrap();
+    s.expect("> ").unwrap();
+    s.send_line("/stats").unwrap();
+    let stats = s.expect(Regex(r"last prompt (\d+) tokens, (\d+) of them cached")).unwrap();
+    let num = |i| String::from_utf8_lossy(stats.get(i).unwrap()).parse::<u64>().unwrap();
+    // The first turn's prompt and its answer but the last token were in the cache.
+    assert_eq!(num(2), p1 + 11);
+    assert!(num(1) > num(2));
+    s.expect("> ").unwrap();
+    s.send_line("/reset").unwrap();
+    s.expect("(conversation cleared)").unwrap();
+    s.expect("> ").unwrap();
+    s.send_line("/stats").unwrap();
+    s.expect("(no answer yet)").unwrap();
+    s.expect("> ").unwrap();
+    // After /reset the first turn is answered as from a fresh start.
+    s.send_line(question).unwrap();
+    let turn = s.expect("> ").unwrap();
+    assert!(text(turn.before()).contains(&want), "{:?} should hold {want:?}", text(turn.before()));
+    s.send(ControlCode::EndOfTransmission).unwrap();
+    s.expect(Eof).unwrap();
+    assert!(matches!(s.get_process().wait().unwrap(), WaitStatus::Exited(_, 0)));
+
+    // Ctrl-C stops a long answer; the chat goes on.
+    let mut s = spawn("3000");
+    s.send_line(question).unwrap();
+    s.expect(question).unwrap(); // the echo
+    s.expect(want.trim().lines().last().unwrap()).unwrap(); // the answer has begun
+    s.send(ControlCode::EndOfText).unwrap();
+    s.expect("(stopped)").unwrap();
+    s.expect("> ").unwrap();
+    s.send_line("/stats").unwrap();
+    let stats = s.expect(Regex(r"generated: (\d+) tokens")).unwrap();
+    let generated: u64 = String::from_utf8_lossy(stats.get(1).unwrap()).parse().unwrap();
+    assert!(generated < 3000, "{generated} tokens after Ctrl-C");
+    s.expect("> ").unwrap();
+    s.send(ControlCode::EndOfTransmission).unwrap();
+    s.expect(Eof).unwrap();
+    assert!(matches!(s.get_process().wait().unwrap(), WaitStatus::Exited(_, 0)));
+}
+
+/// Text streamed a token at a time never splits a UTF-8 character (a piece holds no U+FFFD
+/// where the whole text has none) and adds up to the whole decode, for each tokenizer kind:
+/// Qwen2 byte-level BPE, GPT-NeoX byte-level BPE (OLMoE), SentencePiece with byte fallback
+/// (Mixtral).
+#[test]
+fn streamed_text_never_splits_a_character_and_adds_up_to_the_whole() {
+    let texts = [
+        "caf\u{e9} na\u{ef}ve \u{fc}ber d\u{e9}j\u{e0} vu",
+        "\u{65e5}\u{672c}\u{8a9e} \u{4e2d}\u{6587} \u{1F600}\u{1F389}\u{1F468}\u{200D}\u{1F469}\u{200D}\u{1F467}",
+        "\u{43f}\u{440}\u{438}\u{432}\u{435}\u{442} \u{43c}\u{438}\u{440} \u{395}\u{3bb}\u{3bb}\u{3ac}\u{3b4}\u{3b1} \u{2014} \u{201c}q\u{201d}",
+        "The quick brown fox\n\n  jumps\tover \u{2603} the lazy dog.",
+    ];
+    for family in ["tiny-qwen3moe", "tiny-olmoe", "tiny-mixtral"] {
+        let dir = tmp();
+        let (model, _) = convert_into(&fixtures().join(family), dir.path(), &opts(None));
+        let tk = Tokenizer::load(&model).unwrap();
+        for text in texts {
+            // A first token that is a whole word, as a prompt's last token is the context of
+            // the first piece.
+            let text = format!("Say: {text}");
+            let ids = tk.encode_with(&text, false).unwrap();
+            assert!(ids.len() > 4, "{family} {text:?}");
+            let whole = tk.decode(&ids).unwrap();
+            assert!(!whole.contains('\u{FFFD}'), "{family}: {whole:?}");
+            let mut d = sage::tokenizer::Detokenizer::new(&tk, &ids[..1]);
+            let mut streamed = String::new();
+            for &id in &ids[1..] {
+                let piece = d.push(id).unwrap();
+                assert!(!piece.contains('\u{FFFD}'), "{family} {text:?}: piece {piece:?}");
+                streamed.push_str(&piece);
+            }
+            streamed.push_str(&d.flush().unwrap());
+            assert_eq!(tk.decode(&ids[..1]).unwrap() + &streamed, whole, "{family} {text:?}");
+        }
+    }
+}

@@ -565,3 +565,60 @@ fn read_ahead_and_load_threads_change_nothing_but_when_bytes_are_read() {
         assert_eq!((sb.prefetch.issued, sb.prefetch.used, sb.prefetch.wasted), (0, 0, 0));
     }
 }
+
+/// A conversation's second turn: with `reuse_prefix` the engine keeps the KV cache of the
+/// tokens the first turn left (its prompt and answer) and evaluates only the new ones, and the
+/// logits of those equal a fresh evaluation of the whole conversation (sage from an empty
+/// cache, and llama.cpp on the merged GGUF) within ENGINE_TOL.
+#[test]
+fn a_second_turn_evaluates_only_its_new_tokens_and_matches_a_fresh_evaluation() {
+    let dir = tmp();
+    let (model_dir, gguf) = converted(dir.path(), GgmlType::F32, None);
+    let tk = sage::tokenizer::Tokenizer::load(&model_dir).unwrap();
+    let refs = reference();
+    let first: Vec<u32> = refs[0].ids.iter().map(|&i| i as u32).collect();
+    let more: Vec<u32> = refs[1].ids.iter().map(|&i| i as u32).collect();
+    for arena in [ArenaSize::All, ArenaSize::Experts(3)] {
+        let mut e = Engine::load(&model_dir, exact(arena)).unwrap();
+        let greedy = || {
+            sage::engine::sampler::Sampler::new(sage::engine::sampler::SamplerParams {
+                temp: 0.0,
+                ..Default::default()
+            })
+        };
+        let opts = sage::engine::GenOptions { max_tokens: 6, reuse_prefix: true, ..Default::default() };
+        let g1 = e.generate(&tk, &first, &opts, &mut greedy(), |_, _| true).unwrap();
+        assert_eq!((g1.cached_tokens, g1.tokens.len()), (0, 6));
+        // The KV cache holds the prompt and every answer token but the last (sampled, not
+        // evaluated yet).
+        assert_eq!(e.context(), [&first[..], &g1.tokens[..5]].concat());
+        let second = [&first[..], &g1.tokens[..], &more[..]].concat();
+        let before = e.stats().tokens_evaluated;
+        let g2 = e.generate(&tk, &second, &opts, &mut greedy(), |_, _| true).unwrap();
+        assert_eq!(g2.cached_tokens, first.len() + 5, "{arena:?}");
+        assert_eq!(
+            g2.stats.tokens_evaluated - before,
+            (second.len() - g2.cached_tokens + g2.tokens.len() - 1) as u64,
+            "{arena:?}: the second turn evaluated its new prompt tokens and its answer only"
+        );
+        // The logits of the new tokens, on the cache the first turn left.
+        let mut e2 = Engine::load(&model_dir, exact(arena)).unwrap();
+        e2.generate(&tk, &first, &opts, &mut greedy(), |_, _| true).unwrap();
+        let kept = e2.keep_prefix_of(&second);
+        assert_eq!(kept, first.len() + 5);
+        let n_vocab = e2.config.n_vocab as usize;
+        let cached = rows(e2.eval(&second[kept..], true).unwrap(), n_vocab);
+        let mut fresh_engine = Engine::load(&model_dir, exact(arena)).unwrap();
+        let fresh = rows(fresh_engine.eval(&second, true).unwrap(), n_vocab);
+        let d = max_abs_diff(&cached, &fresh[kept..]);
+        assert!(d < ENGINE_TOL, "{arena:?}: second turn on the cache vs fresh: {d}");
+        let ids: Vec<i32> = second.iter().map(|&t| t as i32).collect();
+        let llama = llama_logits(&load_llama(&gguf), &ids);
+        let d = max_abs_diff(&cached, &llama[kept..]);
+        assert!(d < ENGINE_TOL, "{arena:?}: second turn on the cache vs llama.cpp: {d}");
+        // Generation from the cache is the fresh generation.
+        let mut fresh_gen = Engine::load(&model_dir, exact(arena)).unwrap();
+        let g3 = fresh_gen.generate(&tk, &second, &opts, &mut greedy(), |_, _| true).unwrap();
+        assert_eq!((g3.cached_tokens, &g3.tokens), (0, &g2.tokens));
+    }
+}

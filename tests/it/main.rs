@@ -11,5 +11,6 @@ mod gguf_malformed;
 mod parity;
 mod quality;
 mod reliability;
+mod server;
 mod synth;
 mod util;

@@ -1,7 +1,14 @@
 //! The command-line programs' work beyond parsing arguments (which stays in the binaries:
-//! `src/main.rs`, `convert/main.rs`): the `sage` commands' bodies, sizes as users write them,
+//! `src/main.rs`, `convert/main.rs`): the `sage` commands' bodies (`serve` and `chat` in their
+//! own files), sizes as users write them,
 //! progress bars over the library's progress callbacks, and the figures `sage run` prints. The
 //! rest of the library draws and prints nothing.
+
+mod chat;
+mod serve;
+
+pub use chat::{chat, ChatJob};
+pub use serve::{serve, ServeJob};
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -342,7 +349,7 @@ pub struct RunJob {
 /// conversation rendered by the chat template (which writes its own special tokens).
 fn prompt_ids(engine: &Engine, tokenizer: &Tokenizer, job: &RunJob) -> anyhow::Result<Vec<u32>> {
     if !job.chat {
-        return Ok(tokenizer.encode(&job.prompt).context("tokenizing the prompt")?);
+        return tokenizer.encode(&job.prompt).context("tokenizing the prompt");
     }
     let md = engine.model_dir();
     let template = ChatTemplate::for_model(&md.base, md.config.arch(), tokenizer, job.chat_template.as_deref())?;
@@ -350,7 +357,7 @@ fn prompt_ids(engine: &Engine, tokenizer: &Tokenizer, job: &RunJob) -> anyhow::R
     messages.push(Message::new("user", &job.prompt));
     let text = template.render(&messages, true)?;
     log::info!("prompt from {}: {text:?}", template.origin);
-    Ok(tokenizer.encode_with(&text, false).context("tokenizing the prompt")?)
+    tokenizer.encode_with(&text, false).context("tokenizing the prompt")
 }
 
 /// `sage run`: generate from model directory `dir`, streaming text (or JSON) to stdout.
