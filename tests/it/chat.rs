@@ -9,7 +9,7 @@ use sage::chat::{ChatTemplate, Message, Origin};
 use sage::merge::merge;
 use sage::model_dir::ModelDir;
 use sage::tokenizer::Tokenizer;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::util::*;
 
@@ -254,4 +254,39 @@ fn streamed_text_never_splits_a_character_and_adds_up_to_the_whole() {
             assert_eq!(tk.decode(&ids[..1]).unwrap() + &streamed, whole, "{family} {text:?}");
         }
     }
+}
+
+/// generation_config.json's `eos_token_id` list ends a generation: every id of it, not only the
+/// tokenizer's EOS. The fixture's list gets a token greedy decoding makes at step k (its first
+/// time); generation then stops before it (`Finish::Eos`), with the k tokens before.
+#[test]
+fn every_eos_id_of_generation_config_ends_a_generation() {
+    use sage::engine::sampler::{Sampler, SamplerParams};
+    use sage::engine::{ArenaSize, Engine, EngineOptions, Finish, GenOptions};
+    let dir = tmp();
+    let (model, _) = convert_into(&plain(), &dir.path().join("a"), &opts(None));
+    let tk = Tokenizer::load(&model).unwrap();
+    let prompt = tk.encode("The quick brown fox").unwrap();
+    let o = || EngineOptions { arena: ArenaSize::All, threads: 2, n_ctx: 64, ..Default::default() };
+    let greedy = || Sampler::new(SamplerParams { temp: 0.0, ..Default::default() });
+    let free = GenOptions { max_tokens: 8, ..Default::default() };
+    let g = Engine::load(&model, o()).unwrap().generate(&tk, &prompt, &free, &mut greedy(), |_, _| true).unwrap();
+    // The first token after the first that greedy decoding had not made before.
+    let k = (1..8).find(|&k| !g.tokens[..k].contains(&g.tokens[k]) && !tk.eog.contains(&g.tokens[k])).unwrap();
+    let end = g.tokens[k];
+
+    let src = dir.path().join("src");
+    copy_dir(&plain(), &src);
+    let eos = tk.eos.unwrap();
+    std::fs::write(src.join("generation_config.json"), json!({"eos_token_id": [eos, end]}).to_string()).unwrap();
+    let (model, _) = convert_into(&src, &dir.path().join("b"), &opts(None));
+    let tk = Tokenizer::load(&model).unwrap();
+    assert!(tk.eog.contains(&end) && tk.eog.contains(&eos), "{:?}", tk.eog);
+    let stop = GenOptions { max_tokens: 8, stop_ids: tk.eog.clone(), ..Default::default() };
+    let g2 = Engine::load(&model, o()).unwrap().generate(&tk, &prompt, &stop, &mut greedy(), |_, _| true).unwrap();
+    assert_eq!((g2.stop, &g2.tokens[..]), (Finish::Eos, &g.tokens[..k]));
+    // An id outside the vocabulary is refused at conversion, naming the file.
+    std::fs::write(src.join("generation_config.json"), json!({"eos_token_id": [eos, 1 << 30]}).to_string()).unwrap();
+    let e = sage::convert::convert(&src, &dir.path().join("c"), &opts(None)).unwrap_err().to_string();
+    assert!(e.contains("generation_config.json") && e.contains("outside the vocabulary"), "{e}");
 }
