@@ -176,7 +176,7 @@ pub fn serve(
 
 fn serve_http(app: Arc<App>, opts: &ServeOptions, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(1)
         .enable_all()
         .build()
         .map_err(|e| Error::Usage(format!("starting the HTTP runtime: {e}")))?;
@@ -188,6 +188,13 @@ fn serve_http(app: Arc<App>, opts: &ServeOptions, ready: impl FnOnce(SocketAddr)
         let bound = listener.local_addr().map_err(|e| Error::Usage(format!("listening on {addr}: {e}")))?;
         ready(bound);
         let shutdown_app = app.clone();
+        // Each streamed token is its own small write: without TCP_NODELAY, Nagle's algorithm
+        // holds one back until the client's (delayed) ACK of the one before, 40 ms here.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                log::warn!("TCP_NODELAY: {e}");
+            }
+        });
         axum::serve(listener, router(app))
             .with_graceful_shutdown(async move {
                 shutdown_signal().await;
@@ -359,12 +366,24 @@ impl Kind {
     }
 }
 
+/// Parsing, rendering and tokenizing off the HTTP thread: a large prompt takes a while, and
+/// other connections (a streaming answer among them) go on meanwhile.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::result::Result<T, ApiError> + Send + 'static,
+) -> std::result::Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(ApiError::status(500, "server_error", format!("preparing the request: {e}"))))
+}
+
 async fn chat_completions(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
     let bytes = match read_body(&app, &headers, body).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
-    let prepared = (|| {
+    let prep_app = app.clone();
+    let prepared = blocking(move || {
+        let app = prep_app;
         let req: api::ChatRequest = api::parse(&bytes)?;
         let checked = req.common.check(&app.opts.defaults)?;
         let messages = req.conversation()?;
@@ -378,7 +397,8 @@ async fn chat_completions(State(app): State<Arc<App>>, headers: HeaderMap, body:
             .encode_with(&text, false)
             .map_err(|e| ApiError::status(500, "server_error", format!("tokenizing the prompt: {e}")))?;
         Ok::<_, ApiError>((checked, ids))
-    })();
+    })
+    .await;
     match prepared {
         Ok((checked, ids)) => complete(app, Kind::Chat, checked, ids).await,
         Err(e) => e.into_response(),
@@ -390,7 +410,9 @@ async fn completions(State(app): State<Arc<App>>, headers: HeaderMap, body: Body
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
-    let prepared = (|| {
+    let prep_app = app.clone();
+    let prepared = blocking(move || {
+        let app = prep_app;
         let req: api::CompletionRequest = api::parse(&bytes)?;
         let checked = req.common.check(&app.opts.defaults)?;
         req.check_extras()?;
@@ -420,7 +442,8 @@ async fn completions(State(app): State<Arc<App>>, headers: HeaderMap, body: Body
             _ => return Err(one()),
         };
         Ok::<_, ApiError>((checked, ids))
-    })();
+    })
+    .await;
     match prepared {
         Ok((checked, ids)) => complete(app, Kind::Text, checked, ids).await,
         Err(e) => e.into_response(),
@@ -501,6 +524,15 @@ fn usage_of(g: &Generation) -> Usage {
     Usage::new(g.prompt_tokens, g.cached_tokens, g.tokens.len())
 }
 
+/// llama-server's `timings`, measured by the engine: prompt tokens evaluated (those found in
+/// the cache apart) and generated, with their times and rates.
+fn timings_of(g: &Generation) -> Value {
+    let (pms, gms) = (g.prompt_time.as_secs_f64() * 1e3, g.gen_time.as_secs_f64() * 1e3);
+    json!({"cache_n": g.cached_tokens, "prompt_n": g.prompt_tokens - g.cached_tokens, "prompt_ms": pms,
+           "prompt_per_second": g.prompt_tok_per_s(), "predicted_n": g.tokens.len(), "predicted_ms": gms,
+           "predicted_per_second": g.gen_tok_per_s()})
+}
+
 fn failure(event: Event) -> ApiError {
     match event {
         Event::Failed(m) => ApiError::status(500, "server_error", format!("generation failed: {m}")),
@@ -522,7 +554,8 @@ async fn whole(app: Arc<App>, kind: Kind, id: String, mut events: mpsc::Unbounde
                 };
                 return Json(json!({
                     "id": id, "object": kind.object(false), "created": now_secs(), "model": app.opts.model_name,
-                    "choices": [choice], "usage": usage_of(&g), "system_fingerprint": system_fingerprint(),
+                    "choices": [choice], "usage": usage_of(&g), "timings": timings_of(&g),
+                    "system_fingerprint": system_fingerprint(),
                 }))
                 .into_response();
             }
@@ -536,7 +569,8 @@ fn system_fingerprint() -> String {
     format!("sage-{}", env!("CARGO_PKG_VERSION"))
 }
 
-/// Server-sent events: a first chunk with the role, one chunk per piece of text, a last chunk
+/// Server-sent events: a first chunk with the role, a chunk per piece of text (pieces made
+/// while the previous chunk was being sent go together), a last chunk
 /// with the finish reason (and the usage, which OpenAI sends in a chunk of its own when asked
 /// by `stream_options.include_usage`), then `data: [DONE]`. The client leaving drops this
 /// stream, which drops `events`, which stops the generation at its next token.
@@ -550,7 +584,7 @@ fn stream(
     let (tx, rx) = mpsc::channel::<std::result::Result<SseEvent, Infallible>>(16);
     let created = now_secs();
     let model = app.opts.model_name.clone();
-    let chunk = move |delta: Value, reason: Option<&str>, usage: Option<Usage>| -> SseEvent {
+    let chunk = move |delta: Value, reason: Option<&str>, usage: Option<Usage>, timings: Option<Value>| -> SseEvent {
         let choice = match kind {
             Kind::Chat => json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": reason}),
             Kind::Text => json!({"index": 0, "text": delta.get("content").cloned().unwrap_or(json!("")),
@@ -561,6 +595,9 @@ fn stream(
         if let Some(u) = usage {
             v["usage"] = json!(u);
         }
+        if let Some(t) = timings {
+            v["timings"] = t;
+        }
         if reason.is_none() && usage.is_some() {
             v["choices"] = json!([]);
         }
@@ -568,40 +605,59 @@ fn stream(
     };
     tokio::spawn(async move {
         let send = |e: SseEvent| tx.send(Ok(e));
-        if send(chunk(json!({"role": "assistant", "content": ""}), None, None)).await.is_err() {
+        if send(chunk(json!({"role": "assistant", "content": ""}), None, None, None)).await.is_err() {
             return;
         }
+        let mut pending = None;
         loop {
             // The client leaving drops the response body, which closes `tx`: stop waiting for
             // tokens then, so `events` is dropped and the engine stops at its next token.
-            let next = tokio::select! {
-                ev = events.recv() => ev,
-                _ = tx.closed() => return,
+            let next = match pending.take() {
+                Some(ev) => ev,
+                None => tokio::select! {
+                    ev = events.recv() => match ev {
+                        Some(ev) => ev,
+                        None => return,
+                    },
+                    _ = tx.closed() => return,
+                },
             };
-            let ev = match next {
-                Some(Event::Text(t)) => chunk(json!({"content": t}), None, None),
-                Some(Event::Done(g)) => {
+            match next {
+                Event::Text(mut text) => {
+                    // Text that arrived while the last chunk was being written goes out as one
+                    // chunk: a slow client gets fewer, larger writes, not a growing backlog.
+                    while let Ok(ev) = events.try_recv() {
+                        match ev {
+                            Event::Text(more) => text.push_str(&more),
+                            other => {
+                                pending = Some(other);
+                                break;
+                            }
+                        }
+                    }
+                    if send(chunk(json!({"content": text}), None, None, None)).await.is_err() {
+                        return;
+                    }
+                }
+                Event::Done(g) => {
                     let usage = usage_of(&g);
                     let reason = finish_reason(g.stop);
+                    let timings = Some(timings_of(&g));
                     if include_usage {
-                        if send(chunk(json!({}), Some(reason), None)).await.is_err() {
+                        if send(chunk(json!({}), Some(reason), None, timings)).await.is_err() {
                             return;
                         }
-                        let _ = send(chunk(json!({}), None, Some(usage))).await;
+                        let _ = send(chunk(json!({}), None, Some(usage), None)).await;
                     } else {
-                        let _ = send(chunk(json!({}), Some(reason), Some(usage))).await;
+                        let _ = send(chunk(json!({}), Some(reason), Some(usage), timings)).await;
                     }
                     let _ = send(SseEvent::default().data("[DONE]")).await;
                     return;
                 }
-                Some(other) => {
+                other => {
                     let _ = send(SseEvent::default().data(failure(other).body().to_string())).await;
                     return;
                 }
-                None => return,
-            };
-            if send(ev).await.is_err() {
-                return;
             }
         }
     });

@@ -338,6 +338,13 @@ fn a_follow_up_turn_reuses_the_conversation_and_only_its_new_tokens_are_evaluate
         // The first turn's prompt and its answer but the last token (sampled, never evaluated),
         // provided the answer tokenizes back to the tokens generated.
         assert_eq!(cached, p1 + 11, "{r2}");
+        // llama-server's timings say the same.
+        let t = &r2["timings"];
+        assert_eq!(
+            (t["cache_n"].as_u64(), t["prompt_n"].as_u64(), t["predicted_n"].as_u64()),
+            (Some(cached), Some(p2 - cached), Some(12))
+        );
+        assert!(t["predicted_per_second"].as_f64().unwrap() > 0.0);
         let after = metrics(&http, &server).await["sage_tokens_evaluated_total"];
         assert_eq!(after - before, (p2 - cached + 11) as f64, "evaluated: the new prompt tokens and 11 answer tokens");
     });
@@ -418,8 +425,10 @@ fn a_client_that_disconnects_stops_its_generation_and_frees_the_engine() {
         };
         assert_eq!(m["sage_requests_cancelled_total"], 1.0);
         let made = m["sage_completion_tokens_total"];
-        println!("disconnect: client read {received} tokens, the engine made {made}");
-        assert!(made < 4000.0 && made - received <= 32.0, "{made} tokens made, {received} read");
+        println!("disconnect: client read {received} chunks of text, the engine made {made} tokens");
+        // Chunks may carry more than one token when the client reads slowly: the bound is loose
+        // (measured: 6 to 10 tokens made for 5 chunks read).
+        assert!(made - received <= 64.0, "{made} tokens made, {received} chunks read");
         // The engine serves the next request.
         let r = http
             .post(format!("{}/completions", server.v1()))
