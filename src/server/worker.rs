@@ -13,6 +13,9 @@ use crate::engine::sampler::{Sampler, SamplerParams};
 use crate::engine::{Engine, EngineStats, GenOptions, Generation};
 use crate::tokenizer::Tokenizer;
 
+/// The shortest time between two pieces of text sent for one request.
+const COALESCE: std::time::Duration = std::time::Duration::from_millis(4);
+
 /// What the engine thread sends back for one request.
 pub enum Event {
     /// Text as it is made (never a split character, never part of a stop string).
@@ -91,15 +94,24 @@ pub fn run(mut engine: Engine, tokenizer: Arc<Tokenizer>, jobs: std::sync::mpsc:
         shared.busy.store(true, Ordering::SeqCst);
         let mut sampler = Sampler::new(job.sampler.clone());
         let started = Instant::now();
+        // Text goes out as it is made, but at most one piece per COALESCE: faster than that
+        // (hundreds of tokens a second), pieces wait for the next token and go together, so
+        // the HTTP side wakes less often than the engine makes tokens.
+        let (mut held, mut sent_at) = (String::new(), None::<Instant>);
         let result = engine.generate(&tokenizer, &job.prompt, &job.gen, &mut sampler, |_, piece| {
-            if shared.shutdown.load(Ordering::SeqCst) {
+            if shared.shutdown.load(Ordering::SeqCst) || job.events.is_closed() {
                 return false;
             }
-            if piece.is_empty() {
-                return !job.events.is_closed();
+            held.push_str(piece);
+            if !held.is_empty() && sent_at.is_none_or(|t| t.elapsed() >= COALESCE) {
+                sent_at = Some(Instant::now());
+                return job.events.send(Event::Text(std::mem::take(&mut held))).is_ok();
             }
-            job.events.send(Event::Text(piece.to_string())).is_ok()
+            true
         });
+        if !held.is_empty() {
+            let _ = job.events.send(Event::Text(held));
+        }
         let mut t = shared.totals.lock().unwrap_or_else(|p| p.into_inner());
         t.requests += 1;
         match result {
