@@ -14,6 +14,10 @@ pub const MICRO_SHARD_NAME: &str = "experts/blk.000.bin";
 /// The tokenizer of sage's tiny test fixture (512 tokens, byte-level BPE, Qwen2 split).
 pub const TOKENIZER_JSON: &[u8] = include_bytes!("../../tests/fixtures/tiny-qwen3moe/tokenizer.json");
 pub const TOKENIZER_CONFIG_JSON: &[u8] = include_bytes!("../../tests/fixtures/tiny-qwen3moe/tokenizer_config.json");
+/// The Mixtral fixture's tokenizer_config.json (its release chat template).
+pub const MIXTRAL_TOKENIZER_CONFIG: &[u8] = include_bytes!("../../tests/fixtures/tiny-mixtral/tokenizer_config.json");
+/// The chat template references (scripts/make_chat_references.py), with the features template.
+pub const CHAT_REFERENCES: &[u8] = include_bytes!("../../tests/fixtures/chat-templates.json");
 
 /// A directory of this process's own, created once: `/dev/shm/sage-fuzz-<target>-<pid>`
 /// (`$TMPDIR` where there is no /dev/shm). `fuzz/run` removes them.
