@@ -10,6 +10,7 @@ mod fuzz_regressions;
 mod gguf_malformed;
 mod parity;
 mod quality;
+mod quant;
 mod reliability;
 mod server;
 mod synth;

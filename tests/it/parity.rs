@@ -99,3 +99,43 @@ fn tokenizer_built_from_gguf_tokenizes_like_llama_cpp() {
     let ids = tk.encode("caf\u{e9} \u{1F980} ok", false).unwrap();
     assert_eq!(tk.decode(ids.get_ids(), false).unwrap(), "caf\u{e9} \u{1F980} ok");
 }
+
+/// The merged q8_0, q4_K (and f16) files in llama.cpp against transformers' f32 logits, all
+/// positions of the four reference prompts: the RMS and the largest logit difference, and
+/// how often the top token agrees. Quantization here is not rounding noise: this tiny random
+/// model turns a relative error of its weights into a relative error of its logits (RMS about
+/// 1.0) 4 to 8 times larger: f16 activations (relative error 2^-12) move them by 0.001 RMS,
+/// q8_0 weights (0.4-0.7% per row, `quant.rs`) by 0.03-0.08, q4_K (5-9%) by 0.36-0.45
+/// (measured, 2026-11-30: RMS 0.001, 0.059, 0.41 over all positions; largest 0.0096, 1.05,
+/// 2.78; top token 83, 80, 44 of 83). The bounds are about 1.5 times those; a type that falls
+/// apart fails them (q2_K: 1.09 RMS, the top token right at 3 of 83 positions).
+#[test]
+fn merged_quantized_files_stay_near_transformers() {
+    // (type, bound on the RMS difference, bound on the largest, least share of top tokens)
+    let cases =
+        [(GgmlType::F16, 0.0017, 0.015, 1.0), (GgmlType::Q8_0, 0.12, 1.6, 0.9), (GgmlType::Q4_K, 0.7, 4.2, 0.2)];
+    let dir = tmp();
+    for (ty, rms_bound, max_bound, agree_bound) in cases {
+        let (model_dir, _) = convert_into(&plain(), &dir.path().join(ty.name()), &opts(Some(ty)));
+        let gguf = dir.path().join(format!("{}.gguf", ty.name()));
+        merge(&model_dir, &gguf, false).unwrap();
+        let model = load_llama(&gguf);
+        let (mut sq, mut n, mut max, mut agree, mut positions) = (0f64, 0usize, 0f32, 0usize, 0usize);
+        for p in reference() {
+            let logits = llama_logits(&model, &p.ids);
+            max = max.max(max_abs_diff(&logits, &p.logits));
+            for (a, b) in logits.iter().zip(&p.logits) {
+                sq += a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>();
+                n += a.len();
+                agree += usize::from(sage::engine::sampler::argmax(a) == sage::engine::sampler::argmax(b));
+                positions += 1;
+            }
+        }
+        let rms = (sq / n as f64).sqrt();
+        let share = agree as f64 / positions as f64;
+        eprintln!("{}: RMS {rms:.4}, max {max:.4}, top token {agree}/{positions}", ty.name());
+        assert!(rms <= rms_bound, "{}: RMS difference {rms} > {rms_bound}", ty.name());
+        assert!(max <= max_bound, "{}: largest difference {max} > {max_bound}", ty.name());
+        assert!(share >= agree_bound, "{}: top token agrees at {agree} of {positions} positions", ty.name());
+    }
+}
