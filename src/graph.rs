@@ -58,11 +58,14 @@ pub struct LayerInput<'a> {
     pub x: Tensor<'a>,
     /// Positions (i32 [n]).
     pub pos: Tensor<'a>,
-    /// The causal mask [n_past + n, n].
+    /// The causal mask [n_kv, n].
     pub mask: Tensor<'a>,
     pub kv: KvCache<'a>,
     /// Tokens already in the cache.
     pub n_past: usize,
+    /// KV cells attended over: `n_past` + n, padded (`engine::KV_PAD`; the mask hides the
+    /// padding).
+    pub n_kv: usize,
 }
 
 /// A layer's graph up to the routed experts.
@@ -118,7 +121,7 @@ impl<'a> LayerInput<'a> {
         let (ctx, cfg) = (self.ctx, self.cfg);
         let n = self.x.ne()[1];
         let (hd, nh, nkv) = (cfg.head_dim as i64, cfg.n_head as i64, cfg.n_head_kv as i64);
-        let n_kv = self.n_past as i64 + n;
+        let n_kv = self.n_kv as i64;
         let (kc, vc) = (self.kv.k(self.w.il), self.kv.v(self.w.il));
         let (esz, row_k, row_v) = (kc.nb()[0], kc.nb()[1], vc.nb()[1]);
         let n_past = self.n_past;

@@ -104,7 +104,7 @@ impl Engine {
         let n_layer = cfg.n_layer as usize;
         let size = PER_LAYER * n_layer + GRAPH_NODES;
         let ctx = Context::new(size, size);
-        let inp = super::Inputs::new(&ctx, n, self.n_past());
+        let inp = super::Inputs::new(&ctx, n, self.n_past(), self.kv_span(n as usize));
         inp.ids.set_input();
         let mut g = ctx.graph(size);
         let mut x = ctx.get_rows(self.base.token_embd(), inp.ids);

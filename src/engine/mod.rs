@@ -52,6 +52,9 @@ use trace::RouteTrace;
 
 const GRAPH_NODES: usize = 1024;
 const GRAPH_TENSORS: usize = 1024;
+/// KV cells are attended in multiples of this (`Engine::kv_span`): llama.cpp's KV cache pads
+/// its view to 256 cells (`llama_kv_cache::get_n_kv`).
+pub const KV_PAD: usize = 256;
 
 fn ffi(path: &Path, what: &str, e: FfiError) -> Error {
     Error::Tensor { path: path.to_path_buf(), tensor: what.to_string(), source: e }
@@ -77,24 +80,25 @@ impl Runner {
     }
 }
 
-/// A batch's inputs: token ids, positions and the causal mask ([n_past + n, n]), the same for
-/// every layer.
+/// A batch's inputs: token ids, positions and the causal mask ([n_kv, n], `Engine::kv_span`),
+/// the same for every layer.
 struct Inputs<'a> {
     ctx: &'a Context,
     ids: Tensor<'a>,
     pos: Tensor<'a>,
     mask: Tensor<'a>,
     n_past: usize,
+    n_kv: usize,
 }
 
 impl<'a> Inputs<'a> {
-    fn new(ctx: &'a Context, n: i64, n_past: usize) -> Inputs<'a> {
+    fn new(ctx: &'a Context, n: i64, n_past: usize, n_kv: usize) -> Inputs<'a> {
         let ids = ctx.new_tensor(GgmlType::I32, &[n]);
         let pos = ctx.new_tensor(GgmlType::I32, &[n]);
         pos.set_input();
-        let mask = ctx.new_tensor(GgmlType::F32, &[n_past as i64 + n, n]);
+        let mask = ctx.new_tensor(GgmlType::F32, &[n_kv as i64, n]);
         mask.set_input();
-        Inputs { ctx, ids, pos, mask, n_past }
+        Inputs { ctx, ids, pos, mask, n_past, n_kv }
     }
 
     /// What the family's graph of layer `il` starts from, with the residual stream `x`.
@@ -106,8 +110,8 @@ impl<'a> Inputs<'a> {
         il: u32,
         x: Tensor<'a>,
     ) -> LayerInput<'a> {
-        let (pos, mask, n_past) = (self.pos, self.mask, self.n_past);
-        LayerInput { ctx: self.ctx, cfg, w: base.layer(il), x, pos, mask, kv: KvCache { set: kv }, n_past }
+        let (pos, mask, n_past, n_kv) = (self.pos, self.mask, self.n_past, self.n_kv);
+        LayerInput { ctx: self.ctx, cfg, w: base.layer(il), x, pos, mask, kv: KvCache { set: kv }, n_past, n_kv }
     }
 
     /// Write them once the graph is allocated (the ids only where the graph reads them).
@@ -359,6 +363,16 @@ impl Engine {
         EngineStats { sched: self.sched.stats.clone(), prefetch, compute: self.runner.compute, ..self.stats.clone() }
     }
 
+    /// The KV cells a batch of `n` tokens attends over: the context after it, padded to
+    /// `KV_PAD` (within the cache), as llama.cpp's KV cache pads its view. The padding's cells
+    /// are masked (their softmax weights are exact zeros), so it changes no sum; it makes the
+    /// KQ·V dot products run over the same length as llama.cpp's, through the same kernel and
+    /// SIMD lanes, so that the same file gives the same logits (with an f16 cache, a last-bit
+    /// difference there moves a cached K or V value by an f16 rounding step).
+    fn kv_span(&self, n: usize) -> usize {
+        (self.n_past() + n).next_multiple_of(KV_PAD).min(self.opts.n_ctx)
+    }
+
     /// Tokens in the context (the KV cache).
     pub fn n_past(&self) -> usize {
         self.context.len()
@@ -472,7 +486,7 @@ impl Engine {
     fn eval_batch(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
         let n = tokens.len();
         // Positions and the causal mask ([n_kv][n]) are the same for every layer of the batch.
-        let (n_past, n_kv) = (self.n_past(), self.n_past() + n);
+        let (n_past, n_kv) = (self.n_past(), self.kv_span(n));
         let pos: Vec<i32> = (0..n).map(|i| (n_past + i) as i32).collect();
         let mut mask = vec![f32::NEG_INFINITY; n_kv * n];
         for i in 0..n {

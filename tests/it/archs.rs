@@ -18,13 +18,8 @@ use crate::util::*;
 /// and between sage and transformers: the same math in f32 in different orders (the Qwen3
 /// fixture measures 9e-6 to 2.3e-5).
 const TRANSFORMERS_TOL: f32 = 1e-3;
-/// sage against llama.cpp on the same f32 file: the same ggml kernels, other graph shapes.
-const F32_TOL: f32 = 1e-4;
-/// sage against llama.cpp on the same quantized file, as the Qwen3 engine tests hold it.
-const QUANT_TOL: f32 = 1e-3;
-/// sage at the full arena against sage at the smallest: the same kernels, experts added in
-/// another grouping.
-const ARENA_TOL: f32 = 1e-4;
+// sage against llama.cpp on the same file, and sage at the full arena against sage at the
+// smallest: per type, as the Qwen3 engine tests hold it (`util::engine_tol`).
 fn fixture(family: &str) -> PathBuf {
     fixtures().join(format!("tiny-{family}"))
 }
@@ -130,7 +125,6 @@ fn engine_matches_llama_cpp(family: &str) {
         let n_vocab = full.config.n_vocab as usize;
         let mut small = Engine::load(&model_dir, exact(ArenaSize::Experts(k))).unwrap();
         assert!(full.all_resident() && small.n_slots() == k);
-        let tol = if ty == GgmlType::F32 { F32_TOL } else { QUANT_TOL };
         for p in &prompts {
             let ids = ids_u32(p);
             let want = llama_logits(&llama, &p.ids);
@@ -143,17 +137,11 @@ fn engine_matches_llama_cpp(family: &str) {
                 "{family} {ty} {}: |sage(all) - llama.cpp| {da:e}, |sage({k} slots) - llama.cpp| {db:e}, |all - {k} slots| {dab:e}",
                 p.name
             );
-            // All experts resident: one graph, as llama.cpp's, at every position.
-            assert!(da <= tol, "{family} {ty} {}: {da}", p.name);
+            // All experts resident: one graph, as llama.cpp's, bit-identical.
+            assert!(da <= engine_tol(ty, false), "{family} {ty} {}: {da}", p.name);
             let (pb, pab) = (per_position(&b, &want), per_position(&a, &b));
-            if ty == GgmlType::F32 {
-                // f32 activations are not quantized: no rounding steps to cross.
-                assert!(db <= tol, "{family} {ty} {}: {db}", p.name);
-                assert!(dab <= ARENA_TOL, "{family} {ty} {}: output depends on the arena: {dab}", p.name);
-            } else {
-                assert!(close_but_one_rounding_step(&pb, tol), "{family} {ty} {}: {pb:?}", p.name);
-                assert!(close_but_one_rounding_step(&pab, ARENA_TOL), "{family} {ty} {}: {pab:?}", p.name);
-            }
+            assert!(within_engine_tol(&pb, ty, true, false), "{family} {ty} {}: {pb:?}", p.name);
+            assert!(within_engine_tol(&pab, ty, true, false), "{family} {ty} {}: {pab:?}", p.name);
             if ty == GgmlType::F32 {
                 let dt = max_abs_diff(&a, &p.logits);
                 assert!(dt <= TRANSFORMERS_TOL, "{family} {}: sage vs transformers {dt}", p.name);

@@ -10,10 +10,15 @@ use sage::merge::merge;
 
 use crate::util::*;
 
-/// Max abs logit difference between sage and llama.cpp on the same GGUF, both with f32 KV
-/// and without flash attention. Same ggml kernels, different graph shapes and summation
-/// order.
-const ENGINE_TOL: f32 = 1e-3;
+/// Max abs logit difference between sage in f32 and transformers' f32 reference (the same
+/// math in other orders: measured up to 2.3e-5 on this fixture), and between sage and
+/// llama.cpp where the two do not run the same graph (pools, a second turn on the cache).
+/// sage against llama.cpp on the same file is held per type (`util::engine_tol`).
+const TRANSFORMERS_TOL: f32 = 1e-3;
+/// The same file and engine through other paths (a prompt in other batches, the last token's
+/// logits alone: other kernels and summation orders): llama.cpp's own batched and one-token
+/// paths differ by up to 1.6e-5 at f32 on this fixture.
+const CROSS_PATH_TOL: f32 = 1e-4;
 
 fn exact(arena: ArenaSize) -> EngineOptions {
     EngineOptions { arena, kv_type: KvType::F32, threads: 2, n_ctx: 256, ..Default::default() }
@@ -85,22 +90,120 @@ fn logits_match_llama_cpp_with_full_and_smallest_arena() {
                 "{ty} {}: |sage(all) - llama.cpp| {da:e}, |sage(2 slots) - llama.cpp| {db:e}, |all - 2 slots| {dab:e}; token by token: |sage - llama.cpp| {dstep:e}, |llama.cpp batch - token by token| {dllama:e}",
                 p.name
             );
-            assert!(da <= ENGINE_TOL && db <= ENGINE_TOL, "{ty} {}: {da} / {db}", p.name);
+            // Every expert resident: one graph, as llama.cpp's. Streaming: per `engine_tol`.
+            assert!(da <= engine_tol(ty, false), "{ty} {}: all resident {da}", p.name);
+            assert!(within_engine_tol(&per_position(&b, &want), ty, true, false), "{ty} {}: 2 slots {db}", p.name);
+            assert!(within_engine_tol(&per_position(&a, &b), ty, true, false), "{ty} {}: all vs 2 slots {dab}", p.name);
             if ty != GgmlType::Q4_K {
-                assert!(dstep <= ENGINE_TOL, "{ty} {}: vs llama.cpp token by token {dstep}", p.name);
+                // The prompt in one batch against llama.cpp token by token (other kernels):
+                // within 1e-4; llama.cpp's own two paths differ by up to 1.6e-5 at f32, 0 at q8_0.
+                assert!(dstep <= CROSS_PATH_TOL, "{ty} {}: vs llama.cpp token by token {dstep}", p.name);
             }
             // At q4_K llama.cpp's batched (repacked GEMM) and one-token (GEMV) kernels round
             // differently, which now and then moves an activation across a q8_K rounding step:
             // its two paths differ by up to 7.5e-2 at isolated positions of this fixture.
             // sage runs the same repacked kernels on the same batch, so it is held to the
-            // batched path above, at every position.
-            assert!(dab <= 1e-4, "{ty} {}: output depends on arena size: {dab}", p.name);
+            // batched path above, at every position; its own decode steps are held to
+            // llama.cpp's (`decode_steps_and_small_batches_match_llama_cpp`).
             if ty == GgmlType::F32 {
                 let dt = max_abs_diff(&a, &p.logits);
-                assert!(dt <= ENGINE_TOL, "{}: sage vs transformers {dt}", p.name);
+                assert!(dt <= TRANSFORMERS_TOL, "{}: sage vs transformers {dt}", p.name);
             }
         }
         assert!(small.stats().sched.misses > 16, "the small arena streamed experts");
+    }
+}
+
+/// sage's decode step against llama.cpp's: each prompt one token per call, and its first half
+/// in one batch and the rest one token per call, every call's logits; and the prompt split
+/// into graphs of 3 tokens (sage's `n_batch`, llama.cpp's `n_ubatch`). Full and smallest
+/// arena, held to `engine_tol` at every position.
+#[test]
+fn decode_steps_and_small_batches_match_llama_cpp() {
+    let dir = tmp();
+    for ty in [GgmlType::F32, GgmlType::Q8_0, GgmlType::Q4_K] {
+        let (model_dir, gguf) = converted(dir.path(), ty, None);
+        let llama = load_llama(&gguf);
+        for arena in [ArenaSize::All, ArenaSize::Experts(2)] {
+            let streaming = arena != ArenaSize::All;
+            let mut e = Engine::load(&model_dir, exact(arena)).unwrap();
+            let mut small = Engine::load(&model_dir, EngineOptions { n_batch: 3, ..exact(arena) }).unwrap();
+            for p in reference() {
+                let ids: Vec<u32> = p.ids.iter().map(|&i| i as u32).collect();
+                for split in [0, ids.len() / 2] {
+                    let want = llama_logits_split(&llama, &p.ids, split, LlamaCtx::default());
+                    e.reset();
+                    let mut got = if split > 0 { rows(e.eval(&ids[..split], true).unwrap(), 512) } else { vec![] };
+                    for &t in &ids[split..] {
+                        got.push(e.eval(&[t], false).unwrap());
+                    }
+                    let d = per_position(&got, &want);
+                    let worst = d.iter().cloned().fold(0f32, f32::max);
+                    eprintln!(
+                        "{ty} {arena:?} {}: {split} in a batch, then decode steps: |sage - llama.cpp| {worst:e}",
+                        p.name
+                    );
+                    assert!(
+                        within_engine_tol(&d, ty, streaming, false),
+                        "{ty} {arena:?} {} split {split}: {d:?}",
+                        p.name
+                    );
+                }
+                let want = llama_logits_with(&llama, &p.ids, LlamaCtx { n_ubatch: 3, ..LlamaCtx::default() });
+                small.reset();
+                let got = rows(small.eval(&ids, true).unwrap(), 512);
+                let d = per_position(&got, &want);
+                let worst = d.iter().cloned().fold(0f32, f32::max);
+                eprintln!("{ty} {arena:?} {}: batches of 3: |sage - llama.cpp| {worst:e}", p.name);
+                assert!(within_engine_tol(&d, ty, streaming, false), "{ty} {arena:?} {} batches of 3: {d:?}", p.name);
+            }
+            if streaming {
+                assert!(small.stats().sched.misses > e.stats().sched.misses / 4, "small batches streamed experts too");
+            }
+        }
+    }
+}
+
+/// The default path: sage's default KV cache (f16) against llama.cpp with an f16 KV cache
+/// (flash attention off), at every position of a prompt in one batch and of decode steps,
+/// full and smallest arena. An f32 cache gives other logits (checked), so this fails if either
+/// side stores another type.
+#[test]
+fn default_f16_kv_cache_matches_llama_cpp_with_f16_kv() {
+    assert_eq!(EngineOptions::default().kv_type, KvType::F16);
+    let dir = tmp();
+    let f16 = LlamaCtx { kv: llama_cpp_2::context::params::KvCacheType::F16, ..LlamaCtx::default() };
+    for ty in [GgmlType::F32, GgmlType::Q8_0, GgmlType::Q4_K] {
+        let (model_dir, gguf) = converted(dir.path(), ty, None);
+        let llama = load_llama(&gguf);
+        let mut kv_matters = 0f32;
+        for arena in [ArenaSize::All, ArenaSize::Experts(2)] {
+            let streaming = arena != ArenaSize::All;
+            let o = EngineOptions { arena, threads: 2, n_ctx: 256, ..Default::default() };
+            let mut e = Engine::load(&model_dir, o).unwrap();
+            for p in reference() {
+                let ids: Vec<u32> = p.ids.iter().map(|&i| i as u32).collect();
+                e.reset();
+                let got = rows(e.eval(&ids, true).unwrap(), 512);
+                let d = per_position(&got, &llama_logits_with(&llama, &p.ids, f16));
+                let worst = d.iter().cloned().fold(0f32, f32::max);
+                kv_matters = kv_matters.max(max_abs_diff(&got, &llama_logits(&llama, &p.ids)));
+                eprintln!("{ty} {arena:?} {}: f16 KV, one batch: |sage - llama.cpp| {worst:e}", p.name);
+                assert!(within_engine_tol(&d, ty, streaming, true), "{ty} {arena:?} {}: {d:?}", p.name);
+                let split = ids.len() / 2;
+                e.reset();
+                let mut got = rows(e.eval(&ids[..split], true).unwrap(), 512);
+                for &t in &ids[split..] {
+                    got.push(e.eval(&[t], false).unwrap());
+                }
+                let d = per_position(&got, &llama_logits_split(&llama, &p.ids, split, f16));
+                let worst = d.iter().cloned().fold(0f32, f32::max);
+                eprintln!("{ty} {arena:?} {}: f16 KV, decode steps: |sage - llama.cpp| {worst:e}", p.name);
+                assert!(within_engine_tol(&d, ty, streaming, true), "{ty} {arena:?} {} decode: {d:?}", p.name);
+            }
+        }
+        eprintln!("{ty}: |sage(f16 KV) - llama.cpp(f32 KV)| {kv_matters:e}");
+        assert!(kv_matters > 1e-4, "{ty}: the KV type made no difference");
     }
 }
 
@@ -144,7 +247,7 @@ fn pool_matches_transformers_with_masked_router() {
             let got = rows(e.eval(&ids, true).unwrap(), 512);
             let d = max_abs_diff(&got, &p.pool_logits);
             eprintln!("pool {pool:?} {arena:?} {}: |sage - transformers(masked router)| {d:e}", p.name);
-            assert!(d <= ENGINE_TOL, "{}: {d}", p.name);
+            assert!(d <= TRANSFORMERS_TOL, "{}: {d}", p.name);
         }
     }
 }
@@ -259,7 +362,7 @@ fn scattered_pool_runs_as_one_graph_and_matches_llama_cpp() {
             let got = rows(e.eval(&ids, true).unwrap(), 512);
             let d = max_abs_diff(&got, &want);
             eprintln!("pool {pool:?}, {name}, {}: |sage - llama.cpp| {d:e}", p.name);
-            assert!(d <= ENGINE_TOL, "{name} {}: {d}", p.name);
+            assert!(d <= engine_tol(GgmlType::Q8_0, true), "{name} {}: {d}", p.name);
             let t = e.take_trace().unwrap();
             assert!(t.choices.iter().flatten().all(|x| pool.contains(x)), "{name}: {:?}", t.choices);
             traces.push(t.choices);
@@ -291,7 +394,7 @@ fn llama_runner_without_repacking_matches_the_reference() {
                 let mut r = LlamaRunner::load(&gguf, &o).unwrap();
                 let got = r.decode(&p.ids).unwrap();
                 let d = max_abs_diff(&[got], std::slice::from_ref(want));
-                assert!(d <= ENGINE_TOL, "{ty} {} mmap {mmap} repack {repack}: {d}", p.name);
+                assert!(d <= CROSS_PATH_TOL, "{ty} {} mmap {mmap} repack {repack}: {d}", p.name);
             }
         }
     }
@@ -459,7 +562,7 @@ fn batch_reads_into_arena_slots_change_nothing() {
         let (a, b) = (with.eval(&ids, true).unwrap(), without.eval(&ids, true).unwrap());
         assert_eq!(a, b, "{}", p.name);
         let d = max_abs_diff(&rows(a, 512), &llama_logits(&llama, &p.ids));
-        assert!(d <= ENGINE_TOL, "{}: |sage - llama.cpp| {d}", p.name);
+        assert!(d <= engine_tol(GgmlType::Q8_0, true), "{}: |sage - llama.cpp| {d}", p.name);
     }
     let (pf, sched) = (with.stats().prefetch, with.stats().sched);
     eprintln!("prefetch {pf:?}; {sched:?}");
@@ -569,7 +672,7 @@ fn read_ahead_and_load_threads_change_nothing_but_when_bytes_are_read() {
 /// A conversation's second turn: with `reuse_prefix` the engine keeps the KV cache of the
 /// tokens the first turn left (its prompt and answer) and evaluates only the new ones, and the
 /// logits of those equal a fresh evaluation of the whole conversation (sage from an empty
-/// cache, and llama.cpp on the merged GGUF) within ENGINE_TOL.
+/// cache, and llama.cpp on the merged GGUF) within `CROSS_PATH_TOL`.
 #[test]
 fn a_second_turn_evaluates_only_its_new_tokens_and_matches_a_fresh_evaluation() {
     let dir = tmp();
@@ -611,11 +714,11 @@ fn a_second_turn_evaluates_only_its_new_tokens_and_matches_a_fresh_evaluation() 
         let mut fresh_engine = Engine::load(&model_dir, exact(arena)).unwrap();
         let fresh = rows(fresh_engine.eval(&second, true).unwrap(), n_vocab);
         let d = max_abs_diff(&cached, &fresh[kept..]);
-        assert!(d < ENGINE_TOL, "{arena:?}: second turn on the cache vs fresh: {d}");
+        assert!(d <= CROSS_PATH_TOL, "{arena:?}: second turn on the cache vs fresh: {d}");
         let ids: Vec<i32> = second.iter().map(|&t| t as i32).collect();
         let llama = llama_logits(&load_llama(&gguf), &ids);
         let d = max_abs_diff(&cached, &llama[kept..]);
-        assert!(d < ENGINE_TOL, "{arena:?}: second turn on the cache vs llama.cpp: {d}");
+        assert!(d <= CROSS_PATH_TOL, "{arena:?}: second turn on the cache vs llama.cpp: {d}");
         // Generation from the cache is the fresh generation.
         let mut fresh_gen = Engine::load(&model_dir, exact(arena)).unwrap();
         let g3 = fresh_gen.generate(&tk, &second, &opts, &mut greedy(), |_, _| true).unwrap();

@@ -147,43 +147,77 @@ pub fn load_llama(gguf: &Path) -> LlamaModel {
         .unwrap_or_else(|e| panic!("llama.cpp failed to load {}: {e}", gguf.display()))
 }
 
-/// A llama.cpp context with f32 KV and flash attention off (the setting that agrees tightly
-/// with an f32 transformers reference), 256 tokens, 2 threads.
+/// How the reference llama.cpp context is set up: flash attention always off (sage's
+/// attention is the unfused one), 256 tokens of context, 2 threads.
+#[derive(Clone, Copy)]
+pub struct LlamaCtx {
+    /// K and V cache type.
+    pub kv: KvCacheType,
+    /// Most tokens per graph: llama.cpp splits a longer batch into ubatches of this size.
+    pub n_ubatch: u32,
+}
+
+impl Default for LlamaCtx {
+    /// f32 KV and one graph per batch: the setting that agrees tightly with an f32
+    /// transformers reference.
+    fn default() -> Self {
+        LlamaCtx { kv: KvCacheType::F32, n_ubatch: 256 }
+    }
+}
+
 pub fn llama_context(model: &LlamaModel) -> llama_cpp_2::context::LlamaContext<'_> {
+    llama_context_with(model, LlamaCtx::default())
+}
+
+pub fn llama_context_with(model: &LlamaModel, c: LlamaCtx) -> llama_cpp_2::context::LlamaContext<'_> {
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(256))
         .with_n_batch(256)
-        .with_n_ubatch(256)
+        .with_n_ubatch(c.n_ubatch)
         .with_n_threads(2)
         .with_n_threads_batch(2)
-        .with_type_k(KvCacheType::F32)
-        .with_type_v(KvCacheType::F32)
+        .with_type_k(c.kv)
+        .with_type_v(c.kv)
         .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED);
     model.new_context(backend(), params).unwrap()
 }
 
 /// llama.cpp's logits at every position of `ids`, evaluating one token per decode call.
 pub fn llama_logits_stepwise(model: &LlamaModel, ids: &[i32]) -> Vec<Vec<f32>> {
-    let mut ctx = llama_context(model);
-    let mut out = Vec::new();
-    for (i, &id) in ids.iter().enumerate() {
-        let mut batch = LlamaBatch::new(1, 1);
-        batch.add(llama_cpp_2::token::LlamaToken(id), i as i32, &[0], true).unwrap();
-        ctx.decode(&mut batch).unwrap();
-        out.push(ctx.get_logits_ith(0).to_vec());
-    }
-    out
+    llama_logits_split(model, ids, 0, LlamaCtx::default())
 }
 
 /// llama.cpp's logits at every position of `ids`, all in one batch.
 pub fn llama_logits(model: &LlamaModel, ids: &[i32]) -> Vec<Vec<f32>> {
-    let mut ctx = llama_context(model);
-    let mut batch = LlamaBatch::new(ids.len(), 1);
-    for (i, &id) in ids.iter().enumerate() {
-        batch.add(llama_cpp_2::token::LlamaToken(id), i as i32, &[0], true).unwrap();
+    llama_logits_with(model, ids, LlamaCtx::default())
+}
+
+/// llama.cpp's logits at every position of `ids` given as one batch (split into ubatches as
+/// `c.n_ubatch` says).
+pub fn llama_logits_with(model: &LlamaModel, ids: &[i32], c: LlamaCtx) -> Vec<Vec<f32>> {
+    llama_logits_split(model, ids, ids.len(), c)
+}
+
+/// llama.cpp's logits at every position of `ids`: the first `batch` tokens in one decode
+/// call, then one token per call (llama.cpp's decode step).
+pub fn llama_logits_split(model: &LlamaModel, ids: &[i32], batch: usize, c: LlamaCtx) -> Vec<Vec<f32>> {
+    let mut ctx = llama_context_with(model, c);
+    let mut out = Vec::new();
+    if batch > 0 {
+        let mut b = LlamaBatch::new(batch, 1);
+        for (i, &id) in ids[..batch].iter().enumerate() {
+            b.add(llama_cpp_2::token::LlamaToken(id), i as i32, &[0], true).unwrap();
+        }
+        ctx.decode(&mut b).unwrap();
+        out.extend((0..batch).map(|i| ctx.get_logits_ith(i as i32).to_vec()));
     }
-    ctx.decode(&mut batch).unwrap();
-    (0..ids.len()).map(|i| ctx.get_logits_ith(i as i32).to_vec()).collect()
+    for (i, &id) in ids.iter().enumerate().skip(batch) {
+        let mut b = LlamaBatch::new(1, 1);
+        b.add(llama_cpp_2::token::LlamaToken(id), i as i32, &[0], true).unwrap();
+        ctx.decode(&mut b).unwrap();
+        out.push(ctx.get_logits_ith(0).to_vec());
+    }
+    out
 }
 
 /// llama.cpp greedy decoding: the prompt in one batch, then one token at a time, argmax.
@@ -270,4 +304,51 @@ pub fn llama_cpp_ppl(gguf: &Path, ids: &[i32], window: usize, bos: Option<i32>) 
         }
     }
     (nll / n as f64).exp()
+}
+
+/// Max abs logit difference allowed between sage and llama.cpp on the same file (same KV
+/// type, flash attention off, 2 threads), by the type the file was converted at, at every
+/// position of the test prompts, with an f32 KV cache (`within_engine_tol` adds f16's).
+/// Measured on the four families' fixtures (`engine::*_llama_cpp*`, `archs::*_engine_*`):
+/// - every expert resident: 0, bit-identical at every type. One graph as llama.cpp's, the
+///   same kernels and repacked layouts, and the same KV span (`sage::engine::KV_PAD`).
+/// - a streaming arena adds an expert's output to the sum in another grouping:
+///   - f32: 1e-4 (README's figure; measured at most 5e-6);
+///   - q8_0: 0, measured 0 everywhere: its kernels quantize the activations the same way
+///     whatever rows a batch gives an expert;
+///   - q4_K and other k-quants: 1e-5 (measured at most 3e-6), and one position per prompt
+///     may move by a q8 rounding step (`close_but_one_rounding_step`).
+pub fn engine_tol(ty: GgmlType, streaming: bool) -> f32 {
+    if !streaming || ty == GgmlType::Q8_0 {
+        0.0
+    } else if ty == GgmlType::F32 {
+        1e-4
+    } else {
+        1e-5
+    }
+}
+
+/// With an f16 KV cache, a streaming arena's last-bit differences (above) can move a cached
+/// K or V value across an f16 rounding step (2^-11 relative), which moves the logits after it
+/// by about that much: measured up to 1.7e-4 (f32 file) on the Qwen3 fixture.
+pub const F16_KV_STEP_TOL: f32 = 1e-3;
+
+/// Whether a streaming arena at `ty` may move one position of a prompt by a q8 rounding step
+/// (see `ROUNDING_STEP_TOL`): k-quant kernels tile an expert's rows by how many it gets.
+pub fn may_cross_rounding_step(ty: GgmlType) -> bool {
+    ![GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0].contains(&ty)
+}
+
+/// `d` (per position) within sage's tolerance against llama.cpp at `ty` (`engine_tol`; with
+/// `f16_kv`, also `F16_KV_STEP_TOL` where the arena streams).
+pub fn within_engine_tol(d: &[f32], ty: GgmlType, streaming: bool, f16_kv: bool) -> bool {
+    let mut tol = engine_tol(ty, streaming);
+    if streaming && f16_kv && ty != GgmlType::Q8_0 {
+        tol = tol.max(F16_KV_STEP_TOL);
+    }
+    if streaming && may_cross_rounding_step(ty) {
+        close_but_one_rounding_step(d, tol)
+    } else {
+        d.iter().all(|&x| x <= tol)
+    }
 }
