@@ -176,21 +176,37 @@ struct RunArgs {
 /// How tokens are picked.
 #[derive(Args)]
 struct SamplingArgs {
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.8)]
+    /// Sampling temperature, 0 to 2; 0 is greedy.
+    #[arg(long, default_value_t = 0.8, value_parser = float_in(0.0, 2.0, true), allow_negative_numbers = true)]
     temp: f32,
     /// Keep the k most likely tokens (0: all).
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = 40, allow_negative_numbers = true)]
     top_k: usize,
-    #[arg(long, default_value_t = 0.95)]
+    /// Keep the most likely tokens up to this probability mass, above 0 up to 1 (1: all).
+    #[arg(long, default_value_t = 0.95, value_parser = float_in(0.0, 1.0, false), allow_negative_numbers = true)]
     top_p: f32,
-    /// Repetition penalty over the last 64 tokens (1.0 is off).
-    #[arg(long, default_value_t = 1.0)]
+    /// Repetition penalty over the last 64 tokens, above 0 up to 10 (1.0 is off).
+    #[arg(long, default_value_t = 1.0, value_parser = float_in(0.0, 10.0, false), allow_negative_numbers = true)]
     repeat_penalty: f32,
     /// Random seed (run and chat: 0 when not given; serve: a request without a seed gets a
     /// fresh one unless this is given).
     #[arg(long)]
     seed: Option<u64>,
+}
+
+/// A parser of a float option within `lo` (included or not) to `hi` (included), as the
+/// server checks the same values in requests.
+fn float_in(lo: f32, hi: f32, lo_included: bool) -> impl Fn(&str) -> Result<f32, String> + Clone {
+    move |s: &str| {
+        let v: f32 = s.trim().parse().map_err(|_| format!("'{s}' is not a number"))?;
+        let above = if lo_included { v >= lo } else { v > lo };
+        if v.is_finite() && above && v <= hi {
+            Ok(v)
+        } else {
+            let from = if lo_included { format!("from {lo}") } else { format!("above {lo}") };
+            Err(format!("{s} is out of range: {from} up to {hi}"))
+        }
+    }
 }
 
 impl SamplingArgs {

@@ -238,23 +238,39 @@ pub struct ModelDir {
     pub shards: Arc<Vec<WatchedFile>>,
 }
 
+/// Whether `dir` looks like a sage model directory at all (a directory, no unfinished
+/// conversion, a `base.gguf`), before anything in it is read; what it is instead, when it is
+/// not, and how to make one.
+pub fn check_model_dir(dir: &Path) -> Result<()> {
+    let bad = |reason: String| Error::BadModelDir { path: dir.to_path_buf(), reason };
+    if !dir.exists() {
+        return Err(bad("no such directory".into()));
+    }
+    if !dir.is_dir() {
+        return Err(bad("not a directory (pass a model directory made by sage-convert)".into()));
+    }
+    if dir.join(INCOMPLETE_MARKER).exists() {
+        return Err(bad(format!(
+            "it holds an unfinished conversion ({INCOMPLETE_MARKER} is present); run sage-convert again with --force"
+        )));
+    }
+    if !dir.join(BASE).is_file() {
+        let what = if dir.join("config.json").is_file() {
+            "it holds a Hugging Face checkpoint (config.json, no base.gguf); convert it with `sage-convert DIR -o OUT`"
+        } else {
+            "it has no base.gguf; make one with `sage-convert CHECKPOINT -o OUT`"
+        };
+        return Err(bad(what.into()));
+    }
+    Ok(())
+}
+
 impl ModelDir {
     /// Open `dir`, checking that the conversion finished, that base.gguf is whole, and that
     /// every shard exists with the header and size the manifest says.
     pub fn open(dir: &Path) -> Result<ModelDir> {
-        let bad = |reason: String| Error::BadModelDir { path: dir.to_path_buf(), reason };
-        if !dir.is_dir() {
-            return Err(bad("not a directory".into()));
-        }
-        if dir.join(INCOMPLETE_MARKER).exists() {
-            return Err(bad(format!(
-                "it holds an unfinished conversion ({INCOMPLETE_MARKER} is present); run sage-convert again with --force"
-            )));
-        }
+        check_model_dir(dir)?;
         let base_path = dir.join(BASE);
-        if !base_path.is_file() {
-            return Err(bad(format!("{BASE} is missing")));
-        }
         let (base, base_file, stored) = Gguf::open_checked(&base_path)?;
         let config = ModelConfig::read_gguf(&base, &base_path)?;
         for spec in base_tensors(&config) {

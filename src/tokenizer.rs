@@ -516,6 +516,7 @@ pub const SAGE_EOS_IDS: &str = "sage.generation.eos_token_ids";
 impl Tokenizer {
     /// Load the tokenizer of model directory `dir`.
     pub fn load(dir: &Path) -> Result<Tokenizer> {
+        crate::model_dir::check_model_dir(dir)?;
         let base = dir.join(crate::model_dir::BASE);
         let g = Gguf::open(&base).map_err(|e| Error::BadGguf { path: base.clone(), reason: e.to_string() })?;
         Tokenizer::load_with(dir, &g)

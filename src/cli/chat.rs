@@ -30,6 +30,7 @@ pub struct ChatJob {
 const HELP: &str = "/reset starts over, /stats shows the figures, /exit leaves; Ctrl-C stops an answer, Ctrl-D exits";
 
 pub fn chat(dir: &Path, job: ChatJob, opts: EngineOptions, warm: Option<&Path>) -> anyhow::Result<()> {
+    crate::model_dir::check_model_dir(dir)?;
     let tokenizer = Tokenizer::load(dir).with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
     let mut engine = load_engine(dir, opts, warm)?;
     let md = engine.model_dir();

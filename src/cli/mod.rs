@@ -236,6 +236,7 @@ pub fn load_engine(dir: &Path, opts: EngineOptions, warm: Option<&Path>) -> anyh
 /// The tokens of text file `text` as the model in `dir` reads them, and its BOS token if it
 /// wants one first.
 pub fn read_text_tokens(dir: &Path, text: &Path) -> anyhow::Result<(Vec<u32>, Option<u32>)> {
+    crate::model_dir::check_model_dir(dir)?;
     let tokenizer = Tokenizer::load(dir).with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
     let s = std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
     Ok((tokenizer.encode(&s).with_context(|| format!("tokenizing {}", text.display()))?, tokenizer.bos))
@@ -362,6 +363,7 @@ fn prompt_ids(engine: &Engine, tokenizer: &Tokenizer, job: &RunJob) -> anyhow::R
 
 /// `sage run`: generate from model directory `dir`, streaming text (or JSON) to stdout.
 pub fn run(dir: &Path, job: RunJob, opts: EngineOptions, warm: Option<&Path>) -> anyhow::Result<()> {
+    crate::model_dir::check_model_dir(dir)?;
     let tokenizer = Tokenizer::load(dir).with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
     let mut engine = load_engine(dir, opts, warm)?;
     let ids = prompt_ids(&engine, &tokenizer, &job)?;

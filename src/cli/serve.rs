@@ -28,6 +28,7 @@ pub struct ServeJob {
 }
 
 pub fn serve(dir: &Path, job: ServeJob, opts: EngineOptions, warm: Option<&Path>) -> anyhow::Result<()> {
+    crate::model_dir::check_model_dir(dir)?;
     let tokenizer = Tokenizer::load(dir).with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
     let name = job.alias.clone().unwrap_or_else(|| {
         dir.canonicalize()

@@ -210,5 +210,61 @@ fn damaged_model_directory_is_refused() {
     assert!(e.contains("blk.001.bin: No such file"), "{e}");
     std::fs::remove_file(m.join("base.gguf")).unwrap();
     let e = ModelDir::open(&m).err().unwrap().to_string();
-    assert!(e.contains("base.gguf is missing"), "{e}");
+    assert!(e.contains("not a usable sage model directory: it has no base.gguf"), "{e}");
+}
+
+/// The command line as a new user tries it: out-of-range sampling options, an arena size that
+/// overflows, and a directory that is not a model directory are refused with a message that
+/// says which, before anything loads, by every command that takes them.
+#[test]
+fn command_line_refuses_bad_options_and_directories() {
+    let dir = tmp();
+    let (model, _) = convert_into(&plain(), dir.path(), &opts(Some(GgmlType::Q8_0)));
+    let m = model.to_str().unwrap();
+    let sage = |args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_sage")).args(args).output().unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
+    };
+    for (opt, value, says) in [
+        ("--top-p", "7", "7 is out of range: above 0 up to 1"),
+        ("--top-p", "0", "0 is out of range: above 0 up to 1"),
+        ("--top-p", "nan", "nan is out of range"),
+        ("--temp", "-1", "-1 is out of range: from 0 up to 2"),
+        ("--temp", "inf", "inf is out of range"),
+        ("--repeat-penalty", "0", "0 is out of range: above 0 up to 10"),
+        ("--repeat-penalty", "x", "'x' is not a number"),
+        ("--top-k", "-3", "invalid value"),
+        ("--arena", "99999999999999999999GiB", "2^64"),
+        ("--arena", "12 potatoes", "12 potatoes"),
+    ] {
+        for cmd in [&["run", m, "--prompt", "hi"][..], &["chat", m], &["serve", m]] {
+            let (ok, out) = sage(&[cmd, &[opt, value]].concat());
+            assert!(!ok && out.contains(says), "{cmd:?} {opt} {value}: {out}");
+            assert!(!out.contains("panicked"), "{out}");
+        }
+    }
+    // Values at the ends of the ranges run.
+    let (ok, out) =
+        sage(&["run", m, "--prompt", "hi", "-n", "2", "--top-p", "1", "--temp", "2", "--repeat-penalty", "10"]);
+    assert!(ok, "{out}");
+    // Not a model directory: /etc, a Hugging Face checkpoint, a file, nothing.
+    let ckpt = plain();
+    let readme = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
+    let missing = dir.path().join("missing");
+    for (d, says) in [
+        (
+            Path::new("/etc"),
+            "/etc: not a usable sage model directory: it has no base.gguf; make one with `sage-convert",
+        ),
+        (ckpt.as_path(), "not a usable sage model directory: it holds a Hugging Face checkpoint"),
+        (readme.as_path(), "README.md: not a usable sage model directory: not a directory"),
+        (missing.as_path(), "missing: not a usable sage model directory: no such directory"),
+    ] {
+        let d = d.to_str().unwrap();
+        for cmd in [&["run", d, "--prompt", "hi"][..], &["chat", d], &["serve", d], &["eval", d, "--text", d]] {
+            let (ok, out) = sage(cmd);
+            assert!(!ok && out.contains(says), "{cmd:?}: {out}");
+            assert!(!out.contains("tokenizer.json"), "blames the tokenizer: {out}");
+        }
+    }
 }
