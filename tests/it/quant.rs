@@ -253,3 +253,86 @@ fn the_row_check_catches_swapped_rows_and_wrong_scales() {
     shifted.rotate_left(1);
     assert!(check_rows(&shifted, want, ne0, row_bound(ty)).is_err());
 }
+
+/// A copy of the Qwen3 fixture whose experts are `ff` wide (the first `ff` rows of gate and
+/// up, the first `ff` columns of down), so that down's rows are `ff` long.
+fn narrow_experts(dir: &Path, ff: usize) -> std::path::PathBuf {
+    let c = dir.join(format!("ff{ff}"));
+    copy_dir(&plain(), &c);
+    let cfg = std::fs::read_to_string(c.join("config.json")).unwrap();
+    std::fs::write(
+        c.join("config.json"),
+        cfg.replace("\"moe_intermediate_size\": 256", &format!("\"moe_intermediate_size\": {ff}")),
+    )
+    .unwrap();
+    rewrite_safetensors(&c.join("model.safetensors"), |m| {
+        for (name, (_, shape, bytes)) in m.iter_mut() {
+            if name.contains("mlp.experts.") {
+                let (rows, cols) = (shape[0], shape[1]);
+                if name.ends_with("down_proj.weight") {
+                    *bytes = bytes.chunks(cols * 2).flat_map(|r| r[..ff * 2].to_vec()).collect();
+                    *shape = vec![rows, ff];
+                } else {
+                    bytes.truncate(ff * cols * 2);
+                    *shape = vec![ff, cols];
+                }
+            }
+        }
+    });
+    c
+}
+
+/// The block-size fallback: expert down matrices whose rows (96, 80 long) do not fit a
+/// k-quant's 256-wide blocks get the nearest type that fits (q4_K → q5_0, q6_K → q8_0; rows
+/// that fit no 32-wide block either → f16), the report names each such tensor, the records
+/// hold that type, its values are the source's within 1.5× the type's worst Gaussian row (as
+/// `row_bound`), and the merged file gives llama.cpp's logits in sage (bit-identical with every
+/// expert resident; `engine_tol` streaming).
+#[test]
+fn rows_that_do_not_fit_fall_back_to_a_type_that_fits_and_are_named() {
+    use sage::engine::{ArenaSize, Engine, EngineOptions, KvType};
+    let dir = tmp();
+    for (ff, asked, got) in [
+        (96, GgmlType::Q4_K, GgmlType::Q5_0),
+        (96, GgmlType::Q6_K, GgmlType::Q8_0),
+        (80, GgmlType::Q4_K, GgmlType::F16),
+    ] {
+        let ckpt = narrow_experts(dir.path(), ff);
+        let out = dir.path().join(format!("m-{ff}-{asked}"));
+        let r = sage::convert::convert(&ckpt, &out, &opts(Some(asked))).unwrap();
+        for il in 0..2 {
+            let want =
+                format!("blk.{il}.ffn_down_exps.weight: rows of {ff} do not fit {asked} blocks of 256; using {got}");
+            assert!(r.fallbacks.contains(&want), "{want} not in {:?}", r.fallbacks);
+        }
+        assert_eq!(r.fallbacks.len(), 2, "only the down matrices fall back: {:?}", r.fallbacks);
+        let m = ModelDir::open(&out).unwrap();
+        assert!(m.manifest.layers.iter().all(|l| l.types == [asked, asked, got]), "{:?}", m.manifest.layers[0].types);
+        // The fallen-back rows hold the source's values.
+        let src = source_f32(&ckpt);
+        let bound = if got == GgmlType::F16 { row_bound(got) } else { 1.5 * gaussian_worst_row(got) };
+        for (t, ty, ne0, values) in converted_f32(&out).iter().filter(|t| t.0.contains("ffn_down.")) {
+            assert_eq!((*ty, *ne0), (got, ff), "{t}");
+            check_rows(values, &src[t], ff, bound).unwrap_or_else(|e| panic!("{ff} {asked} {t}: {e}"));
+        }
+        // llama.cpp runs the merged file, and sage gives its logits.
+        let gguf = dir.path().join(format!("m-{ff}-{asked}.gguf"));
+        sage::merge::merge(&out, &gguf, false).unwrap();
+        let llama = load_llama(&gguf);
+        let ids: Vec<i32> = reference()[3].ids.clone();
+        let want = llama_logits(&llama, &ids);
+        let ids_u: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+        for arena in [ArenaSize::All, ArenaSize::Experts(2)] {
+            let o = EngineOptions { arena, kv_type: KvType::F32, threads: 2, n_ctx: 256, ..Default::default() };
+            let mut e = Engine::load(&out, o).unwrap();
+            let got_logits: Vec<Vec<f32>> = e.eval(&ids_u, true).unwrap().chunks(512).map(|r| r.to_vec()).collect();
+            let d = per_position(&got_logits, &want);
+            let streaming = arena != ArenaSize::All;
+            eprintln!(
+                "ff {ff}, {asked} → {got}, {arena:?}: |sage - llama.cpp| {:e}",
+                d.iter().cloned().fold(0f32, f32::max)
+            );
+            assert!(within_engine_tol(&d, asked, streaming, false), "{ff} {asked} {arena:?}: {d:?}");
+        }
+    }
+}
