@@ -18,12 +18,16 @@ impl RouteTrace {
         self.replay(n_slots, scheduler::policy(policy, n_slots).expect("a known policy"))
     }
 
-    /// Hit rate of an arena of `n_slots` under `policy` replaying the trace in decode order.
+    /// Hit rate of an arena of `n_slots` under `policy` replaying the trace in decode order,
+    /// each token's experts asked for as the engine asks for them (in id order), so that a
+    /// decode run's hit rate equals its trace's replay.
     pub fn replay(&self, n_slots: usize, policy: Box<dyn scheduler::Policy>) -> f64 {
         let mut s = Scheduler::new(n_slots, policy);
         for t in 0..self.n_tokens() {
             for il in 0..self.n_layer {
-                s.ensure(il as u32, self.token(il, t), |_, _| Ok::<u64, ()>(0)).expect("loads cannot fail");
+                let mut experts = self.token(il, t).to_vec();
+                experts.sort_unstable();
+                s.ensure(il as u32, &experts, |_, _| Ok::<u64, ()>(0)).expect("loads cannot fail");
             }
         }
         s.stats.hit_rate()

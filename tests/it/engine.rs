@@ -725,3 +725,43 @@ fn a_second_turn_evaluates_only_its_new_tokens_and_matches_a_fresh_evaluation() 
         assert_eq!((g3.cached_tokens, &g3.tokens), (0, &g2.tokens));
     }
 }
+
+/// `--policy lfru`: the same logits as LRU at every decode step (a policy decides residency,
+/// never output), and the engine's hit rate is exactly a replay of its own routing through
+/// the scheduler under that policy, which differs from LRU's on the same routing. The CLI
+/// takes the flag and refuses an unknown policy.
+#[test]
+fn lfru_policy_changes_residency_not_output() {
+    let dir = tmp();
+    let (model_dir, _) = converted(dir.path(), GgmlType::Q8_0, None);
+    let run = |policy: &str| {
+        let o = EngineOptions { policy: policy.into(), prefetch: false, ..exact(ArenaSize::Experts(3)) };
+        let mut e = Engine::load(&model_dir, o).unwrap();
+        e.start_trace(false).unwrap();
+        let mut logits = e.eval(&[7], false).unwrap();
+        let mut all = logits.clone();
+        for i in 0..63 {
+            // Greedy, with every 4th token forced, so the routing moves around.
+            let next = if i % 4 == 0 { (i * 37 % 500) as u32 } else { sage::engine::sampler::argmax(&logits) };
+            logits = e.eval(&[next], false).unwrap();
+            all.extend(&logits);
+        }
+        (all, e.stats().sched, e.take_trace().unwrap())
+    };
+    let (lru, lru_st, lru_trace) = run("lru");
+    let (lfru, lfru_st, lfru_trace) = run("lfru");
+    assert_eq!(lru, lfru, "the policy changed the logits");
+    assert_eq!(lru_trace.choices, lfru_trace.choices);
+    eprintln!("hit rate: lru {:.4}, lfru {:.4}", lru_st.hit_rate(), lfru_st.hit_rate());
+    assert_eq!(lfru_st.hit_rate(), lfru_trace.hit_rate("lfru", 3), "engine vs replay under lfru");
+    assert_eq!(lru_st.hit_rate(), lru_trace.hit_rate("lru", 3), "engine vs replay under lru");
+    assert_ne!(lfru_st.hits, lru_st.hits, "lfru evicted as lru did on this routing");
+    let sage = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_sage")).args(args).output().unwrap();
+    let m = model_dir.to_str().unwrap();
+    let o = sage(&["run", m, "--prompt", "hello", "-n", "8", "--arena-experts", "3", "--policy", "lfru", "--stats"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("hit rate"), "{err}");
+    let o = sage(&["run", m, "--prompt", "hello", "--policy", "lifo"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("'lifo'") && err.contains("lru, lfru"), "{err}");
+}
