@@ -765,3 +765,45 @@ fn lfru_policy_changes_residency_not_output() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("'lifo'") && err.contains("lru, lfru"), "{err}");
 }
+
+/// Generation stops when the context is full: the KV cache holds `n_ctx` tokens, the last
+/// token sampled is returned (not evaluated), the reason is `context_full`, and the tokens
+/// are llama.cpp's greedy ones up to there. A prompt that fills the context gives one token;
+/// one longer than it is an error. The CLI says `stop: context_full`.
+#[test]
+fn generation_stops_at_a_full_context() {
+    let dir = tmp();
+    let (model_dir, gguf) = converted(dir.path(), GgmlType::Q8_0, None);
+    let tk = sage::tokenizer::Tokenizer::load(&model_dir).unwrap();
+    let prompt: Vec<u32> = reference()[3].ids.iter().take(10).map(|&i| i as u32).collect();
+    let n_ctx = 16;
+    let mut e = Engine::load(&model_dir, EngineOptions { n_ctx, ..exact(ArenaSize::Experts(3)) }).unwrap();
+    let greedy = || {
+        sage::engine::sampler::Sampler::new(sage::engine::sampler::SamplerParams { temp: 0.0, ..Default::default() })
+    };
+    let opts = sage::engine::GenOptions { max_tokens: 100, ..Default::default() };
+    let g = e.generate(&tk, &prompt, &opts, &mut greedy(), |_, _| true).unwrap();
+    assert_eq!(g.stop, sage::engine::Finish::ContextFull);
+    assert_eq!(g.stop.as_str(), "context_full");
+    assert_eq!(e.n_past(), n_ctx);
+    assert_eq!(g.tokens.len(), n_ctx - prompt.len() + 1);
+    let want = llama_greedy(&load_llama(&gguf), &prompt.iter().map(|&t| t as i32).collect::<Vec<_>>(), g.tokens.len());
+    assert_eq!(g.tokens.iter().map(|&t| t as i32).collect::<Vec<_>>(), want);
+    // A prompt that fills the context: one token, then full.
+    let full: Vec<u32> = (1..=n_ctx as u32).collect();
+    let g = e.generate(&tk, &full, &opts, &mut greedy(), |_, _| true).unwrap();
+    assert_eq!((g.tokens.len(), g.stop), (1, sage::engine::Finish::ContextFull));
+    let too_long: Vec<u32> = (1..=n_ctx as u32 + 1).collect();
+    let err = e.generate(&tk, &too_long, &opts, &mut greedy(), |_, _| true).unwrap_err().to_string();
+    assert!(err.contains("17") && err.contains("16"), "{err}");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sage"))
+        .args(["run", model_dir.to_str().unwrap(), "--prompt", "The quick brown fox", "--ctx", "12", "-n", "100"])
+        .args(["--temp", "0", "--json"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stats: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(stats["stats"]["stop"], "context_full", "{out}");
+    assert!(out.lines().count() < 14, "{out}");
+}
