@@ -86,6 +86,36 @@ impl ExpertLayer {
     }
 }
 
+/// What differs between a shard's header `got` and the one base.gguf's manifest implies
+/// (`shard_header`): the first field that does, with both values.
+fn header_mismatch(got: &[u8], want: &[u8]) -> String {
+    let u32_at = |h: &[u8], at: usize| u32::from_le_bytes(h[at..at + 4].try_into().unwrap());
+    let u64_at = |h: &[u8], at: usize| u64::from_le_bytes(h[at..at + 8].try_into().unwrap());
+    let text = |h: &[u8]| String::from_utf8_lossy(&h[32..64]).trim_end_matches('\0').to_string();
+    let (g, w) = (got, want);
+    if g[..8] != w[..8] {
+        return "not a sage expert shard (no SAGEXPRT magic)".into();
+    }
+    let field = |name: &str, a: String, b: String| format!("shard header: {name} {a}, base.gguf says {b}");
+    if u32_at(g, 8) != u32_at(w, 8) {
+        return field("format version", u32_at(g, 8).to_string(), u32_at(w, 8).to_string());
+    }
+    if u32_at(g, 12) != u32_at(w, 12) {
+        return field("layer", u32_at(g, 12).to_string(), u32_at(w, 12).to_string())
+            + ": a shard of another layer under this name";
+    }
+    if u32_at(g, 16) != u32_at(w, 16) {
+        return field("expert count", u32_at(g, 16).to_string(), u32_at(w, 16).to_string());
+    }
+    if u64_at(g, 24) != u64_at(w, 24) {
+        return field("record stride", u64_at(g, 24).to_string(), u64_at(w, 24).to_string());
+    }
+    if g[32..64] != w[32..64] {
+        return field("conversion", text(g), text(w)) + ": the files come from different conversions";
+    }
+    "shard header does not match base.gguf in its reserved bytes".into()
+}
+
 /// The shard header: magic, format version, layer, expert count, record stride, conversion id.
 pub fn shard_header(layer: &ExpertLayer, conversion_id: &str) -> Vec<u8> {
     let mut h = Vec::with_capacity(RECORD_ALIGN as usize);
@@ -318,16 +348,9 @@ impl ModelDir {
                 return Err(Error::Truncated { path: p, what, needed: l.file_size(), got: f.size() });
             }
             f.read_into(0, RECORD_ALIGN as usize, "shard header", &mut header)?;
-            if header != shard_header(l, &manifest.conversion_id) {
-                return Err(Error::BadModelDir {
-                    path: p,
-                    reason: format!(
-                        "shard header does not match base.gguf (layer {}, {} experts, conversion {}): the files come from different conversions",
-                        l.il,
-                        l.ids.len(),
-                        manifest.conversion_id
-                    ),
-                });
+            let want = shard_header(l, &manifest.conversion_id);
+            if header != want {
+                return Err(Error::BadModelDir { path: p, reason: header_mismatch(&header, &want) });
             }
             shards.push(f);
         }

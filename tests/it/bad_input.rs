@@ -268,3 +268,74 @@ fn command_line_refuses_bad_options_and_directories() {
         }
     }
 }
+
+/// A shard whose header disagrees with base.gguf, field by field (the shard of another layer
+/// under this name, another expert count, another record stride, another format version, no
+/// magic, another conversion): refused when the directory opens, naming the shard, the field
+/// and both values, by the library and `sage run`; nothing is read from it.
+#[test]
+fn shard_headers_that_disagree_with_base_gguf_are_refused() {
+    let dir = tmp();
+    let (m, _) = convert_into(&plain(), dir.path(), &opts(Some(GgmlType::Q8_0)));
+    let shard = m.join("experts/blk.000.bin");
+    let good = std::fs::read(&shard).unwrap();
+    let stride = u64::from_le_bytes(good[24..32].try_into().unwrap());
+    let other_layer = std::fs::read(m.join("experts/blk.001.bin")).unwrap();
+    let patched = |at: usize, bytes: &[u8]| {
+        let mut b = good.clone();
+        b[at..at + bytes.len()].copy_from_slice(bytes);
+        b
+    };
+    let cases: Vec<(&str, Vec<u8>, String)> = vec![
+        ("another layer", other_layer, "shard header: layer 1, base.gguf says 0: a shard of another layer".into()),
+        ("expert count", patched(16, &7u32.to_le_bytes()), "shard header: expert count 7, base.gguf says 8".into()),
+        (
+            "stride",
+            patched(24, &(stride + 4096).to_le_bytes()),
+            format!("shard header: record stride {}, base.gguf says {stride}", stride + 4096),
+        ),
+        ("version", patched(8, &9u32.to_le_bytes()), "shard header: format version 9, base.gguf says 1".into()),
+        ("magic", patched(0, b"GGUF"), "not a sage expert shard (no SAGEXPRT magic)".into()),
+        ("conversion", patched(32, b"someone-else"), "the files come from different conversions".into()),
+    ];
+    for (what, bytes, says) in cases {
+        std::fs::write(&shard, &bytes).unwrap();
+        let e = ModelDir::open(&m).err().unwrap_or_else(|| panic!("{what}: opened")).to_string();
+        assert!(e.contains("blk.000.bin: not a usable sage model directory") && e.contains(&says), "{what}: {e}");
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_sage"))
+            .args(["run", m.to_str().unwrap(), "--prompt", "hi", "-n", "2"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(&says) && !err.contains("panicked"), "{what}: {err}");
+    }
+    std::fs::write(&shard, &good).unwrap();
+    ModelDir::open(&m).unwrap();
+}
+
+/// A base.gguf whose RoPE base frequency is 0, negative or NaN (every position's rotation
+/// would be NaN): refused when the directory opens, naming the file and the key.
+#[test]
+fn non_positive_rope_theta_in_base_gguf_is_refused() {
+    let dir = tmp();
+    let (m, _) = convert_into(&plain(), dir.path(), &opts(Some(GgmlType::Q8_0)));
+    let base = m.join("base.gguf");
+    let good = std::fs::read(&base).unwrap();
+    let key = b"qwen3moe.rope.freq_base";
+    let at = good.windows(key.len()).position(|w| w == key).expect("the key is in base.gguf") + key.len();
+    assert_eq!(u32::from_le_bytes(good[at..at + 4].try_into().unwrap()), 6, "stored as GGUF float32");
+    assert_eq!(f32::from_le_bytes(good[at + 4..at + 8].try_into().unwrap()), 1e6);
+    for bad in [0.0f32, -1e6, f32::NAN] {
+        let mut b = good.clone();
+        b[at + 4..at + 8].copy_from_slice(&bad.to_le_bytes());
+        std::fs::write(&base, &b).unwrap();
+        let e = ModelDir::open(&m).err().unwrap_or_else(|| panic!("{bad}: opened")).to_string();
+        assert!(e.contains("base.gguf") && e.contains("qwen3moe.rope.freq_base") && e.contains("positive"), "{e}");
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_sage"))
+            .args(["run", m.to_str().unwrap(), "--prompt", "hi", "-n", "2"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains("qwen3moe.rope.freq_base"), "{bad}: {err}");
+    }
+}
