@@ -183,8 +183,30 @@ fn output_directory_not_writable() {
     assert!(e.contains(&format!("{}: Not a directory", out.display())), "{e}");
     let e = convert(&plain(), &file, &ConvertOptions::default()).unwrap_err().to_string();
     assert!(e.contains("a-file: exists and is not a directory"), "{e}");
-    let e = convert(&plain(), &plain(), &ConvertOptions { force: true, ..Default::default() }).unwrap_err().to_string();
+    // --force pointed at the input itself, on a copy (never at a committed fixture): refused,
+    // and every file of the input is left as it was.
+    let ckpt = damaged_copy(dir.path());
+    let before: Vec<(std::ffi::OsString, Vec<u8>)> = files_of(&ckpt);
+    let e = convert(&ckpt, &ckpt, &ConvertOptions { force: true, ..Default::default() }).unwrap_err().to_string();
     assert!(e.contains("holds the input"), "{e}");
+    assert_eq!(files_of(&ckpt), before, "the input changed");
+    // --force into a directory of someone else's files: only sage's own files are replaced.
+    let (model, _) = convert_into(&plain(), &dir.path().join("x"), &opts(Some(GgmlType::Q8_0)));
+    std::fs::write(model.join("notes.txt"), "mine").unwrap();
+    convert(&plain(), &model, &ConvertOptions { force: true, ..opts(Some(GgmlType::Q4_K)) }).unwrap();
+    assert_eq!(std::fs::read_to_string(model.join("notes.txt")).unwrap(), "mine");
+    assert_eq!(ModelDir::open(&model).unwrap().manifest.layers[0].types[0], GgmlType::Q4_K);
+}
+
+/// Every file of `dir` (not recursive) with its bytes, sorted by name.
+fn files_of(dir: &Path) -> Vec<(std::ffi::OsString, Vec<u8>)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .map(|e| (e.file_name(), std::fs::read(e.path()).unwrap()))
+        .collect();
+    v.sort();
+    v
 }
 
 #[test]
