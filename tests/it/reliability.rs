@@ -164,27 +164,62 @@ fn loaded_experts_leave_the_page_cache() {
 /// as "overhead"; docs/reliability.md states it.
 const STATED_OVERHEAD: u64 = 32 << 20;
 
-/// A cgroup v1 memory controller group (this machine runs tests as root), removed on drop.
-struct MemCgroup(std::path::PathBuf);
+/// A memory-limited cgroup for one test (this machine runs tests as root), removed on drop:
+/// cgroup v2 (the unified hierarchy: `memory.max`, `memory.peak`, `memory.events`) where
+/// /sys/fs/cgroup is one, else v1's memory controller (`memory.limit_in_bytes`,
+/// `memory.max_usage_in_bytes`, `memory.oom_control`).
+struct MemCgroup {
+    path: std::path::PathBuf,
+    v2: bool,
+}
 
 impl MemCgroup {
     fn new(limit: u64) -> MemCgroup {
-        let p = std::path::PathBuf::from(format!("/sys/fs/cgroup/memory/sage-test-{}", std::process::id()));
-        std::fs::create_dir(&p).unwrap_or_else(|e| {
-            panic!("this test needs root and the cgroup v1 memory controller ({}): {e}", p.display())
+        let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+        let root = if v2 { "/sys/fs/cgroup" } else { "/sys/fs/cgroup/memory" };
+        let path = std::path::PathBuf::from(format!("{root}/sage-test-{}", std::process::id()));
+        if v2 {
+            // The memory controller must be enabled for the root's children.
+            let _ = std::fs::write("/sys/fs/cgroup/cgroup.subtree_control", "+memory");
+        }
+        std::fs::create_dir(&path).unwrap_or_else(|e| {
+            panic!("this test needs root and a cgroup memory controller ({}): {e}", path.display())
         });
-        std::fs::write(p.join("memory.limit_in_bytes"), limit.to_string()).unwrap();
-        MemCgroup(p)
+        let limit_file = if v2 { "memory.max" } else { "memory.limit_in_bytes" };
+        std::fs::write(path.join(limit_file), limit.to_string()).unwrap();
+        if v2 {
+            // No swap to hide in.
+            let _ = std::fs::write(path.join("memory.swap.max"), "0");
+        }
+        MemCgroup { path, v2 }
     }
 
     fn read(&self, name: &str) -> String {
-        std::fs::read_to_string(self.0.join(name)).unwrap()
+        std::fs::read_to_string(self.path.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    /// Peak memory charged to the group (page cache included).
+    fn peak(&self) -> u64 {
+        self.read(if self.v2 { "memory.peak" } else { "memory.max_usage_in_bytes" }).trim().parse().unwrap()
+    }
+
+    /// OOM kills in the group, and the file that says so.
+    fn oom_kills(&self) -> (u64, String) {
+        let text = self.read(if self.v2 { "memory.events" } else { "memory.oom_control" });
+        let n = text
+            .lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .unwrap_or_else(|| panic!("no oom_kill line: {text}"))
+            .trim()
+            .parse()
+            .unwrap();
+        (n, text)
     }
 }
 
 impl Drop for MemCgroup {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.0);
+        let _ = std::fs::remove_dir(&self.path);
     }
 }
 
@@ -198,7 +233,7 @@ fn runs_inside_a_memory_cgroup_of_its_stated_budget() {
     let args = [&args[..], &["--arena-experts", "4", "--ctx", "512", "--threads", "2", "--json"]].concat();
     let run = |cg: Option<&MemCgroup>| {
         let mut cmd = Command::new("sh");
-        let join_cg = cg.map(|c| format!("echo $$ > {}/cgroup.procs && ", c.0.display())).unwrap_or_default();
+        let join_cg = cg.map(|c| format!("echo $$ > {}/cgroup.procs && ", c.path.display())).unwrap_or_default();
         cmd.args(["-c", &format!("{join_cg}exec \"$0\" \"$@\""), env!("CARGO_BIN_EXE_sage")]).args(&args);
         let o = cmd.output().unwrap();
         let last = String::from_utf8_lossy(&o.stdout).lines().last().unwrap_or_default().to_string();
@@ -208,16 +243,41 @@ fn runs_inside_a_memory_cgroup_of_its_stated_budget() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stats: serde_json::Value = serde_json::from_str(&last).unwrap();
     let m = &stats["stats"]["memory"];
-    let engine: u64 = ["base", "arena", "kv", "compute", "staging"].iter().map(|k| m[k].as_u64().unwrap()).sum();
+    let part = |k: &str| m[k].as_u64().unwrap_or_else(|| panic!("no {k} in {m}"));
+    // The parts against sizes computed here from the files and the options: base.gguf's
+    // tensors (ggml's row size × rows), 4 slots of the shards' record stride plus up to a
+    // page to align them, and an f16 K and V cache of 512 positions per layer.
+    let md = sage::model_dir::ModelDir::open(&model_dir).unwrap();
+    let g = Gguf::open(&model_dir.join("base.gguf")).unwrap();
+    let base: u64 =
+        g.tensors().iter().map(|t| t.ty.unwrap().row_size(t.ne[0]).unwrap() * t.ne[1..].iter().product::<u64>()).sum();
+    let shard = std::fs::metadata(model_dir.join("experts/blk.000.bin")).unwrap().len();
+    let stride = (shard - 4096) / 8;
+    let c = &md.config;
+    let kv = c.n_layer as u64 * 2 * 512 * (c.n_head_kv as u64 * c.head_dim) * 2;
+    assert_eq!(part("base"), base);
+    assert!(
+        (4 * stride..=4 * stride + 4096).contains(&part("arena")),
+        "arena {} for 4 slots of {stride}",
+        part("arena")
+    );
+    assert_eq!(part("kv"), kv);
+    let engine: u64 = ["base", "arena", "kv", "compute", "staging"].iter().map(|k| part(k)).sum();
     let overhead = stats["stats"]["overhead_bytes"].as_u64().unwrap();
     assert!(overhead < STATED_OVERHEAD, "overhead {overhead} is over the stated {STATED_OVERHEAD}");
 
     let limit = engine + STATED_OVERHEAD;
     let cg = MemCgroup::new(limit);
     let (o, _) = run(Some(&cg));
-    let peak: u64 = cg.read("memory.max_usage_in_bytes").trim().parse().unwrap();
-    let oom = cg.read("memory.oom_control");
-    eprintln!("engine {engine} bytes + stated overhead {STATED_OVERHEAD} = limit {limit}; cgroup peak {peak}");
-    assert!(o.status.success(), "killed or failed under {limit} bytes: {}\n{oom}", String::from_utf8_lossy(&o.stderr));
-    assert!(peak <= limit && oom.contains("oom_kill 0"), "peak {peak} over {limit}: {oom}");
+    let (peak, (kills, events)) = (cg.peak(), cg.oom_kills());
+    eprintln!(
+        "cgroup {}: engine {engine} bytes + stated overhead {STATED_OVERHEAD} = limit {limit}; peak {peak}",
+        if cg.v2 { "v2" } else { "v1" }
+    );
+    assert!(
+        o.status.success(),
+        "killed or failed under {limit} bytes: {}\n{events}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(peak <= limit && kills == 0, "peak {peak} over {limit}: {events}");
 }
