@@ -151,4 +151,29 @@ mod tests {
         let mut tp = Sampler::new(SamplerParams { temp: 1.0, top_k: 0, top_p: 0.9, seed: 1, ..Default::default() });
         assert!((0..50).all(|_| matches!(tp.sample(&mut logits.clone(), &[]), 1 | 3)));
     }
+
+    /// At temperatures other than 1 the draws follow softmax(logits / T): 40,000 seeded draws
+    /// per temperature, each token's frequency within 4 standard errors of its probability
+    /// (computed here in f64). At T = 1 the top token's share would be 0.644; at 0.5 it is
+    /// 0.867 and at 2 it is 0.428, dozens of standard errors apart, so a temperature ignored
+    /// or applied twice fails.
+    #[test]
+    fn draws_follow_the_tempered_softmax() {
+        let logits = [0.0f32, 1.0, 2.0, 3.0];
+        for temp in [0.5f32, 0.7, 2.0] {
+            let z: Vec<f64> = logits.iter().map(|&l| (l as f64 / temp as f64).exp()).collect();
+            let want: Vec<f64> = z.iter().map(|x| x / z.iter().sum::<f64>()).collect();
+            let mut s = Sampler::new(SamplerParams { temp, top_k: 0, top_p: 1.0, seed: 42, ..Default::default() });
+            let n = 40_000;
+            let mut counts = [0usize; 4];
+            for _ in 0..n {
+                counts[s.sample(&mut logits.to_vec(), &[]) as usize] += 1;
+            }
+            for (i, (&c, &p)) in counts.iter().zip(&want).enumerate() {
+                let f = c as f64 / n as f64;
+                let se = (p * (1.0 - p) / n as f64).sqrt();
+                assert!((f - p).abs() <= 4.0 * se, "T {temp}, token {i}: frequency {f:.4}, probability {p:.4}");
+            }
+        }
+    }
 }
