@@ -139,3 +139,50 @@ fn merged_quantized_files_stay_near_transformers() {
         assert!(share >= agree_bound, "{}: top token agrees at {agree} of {positions} positions", ty.name());
     }
 }
+
+/// Token ids against transformers' `AutoTokenizer` (recorded by
+/// scripts/make_tokenizer_references.py: an independent implementation around the same
+/// tokenizer.json), for the Qwen3 fixture and the bundled model, 21 strings each: sage's
+/// tokenizer from the model directory, the one sage-convert rebuilds from a GGUF's metadata,
+/// and llama.cpp on the merged file give the same ids, and they decode to the recorded text.
+/// The Qwen3 reference prompts' stored ids are AutoTokenizer's too.
+#[test]
+fn token_ids_equal_transformers_auto_tokenizer() {
+    let dir = tmp();
+    for (name, src) in [("tiny-qwen3moe", plain()), ("sage-moe-16m", bundled())] {
+        let refs: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixtures().join(format!("tokenize-{name}.json"))).unwrap())
+                .unwrap();
+        let model_dir = dir.path().join(name);
+        sage::convert::convert(&src, &model_dir, &opts(Some(GgmlType::Q8_0))).unwrap();
+        let gguf = dir.path().join(format!("{name}.gguf"));
+        merge(&model_dir, &gguf, false).unwrap();
+        let again = dir.path().join(format!("{name}-from-gguf"));
+        sage::convert::convert(&gguf, &again, &ConvertOptions::default()).unwrap();
+        let llama = load_llama(&gguf);
+        let tks =
+            [sage::tokenizer::Tokenizer::load(&model_dir).unwrap(), sage::tokenizer::Tokenizer::load(&again).unwrap()];
+        let strings = refs["tokenize"].as_array().unwrap();
+        assert_eq!(strings.len(), 21);
+        for t in strings {
+            let text = t["text"].as_str().unwrap();
+            let want: Vec<u32> = t["ids"].as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect();
+            for (tk, which) in tks.iter().zip(["tokenizer.json", "rebuilt from GGUF"]) {
+                assert_eq!(tk.encode_with(text, false).unwrap(), want, "{name} ({which}) on {text:?}");
+                assert_eq!(
+                    tk.decode(&want).unwrap(),
+                    t["decode"].as_str().unwrap(),
+                    "{name} ({which}) decoding {text:?}"
+                );
+            }
+            let ll: Vec<u32> = llama_tokenize(&llama, text).iter().map(|&i| i as u32).collect();
+            assert_eq!(ll, want, "{name}: llama.cpp on {text:?}");
+        }
+        if let Some(prompts) = refs.get("prompts") {
+            for (p, r) in reference().iter().zip(prompts.as_array().unwrap()) {
+                let want: Vec<i32> = r["ids"].as_array().unwrap().iter().map(|i| i.as_i64().unwrap() as i32).collect();
+                assert_eq!((p.name.as_str(), &p.ids), (r["name"].as_str().unwrap(), &want), "stored prompt ids");
+            }
+        }
+    }
+}
