@@ -5,6 +5,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, IoContext, Result};
 use crate::ggml::Gguf;
@@ -41,6 +42,31 @@ pub struct WatchedFile {
     path: PathBuf,
     len: u64,
     modified: Option<std::time::SystemTime>,
+    /// Records read by each path (`read_paths`).
+    direct_reads: AtomicU64,
+    positioned_reads: AtomicU64,
+    dropped: AtomicU64,
+}
+
+/// How the records of files were read (`WatchedFile::read_record_to`): straight from the
+/// disk with O_DIRECT, with a positioned read through the page cache, and how many of those
+/// reads then told the kernel to drop the pages (`drop_cached`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct ReadPaths {
+    pub direct: u64,
+    pub positioned: u64,
+    pub dropped: u64,
+}
+
+impl std::ops::Add for ReadPaths {
+    type Output = ReadPaths;
+    fn add(self, o: ReadPaths) -> ReadPaths {
+        ReadPaths {
+            direct: self.direct + o.direct,
+            positioned: self.positioned + o.positioned,
+            dropped: self.dropped + o.dropped,
+        }
+    }
 }
 
 /// Offset, length and memory alignment O_DIRECT reads use (the page size; every logical
@@ -57,7 +83,25 @@ impl WatchedFile {
             .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
             .open(path)
             .ok();
-        Ok(WatchedFile { file, direct, path: path.to_path_buf(), len: m.len(), modified: m.modified().ok() })
+        Ok(WatchedFile {
+            file,
+            direct,
+            path: path.to_path_buf(),
+            len: m.len(),
+            modified: m.modified().ok(),
+            direct_reads: AtomicU64::new(0),
+            positioned_reads: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        })
+    }
+
+    /// How this file's records were read so far.
+    pub fn read_paths(&self) -> ReadPaths {
+        ReadPaths {
+            direct: self.direct_reads.load(Ordering::Relaxed),
+            positioned: self.positioned_reads.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
+        }
     }
 
     /// Read `len` bytes at `offset` into `rec`. `uncached`: leave none of them in the page
@@ -92,6 +136,7 @@ impl WatchedFile {
         match &self.direct {
             Some(d) if uncached && aligned => {
                 let mut got = 0;
+                let mut path = &self.direct_reads;
                 while got < len {
                     // Reads end early only at the end of the file.
                     match d.read_at(&mut dst[got..span], offset + got as u64) {
@@ -101,18 +146,23 @@ impl WatchedFile {
                         // EINVAL: this file system or device refuses O_DIRECT after all.
                         Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
                             read_exact_to(&self.file, &self.path, offset, &mut dst[..len], what)?;
+                            path = &self.positioned_reads;
                             break;
                         }
                         Err(source) => return Err(Error::Io { path: self.path.clone(), source }),
                     }
                 }
+                path.fetch_add(1, Ordering::Relaxed);
                 // Pages another reader cached stay cached under O_DIRECT; drop them too.
                 self.drop_cached(offset, len);
+                self.dropped.fetch_add(1, Ordering::Relaxed);
             }
             _ => {
                 read_exact_to(&self.file, &self.path, offset, &mut dst[..len], what)?;
+                self.positioned_reads.fetch_add(1, Ordering::Relaxed);
                 if uncached {
                     self.drop_cached(offset, len);
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
@@ -337,6 +387,10 @@ mod tests {
                 assert_eq!(rec.bytes(), &data[off..off + len], "{off} + {len}, uncached {uncached}");
             }
         }
+        // Uncached reads at aligned offsets went straight from the disk (the temp directory is
+        // on ext4 here, which takes O_DIRECT); the one at offset 100 and every cached read
+        // were positioned reads; the uncached ones dropped their pages.
+        assert_eq!(f.read_paths(), ReadPaths { direct: 5, positioned: 7, dropped: 6 });
         let err = f.read_record(8192, 8192, "record", true, &mut rec).unwrap_err().to_string();
         assert!(err.contains("record") && err.contains("shard.bin"), "{err}");
     }

@@ -115,6 +115,7 @@ pub fn run_stats(g: &Generation, engine: &Engine) -> serde_json::Value {
         "bytes_read_per_token": st.bytes_read / n_tok,
         "load_stall_s": st.stall.as_secs_f64(),
         "prefetch": g.stats.prefetch,
+        "expert_reads": engine.read_paths(),
         "arena_bytes": engine.arena_bytes(),
         "arena_slots": engine.n_slots(),
         "all_resident": engine.all_resident(),

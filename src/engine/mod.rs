@@ -373,6 +373,12 @@ impl Engine {
         (self.n_past() + n).next_multiple_of(KV_PAD).min(self.opts.n_ctx)
     }
 
+    /// How the expert records were read from the shards so far (O_DIRECT, positioned reads,
+    /// pages dropped from the cache after them), all shards together.
+    pub fn read_paths(&self) -> crate::io::ReadPaths {
+        self.dir.shards.iter().map(|f| f.read_paths()).fold(Default::default(), |a, b| a + b)
+    }
+
     /// Tokens in the context (the KV cache).
     pub fn n_past(&self) -> usize {
         self.context.len()
