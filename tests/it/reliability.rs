@@ -7,25 +7,40 @@ use sage::ggml::{GgmlType, Gguf};
 use crate::util::*;
 
 /// Two `sage run` processes on the same model directory at the same time both work and
-/// produce the same greedy text (shards are only ever opened read-only).
+/// produce the same greedy text (shards are only ever opened read-only). The runs overlap:
+/// both processes are seen holding the same shard open at one moment.
 #[test]
 fn two_processes_share_a_model_directory() {
     let dir = tmp();
     let (model_dir, _) = convert_into(&plain(), dir.path(), &opts(Some(GgmlType::Q8_0)));
+    let shard = std::fs::canonicalize(model_dir.join("experts/blk.000.bin")).unwrap();
     let spawn = || {
         Command::new(env!("CARGO_BIN_EXE_sage"))
-            .args(["run", model_dir.to_str().unwrap(), "-p", "The quick brown fox", "--temp", "0", "-n", "48"])
-            .args(["--arena-experts", "2", "--threads", "1"])
+            .args(["run", model_dir.to_str().unwrap(), "-p", "The quick brown fox", "--temp", "0", "-n", "400"])
+            .args(["--arena-experts", "2", "--threads", "1", "--ctx", "512"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap()
     };
+    let holds_shard = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.flatten().any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == shard)))
+            .unwrap_or(false)
+    };
     let (a, b) = (spawn(), spawn());
+    let (pa, pb) = (a.id(), b.id());
+    let t0 = std::time::Instant::now();
+    let mut overlapped = false;
+    while !overlapped && t0.elapsed() < std::time::Duration::from_secs(30) {
+        overlapped = holds_shard(pa) && holds_shard(pb);
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
     for o in [&a, &b] {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
+    assert!(overlapped, "the two runs never held the shard open at the same time");
     assert_eq!(a.stdout, b.stdout);
     assert!(a.stdout.len() > 20, "{}", String::from_utf8_lossy(&a.stdout));
 }
