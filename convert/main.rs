@@ -242,6 +242,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 human_bytes(r.expert_bytes),
                 r.conversion_id
             );
+            // Conversion streams a tensor at a time: this follows the largest tensor.
+            if let Some(peak) = sage::cli::peak_rss_bytes() {
+                println!("peak RSS {:.1} MiB", peak as f64 / (1u64 << 20) as f64);
+            }
         }
     }
     Ok(())

@@ -445,3 +445,107 @@ fn fused_expert_tensors_convert_like_per_expert_ones() {
     }
     assert_eq!(gguf_contents(&got.join("base.gguf")), gguf_contents(&want.join("base.gguf")));
 }
+
+/// Write a Qwen3-MoE checkpoint of `n_layer` layers of `n_expert` experts (n_embd 1024, expert
+/// FFN 512: each expert matrix 1 MiB of bf16) into `dir`, streaming it tensor by tensor, with
+/// the tiny fixture's attention shapes and tokenizer. Returns its largest tensor's bytes.
+fn write_wide_checkpoint(dir: &Path, n_layer: usize, n_expert: usize) -> u64 {
+    use std::io::Write;
+    std::fs::create_dir_all(dir).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(plain().join(f), dir.join(f)).unwrap();
+    }
+    let (n_embd, ff) = (1024usize, 512usize);
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(plain().join("config.json")).unwrap()).unwrap();
+    cfg["hidden_size"] = n_embd.into();
+    cfg["moe_intermediate_size"] = ff.into();
+    cfg["num_local_experts"] = n_expert.into();
+    cfg["num_hidden_layers"] = n_layer.into();
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>)> =
+        vec![("model.embed_tokens.weight".into(), vec![512, n_embd]), ("lm_head.weight".into(), vec![512, n_embd])];
+    tensors.push(("model.norm.weight".into(), vec![n_embd]));
+    for il in 0..n_layer {
+        let l = |s: &str| format!("model.layers.{il}.{s}");
+        for (n, shape) in [
+            ("input_layernorm.weight", vec![n_embd]),
+            ("post_attention_layernorm.weight", vec![n_embd]),
+            ("self_attn.q_proj.weight", vec![256, n_embd]),
+            ("self_attn.k_proj.weight", vec![128, n_embd]),
+            ("self_attn.v_proj.weight", vec![128, n_embd]),
+            ("self_attn.o_proj.weight", vec![n_embd, 256]),
+            ("self_attn.q_norm.weight", vec![64]),
+            ("self_attn.k_norm.weight", vec![64]),
+            ("mlp.gate.weight", vec![n_expert, n_embd]),
+        ] {
+            tensors.push((l(n), shape));
+        }
+        for e in 0..n_expert {
+            tensors.push((l(&format!("mlp.experts.{e}.gate_proj.weight")), vec![ff, n_embd]));
+            tensors.push((l(&format!("mlp.experts.{e}.up_proj.weight")), vec![ff, n_embd]));
+            tensors.push((l(&format!("mlp.experts.{e}.down_proj.weight")), vec![n_embd, ff]));
+        }
+    }
+    let mut header = serde_json::Map::new();
+    let mut at = 0usize;
+    for (name, shape) in &tensors {
+        let bytes = 2 * shape.iter().product::<usize>();
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "BF16", "shape": shape, "data_offsets": [at, at + bytes]}),
+        );
+        at += bytes;
+    }
+    let mut h = serde_json::Value::Object(header).to_string().into_bytes();
+    h.resize(h.len().next_multiple_of(8), b' ');
+    let mut w = std::io::BufWriter::new(std::fs::File::create(dir.join("model.safetensors")).unwrap());
+    w.write_all(&(h.len() as u64).to_le_bytes()).unwrap();
+    w.write_all(&h).unwrap();
+    let mut state = 0x9e3779b97f4a7c15u64;
+    let mut largest = 0u64;
+    for (name, shape) in &tensors {
+        let n: usize = shape.iter().product();
+        largest = largest.max(2 * n as u64);
+        let norm = name.contains("norm");
+        let data: Vec<u8> = (0..n)
+            .flat_map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let x = if norm { 1.0 } else { ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1 };
+                ((x.to_bits() >> 16) as u16).to_le_bytes()
+            })
+            .collect();
+        w.write_all(&data).unwrap();
+    }
+    w.flush().unwrap();
+    largest
+}
+
+/// Conversion streams a tensor at a time, so its memory follows the largest tensor, not the
+/// model: a 386 MiB checkpoint (2 layers of 64 experts, largest tensor 1 MiB) converts to
+/// q8_0 with a peak RSS (as sage-convert reports it) within 24 MiB of the 4 MiB tiny fixture's,
+/// where holding the model would take hundreds.
+#[test]
+fn conversion_memory_follows_the_largest_tensor_not_the_model() {
+    let dir = tmp();
+    let big = dir.path().join("wide");
+    let largest = write_wide_checkpoint(&big, 2, 64);
+    let total = std::fs::metadata(big.join("model.safetensors")).unwrap().len();
+    assert!(total > 380 << 20 && largest == 1 << 20, "{total} {largest}");
+    let peak = |input: &Path, out: &str| -> f64 {
+        let o = Command::new(env!("CARGO_BIN_EXE_sage-convert"))
+            .args([input.to_str().unwrap(), "-o", dir.path().join(out).to_str().unwrap(), "--quant", "q8_0"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let line = text.lines().find_map(|l| l.strip_prefix("peak RSS ")).unwrap_or_else(|| panic!("{text}"));
+        line.trim_end_matches(" MiB").parse().unwrap()
+    };
+    let (small, wide) = (peak(&plain(), "tiny"), peak(&big, "wide-q8"));
+    eprintln!("peak RSS: tiny fixture {small} MiB, {} MiB checkpoint {wide} MiB", total >> 20);
+    assert!(wide <= small + 24.0, "{wide} MiB converting {} MiB (tiny: {small} MiB)", total >> 20);
+    // The conversion is whole: every expert of both layers.
+    let m = ModelDir::open(&dir.path().join("wide-q8")).unwrap();
+    assert_eq!((m.manifest.layers.len(), m.manifest.layers[1].ids.len()), (2, 64));
+}
