@@ -27,6 +27,26 @@ pub fn slot_stride(layers: &[ExpertLayer]) -> u64 {
     layers.iter().map(|l| l.record_size()).max().unwrap_or(0).next_multiple_of(HEAD_ROOM)
 }
 
+/// Distance between slots in a GPU backend's memory: the largest record rounded up to a whole
+/// number of blocks of every projection type and to the buffer's `align`. A GPU backend reads
+/// the arena in place and finds slot `s` of a `[ne0, ne1, n_slots]` view at `nb[2]` = the
+/// stride, which ggml-vulkan turns into a count of blocks (`nb[2] / type_size`): a stride that
+/// is not a whole number of blocks (4 KiB is not, at q8_0's 34 bytes) reads every slot past
+/// the first from the wrong bytes. O_DIRECT never reads into device memory, so the 4 KiB rule
+/// of `slot_stride` is not needed there.
+pub fn device_slot_stride(layers: &[ExpertLayer], align: u64) -> u64 {
+    fn gcd(a: u64, b: u64) -> u64 {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    let unit =
+        layers.iter().flat_map(|l| l.types).map(|t| t.type_size()).fold(align.max(1), |acc, b| acc / gcd(acc, b) * b);
+    layers.iter().map(|l| l.record_size()).max().unwrap_or(0).next_multiple_of(unit)
+}
+
 /// Slots of `stride` bytes an arena of at most `bytes` holds, with `tail` bytes of padding
 /// after the last (0 on the CPU). `sage footprint` and `Engine::load` both cut by this rule.
 pub fn slots_in(bytes: u64, stride: u64, tail: u64) -> u64 {
@@ -211,5 +231,37 @@ mod tests {
             assert_eq!(slots_in(bytes - 1, stride, 512), n.saturating_sub(1));
         }
         assert_eq!(slots_in(100, 0, 0), 0);
+    }
+
+    #[test]
+    fn device_strides_are_whole_blocks_of_every_type() {
+        let layer = |types: [GgmlType; 3], ne0: u64, ne1: u64| ExpertLayer {
+            il: 0,
+            file: String::new(),
+            ids: vec![0, 1],
+            offsets: vec![],
+            shapes: [[ne0, ne1], [ne0, ne1], [ne1, ne0]],
+            types,
+        };
+        for (types, ne0, ne1) in [
+            ([GgmlType::Q8_0; 3], 256, 256),
+            ([GgmlType::Q4_K, GgmlType::Q4_K, GgmlType::Q5_0], 256, 96),
+            ([GgmlType::Q6_K; 3], 2048, 768),
+            ([GgmlType::F32; 3], 256, 256),
+        ] {
+            let l = layer(types, ne0, ne1);
+            let s = device_slot_stride(std::slice::from_ref(&l), 64);
+            assert!(s >= l.record_size() && s.is_multiple_of(64), "{types:?}: {s}");
+            for t in types {
+                assert_eq!(s % t.type_size(), 0, "{t}: stride {s}");
+            }
+            // The smallest such stride: one unit less would not hold the record.
+            let unit = types.iter().fold(64u64, |a, t| num_lcm(a, t.type_size()));
+            assert!(s - unit < l.record_size(), "{types:?}: {s} wastes a whole unit of {unit}");
+        }
+    }
+
+    fn num_lcm(a: u64, b: u64) -> u64 {
+        (1..=b).map(|k| a * k).find(|m| m % b == 0).unwrap()
     }
 }

@@ -128,6 +128,13 @@ impl Backend {
         self.is_cpu
     }
 
+    /// The alignment the backend's default buffer type gives tensor data (a GPU's storage
+    /// buffer offset alignment).
+    pub fn alignment(&self) -> usize {
+        // SAFETY: valid backend; its default buffer type is static; a query.
+        unsafe { sys::ggml_backend_buft_get_alignment(sys::ggml_backend_get_default_buffer_type(self.ptr.as_ptr())) }
+    }
+
     /// A buffer of `size` bytes on this backend's device.
     pub fn alloc_buffer(&self, size: usize) -> Result<Buffer, FfiError> {
         // SAFETY: valid backend; a null result (out of memory) is handled.
@@ -147,6 +154,12 @@ impl Backend {
     }
 
     /// Run a graph whose tensors are all allocated (by `Allocator::alloc` or in buffers).
+    /// Wait until everything queued on the backend is done.
+    pub fn synchronize(&self) {
+        // SAFETY: valid backend.
+        unsafe { sys::ggml_backend_synchronize(self.ptr.as_ptr()) };
+    }
+
     pub fn compute(&self, graph: &Graph<'_>) -> Result<(), FfiError> {
         // SAFETY: valid backend and graph; all tensors have data (allocated by the caller).
         let st = unsafe { sys::ggml_backend_graph_compute(self.ptr.as_ptr(), graph.ptr.as_ptr()) };
