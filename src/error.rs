@@ -59,6 +59,11 @@ pub enum Error {
 
     #[error("{0}")]
     Usage(String),
+
+    #[error(
+        "{path}: the model computed {bad} NaN or infinite logits of {of} on {device}: its output would be garbage"
+    )]
+    NotFinite { path: PathBuf, device: String, bad: usize, of: usize },
 }
 
 /// An error and its causes on one line, `outer: cause: cause`, for the binaries. Library

@@ -339,6 +339,24 @@ impl Allocator {
         }
     }
 
+    /// Bytes `graph` needs, as `alloc` would lay it out; allocates nothing and leaves the graph
+    /// as it was.
+    pub fn measure(&mut self, graph: &Graph<'_>) -> usize {
+        let mut size = 0usize;
+        // SAFETY: valid allocator and graph; one buffer (single buffer type), so one size is
+        // written; null buffer ids mean buffer 0 for every node and leaf.
+        unsafe {
+            sys::ggml_gallocr_reserve_n_size(
+                self.ptr.as_ptr(),
+                graph.ptr.as_ptr(),
+                std::ptr::null(),
+                std::ptr::null(),
+                &mut size,
+            )
+        };
+        size
+    }
+
     /// Bytes of the allocator's compute buffer.
     pub fn buffer_size(&self) -> usize {
         // SAFETY: valid allocator; buffer 0 is the only one (single backend).
