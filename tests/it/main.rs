@@ -4,6 +4,8 @@ mod archs;
 mod bad_input;
 mod chat;
 mod convert;
+#[cfg(feature = "vulkan")]
+mod device;
 mod engine;
 mod footprint;
 mod fuzz_regressions;
