@@ -376,15 +376,29 @@ async fn blocking<T: Send + 'static>(
         .unwrap_or_else(|e| Err(ApiError::status(500, "server_error", format!("preparing the request: {e}"))))
 }
 
-async fn chat_completions(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+/// Read the body, prepare the request off the async workers with `prepare` (parse, check,
+/// render, tokenize: the request's sampling and prompt ids), then answer it as `kind`.
+async fn handle(
+    app: Arc<App>,
+    headers: HeaderMap,
+    body: Body,
+    kind: Kind,
+    prepare: impl FnOnce(&App, &[u8]) -> std::result::Result<(api::Checked, Vec<u32>), ApiError> + Send + 'static,
+) -> Response {
     let bytes = match read_body(&app, &headers, body).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
     let prep_app = app.clone();
-    let prepared = blocking(move || {
-        let app = prep_app;
-        let req: api::ChatRequest = api::parse(&bytes)?;
+    match blocking(move || prepare(&prep_app, &bytes)).await {
+        Ok((checked, ids)) => complete(app, kind, checked, ids).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn chat_completions(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    handle(app, headers, body, Kind::Chat, |app, bytes| {
+        let req: api::ChatRequest = api::parse(bytes)?;
         let checked = req.common.check(&app.opts.defaults)?;
         let messages = req.conversation()?;
         let kwargs = req.chat_template_kwargs.clone().unwrap_or_default();
@@ -396,24 +410,14 @@ async fn chat_completions(State(app): State<Arc<App>>, headers: HeaderMap, body:
             .tokenizer
             .encode_with(&text, false)
             .map_err(|e| ApiError::status(500, "server_error", format!("tokenizing the prompt: {e}")))?;
-        Ok::<_, ApiError>((checked, ids))
+        Ok((checked, ids))
     })
-    .await;
-    match prepared {
-        Ok((checked, ids)) => complete(app, Kind::Chat, checked, ids).await,
-        Err(e) => e.into_response(),
-    }
+    .await
 }
 
 async fn completions(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
-    let bytes = match read_body(&app, &headers, body).await {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
-    let prep_app = app.clone();
-    let prepared = blocking(move || {
-        let app = prep_app;
-        let req: api::CompletionRequest = api::parse(&bytes)?;
+    handle(app, headers, body, Kind::Text, |app, bytes| {
+        let req: api::CompletionRequest = api::parse(bytes)?;
         let checked = req.common.check(&app.opts.defaults)?;
         req.check_extras()?;
         let encode = |t: &str| {
@@ -441,13 +445,9 @@ async fn completions(State(app): State<Arc<App>>, headers: HeaderMap, body: Body
             api::Prompt::TokenLists(v) if v.len() == 1 => tokens(&v[0])?,
             _ => return Err(one()),
         };
-        Ok::<_, ApiError>((checked, ids))
+        Ok((checked, ids))
     })
-    .await;
-    match prepared {
-        Ok((checked, ids)) => complete(app, Kind::Text, checked, ids).await,
-        Err(e) => e.into_response(),
-    }
+    .await
 }
 
 fn context_error(app: &App, prompt: usize, asked: Option<usize>) -> Option<ApiError> {
