@@ -16,7 +16,6 @@ use super::{load_engine, print_run_stats};
 use crate::chat::{ChatTemplate, Message};
 use crate::engine::sampler::{Sampler, SamplerParams};
 use crate::engine::{EngineOptions, Finish, GenOptions, Generation};
-use crate::tokenizer::Tokenizer;
 
 /// What `sage chat` is asked for.
 pub struct ChatJob {
@@ -30,8 +29,7 @@ pub struct ChatJob {
 const HELP: &str = "/reset starts over, /stats shows the figures, /exit leaves; Ctrl-C stops an answer, Ctrl-D exits";
 
 pub fn chat(dir: &Path, job: ChatJob, opts: EngineOptions, warm: Option<&Path>) -> anyhow::Result<()> {
-    crate::model_dir::check_model_dir(dir)?;
-    let tokenizer = Tokenizer::load(dir).with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
+    let tokenizer = super::load_tokenizer(dir)?;
     let mut engine = load_engine(dir, opts, warm)?;
     let md = engine.model_dir();
     let template = ChatTemplate::for_model(&md.base, md.config.arch(), &tokenizer, job.chat_template.as_deref())?;

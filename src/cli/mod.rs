@@ -237,8 +237,7 @@ pub fn load_engine(dir: &Path, opts: EngineOptions, warm: Option<&Path>) -> anyh
 /// The tokens of text file `text` as the model in `dir` reads them, and its BOS token if it
 /// wants one first.
 pub fn read_text_tokens(dir: &Path, text: &Path) -> anyhow::Result<(Vec<u32>, Option<u32>)> {
-    crate::model_dir::check_model_dir(dir)?;
-    let tokenizer = Tokenizer::load(dir).with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
+    let tokenizer = load_tokenizer(dir)?;
     let s = std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
     Ok((tokenizer.encode(&s).with_context(|| format!("tokenizing {}", text.display()))?, tokenizer.bos))
 }
@@ -362,10 +361,16 @@ fn prompt_ids(engine: &Engine, tokenizer: &Tokenizer, job: &RunJob) -> anyhow::R
     tokenizer.encode_with(&text, false).context("tokenizing the prompt")
 }
 
+/// The tokenizer of model directory `dir`. A directory that is not a model directory says so
+/// (and how to make one) rather than blaming its tokenizer.
+pub fn load_tokenizer(dir: &Path) -> anyhow::Result<Tokenizer> {
+    crate::model_dir::check_model_dir(dir)?;
+    Tokenizer::load(dir).with_context(|| format!("loading the tokenizer of {}", dir.display()))
+}
+
 /// `sage run`: generate from model directory `dir`, streaming text (or JSON) to stdout.
 pub fn run(dir: &Path, job: RunJob, opts: EngineOptions, warm: Option<&Path>) -> anyhow::Result<()> {
-    crate::model_dir::check_model_dir(dir)?;
-    let tokenizer = Tokenizer::load(dir).with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
+    let tokenizer = load_tokenizer(dir)?;
     let mut engine = load_engine(dir, opts, warm)?;
     let ids = prompt_ids(&engine, &tokenizer, &job)?;
     let mut sampler = Sampler::new(job.sampler.clone());

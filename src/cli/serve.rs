@@ -4,13 +4,10 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
-
 use super::load_engine;
 use crate::engine::sampler::SamplerParams;
 use crate::engine::EngineOptions;
 use crate::server::{self, api::Defaults, ServeOptions};
-use crate::tokenizer::Tokenizer;
 
 /// What `sage serve` is asked for.
 pub struct ServeJob {
@@ -28,8 +25,7 @@ pub struct ServeJob {
 }
 
 pub fn serve(dir: &Path, job: ServeJob, opts: EngineOptions, warm: Option<&Path>) -> anyhow::Result<()> {
-    crate::model_dir::check_model_dir(dir)?;
-    let tokenizer = Tokenizer::load(dir).with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
+    let tokenizer = super::load_tokenizer(dir)?;
     let name = job.alias.clone().unwrap_or_else(|| {
         dir.canonicalize()
             .ok()
