@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use sage::convert::{convert, ConvertOptions};
-use sage::engine::{ArenaSize, Engine, EngineOptions, KvType};
+use sage::engine::{ArenaSize, Engine};
 use sage::ggml::GgmlType;
 use sage::merge::merge;
 use sage::tokenizer::Tokenizer;
@@ -30,14 +30,6 @@ fn refs(family: &str) -> (Vec<RefPrompt>, Vec<u32>, serde_json::Value) {
 
 fn ids_u32(p: &RefPrompt) -> Vec<u32> {
     p.ids.iter().map(|&i| i as u32).collect()
-}
-
-fn rows(flat: Vec<f32>, n_vocab: usize) -> Vec<Vec<f32>> {
-    flat.chunks(n_vocab).map(|r| r.to_vec()).collect()
-}
-
-fn exact(arena: ArenaSize) -> EngineOptions {
-    EngineOptions { arena, kv_type: KvType::F32, threads: 2, n_ctx: 256, ..Default::default() }
 }
 
 /// `family`'s fixture converted at `ty` (with a pool) into `dir`, and its merged GGUF.

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
-use sage::engine::{ArenaSize, Engine, EngineOptions, KvType};
+use sage::engine::{ArenaSize, Engine, EngineOptions};
 use sage::ggml::GgmlType;
 
 use crate::util::*;
@@ -30,7 +30,7 @@ fn llama_on(gguf: &Path, gpu: bool) -> LlamaModel {
 }
 
 fn device_opts(device: &str, arena: ArenaSize) -> EngineOptions {
-    EngineOptions { device: device.into(), arena, kv_type: KvType::F32, threads: 2, n_ctx: 256, ..Default::default() }
+    EngineOptions { device: device.into(), ..exact(arena) }
 }
 
 /// How far sage on the device may be from llama.cpp, given `own`, llama.cpp's own
@@ -72,8 +72,8 @@ fn vulkan_logits_match_llama_cpp_at_every_type_and_arena_size() {
             let (tol_gpu, tol_cpu) = device_tols(own);
             full.reset();
             small.reset();
-            let a: Vec<Vec<f32>> = full.eval(&ids, true).unwrap().chunks(512).map(|r| r.to_vec()).collect();
-            let b: Vec<Vec<f32>> = small.eval(&ids, true).unwrap().chunks(512).map(|r| r.to_vec()).collect();
+            let a = rows(full.eval(&ids, true).unwrap(), 512);
+            let b = rows(small.eval(&ids, true).unwrap(), 512);
             let (d_cpu, d_gpu, d_arena) =
                 (max_abs_diff(&a, &want_cpu), max_abs_diff(&a, &want_gpu), max_abs_diff(&a, &b));
             eprintln!(

@@ -20,10 +20,6 @@ const TRANSFORMERS_TOL: f32 = 1e-3;
 /// paths differ by up to 1.6e-5 at f32 on this fixture.
 const CROSS_PATH_TOL: f32 = 1e-4;
 
-fn exact(arena: ArenaSize) -> EngineOptions {
-    EngineOptions { arena, kv_type: KvType::F32, threads: 2, n_ctx: 256, ..Default::default() }
-}
-
 /// Convert the fixture at `ty` (and a pool), merge it; returns (model dir, merged gguf).
 fn converted(dir: &Path, ty: GgmlType, pool: Option<Vec<u32>>) -> (PathBuf, PathBuf) {
     let o = ConvertOptions { experts: pool, ..opts(Some(ty)) };
@@ -32,10 +28,6 @@ fn converted(dir: &Path, ty: GgmlType, pool: Option<Vec<u32>>) -> (PathBuf, Path
     let gguf = dir.join(format!("m-{ty}.gguf"));
     merge(&out, &gguf, false).unwrap();
     (out, gguf)
-}
-
-fn rows(flat: Vec<f32>, n_vocab: usize) -> Vec<Vec<f32>> {
-    flat.chunks(n_vocab).map(|r| r.to_vec()).collect()
 }
 
 /// Load `model_dir` with `o`, evaluate `prompt`, then decode `steps` tokens greedily, one at a
@@ -132,16 +124,11 @@ fn decode_steps_and_small_batches_match_llama_cpp() {
                 let ids: Vec<u32> = p.ids.iter().map(|&i| i as u32).collect();
                 for split in [0, ids.len() / 2] {
                     let want = llama_logits_split(&llama, &p.ids, split, LlamaCtx::default());
-                    e.reset();
-                    let mut got = if split > 0 { rows(e.eval(&ids[..split], true).unwrap(), 512) } else { vec![] };
-                    for &t in &ids[split..] {
-                        got.push(e.eval(&[t], false).unwrap());
-                    }
-                    let d = per_position(&got, &want);
-                    let worst = d.iter().cloned().fold(0f32, f32::max);
+                    let d = per_position(&sage_logits_split(&mut e, &ids, split), &want);
                     eprintln!(
-                        "{ty} {arena:?} {}: {split} in a batch, then decode steps: |sage - llama.cpp| {worst:e}",
-                        p.name
+                        "{ty} {arena:?} {}: {split} in a batch, then decode steps: |sage - llama.cpp| {:e}",
+                        p.name,
+                        worst(&d)
                     );
                     assert!(
                         within_engine_tol(&d, ty, streaming, false),
@@ -153,8 +140,7 @@ fn decode_steps_and_small_batches_match_llama_cpp() {
                 small.reset();
                 let got = rows(small.eval(&ids, true).unwrap(), 512);
                 let d = per_position(&got, &want);
-                let worst = d.iter().cloned().fold(0f32, f32::max);
-                eprintln!("{ty} {arena:?} {}: batches of 3: |sage - llama.cpp| {worst:e}", p.name);
+                eprintln!("{ty} {arena:?} {}: batches of 3: |sage - llama.cpp| {:e}", p.name, worst(&d));
                 assert!(within_engine_tol(&d, ty, streaming, false), "{ty} {arena:?} {} batches of 3: {d:?}", p.name);
             }
             if streaming {
@@ -186,19 +172,13 @@ fn default_f16_kv_cache_matches_llama_cpp_with_f16_kv() {
                 e.reset();
                 let got = rows(e.eval(&ids, true).unwrap(), 512);
                 let d = per_position(&got, &llama_logits_with(&llama, &p.ids, f16));
-                let worst = d.iter().cloned().fold(0f32, f32::max);
                 kv_matters = kv_matters.max(max_abs_diff(&got, &llama_logits(&llama, &p.ids)));
-                eprintln!("{ty} {arena:?} {}: f16 KV, one batch: |sage - llama.cpp| {worst:e}", p.name);
+                eprintln!("{ty} {arena:?} {}: f16 KV, one batch: |sage - llama.cpp| {:e}", p.name, worst(&d));
                 assert!(within_engine_tol(&d, ty, streaming, true), "{ty} {arena:?} {}: {d:?}", p.name);
                 let split = ids.len() / 2;
-                e.reset();
-                let mut got = rows(e.eval(&ids[..split], true).unwrap(), 512);
-                for &t in &ids[split..] {
-                    got.push(e.eval(&[t], false).unwrap());
-                }
+                let got = sage_logits_split(&mut e, &ids, split);
                 let d = per_position(&got, &llama_logits_split(&llama, &p.ids, split, f16));
-                let worst = d.iter().cloned().fold(0f32, f32::max);
-                eprintln!("{ty} {arena:?} {}: f16 KV, decode steps: |sage - llama.cpp| {worst:e}", p.name);
+                eprintln!("{ty} {arena:?} {}: f16 KV, decode steps: |sage - llama.cpp| {:e}", p.name, worst(&d));
                 assert!(within_engine_tol(&d, ty, streaming, true), "{ty} {arena:?} {} decode: {d:?}", p.name);
             }
         }

@@ -290,7 +290,7 @@ fn narrow_experts(dir: &Path, ff: usize) -> std::path::PathBuf {
 /// expert resident; `engine_tol` streaming).
 #[test]
 fn rows_that_do_not_fit_fall_back_to_a_type_that_fits_and_are_named() {
-    use sage::engine::{ArenaSize, Engine, EngineOptions, KvType};
+    use sage::engine::{ArenaSize, Engine};
     let dir = tmp();
     for (ff, asked, got) in [
         (96, GgmlType::Q4_K, GgmlType::Q5_0),
@@ -323,15 +323,11 @@ fn rows_that_do_not_fit_fall_back_to_a_type_that_fits_and_are_named() {
         let want = llama_logits(&llama, &ids);
         let ids_u: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
         for arena in [ArenaSize::All, ArenaSize::Experts(2)] {
-            let o = EngineOptions { arena, kv_type: KvType::F32, threads: 2, n_ctx: 256, ..Default::default() };
-            let mut e = Engine::load(&out, o).unwrap();
-            let got_logits: Vec<Vec<f32>> = e.eval(&ids_u, true).unwrap().chunks(512).map(|r| r.to_vec()).collect();
+            let mut e = Engine::load(&out, exact(arena)).unwrap();
+            let got_logits = rows(e.eval(&ids_u, true).unwrap(), 512);
             let d = per_position(&got_logits, &want);
             let streaming = arena != ArenaSize::All;
-            eprintln!(
-                "ff {ff}, {asked} → {got}, {arena:?}: |sage - llama.cpp| {:e}",
-                d.iter().cloned().fold(0f32, f32::max)
-            );
+            eprintln!("ff {ff}, {asked} → {got}, {arena:?}: |sage - llama.cpp| {:e}", worst(&d));
             assert!(within_engine_tol(&d, asked, streaming, false), "{ff} {asked} {arena:?}: {d:?}");
         }
     }

@@ -5,7 +5,7 @@ use std::process::{Command, Output};
 
 use sage::arch::{base_tensors, Role};
 use sage::config::read_hf_config;
-use sage::engine::{ArenaSize, Engine, EngineOptions, KvType};
+use sage::engine::{ArenaSize, Engine};
 use sage::ggml::{dequantize, GgmlType};
 use sage::model_dir::{shard_name, ModelDir, BASE, RECORD_ALIGN, TOKENIZER};
 use sage::names::*;
@@ -282,20 +282,14 @@ fn sage_matches_llama_cpp(out: &Path, gguf: &Path, like: &str, n: usize) {
     drop(llama);
     let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
     for arena in [ArenaSize::All, ArenaSize::Experts(k)] {
-        let o = EngineOptions { arena, kv_type: KvType::F32, threads: 2, n_ctx: 256, ..Default::default() };
-        let mut e = Engine::load(out, o).unwrap();
+        let mut e = Engine::load(out, exact(arena)).unwrap();
         let streaming = arena != ArenaSize::All;
         assert_eq!(e.all_resident(), !streaming);
-        let got: Vec<Vec<f32>> = e.eval(&ids, true).unwrap().chunks(n_vocab).map(|r| r.to_vec()).collect();
+        let got = rows(e.eval(&ids, true).unwrap(), n_vocab);
         let d = per_position(&got, &want);
         eprintln!("{like}, {ty}, {arena:?}: |sage - llama.cpp| per position {d:?}");
         assert!(within_engine_tol(&d, ty, streaming, false), "{like} {arena:?}: {d:?}");
-        e.reset();
-        let mut got: Vec<Vec<f32>> = e.eval(&ids[..split], true).unwrap().chunks(n_vocab).map(|r| r.to_vec()).collect();
-        for &t in &ids[split..] {
-            got.push(e.eval(&[t], false).unwrap());
-        }
-        let d = per_position(&got, &want_steps);
+        let d = per_position(&sage_logits_split(&mut e, &ids, split), &want_steps);
         eprintln!("{like}, {ty}, {arena:?}, decode steps: |sage - llama.cpp| per position {d:?}");
         assert!(within_engine_tol(&d, ty, streaming, false), "{like} {arena:?} decode steps: {d:?}");
         if streaming {

@@ -253,6 +253,39 @@ pub fn tokenizers_ids(tokenizer_json: &Path, text: &str) -> Vec<i32> {
     t.encode(text, false).unwrap().get_ids().iter().map(|&i| i as i32).collect()
 }
 
+/// `flat` ([n_tokens × n_vocab] as the engine returns it) as one row per position.
+pub fn rows(flat: Vec<f32>, n_vocab: usize) -> Vec<Vec<f32>> {
+    flat.chunks(n_vocab).map(|r| r.to_vec()).collect()
+}
+
+/// The engine as the reference comparisons run it: f32 KV cache, 2 threads, 256 positions.
+pub fn exact(arena: sage::engine::ArenaSize) -> sage::engine::EngineOptions {
+    sage::engine::EngineOptions {
+        arena,
+        kv_type: sage::engine::KvType::F32,
+        threads: 2,
+        n_ctx: 256,
+        ..Default::default()
+    }
+}
+
+/// sage's logits at every position of `ids` from an empty cache: the first `batch` tokens in
+/// one `eval`, then one token per call (its decode step); as `llama_logits_split`.
+pub fn sage_logits_split(e: &mut sage::engine::Engine, ids: &[u32], batch: usize) -> Vec<Vec<f32>> {
+    let n_vocab = e.config.n_vocab as usize;
+    e.reset();
+    let mut out = if batch > 0 { rows(e.eval(&ids[..batch], true).unwrap(), n_vocab) } else { vec![] };
+    for &t in &ids[batch..] {
+        out.push(e.eval(&[t], false).unwrap());
+    }
+    out
+}
+
+/// The largest of per-position differences.
+pub fn worst(d: &[f32]) -> f32 {
+    d.iter().copied().fold(0f32, f32::max)
+}
+
 pub fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
     assert_eq!(a.len(), b.len(), "positions");
     a.iter()
