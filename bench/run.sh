@@ -15,7 +15,10 @@
 #
 #   bench/run.sh MODEL_DIR MODEL.gguf [N_PROMPT] [N_GEN] [POLICY]
 # SAGE_FLAGS="--no-prefetch" passes flags to sage's runs; RUNS="sage-25 sage-50" runs only those
-# (names: llama-full sage-full llama-mmap-25 sage-25 llama-mmap-50 sage-50).
+# (names: llama-full sage-full llama-mmap-25 sage-25 llama-mmap-50 sage-50); PCTS="10 25 50"
+# sets the limits (default 25 50); TRACES="a.trace b.trace" runs sage under each limit once per
+# routing trace (--route-trace, benchmarks only: sage-25-a, sage-25-b ...) instead of once
+# with its own routing.
 # MODEL.gguf is `sage-convert merge MODEL_DIR` (or `sage-convert synth ... --merged`).
 # Prints one JSON line per run, then a markdown table.
 set -euo pipefail
@@ -68,11 +71,16 @@ echo "{\"run\": \"disk\", \"read_bytes_per_s\": $BW}"
 R=()
 R+=("$(run none llama-full $B llama "$GGUF" --no-mmap --prompt "$NP" --gen "$NG")")
 R+=("$(run none sage-full $B sage "$DIR" --prompt "$NP" --gen "$NG" --policy "$POLICY" ${SAGE_FLAGS:-})")
-for pct in 25 50; do
+for pct in ${PCTS:-25 50}; do
     limit=$((BASE + EXP * pct / 100 + MARGIN))
     arena=$((EXP * pct / 100))
     R+=("$(run $limit llama-mmap-$pct $B llama "$GGUF" --no-repack --prompt "$NP" --gen "$NG")")
-    R+=("$(run $limit sage-$pct $B sage "$DIR" --arena $arena --prompt "$NP" --gen "$NG" --policy "$POLICY" ${SAGE_FLAGS:-})")
+    if [ -z "${TRACES:-}" ]; then
+        R+=("$(run $limit sage-$pct $B sage "$DIR" --arena $arena --prompt "$NP" --gen "$NG" --policy "$POLICY" ${SAGE_FLAGS:-})")
+    fi
+    for tr in ${TRACES:-}; do
+        R+=("$(run $limit sage-$pct-$(basename "$tr" .trace) $B sage "$DIR" --arena $arena --prompt "$NP" --gen "$NG" --policy "$POLICY" --route-trace "$tr" ${SAGE_FLAGS:-})")
+    done
 done
 F=()
 for r in "${R[@]}"; do [ -z "$r" ] || F+=("$r"); done
@@ -95,14 +103,14 @@ for r in "${R[@]}"; do
             c / 1e9, o, (x != 0) ? sprintf(" (exit %s)", x) : "" }'
 
 done
-for pct in 25 50; do
+for pct in ${PCTS:-25 50}; do
     for r in "${R[@]}"; do
-        case "$r" in *"\"run\": \"sage-$pct\""*)
+        case "$r" in *"\"run\": \"sage-$pct"[\"-]*)
             per=$(echo "$r" | num decode_bytes_read_per_token)
             dec=$(echo "$r" | num decode_tok_s)
             if [ -n "$per" ] && [ "$per" != 0 ]; then
-                awk -v bw="$BW" -v per="$per" -v dec="$dec" -v pct="$pct" 'BEGIN {
-                    bound = bw / per; printf "I/O bound at base + %d%%: %.0f MB/s / %.1f MB per token = %.2f tok/s; sage decodes %.2f tok/s = %.2f of it\n", pct, bw / 1e6, per / 1e6, bound, dec, dec / bound }'
+                awk -v bw="$BW" -v per="$per" -v dec="$dec" -v pct="$(echo "$r" | sed 's/.*"run": "\([^"]*\)".*/\1/')" 'BEGIN {
+                    bound = bw / per; printf "I/O bound of %s: %.0f MB/s / %.1f MB per token = %.2f tok/s; sage decodes %.2f tok/s = %.2f of it\n", pct, bw / 1e6, per / 1e6, bound, dec, dec / bound }'
             fi;;
         esac
     done

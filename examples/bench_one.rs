@@ -1,6 +1,6 @@
 //! One engine, one measurement, one JSON line: what bench/run.sh runs inside a memory cgroup.
 //!
-//! cargo run --release --example bench_one -- sage MODEL_DIR [--arena BYTES] [--policy P] [--no-prefetch] [--read-ahead N] [--load-threads N] [--layer-graphs] [--arena-repack yes|no] [OPTS]
+//! cargo run --release --example bench_one -- sage MODEL_DIR [--arena BYTES] [--policy P] [--route-trace FILE] [--no-prefetch] [--read-ahead N] [--load-threads N] [--layer-graphs] [--arena-repack yes|no] [OPTS]
 //! cargo run --release --example bench_one -- llama MODEL.gguf [--no-mmap] [--no-repack] [OPTS]
 //! cargo run --release --example bench_one -- sizes MODEL_DIR
 //! OPTS: --prompt N (512) --gen N (128) --threads N (all cores)
@@ -78,6 +78,11 @@ fn main() -> anyhow::Result<()> {
                 Some("no") => Some(false),
                 Some(x) => anyhow::bail!("--arena-repack takes yes or no, not {x}"),
             };
+            // Benchmarks with realistic reuse on random weights: experts from a routing trace
+            // (`sage trace`), not the router (EngineOptions::route_trace).
+            let route_trace =
+                opt("--route-trace").map(|p| sage::engine::trace::RouteTrace::open(p.as_ref())).transpose()?;
+            let trace_name = opt("--route-trace");
             let mut e = Engine::load(
                 a[2].as_ref(),
                 EngineOptions {
@@ -91,6 +96,7 @@ fn main() -> anyhow::Result<()> {
                     load_threads,
                     fused,
                     arena_repack,
+                    route_trace: route_trace.map(std::sync::Arc::new),
                     ..Default::default()
                 },
             )?;
@@ -112,7 +118,7 @@ fn main() -> anyhow::Result<()> {
             let st = e.stats().sched;
             let (hits, misses) = (st.hits - after_prompt.hits, st.misses - after_prompt.misses);
             serde_json::json!({
-                "engine": "sage", "one_graph": e.all_resident(), "arena_repack": arena_repack, "policy": policy, "read_ahead": read_ahead, "load_threads": load_threads, "prefetch": e.stats().prefetch, "arena_bytes": e.arena_bytes(), "arena_slots": e.n_slots(),
+                "engine": "sage", "route_trace": trace_name, "one_graph": e.all_resident(), "arena_repack": arena_repack, "policy": policy, "read_ahead": read_ahead, "load_threads": load_threads, "prefetch": e.stats().prefetch, "arena_bytes": e.arena_bytes(), "arena_slots": e.n_slots(),
                 "load_s": load_s,
                 "prompt_tok_s": n_prompt as f64 / prompt_s, "decode_tok_s": n_gen as f64 / decode_s,
                 "decode_hit_rate": hits as f64 / (hits + misses).max(1) as f64,

@@ -165,11 +165,13 @@ def make_tokenizer(train):
     return tok
 
 
-def config(tok):
+def config(tok, args):
     return Qwen3MoeConfig(
-        vocab_size=VOCAB, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
-        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-        num_experts=16, num_experts_per_tok=4, norm_topk_prob=True, decoder_sparse_step=1,
+        vocab_size=VOCAB, hidden_size=args.embd, intermediate_size=2 * args.embd,
+        moe_intermediate_size=args.expert_ffn,
+        num_hidden_layers=args.layers, num_attention_heads=args.embd // 64, num_key_value_heads=args.embd // 128,
+        head_dim=64, num_experts=args.experts, num_experts_per_tok=args.top_k, norm_topk_prob=True,
+        decoder_sparse_step=1,
         mlp_only_layers=[], max_position_embeddings=4096, rms_norm_eps=1e-6,
         rope_theta=1000000.0, tie_word_embeddings=False, output_router_logits=True,
         router_aux_loss_coef=0.01, bos_token_id=None,
@@ -194,6 +196,12 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--embd", type=int, default=256, help="n_embd (heads of 64; half as many KV heads)")
+    ap.add_argument("--experts", type=int, default=16)
+    ap.add_argument("--top-k", type=int, default=4)
+    ap.add_argument("--expert-ffn", type=int, default=256)
+    ap.add_argument("--tokenizer", help="use this tokenizer.json instead of training one (the same corpus's)")
     ap.add_argument("--heldout-chars", type=int, default=60000,
                     help="characters of held-out text written to heldout.txt")
     ap.add_argument("--heldout-only", action="store_true",
@@ -209,13 +217,13 @@ def main():
             f.write("\n\n".join(held_docs)[: args.heldout_chars])
         print("wrote", os.path.join(args.out, "heldout.txt"), flush=True)
         return
-    tok = make_tokenizer(train_docs)
+    tok = Tokenizer.from_file(args.tokenizer) if args.tokenizer else make_tokenizer(train_docs)
     data = stream(tok, train_docs)
     held_text = "\n\n".join(held_docs)[: args.heldout_chars]
     held = stream(tok, [held_text])
     print(f"corpus {sizes}; train {len(data)} tokens, held-out {len(held)} tokens", flush=True)
 
-    cfg = config(tok)
+    cfg = config(tok, args)
     model = Qwen3MoeForCausalLM(cfg)
     # torch's grouped matmul for the experts: the same math as the eager loop, about 1.6x faster.
     model.set_experts_implementation("grouped_mm")
@@ -287,10 +295,10 @@ Command: `python3 scripts/train_model.py {' '.join(sys.argv[1:])}`
 (torch {torch.__version__}, transformers {sys.modules['transformers'].__version__},
 {args.threads} CPU threads, {time.time() - t0:.0f} s of training).
 
-Architecture: Qwen3MoeForCausalLM, {n_params / 1e6:.2f} M parameters: 4 layers, n_embd 256,
-4 query / 2 KV heads of 64, 16 experts of FFN 256, top-4 routing with normalized weights,
+Architecture: Qwen3MoeForCausalLM, {n_params / 1e6:.2f} M parameters: {args.layers} layers, n_embd {args.embd},
+{cfg.num_attention_heads} query / {cfg.num_key_value_heads} KV heads of 64, {args.experts} experts of FFN {args.expert_ffn}, top-{args.top_k} routing with normalized weights,
 router load-balancing loss coefficient {cfg.router_aux_loss_coef}; byte-level BPE of {VOCAB}
-tokens (Qwen2 pre-tokenizer split) trained on the training split.
+tokens (Qwen2 pre-tokenizer split) {'from ' + args.tokenizer + ' (trained on the same training split)' if args.tokenizer else 'trained on the training split'}.
 
 Training: {args.steps} steps of {args.batch} x {args.seq} tokens, AdamW (lr {args.lr}, warmup
 {warmup}, cosine to 10%, weight decay 0.1), bf16 autocast; loss curve in train_log.tsv.

@@ -51,6 +51,9 @@ pub enum Error {
     #[error("{path}: not a usable expert usage file: {reason}")]
     BadUsage { path: PathBuf, reason: String },
 
+    #[error("{path}: not a usable routing trace: {reason}")]
+    BadTrace { path: PathBuf, reason: String },
+
     #[error("{origin}: {reason}")]
     Template { origin: String, reason: String },
 

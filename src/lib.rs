@@ -21,12 +21,14 @@ pub mod io;
 pub mod merge;
 pub mod model_dir;
 pub mod names;
+pub mod plan;
 pub mod quant;
 pub mod server;
 pub mod sim;
 pub mod source;
 pub mod synth;
 pub mod tokenizer;
+pub mod trace_gen;
 pub mod usage;
 
 pub use error::{Error, Result};

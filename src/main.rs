@@ -35,12 +35,103 @@ enum Command {
     /// Exact memory footprint (base, experts, arena slots, resident totals) at each quant type,
     /// from a config.json alone or checked against a model directory or GGUF.
     Footprint(FootprintArgs),
+    /// Will a model run in this much memory, and how fast: arena slots after base, KV cache
+    /// and overhead; the expected hit rate; the disk's bandwidth; predicted decode tok/s.
+    Plan(PlanArgs),
+    /// Routing traces: record a model's, draw one fitted to published Qwen3-30B-A3B
+    /// statistics, map one onto another layer count, replay one through eviction policies.
+    #[command(subcommand)]
+    Trace(TraceCommand),
     /// Show what a model directory (from sage-convert) or a GGUF holds.
     Inspect {
         path: PathBuf,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Args)]
+struct PlanArgs {
+    /// A Hugging Face config.json (nothing downloaded yet) or a model directory.
+    path: PathBuf,
+    /// The memory the model may use, e.g. 8GiB.
+    #[arg(long)]
+    ram: String,
+    /// The disk's read speed: auto (measured with O_DIRECT reads: of the model directory's
+    /// shards, or of a 256 MiB scratch file written beside a config.json and removed), or
+    /// bytes per second (1.5GB = 1.5e9 B/s).
+    #[arg(long, default_value = "auto")]
+    disk: String,
+    /// Expected hit rates from this usage.json (`sage profile`) instead of the published
+    /// Qwen3-30B-A3B routing statistics.
+    #[arg(long)]
+    usage: Option<PathBuf>,
+    /// For a config.json: the quant type it will be converted to.
+    #[arg(long, default_value = "q4_k")]
+    quant: String,
+    /// Context length the model will run with (its f16 KV cache counts against --ram).
+    #[arg(long, default_value_t = 4096)]
+    ctx: u64,
+    /// Threads for the memory bandwidth measurement (default: all cores).
+    #[arg(short, long)]
+    threads: Option<usize>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum TraceCommand {
+    /// Route a text through a model and save its routing trace (decode order), with its
+    /// statistics, next-layer prediction recall and replays.
+    Record {
+        dir: PathBuf,
+        #[arg(long)]
+        text: PathBuf,
+        #[arg(short, long)]
+        out: PathBuf,
+        /// Window length in tokens.
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        /// Arena sizes to replay, in percent of the experts.
+        #[arg(long, value_delimiter = ',', default_value = "10,25,50")]
+        arena: Vec<f64>,
+        /// CPU threads (default: all cores).
+        #[arg(short, long)]
+        threads: Option<usize>,
+    },
+    /// Draw a trace from the generator fitted to published Qwen3-30B-A3B routing statistics
+    /// (LRU hit curve, next-token repeats).
+    Synth {
+        #[arg(short, long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 48)]
+        layers: usize,
+        #[arg(long, default_value_t = 128)]
+        experts: usize,
+        #[arg(long, default_value_t = 8)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1024)]
+        tokens: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Put a trace's routing on another number of layers (each layer a copy of one of the
+    /// trace's, a different stretch of its tokens).
+    Map {
+        input: PathBuf,
+        #[arg(short, long)]
+        out: PathBuf,
+        #[arg(long)]
+        layers: usize,
+    },
+    /// Replay a trace through LRU, LFRU and Belady's optimal at arena sizes.
+    Replay {
+        trace: PathBuf,
+        /// Arena sizes, in percent of the experts.
+        #[arg(long, value_delimiter = ',', default_value = "10,25,50")]
+        arena: Vec<f64>,
     },
 }
 
@@ -171,6 +262,11 @@ struct RunArgs {
     /// One JSON object per line: {"id", "text"} per token, then {"stats": {...}}.
     #[arg(long)]
     json: bool,
+    /// BENCHMARKS ONLY: take each token's experts from this routing trace (`sage trace`)
+    /// instead of the router, so a random-weight model streams experts with realistic reuse.
+    /// The output is then NOT the model's.
+    #[arg(long)]
+    route_trace: Option<PathBuf>,
 }
 
 /// How tokens are picked.
@@ -310,7 +406,10 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).format_timestamp(None).init();
     sage::ggml::route_logs();
     let result: anyhow::Result<()> = match cli.command {
-        Command::Run(a) => a.engine.options(a.ctx).and_then(|opts| {
+        Command::Run(a) => a.engine.options(a.ctx).and_then(|mut opts| {
+            if let Some(p) = &a.route_trace {
+                opts.route_trace = Some(sage::cli::trace::load_route_trace(p)?);
+            }
             let sampler = a.sampling.params();
             let job = RunJob {
                 prompt: a.prompt,
@@ -359,6 +458,39 @@ fn main() -> ExitCode {
         Command::Footprint(a) => {
             sage::cli::footprint(&a.path, &a.arena, &a.arena_experts, &a.quant, a.plot.as_deref(), a.json)
         }
+        Command::Plan(a) => (|| {
+            let ram = parse_size(&a.ram).with_context(|| format!("--ram '{}'", a.ram))?;
+            let disk = match a.disk.as_str() {
+                "auto" => sage::plan::Disk::Auto,
+                s => sage::plan::Disk::Given(parse_size(s).with_context(|| format!("--disk '{s}'"))? as f64),
+            };
+            let quant = sage::quant::parse_quant(&a.quant)?;
+            let opts = sage::plan::PlanOptions {
+                ram,
+                disk,
+                usage: a.usage,
+                quant: Some(quant),
+                n_ctx: a.ctx,
+                threads: a.threads.unwrap_or(EngineOptions::default().threads),
+            };
+            sage::cli::trace::plan(&a.path, &opts, a.json).map(|_| ())
+        })(),
+        Command::Trace(t) => match t {
+            TraceCommand::Record { dir, text, out, ctx, arena, threads } => {
+                let opts = EngineOptions {
+                    n_ctx: ctx,
+                    threads: threads.unwrap_or(EngineOptions::default().threads),
+                    ..Default::default()
+                };
+                sage::cli::trace::record(&dir, &text, &out, opts, &arena)
+            }
+            TraceCommand::Synth { out, layers, experts, top_k, tokens, seed } => {
+                let shape = sage::trace_gen::TraceShape { n_layer: layers, n_expert: experts, n_expert_used: top_k };
+                sage::cli::trace::synth(&out, shape, tokens, seed)
+            }
+            TraceCommand::Map { input, out, layers } => sage::cli::trace::map(&input, &out, layers),
+            TraceCommand::Replay { trace, arena } => sage::cli::trace::replay(&trace, &arena),
+        },
         Command::Inspect { path, json } => {
             sage::inspect::inspect(&path).with_context(|| format!("inspecting {}", path.display())).and_then(|i| {
                 if json {

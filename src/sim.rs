@@ -133,6 +133,53 @@ impl RouteTrace {
         }
     }
 
+    /// Recall at `m` of the next-layer prediction (`predicted_logits`): the share of layer
+    /// il's chosen experts among the `m` highest logits of layer il's router applied to the
+    /// residual stream before layer il−1's experts, over layers 1.. and every token. None when
+    /// the trace has no predictions.
+    pub fn next_layer_recall(&self, m: usize) -> Option<f64> {
+        let p = self.predicted_logits.as_ref()?;
+        let (n, k) = (self.n_expert, self.n_expert_used);
+        let (mut hit, mut all) = (0u64, 0u64);
+        for il in 1..self.n_layer {
+            for t in 0..self.n_tokens().min(p[il].len() / n) {
+                let top = top_ids(&p[il][t * n..(t + 1) * n], m);
+                hit += self.token(il, t).iter().filter(|e| top.contains(e)).count() as u64;
+                all += k as u64;
+            }
+        }
+        (all > 0).then(|| hit as f64 / all as f64)
+    }
+
+    /// The router's runners-up of token `t` in layer `il`: the `m` experts ranked just below
+    /// the chosen ones by its logits (needs `router_logits`).
+    pub fn runners_up(&self, il: usize, t: usize, m: usize) -> Vec<u32> {
+        let n = self.n_expert;
+        let logits = &self.router_logits.as_ref().expect("a trace with router logits")[il][t * n..(t + 1) * n];
+        let chosen = self.token(il, t);
+        let mut ids = top_ids(logits, chosen.len() + m);
+        ids.retain(|e| !chosen.contains(e));
+        ids.truncate(m);
+        ids
+    }
+
+    /// `replay`, telling the policy after each step which resident experts the router ranked
+    /// just below the chosen ones (its `m` runners-up; `Scheduler::hint`). Needs router logits.
+    pub fn replay_hinted(&self, n_slots: usize, policy: Box<dyn scheduler::Policy>, m: usize) -> f64 {
+        let mut s = Scheduler::new(n_slots, policy);
+        for t in 0..self.n_tokens() {
+            for il in 0..self.n_layer {
+                let mut experts = self.token(il, t).to_vec();
+                experts.sort_unstable();
+                s.ensure(il as u32, &experts, |_, _| Ok::<u64, ()>(0)).expect("loads cannot fail");
+                if m > 0 {
+                    s.hint(il as u32, &self.runners_up(il, t, m));
+                }
+            }
+        }
+        s.stats.hit_rate()
+    }
+
     pub fn stats(&self) -> RoutingStats {
         let total = self.n_layer * self.n_expert;
         let arena = [25u32, 50, 75]
@@ -162,6 +209,14 @@ impl RouteTrace {
             simulated_arena: arena,
         }
     }
+}
+
+/// Ids of the `m` largest values, largest first (ties to the lower id).
+pub fn top_ids(values: &[f32], m: usize) -> Vec<u32> {
+    let mut ids: Vec<u32> = (0..values.len() as u32).collect();
+    ids.sort_by(|&a, &b| values[b as usize].total_cmp(&values[a as usize]).then(a.cmp(&b)));
+    ids.truncate(m);
+    ids
 }
 
 /// Shannon entropy of a usage distribution, in bits.

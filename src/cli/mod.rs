@@ -6,6 +6,7 @@
 
 mod chat;
 mod serve;
+pub mod trace;
 
 pub use chat::{chat, ChatJob};
 pub use serve::{serve, ServeJob};

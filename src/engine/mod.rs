@@ -226,6 +226,26 @@ pub struct Engine {
     fused: Option<Fused>,
 }
 
+/// A routing trace must have the model's shape and choose only experts the directory has.
+fn check_route_trace(t: &RouteTrace, cfg: &ModelConfig, layers: &[crate::model_dir::ExpertLayer]) -> Result<()> {
+    let want = (cfg.n_layer as usize, cfg.n_expert as usize, cfg.n_expert_used as usize);
+    let got = (t.n_layer, t.n_expert, t.n_expert_used);
+    if want != got {
+        return Err(Error::Usage(format!(
+            "the routing trace has {} layers of {} experts, top-{}; the model {} layers of {} experts, top-{} (sage trace map changes the layer count)",
+            got.0, got.1, got.2, want.0, want.1, want.2
+        )));
+    }
+    for (il, l) in layers.iter().enumerate() {
+        if let Some(e) = t.choices[il].iter().find(|&&e| l.record_index(e).is_none()) {
+            return Err(Error::Usage(format!(
+                "the routing trace chooses expert {e} in layer {il}, which this model directory does not have (a pool)"
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl Engine {
     /// Open a model directory and load its base onto the device.
     pub fn load(dir: &Path, opts: EngineOptions) -> Result<Engine> {
@@ -280,6 +300,9 @@ impl Engine {
                 "the arena holds {n_slots} experts of {stride} bytes, but each token uses {k}: give it at least {} bytes (--arena) or {k} experts (--arena-experts)",
                 arena::arena_bytes(k as u64, stride, tail),
             )));
+        }
+        if let Some(t) = &opts.route_trace {
+            check_route_trace(t, &cfg, layers)?;
         }
         let policy = scheduler::policy(&opts.policy, n_slots).ok_or_else(|| {
             Error::Usage(format!("unknown policy '{}'; sage has {}", opts.policy, scheduler::POLICIES.join(", ")))
@@ -339,7 +362,7 @@ impl Engine {
             fused: None,
             opts,
         };
-        if engine.opts.fused && all_resident {
+        if engine.opts.fused && all_resident && engine.opts.route_trace.is_none() {
             engine.load_all_experts(progress)?;
         }
         Ok(engine)
@@ -438,6 +461,7 @@ impl Engine {
         let c = &self.config;
         let mut t = RouteTrace::new(c.n_layer as usize, c.n_expert as usize, c.n_expert_used as usize);
         t.router_logits = router_logits.then(|| vec![Vec::new(); c.n_layer as usize]);
+        t.predicted_logits = router_logits.then(|| vec![Vec::new(); c.n_layer as usize]);
         self.trace = Some(t);
         Ok(())
     }

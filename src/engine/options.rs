@@ -70,6 +70,12 @@ pub struct EngineOptions {
     /// the backend (as llama.cpp does; a pooled layer's router logits are cut down to its
     /// experts). Off: the streaming path's two graphs per layer, whatever the arena.
     pub fused: bool,
+    /// Benchmarks only: take each token's experts from this routing trace instead of the
+    /// router (token at position p uses the trace's token p mod its length, every chosen
+    /// expert weighted 1/k). The logits are then not the model's; what it measures is the
+    /// arena under realistic reuse on a model whose own routing is random. Implies the
+    /// streaming path (two graphs per layer) and no prefetch (its prediction is the router's).
+    pub route_trace: Option<std::sync::Arc<super::trace::RouteTrace>>,
 }
 
 impl Default for EngineOptions {
@@ -90,6 +96,7 @@ impl Default for EngineOptions {
             load_threads: 0,
             arena_repack: None,
             fused: true,
+            route_trace: None,
         }
     }
 }

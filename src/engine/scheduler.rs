@@ -18,16 +18,25 @@ pub trait Policy: Send {
     }
     /// Pick a victim among `candidates` (never empty).
     fn victim(&mut self, candidates: &[usize]) -> usize;
+    /// The resident expert in `slot` was ranked just below a token's chosen ones by its
+    /// router (not used; it may be soon). Most policies ignore it.
+    fn hint(&mut self, _slot: usize) {}
+    /// Whether this policy wants hints (the engine then ranks each token's n_expert_used
+    /// runners-up).
+    fn wants_hints(&self) -> bool {
+        false
+    }
 }
 
 /// The policies sage has, by the names the CLI takes.
-pub const POLICIES: &[&str] = &["lru", "lfru"];
+pub const POLICIES: &[&str] = &["lru", "lfru", "lru-ranked"];
 
 /// A policy by name for an arena of `n_slots`.
 pub fn policy(name: &str, n_slots: usize) -> Option<Box<dyn Policy>> {
     match name {
         "lru" => Some(Box::new(Lru::new(n_slots))),
         "lfru" => Some(Box::new(Lfru::new(n_slots, Lfru::DEFAULT_HALF_LIFE))),
+        "lru-ranked" => Some(Box::new(LruRanked(Lru::new(n_slots)))),
         _ => None,
     }
 }
@@ -52,6 +61,28 @@ impl Policy for Lru {
 
     fn victim(&mut self, candidates: &[usize]) -> usize {
         *candidates.iter().min_by_key(|&&s| self.last_use[s]).expect("candidates are not empty")
+    }
+}
+
+/// LRU that also counts a router's runner-up as a use: an expert ranked just below a token's
+/// chosen ones is likely to be chosen by the next tokens.
+pub struct LruRanked(pub Lru);
+
+impl Policy for LruRanked {
+    fn touch(&mut self, slot: usize) {
+        self.0.touch(slot);
+    }
+
+    fn victim(&mut self, candidates: &[usize]) -> usize {
+        self.0.victim(candidates)
+    }
+
+    fn hint(&mut self, slot: usize) {
+        self.0.touch(slot);
+    }
+
+    fn wants_hints(&self) -> bool {
+        true
     }
 }
 
@@ -237,6 +268,21 @@ impl Scheduler {
 
     pub fn is_resident(&self, layer: u32, expert: u32) -> bool {
         self.where_.contains_key(&(layer, expert))
+    }
+
+    /// Tell the policy which of `layer`'s `experts` its router ranked just below the chosen
+    /// ones (those resident; the others are ignored). Counts nothing.
+    pub fn hint(&mut self, layer: u32, experts: &[u32]) {
+        for &e in experts {
+            if let Some(&s) = self.where_.get(&(layer, e)) {
+                self.policy.hint(s);
+            }
+        }
+    }
+
+    /// Whether the policy wants `hint`s.
+    pub fn wants_hints(&self) -> bool {
+        self.policy.wants_hints()
     }
 
     /// Count a use of each of `layer`'s `experts` (distinct), all resident: hits, as

@@ -7,7 +7,7 @@
 //! the residual. The activations between graphs live in the engine's `state`.
 
 use super::io_thread::Prefetcher;
-use super::router::route;
+use super::router::{route, Choice};
 use super::{Engine, GRAPH_NODES, GRAPH_TENSORS};
 use crate::error::Result;
 use crate::ggml::{Context, GgmlType};
@@ -58,7 +58,11 @@ impl Engine {
         // Decode: the next layer's likely experts are read into buffers (`prefetch_next`); a
         // batch's straight into reserved arena slots where the arena allows
         // (`prefetch_batch`).
-        let predict = self.opts.prefetch && (n == 1 || self.arena.writer(0).is_some()) && il + 1 < cfg.n_layer;
+        let recording = self.trace.as_ref().is_some_and(|t| t.predicted_logits.is_some());
+        let predict =
+            ((self.opts.prefetch && self.opts.route_trace.is_none() && (n == 1 || self.arena.writer(0).is_some()))
+                || recording)
+                && il + 1 < cfg.n_layer;
         let next = predict.then(|| {
             let nw = self.base.layer(il + 1);
             let t = ctx.mul_mat(nw.get(FFN_GATE_INP), l.norm(a.ffn_inp, nw.get(FFN_NORM)));
@@ -88,8 +92,16 @@ impl Engine {
         self.io.retire_all_but(il);
         let present = &self.present[il as usize];
         let norm = self.config.norm_topk_prob;
-        let choices: Vec<_> =
-            (0..n).map(|t| route(&router_logits[t * n_exp..(t + 1) * n_exp], present, k, norm)).collect();
+        let choices: Vec<Choice> = match &self.opts.route_trace {
+            // Benchmarks: the trace's experts, equally weighted (see `EngineOptions::route_trace`).
+            Some(trace) => (0..n)
+                .map(|t| Choice {
+                    experts: trace.token(il as usize, (self.n_past() + t) % trace.n_tokens()).to_vec(),
+                    weights: vec![1.0 / k as f32; k],
+                })
+                .collect(),
+            None => (0..n).map(|t| route(&router_logits[t * n_exp..(t + 1) * n_exp], present, k, norm)).collect(),
+        };
         // Score the prediction made for this layer (decode: one token).
         if let Some((pl, predicted)) = self.predicted.take() {
             if pl == il && n == 1 {
@@ -102,7 +114,12 @@ impl Engine {
             if let Some(l) = &mut trace.router_logits {
                 l[il as usize].extend_from_slice(&router_logits[..n * n_exp]);
             }
+            if let (Some(p), Some(next)) = (&mut trace.predicted_logits, predict_next) {
+                p[il as usize + 1].extend_from_slice(&next[..n * n_exp]);
+            }
         }
+        // Computed for the trace alone when prefetch is off.
+        let predict_next = if self.opts.prefetch && self.opts.route_trace.is_none() { predict_next } else { None };
         let mut needed: Vec<u32> = choices.iter().flat_map(|c| c.experts.iter().copied()).collect();
         needed.sort_unstable();
         needed.dedup();
@@ -152,6 +169,15 @@ impl Engine {
                 _ => GroupStep::Middle,
             };
             self.moe_graph(il, n, step, &ids, &wts)?;
+        }
+        if self.sched.wants_hints() && self.opts.route_trace.is_none() {
+            for (t, c) in choices.iter().enumerate() {
+                let logits = &router_logits[t * n_exp..(t + 1) * n_exp];
+                let mut up = route(logits, &self.present[il as usize], 2 * k, false).experts;
+                up.retain(|e| !c.experts.contains(e));
+                up.truncate(k);
+                self.sched.hint(il, &up);
+            }
         }
         Ok(())
     }

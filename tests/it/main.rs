@@ -14,6 +14,7 @@ mod parity;
 mod quality;
 mod quant;
 mod reliability;
+mod routing;
 mod server;
 mod synth;
 mod util;

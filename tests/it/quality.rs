@@ -36,23 +36,32 @@ fn err(o: Output) -> String {
 
 /// The first `chars` characters of the bundled model's held-out text, in `dir`.
 fn heldout(dir: &Path, chars: usize) -> PathBuf {
-    let text = std::fs::read_to_string(bundled().join("heldout.txt")).unwrap();
+    heldout_of(&bundled(), dir, chars)
+}
+
+fn heldout_of(model: &Path, dir: &Path, chars: usize) -> PathBuf {
+    let text = std::fs::read_to_string(model.join("heldout.txt")).unwrap();
     let p = dir.join("heldout-short.txt");
     std::fs::write(&p, text.chars().take(chars).collect::<String>()).unwrap();
     p
 }
 
 fn convert_bundled(dir: &Path, ty: GgmlType) -> PathBuf {
-    let out = dir.join(format!("bundled-{ty}"));
-    sage::convert::convert(&bundled(), &out, &opts(Some(ty))).unwrap();
+    convert_model(&bundled(), dir, ty)
+}
+
+fn convert_model(model: &Path, dir: &Path, ty: GgmlType) -> PathBuf {
+    let out = dir.join(format!("{}-{ty}", model.file_name().unwrap().to_string_lossy()));
+    sage::convert::convert(model, &out, &opts(Some(ty))).unwrap();
     out
 }
 
-#[test]
-fn eval_matches_llama_cpp_perplexity() {
+/// `sage eval` on a bundled model's held-out text equals llama-perplexity's computation on the
+/// merged GGUF within PPL_REL_TOL, with every expert resident and with a small arena.
+fn eval_matches_llama_cpp(model: &Path, small_arena: &str) {
     let dir = tmp();
-    let text = heldout(dir.path(), 3000);
-    let model_dir = convert_bundled(dir.path(), GgmlType::Q8_0);
+    let text = heldout_of(model, dir.path(), 3000);
+    let model_dir = convert_model(model, dir.path(), GgmlType::Q8_0);
     let gguf = dir.path().join("bundled.gguf");
     merge(&model_dir, &gguf, false).unwrap();
     let ids = llama_tokenize(&load_llama(&gguf), &std::fs::read_to_string(&text).unwrap());
@@ -60,7 +69,7 @@ fn eval_matches_llama_cpp_perplexity() {
     let want = llama_cpp_ppl(&gguf, &ids, WINDOW, None);
 
     let w = WINDOW.to_string();
-    for arena in [None, Some("4")] {
+    for arena in [None, Some(small_arena)] {
         let mut args =
             vec!["eval", model_dir.to_str().unwrap(), "--text", text.to_str().unwrap(), "--ctx", &w, "--json"];
         if let Some(a) = arena {
@@ -79,6 +88,18 @@ fn eval_matches_llama_cpp_perplexity() {
     }
     // A trained model on its own held-out text: far better than chance (ppl = vocabulary size).
     assert!(want < 200.0, "held-out perplexity {want}");
+}
+
+#[test]
+fn eval_matches_llama_cpp_perplexity() {
+    eval_matches_llama_cpp(&bundled(), "4");
+}
+
+/// The 128-expert top-8 model (Qwen3-30B-A3B's routing shape); the small arena is one
+/// token's experts in every layer.
+#[test]
+fn eval_of_the_128_expert_model_matches_llama_cpp_perplexity() {
+    eval_matches_llama_cpp(&bundled128(), "32");
 }
 
 #[test]

@@ -37,6 +37,11 @@ pub fn bundled() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("models/sage-moe-16m")
 }
 
+/// The bundled 128-expert top-8 model (scripts/train_model.py, Qwen3-30B-A3B's routing shape).
+pub fn bundled128() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/sage-moe-28m")
+}
+
 pub fn tmp() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("sage-test-").tempdir().unwrap()
 }
