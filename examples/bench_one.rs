@@ -63,7 +63,7 @@ fn main() -> anyhow::Result<()> {
                 Some(b) => ArenaSize::Bytes(b.parse()?),
                 None => ArenaSize::All,
             };
-            let policy = opt("--policy").unwrap_or_else(|| "lru".into());
+            let policy = opt("--policy").unwrap_or_else(|| sage::engine::scheduler::POLICIES[0].into());
             let prefetch = !flag("--no-prefetch");
             let read_ahead: usize =
                 opt("--read-ahead").map(|s| s.parse()).transpose()?.unwrap_or(EngineOptions::default().read_ahead);

@@ -67,6 +67,9 @@ struct PlanArgs {
     /// Qwen3-30B-A3B routing statistics.
     #[arg(long)]
     usage: Option<PathBuf>,
+    /// Expected hit rates from replaying this routing trace (`sage trace`) through LRU.
+    #[arg(long, conflicts_with = "usage")]
+    trace: Option<PathBuf>,
     /// For a config.json: the quant type it will be converted to.
     #[arg(long, default_value = "q4_k")]
     quant: String,
@@ -148,8 +151,10 @@ struct EngineArgs {
     /// before the first token.
     #[arg(long)]
     warm: Option<PathBuf>,
-    /// Which experts the arena evicts: lru, or lfru (frequency and recency together).
-    #[arg(long, default_value = "lru", value_parser = clap::builder::PossibleValuesParser::new(sage::engine::scheduler::POLICIES))]
+    /// Which experts the arena evicts: lfru-ghost (recency-weighted use counts kept across
+    /// evictions, the current token's experts guarded), lru, lfru (counts without memory), or
+    /// lru-ranked (LRU that counts the router's runners-up as uses).
+    #[arg(long, default_value = sage::engine::scheduler::POLICIES[0], value_parser = clap::builder::PossibleValuesParser::new(sage::engine::scheduler::POLICIES))]
     policy: String,
     /// Do not read the experts the next layer is predicted to choose while a layer computes
     /// (by default an I/O thread does: for a decode step into buffers, for a prompt batch
@@ -469,6 +474,7 @@ fn main() -> ExitCode {
                 ram,
                 disk,
                 usage: a.usage,
+                trace: a.trace,
                 quant: Some(quant),
                 n_ctx: a.ctx,
                 threads: a.threads.unwrap_or(EngineOptions::default().threads),

@@ -9,9 +9,9 @@
 //! - the disk's bandwidth: read with O_DIRECT in record-sized reads (a model directory's
 //!   shards, or a scratch file beside the config), or as given;
 //! - decode speed: reading the misses takes bytes per token / disk bandwidth (the I/O bound
-//!   alone); computing a token reads the base and the token's active experts once, at most
-//!   at the memory's bandwidth (the compute bound alone, measured by reading a buffer with
-//!   every thread). A decode step does both, mostly one after the other (prefetch overlaps
+//!   alone); computing a token with every expert it uses resident is the compute bound alone,
+//!   measured on a model directory (`compute_tok_s`), or for a config estimated as the base
+//!   and the token's experts read once at the memory's bandwidth (an upper bound). A decode step does both, mostly one after the other (prefetch overlaps
 //!   some), so the prediction is 1 / (I/O time + compute time); the slower of the two bounds
 //!   is the most it could reach with perfect overlap.
 
@@ -47,6 +47,9 @@ pub struct PlanOptions {
     pub ram: u64,
     pub disk: Disk,
     pub usage: Option<PathBuf>,
+    /// Expected hit rate from replaying this routing trace (`sage trace`) through LRU at the
+    /// arena's slots (it must have the model's layers and experts).
+    pub trace: Option<PathBuf>,
     /// For a config.json: the quant type of the converted model (default q4_k).
     pub quant: Option<GgmlType>,
     /// KV cache length the model will run with (f16 KV).
@@ -82,8 +85,11 @@ pub struct Plan {
     pub bytes_per_token: f64,
     /// Decode tok/s if reading the misses were all it did.
     pub io_bound_tok_s: f64,
-    /// Decode tok/s if every expert were resident (weights read once per token at memory speed).
+    /// Decode tok/s if every expert a token uses were resident: measured on a model directory
+    /// (decode steps of the streaming path whose experts all hit), else the base and one
+    /// token's experts read once at memory bandwidth (an upper bound).
     pub compute_bound_tok_s: f64,
+    pub compute_source: String,
     /// 1 / (I/O time + compute time).
     pub predicted_tok_s: f64,
 }
@@ -117,6 +123,7 @@ pub fn predict(
     hit_rate: impl FnOnce(u64, f64) -> (f64, String),
     disk: (f64, String),
     memory_bytes_per_s: f64,
+    measured_compute_tok_s: Option<f64>,
 ) -> Plan {
     let kv_bytes = kv_bytes(cfg, opts.n_ctx);
     let free = opts.ram.saturating_sub(base_bytes + kv_bytes + OVERHEAD_BYTES);
@@ -128,7 +135,13 @@ pub fn predict(
     let bytes_per_token = active as f64 * (1.0 - hit) * slot_bytes as f64;
     let io = if bytes_per_token > 0.0 { disk.0 / bytes_per_token } else { f64::INFINITY };
     let weights = base_bytes as f64 + active as f64 * slot_bytes as f64;
-    let compute = memory_bytes_per_s / weights;
+    let (compute, compute_source) = match measured_compute_tok_s {
+        Some(c) => (c, "measured: decode steps of this model with every expert it uses resident".to_string()),
+        None => (
+            memory_bytes_per_s / weights,
+            "estimated: base + one token's experts read once at memory bandwidth (an upper bound; a model directory is measured)".to_string(),
+        ),
+    };
     let predicted = if runs { 1.0 / (1.0 / io + 1.0 / compute) } else { 0.0 };
     Plan {
         model: String::new(),
@@ -152,6 +165,7 @@ pub fn predict(
         bytes_per_token,
         io_bound_tok_s: io,
         compute_bound_tok_s: compute,
+        compute_source,
         predicted_tok_s: predicted,
     }
 }
@@ -192,8 +206,25 @@ pub fn plan(path: &Path, opts: &PlanOptions) -> Result<Plan> {
         }
     };
     let mem = memory_bandwidth(opts.threads);
-    let hit = |slots: u64, share: f64| match &usage {
-        Some(u) => {
+    let trace = opts.trace.as_deref().map(crate::engine::trace::RouteTrace::open).transpose()?;
+    if let Some(t) = &trace {
+        let want = (cfg.n_layer as usize, cfg.n_expert as usize, cfg.n_expert_used as usize);
+        if (t.n_layer, t.n_expert, t.n_expert_used) != want {
+            return Err(Error::BadTrace {
+                path: opts.trace.clone().expect("opened"),
+                reason: format!(
+                    "it has {} layers of {} experts, top-{}; the model {} of {}, top-{}",
+                    t.n_layer, t.n_expert, t.n_expert_used, want.0, want.1, want.2
+                ),
+            });
+        }
+    }
+    let hit = |slots: u64, share: f64| match (&trace, &usage) {
+        (Some(t), _) => (
+            t.hit_rate("lru", slots as usize),
+            format!("{}: replayed through LRU at this arena", opts.trace.as_ref().expect("opened").display()),
+        ),
+        (None, Some(u)) => {
             let st = u.stats.as_ref();
             let pts: Vec<(f64, f64)> = st
                 .map(|s| {
@@ -205,7 +236,7 @@ pub fn plan(path: &Path, opts: &PlanOptions) -> Result<Plan> {
                 format!("{}: its LRU replays, interpolated", opts.usage.as_ref().unwrap().display()),
             )
         }
-        None => {
+        (None, None) => {
             let shape = TraceShape {
                 n_layer: cfg.n_layer as usize,
                 n_expert: cfg.n_expert as usize,
@@ -218,41 +249,78 @@ pub fn plan(path: &Path, opts: &PlanOptions) -> Result<Plan> {
             )
         }
     };
-    let mut p = predict(cfg, base_bytes, slot_bytes, fp.n_experts, opts, hit, disk, mem);
+    let measured = if is_dir { Some(compute_tok_s(path, opts.threads)?) } else { None };
+    let mut p = predict(cfg, base_bytes, slot_bytes, fp.n_experts, opts, hit, disk, mem, measured);
     p.model = path.display().to_string();
     p.quant = quant;
     Ok(p)
 }
 
-/// Read up to 512 MiB (or 3 s) of a model directory's shards with O_DIRECT, `record` bytes at a
-/// time, page cache dropped for them first.
+/// Decode speed of a model directory when every expert a token uses is resident: the engine
+/// with an arena of one token's experts and a routing trace that always picks the same ones
+/// (all hits after the first token), the streaming path a limited arena takes; the median of
+/// 5 steps.
+fn compute_tok_s(dir: &Path, threads: usize) -> Result<f64> {
+    use crate::engine::{trace::RouteTrace, ArenaSize, Engine, EngineOptions};
+    let md = crate::model_dir::ModelDir::open(dir)?;
+    let c = &md.config;
+    let (l, k) = (c.n_layer as usize, c.n_expert_used as usize);
+    let mut t = RouteTrace::new(l, c.n_expert as usize, k);
+    for (il, layer) in md.manifest.layers.iter().enumerate() {
+        if layer.ids.len() < k {
+            return Err(Error::Usage(format!("{}: layer {il} has fewer than {k} experts", dir.display())));
+        }
+        t.choices[il] = layer.ids[..k].to_vec();
+    }
+    let opts = EngineOptions {
+        threads,
+        n_ctx: 16,
+        arena: ArenaSize::Experts(l * k),
+        prefetch: false,
+        route_trace: Some(std::sync::Arc::new(t)),
+        ..Default::default()
+    };
+    let mut e = Engine::load(dir, opts)?;
+    e.eval(&[0], false)?;
+    let mut steps: Vec<f64> = (0..5)
+        .map(|_| {
+            let t0 = Instant::now();
+            e.eval(&[0], false).map(|_| t0.elapsed().as_secs_f64())
+        })
+        .collect::<Result<_>>()?;
+    steps.sort_by(f64::total_cmp);
+    Ok(1.0 / steps[2])
+}
+
+/// Read 256 MiB of a model directory's expert records with O_DIRECT, `record` bytes at a time,
+/// spread evenly over all its shards (as misses land), page cache dropped for them first.
 fn disk_speed_dir(dir: &Path, record: u64) -> Result<(f64, String)> {
     let md = crate::model_dir::ModelDir::open(dir)?;
-    let mut rec = crate::io::Record::default();
-    let (mut bytes, t0) = (0u64, Instant::now());
-    'files: for shard in md.shards.iter() {
-        let size = shard.size();
+    let mut all: Vec<(usize, u64)> = Vec::new();
+    for (i, shard) in md.shards.iter().enumerate() {
         let mut at = 4096u64;
-        while at + record <= size {
-            shard.drop_cached(at, record as usize);
-            shard.read_record(at, record as usize, "a disk speed read", true, &mut rec)?;
-            bytes += record;
+        while at + record <= shard.size() {
+            all.push((i, at));
             at += record;
-            if bytes >= 512 << 20 || t0.elapsed().as_secs_f64() > 3.0 {
-                break 'files;
-            }
         }
     }
-    let secs = t0.elapsed().as_secs_f64();
-    if bytes == 0 {
+    let n = (((256u64 << 20) / record.max(1)) as usize).clamp(1, all.len().max(1));
+    if all.is_empty() {
         return Err(Error::Usage(format!("{}: no expert records to time the disk with", dir.display())));
     }
+    let picks: Vec<(usize, u64)> = (0..n).map(|j| all[j * all.len() / n]).collect();
+    for &(i, at) in &picks {
+        md.shards[i].drop_cached(at, record as usize);
+    }
+    let mut rec = crate::io::Record::default();
+    let t0 = Instant::now();
+    for &(i, at) in &picks {
+        md.shards[i].read_record(at, record as usize, "a disk speed read", true, &mut rec)?;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let bytes = n as u64 * record;
     let direct = md.shards.iter().map(|s| s.read_paths().direct).sum::<u64>();
-    let how = if direct > 0 {
-        "of its shards"
-    } else {
-        "of its shards (this file system refused O_DIRECT: through the page cache)"
-    };
+    let how = if direct > 0 { "of its shards" } else { "of its shards (this file system refused O_DIRECT: through the page cache)" };
     Ok((bytes as f64 / secs, format!("{} MiB {how}", bytes >> 20)))
 }
 
@@ -343,11 +411,11 @@ impl std::fmt::Display for Plan {
         writeln!(f, "  disk {:.2} GB/s ({})", self.disk_bytes_per_s / 1e9, self.disk_source)?;
         writeln!(
             f,
-            "  reads {} per decoded token: I/O bound {:.2} tok/s; compute bound {:.2} tok/s (memory {:.1} GB/s)",
+            "  reads {} per decoded token: I/O bound {:.2} tok/s; compute bound {:.2} tok/s ({})",
             b(self.bytes_per_token as u64),
             self.io_bound_tok_s,
             self.compute_bound_tok_s,
-            self.memory_bytes_per_s / 1e9
+            self.compute_source
         )?;
         writeln!(
             f,

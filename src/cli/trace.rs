@@ -21,11 +21,11 @@ pub fn slots_at(t: &RouteTrace, pct: f64) -> usize {
 /// Belady the best online policy closes. Markdown.
 pub fn replay_table(t: &RouteTrace, pcts: &[f64]) -> String {
     let ranked = t.router_logits.is_some();
-    let mut out = String::from("| arena | slots | LRU | LFRU |");
+    let mut out = String::from("| arena | slots | LRU | LFRU | LFRU-ghost (default) |");
     if ranked {
         out.push_str(" LRU + runners-up |");
     }
-    out.push_str(" Belady (optimal) | best online closes of LRU→Belady |\n|---|---|---|---|");
+    out.push_str(" Belady (optimal) | best online closes of LRU→Belady |\n|---|---|---|---|---|");
     if ranked {
         out.push_str("---|");
     }
@@ -34,10 +34,12 @@ pub fn replay_table(t: &RouteTrace, pcts: &[f64]) -> String {
         let slots = slots_at(t, pct);
         let lru = t.hit_rate("lru", slots);
         let lfru = t.hit_rate("lfru", slots);
-        let mut online = vec![lru, lfru];
-        let mut row = format!("| {pct}% | {slots} | {:.1}% | {:.1}% |", 100.0 * lru, 100.0 * lfru);
+        let ghost = t.hit_rate("lfru-ghost", slots);
+        let mut online = vec![lru, lfru, ghost];
+        let mut row =
+            format!("| {pct}% | {slots} | {:.1}% | {:.1}% | {:.1}% |", 100.0 * lru, 100.0 * lfru, 100.0 * ghost);
         if ranked {
-            let h = t.replay_hinted(slots, scheduler::policy("lru-ranked", slots).expect("a policy"), t.n_expert_used);
+            let h = t.replay_hinted(slots, scheduler::policy("lru-ranked", slots, 0).expect("a policy"), t.n_expert_used);
             online.push(h);
             row.push_str(&format!(" {:.1}% |", 100.0 * h));
         }

@@ -88,7 +88,7 @@ impl Default for EngineOptions {
             kv_type: KvType::F16,
             n_batch: 512,
             repack: true,
-            policy: "lru".into(),
+            policy: scheduler_default().into(),
             page_cache: false,
             prefetch: true,
             load_slice: 16 << 20,
@@ -99,6 +99,10 @@ impl Default for EngineOptions {
             route_trace: None,
         }
     }
+}
+
+fn scheduler_default() -> &'static str {
+    super::scheduler::POLICIES[0]
 }
 
 /// Figures of a run (the scheduler's, plus time spent computing).
