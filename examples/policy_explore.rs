@@ -82,7 +82,8 @@ impl Policy for LfruMem {
         self.add(key, 1.0);
     }
     fn victim(&mut self, candidates: &[usize]) -> usize {
-        let old: Vec<usize> = candidates.iter().copied().filter(|&s| self.clock - self.last[s] >= self.protect).collect();
+        let old: Vec<usize> =
+            candidates.iter().copied().filter(|&s| self.clock - self.last[s] >= self.protect).collect();
         if old.is_empty() {
             return *candidates.iter().min_by_key(|&&s| self.last[s]).unwrap();
         }
@@ -119,7 +120,16 @@ fn main() -> anyhow::Result<()> {
     print!(" LRU-2 |");
     ms.iter().for_each(|m| print!(" LRU + {m} runners-up |"));
     let w = (t.n_layer * t.n_expert_used) as u64;
-    let mems = [(4.0, 0.0, 0), (8.0, 0.0, 0), (16.0, 0.0, 0), (4.0, 0.0, w), (8.0, 0.0, w), (16.0, 0.0, w), (8.0, 0.0, w / 2), (8.0, 0.5, w)];
+    let mems = [
+        (4.0, 0.0, 0),
+        (8.0, 0.0, 0),
+        (16.0, 0.0, 0),
+        (4.0, 0.0, w),
+        (8.0, 0.0, w),
+        (16.0, 0.0, w),
+        (8.0, 0.0, w / 2),
+        (8.0, 0.5, w),
+    ];
     mems.iter().for_each(|(h, x, p)| print!(" LFRU-mem h={h} hint={x} protect={p} |"));
     println!(" Belady |");
     for pct in [10, 25, 50] {
@@ -134,7 +144,10 @@ fn main() -> anyhow::Result<()> {
             print!(" {:.1}% |", 100.0 * t.replay_hinted(slots, Box::new(LruRanked(Lru::new(slots))), m));
         }
         for (h, x, p) in mems {
-            print!(" {:.1}% |", 100.0 * t.replay_hinted(slots, Box::new(LfruMem::new(slots, h, x, p)), t.n_expert_used));
+            print!(
+                " {:.1}% |",
+                100.0 * t.replay_hinted(slots, Box::new(LfruMem::new(slots, h, x, p)), t.n_expert_used)
+            );
         }
         println!(" {:.1}% |", 100.0 * t.optimal_hit_rate(slots));
     }

@@ -320,7 +320,11 @@ fn disk_speed_dir(dir: &Path, record: u64) -> Result<(f64, String)> {
     let secs = t0.elapsed().as_secs_f64();
     let bytes = n as u64 * record;
     let direct = md.shards.iter().map(|s| s.read_paths().direct).sum::<u64>();
-    let how = if direct > 0 { "of its shards" } else { "of its shards (this file system refused O_DIRECT: through the page cache)" };
+    let how = if direct > 0 {
+        "of its shards"
+    } else {
+        "of its shards (this file system refused O_DIRECT: through the page cache)"
+    };
     Ok((bytes as f64 / secs, format!("{} MiB {how}", bytes >> 20)))
 }
 

@@ -15,7 +15,10 @@ impl RouteTrace {
     /// Hit rate of an arena of `n_slots` under `policy` (a name from
     /// `scheduler::POLICIES`) replaying the trace in decode order.
     pub fn hit_rate(&self, policy: &str, n_slots: usize) -> f64 {
-        self.replay(n_slots, scheduler::policy(policy, n_slots, self.n_layer * self.n_expert_used).expect("a known policy"))
+        self.replay(
+            n_slots,
+            scheduler::policy(policy, n_slots, self.n_layer * self.n_expert_used).expect("a known policy"),
+        )
     }
 
     /// Hit rate of an arena of `n_slots` under `policy` replaying the trace in decode order,

@@ -39,7 +39,8 @@ pub fn replay_table(t: &RouteTrace, pcts: &[f64]) -> String {
         let mut row =
             format!("| {pct}% | {slots} | {:.1}% | {:.1}% | {:.1}% |", 100.0 * lru, 100.0 * lfru, 100.0 * ghost);
         if ranked {
-            let h = t.replay_hinted(slots, scheduler::policy("lru-ranked", slots, 0).expect("a policy"), t.n_expert_used);
+            let h =
+                t.replay_hinted(slots, scheduler::policy("lru-ranked", slots, 0).expect("a policy"), t.n_expert_used);
             online.push(h);
             row.push_str(&format!(" {:.1}% |", 100.0 * h));
         }

@@ -304,9 +304,10 @@ impl Engine {
         if let Some(t) = &opts.route_trace {
             check_route_trace(t, &cfg, layers)?;
         }
-        let policy = scheduler::policy(&opts.policy, n_slots, (cfg.n_layer * cfg.n_expert_used) as usize).ok_or_else(|| {
-            Error::Usage(format!("unknown policy '{}'; sage has {}", opts.policy, scheduler::POLICIES.join(", ")))
-        })?;
+        let policy =
+            scheduler::policy(&opts.policy, n_slots, (cfg.n_layer * cfg.n_expert_used) as usize).ok_or_else(|| {
+                Error::Usage(format!("unknown policy '{}'; sage has {}", opts.policy, scheduler::POLICIES.join(", ")))
+            })?;
         log::info!("device {}; arena {n_slots} slots of {stride} bytes, {} eviction", backend.name(), opts.policy);
 
         let base = BaseWeights::load(&md, &backend, &opts)?;

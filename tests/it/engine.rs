@@ -532,7 +532,11 @@ fn batch_reads_into_arena_slots_change_nothing() {
     let (model_dir, gguf) = converted(dir.path(), GgmlType::Q8_0, None);
     let llama = load_llama(&gguf);
     // 12 of 16 slots: a prompt's layer 0 takes most of them, the rest go to layer 1 ahead.
-    let load = |prefetch: bool| Engine::load(&model_dir, EngineOptions { prefetch, ..exact(ArenaSize::Experts(12)) });
+    // LRU: the bound on misses below counts one per wrong guess, which is LRU's (a frequency
+    // policy may keep a wrongly read expert longer).
+    let load = |prefetch: bool| {
+        Engine::load(&model_dir, EngineOptions { prefetch, policy: "lru".into(), ..exact(ArenaSize::Experts(12)) })
+    };
     let (mut with, mut without) = (load(true).unwrap(), load(false).unwrap());
     for p in reference() {
         let ids: Vec<u32> = p.ids.iter().map(|&i| i as u32).collect();
