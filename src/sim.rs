@@ -144,9 +144,9 @@ impl RouteTrace {
         let p = self.predicted_logits.as_ref()?;
         let (n, k) = (self.n_expert, self.n_expert_used);
         let (mut hit, mut all) = (0u64, 0u64);
-        for il in 1..self.n_layer {
-            for t in 0..self.n_tokens().min(p[il].len() / n) {
-                let top = top_ids(&p[il][t * n..(t + 1) * n], m);
+        for (il, pl) in p.iter().enumerate().take(self.n_layer).skip(1) {
+            for t in 0..self.n_tokens().min(pl.len() / n) {
+                let top = top_ids(&pl[t * n..(t + 1) * n], m);
                 hit += self.token(il, t).iter().filter(|e| top.contains(e)).count() as u64;
                 all += k as u64;
             }

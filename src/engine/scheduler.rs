@@ -94,9 +94,9 @@ impl Policy for LruRanked {
 /// its count instead of starting from 1 as in `Lfru`. The victim is the lowest count among the
 /// experts not used within the last `protect` uses (one token's experts in every layer:
 /// n_layer × n_expert_used); when every candidate is that recent, the least recently used.
-/// On the bundled models' held-out routing it is never worse than LRU at arenas of 10–50% (within 0.05 points at 75%),
-/// and on the 128-expert model it closes 39% of LRU's gap to Belady's optimum at 25%
-/// (docs/quality.md).
+/// On the bundled models' held-out routing it is never worse than LRU at arenas of 10–50%
+/// (within 0.05 points at 75%), and on the 128-expert model it closes 39% of LRU's gap to
+/// Belady's optimum at 25% (docs/quality.md).
 pub struct LfruGhost {
     key: Vec<Option<ExpertKey>>,
     score: Vec<f64>,
