@@ -154,6 +154,8 @@ pub fn load_route_trace(path: &Path) -> anyhow::Result<Arc<RouteTrace>> {
 
 /// `sage plan`.
 pub fn plan(path: &Path, opts: &PlanOptions, json: bool) -> anyhow::Result<Plan> {
+    // Measuring takes a few seconds (a model directory's base is loaded to time its compute).
+    eprintln!("sage plan: measuring this machine (memory bandwidth; the disk unless --disk gives it; a model directory's compute)…");
     let p = crate::plan::plan(path, opts).with_context(|| format!("planning {}", path.display()))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&p)?);
