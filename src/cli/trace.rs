@@ -108,10 +108,13 @@ pub fn record(dir: &Path, text: &Path, out: &Path, opts: EngineOptions, pcts: &[
 
 /// `sage trace synth`: a trace from the generator fitted to the published statistics.
 pub fn synth(out: &Path, shape: TraceShape, n_tokens: usize, seed: u64) -> anyhow::Result<()> {
-    anyhow::ensure!(n_tokens > 0, "--tokens must be positive");
+    anyhow::ensure!((1..=1 << 20).contains(&n_tokens), "--tokens must be 1 to 1048576");
     anyhow::ensure!(
-        shape.n_layer > 0 && shape.n_expert_used > 0 && shape.n_expert_used < shape.n_expert,
-        "need layers, and 1 ≤ --top-k < --experts"
+        (1..=4096).contains(&shape.n_layer)
+            && shape.n_expert_used > 0
+            && shape.n_expert_used < shape.n_expert
+            && shape.n_expert <= 1 << 16,
+        "need 1 ≤ --layers ≤ 4096 and 1 ≤ --top-k < --experts ≤ 65536"
     );
     let g = Generator::fit(shape);
     let t = g.trace(n_tokens, seed);
@@ -130,7 +133,7 @@ pub fn synth(out: &Path, shape: TraceShape, n_tokens: usize, seed: u64) -> anyho
 
 /// `sage trace map`: the same routing on another number of layers.
 pub fn map(input: &Path, out: &Path, n_layer: usize) -> anyhow::Result<()> {
-    anyhow::ensure!(n_layer > 0, "--layers must be positive");
+    anyhow::ensure!((1..=4096).contains(&n_layer), "--layers must be 1 to 4096");
     let t = RouteTrace::open(input)?;
     let m = t.map_layers(n_layer);
     m.save(out, &format!("{} mapped from {} layers onto {n_layer} by sage trace map", input.display(), t.n_layer))?;

@@ -12,6 +12,8 @@ use crate::error::{Error, IoContext, Result};
 
 const MAGIC: &str = "sage-route-trace";
 const VERSION: u32 = 1;
+const MAX_LAYERS: usize = 4096;
+const MAX_EXPERTS: usize = 1 << 16;
 
 /// The experts routing chose, per layer, token after token.
 #[derive(Clone, Debug, Default)]
@@ -124,9 +126,11 @@ impl RouteTrace {
         };
         let (n_layer, n_expert, k, n_tokens) =
             (field("n_layer")?, field("n_expert")?, field("n_expert_used")?, field("n_tokens")?);
-        if n_layer == 0 || k == 0 || k > n_expert || n_expert > u32::MAX as usize {
+        // Bounds far above any model's (as config.json's are held to `config::LIMITS`), so a
+        // header cannot make sage allocate without limit before a line is read.
+        if n_layer == 0 || n_layer > MAX_LAYERS || k == 0 || k > n_expert || n_expert > MAX_EXPERTS {
             return Err(bad(format!(
-                "n_layer {n_layer}, n_expert {n_expert}, n_expert_used {k}: need layers, and 1 ≤ n_expert_used ≤ n_expert"
+                "n_layer {n_layer}, n_expert {n_expert}, n_expert_used {k}: need 1 ≤ n_layer ≤ {MAX_LAYERS} and 1 ≤ n_expert_used ≤ n_expert ≤ {MAX_EXPERTS}"
             )));
         }
         let mut t = RouteTrace::new(n_layer, n_expert, k);
@@ -269,6 +273,9 @@ mod tests {
         assert!(err(h).contains("n_tokens=1, the file has 0"));
         assert!(err(&format!("{h}0 1 2 3\n0 1 2 3\n")).contains("line 3: more tokens"));
         assert!(err("sage-route-trace 1 n_layer=2 n_expert=4 n_expert_used=5 n_tokens=1\n").contains("n_expert_used"));
+        let huge =
+            "sage-route-trace 1 n_layer=1000000000000 n_expert=4000000000000 n_expert_used=4000000000000 n_tokens=1\n";
+        assert!(err(huge).contains("1 ≤ n_layer ≤ 4096"), "{}", err(huge));
         assert!(RouteTrace::open(&dir.path().join("missing")).is_err());
     }
 

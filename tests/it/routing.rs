@@ -150,6 +150,9 @@ fn trace_commands_write_map_and_replay() {
         let (lru, lfru, ghost, opt) = (pct[1], pct[2], pct[3], pct[4]);
         assert!(opt >= lru && opt >= lfru && opt >= ghost, "{row}");
     }
+    let o = sage(&["trace", "synth", "-o", ts, "--experts", "1000000000000"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--experts ≤ 65536"));
+    assert_eq!(RouteTrace::open(&t).unwrap().n_tokens(), 300, "a refused synth left the file alone");
     let o = sage(&["trace", "replay", dir.path().join("none").to_str().unwrap()]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("none"));
 }
