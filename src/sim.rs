@@ -25,15 +25,7 @@ impl RouteTrace {
     /// each token's experts asked for as the engine asks for them (in id order), so that a
     /// decode run's hit rate equals its trace's replay.
     pub fn replay(&self, n_slots: usize, policy: Box<dyn scheduler::Policy>) -> f64 {
-        let mut s = Scheduler::new(n_slots, policy);
-        for t in 0..self.n_tokens() {
-            for il in 0..self.n_layer {
-                let mut experts = self.token(il, t).to_vec();
-                experts.sort_unstable();
-                s.ensure(il as u32, &experts, |_, _| Ok::<u64, ()>(0)).expect("loads cannot fail");
-            }
-        }
-        s.stats.hit_rate()
+        self.replay_hinted(n_slots, policy, 0)
     }
 
     /// The best any policy could do (Belady's optimal: evict what is used again farthest in
@@ -167,7 +159,8 @@ impl RouteTrace {
     }
 
     /// `replay`, telling the policy after each step which resident experts the router ranked
-    /// just below the chosen ones (its `m` runners-up; `Scheduler::hint`). Needs router logits.
+    /// just below the chosen ones (its `m` runners-up; `Scheduler::hint`). Needs router logits
+    /// when `m` > 0; with 0 it is `replay`.
     pub fn replay_hinted(&self, n_slots: usize, policy: Box<dyn scheduler::Policy>, m: usize) -> f64 {
         let mut s = Scheduler::new(n_slots, policy);
         for t in 0..self.n_tokens() {
