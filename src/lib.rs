@@ -29,6 +29,7 @@ pub mod source;
 pub mod synth;
 pub mod tokenizer;
 pub mod trace_gen;
+pub mod tune;
 pub mod usage;
 
 pub use error::{Error, Result};

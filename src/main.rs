@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use sage::cli::{parse_size, ChatJob, RunJob, ServeJob};
+use sage::engine::router::CacheBias;
 use sage::engine::sampler::SamplerParams;
 use sage::engine::{ArenaSize, EngineOptions, KvType};
 
@@ -42,6 +43,9 @@ enum Command {
     /// statistics, map one onto another layer count, replay one through eviction policies.
     #[command(subcommand)]
     Trace(TraceCommand),
+    /// Find the cache bias that reads the fewest expert bytes per token within a quality
+    /// budget (perplexity against exact routing on a text, same arena), and print its flags.
+    Tune(TuneArgs),
     /// Show what a model directory (from sage-convert) or a GGUF holds.
     Inspect {
         path: PathBuf,
@@ -49,6 +53,36 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Args)]
+struct TuneArgs {
+    /// Model directory (from sage-convert).
+    dir: PathBuf,
+    /// UTF-8 text to measure on (held out of anything the model was tuned on).
+    #[arg(long)]
+    text: PathBuf,
+    /// The memory the model may use, e.g. 8GiB: the arena is what is left after the base, the
+    /// KV cache at --ctx and an overhead (as `sage plan` counts).
+    #[arg(long, conflicts_with_all = ["arena", "arena_experts"])]
+    ram: Option<String>,
+    /// Most perplexity above exact routing's, e.g. 1% or 0.5%.
+    #[arg(long, default_value = "1%")]
+    max_ppl: String,
+    /// Least top-1 agreement with exact routing's next token, e.g. 97% (default: no limit).
+    #[arg(long)]
+    min_top1: Option<String>,
+    /// Cache biases to try (nats added to resident experts' log-probabilities).
+    #[arg(long, value_delimiter = ',', default_values_t = sage::tune::DEFAULT_BIASES.to_vec())]
+    biases: Vec<f32>,
+    /// Window length in tokens (the second half of each scored).
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -103,6 +137,17 @@ enum TraceCommand {
         /// CPU threads (default: all cores).
         #[arg(short, long)]
         threads: Option<usize>,
+        /// Route with an arena of this many slots (default: every expert), and record what
+        /// the router chose with it: with --cache-bias, the biased routing.
+        #[arg(long)]
+        arena_experts: Option<usize>,
+        /// Record cache-aware routing with this bias (see `sage run --cache-bias`); needs
+        /// --arena-experts. The router logits recorded are the model's, the choices the biased ones.
+        #[arg(long, default_value_t = 0.0, requires = "arena_experts", value_parser = float_in(0.0, 100.0, true))]
+        cache_bias: f32,
+        /// Tokens per graph (1: every token routed against the arena as decoding does).
+        #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=65536))]
+        batch: u32,
     },
     /// Draw a trace from the generator fitted to published Qwen3-30B-A3B routing statistics
     /// (LRU hit curve, next-token repeats).
@@ -176,6 +221,25 @@ struct EngineArgs {
     /// one this build or machine lacks falls back to the CPU with a warning.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Most tokens evaluated in one graph (a prompt, an eval window). 1 routes every token
+    /// against the arena as decoding does.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    batch: u32,
+    /// Cache-aware routing, CHANGES THE OUTPUT: among experts close to the router's top-k,
+    /// prefer those already in the arena. A resident expert replaces a missing one of the
+    /// top-k when ln p + BIAS beats the missing one's ln p (p: the router's probability) and p
+    /// is at least --cache-floor; the router's top --cache-keep always stay; weights are the
+    /// chosen experts' p, renormalized as the model does. 0 (default): exact routing. Only with
+    /// an arena smaller than the experts. `sage eval` measures the cost, `sage tune` picks it.
+    #[arg(long, default_value_t = 0.0, value_parser = float_in(0.0, 100.0, true))]
+    cache_bias: f32,
+    /// With --cache-bias: the router's top experts that are always kept.
+    #[arg(long, default_value_t = 1)]
+    cache_keep: usize,
+    /// With --cache-bias: least router probability of an expert that replaces one of the
+    /// top-k (default: the uniform share, 1 / experts in the pool).
+    #[arg(long, value_parser = float_in(0.0, 1.0, true))]
+    cache_floor: Option<f32>,
 }
 
 impl EngineArgs {
@@ -195,6 +259,8 @@ impl EngineArgs {
             policy: self.policy.clone(),
             page_cache: self.page_cache,
             prefetch: !self.no_prefetch,
+            n_batch: self.batch as usize,
+            cache_bias: CacheBias { bias: self.cache_bias, keep: self.cache_keep, floor: self.cache_floor },
             ..Default::default()
         })
     }
@@ -405,6 +471,18 @@ struct FootprintArgs {
     json: bool,
 }
 
+/// "1%", "0.5 %" or a fraction ("0.01").
+fn parse_percent(s: &str) -> anyhow::Result<f64> {
+    let t = s.trim();
+    let v = match t.strip_suffix('%') {
+        Some(p) => p.trim().parse::<f64>().map(|v| v / 100.0),
+        None => t.parse::<f64>(),
+    }
+    .map_err(|_| anyhow::anyhow!("not a percentage (e.g. 1% or 0.01)"))?;
+    anyhow::ensure!(v.is_finite() && (0.0..=1.0).contains(&v), "must be between 0% and 100%");
+    Ok(v)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = ["warn", "info", "debug"][cli.verbose.min(2) as usize];
@@ -463,6 +541,25 @@ fn main() -> ExitCode {
         Command::Footprint(a) => {
             sage::cli::footprint(&a.path, &a.arena, &a.arena_experts, &a.quant, a.plot.as_deref(), a.json)
         }
+        Command::Tune(a) => a.engine.options(a.ctx).and_then(|mut opts| {
+            if let Some(r) = &a.ram {
+                let ram = parse_size(r).with_context(|| format!("--ram '{r}'"))?;
+                opts.arena = ArenaSize::Bytes(sage::tune::arena_for_ram(&a.dir, ram, a.ctx as u64)?);
+            }
+            anyhow::ensure!(
+                opts.arena != ArenaSize::All,
+                "give --ram, --arena or --arena-experts: with every expert resident there is nothing to tune"
+            );
+            let budget = sage::tune::Budget {
+                max_ppl: parse_percent(&a.max_ppl).with_context(|| format!("--max-ppl '{}'", a.max_ppl))?,
+                min_top1: a
+                    .min_top1
+                    .as_deref()
+                    .map(|s| parse_percent(s).with_context(|| format!("--min-top1 '{s}'")))
+                    .transpose()?,
+            };
+            sage::cli::tune(&a.dir, &a.text, opts, &a.biases, budget, a.engine.warm.as_deref(), a.json)
+        }),
         Command::Plan(a) => (|| {
             let ram = parse_size(&a.ram).with_context(|| format!("--ram '{}'", a.ram))?;
             let disk = match a.disk.as_str() {
@@ -482,10 +579,13 @@ fn main() -> ExitCode {
             sage::cli::trace::plan(&a.path, &opts, a.json).map(|_| ())
         })(),
         Command::Trace(t) => match t {
-            TraceCommand::Record { dir, text, out, ctx, arena, threads } => {
+            TraceCommand::Record { dir, text, out, ctx, arena, threads, arena_experts, cache_bias, batch } => {
                 let opts = EngineOptions {
                     n_ctx: ctx,
                     threads: threads.unwrap_or(EngineOptions::default().threads),
+                    arena: arena_experts.map_or(ArenaSize::All, ArenaSize::Experts),
+                    cache_bias: CacheBias { bias: cache_bias, ..CacheBias::EXACT },
+                    n_batch: batch as usize,
                     ..Default::default()
                 };
                 sage::cli::trace::record(&dir, &text, &out, opts, &arena)

@@ -19,7 +19,7 @@ use anyhow::{bail, Context};
 use crate::chat::{ChatTemplate, Message};
 use crate::engine::generate::{GenOptions, Generation};
 use crate::engine::sampler::{Sampler, SamplerParams};
-use crate::engine::{Engine, EngineOptions};
+use crate::engine::{ArenaSize, Engine, EngineOptions};
 use crate::error::{Error, Result};
 use crate::inspect::short_bytes;
 use crate::tokenizer::Tokenizer;
@@ -244,28 +244,52 @@ pub fn read_text_tokens(dir: &Path, text: &Path) -> anyhow::Result<(Vec<u32>, Op
 }
 
 /// `sage eval`: perplexity of text file `text` in windows of the engine's context (`opts.n_ctx`).
+/// With a lever that changes the output (`--cache-bias`), exact routing is evaluated first over
+/// the same windows (same arena, its engine dropped before the lever's is loaded) and the
+/// quality gates are printed beside the figures: top-1 agreement, mean KL divergence.
 pub fn eval(dir: &Path, text: &Path, json: bool, opts: EngineOptions, warm: Option<&Path>) -> anyhow::Result<()> {
     let (tokens, bos) = read_text_tokens(dir, text)?;
     let window = opts.n_ctx;
-    let mut engine = load_engine(dir, opts, warm)?;
     let n_windows = tokens.len() / window.max(1);
+    let reference = if is_lever(&opts) {
+        let mut exact = load_engine(dir, exact_options(&opts), warm)?;
+        let pb = windows_bar(n_windows, "exact routing");
+        let r = crate::eval::Reference::compute(&mut exact, &tokens, window, bos, |done, _, ppl| {
+            pb.set_position(done as u64);
+            pb.set_message(format!("ppl {ppl:.3}"));
+        })
+        .with_context(|| format!("evaluating {} with exact routing", text.display()))?;
+        pb.finish_and_clear();
+        Some(r)
+    } else {
+        None
+    };
+    let mut engine = load_engine(dir, opts, warm)?;
     let pb = windows_bar(n_windows, "perplexity");
     let t0 = std::time::Instant::now();
-    let p = crate::eval::perplexity(&mut engine, &tokens, window, bos, |done, _, ppl| {
+    let progress = |done: usize, _: usize, ppl: f64| {
         pb.set_position(done as u64);
         pb.set_message(format!("ppl {ppl:.3}"));
-    })
+    };
+    let (p, agreement) = match &reference {
+        Some(r) => crate::eval::perplexity_against(&mut engine, r, &tokens, bos, progress).map(|(p, a)| (p, Some(a))),
+        None => crate::eval::perplexity(&mut engine, &tokens, window, bos, progress).map(|p| (p, None)),
+    }
     .with_context(|| format!("evaluating {}", text.display()))?;
     pb.finish_and_clear();
     let secs = t0.elapsed().as_secs_f64();
-    let st = engine.stats().sched;
+    let stats = engine.stats();
+    let st = &stats.sched;
+    let bytes_per_token = st.bytes_read as f64 / stats.tokens_evaluated.max(1) as f64;
     if json {
         println!(
             "{}",
             serde_json::json!({
                 "perplexity": p, "text_tokens": tokens.len(), "seconds": secs,
                 "expert_hit_rate": st.hit_rate(), "bytes_read": st.bytes_read,
+                "bytes_per_token": bytes_per_token,
                 "arena_slots": engine.n_slots(),
+                "against_exact_routing": agreement,
             })
         );
     } else {
@@ -279,16 +303,113 @@ pub fn eval(dir: &Path, text: &Path, json: bool, opts: EngineOptions, warm: Opti
             tokens.len(),
             text.display()
         );
+        if let Some(a) = &agreement {
+            println!(
+                "against exact routing: perplexity {:.4} ({:+.2}%), top-1 agreement {:.2}%, mean KL {:.5} nats",
+                a.reference_ppl,
+                100.0 * (p.ppl / a.reference_ppl - 1.0),
+                100.0 * a.top1,
+                a.mean_kl
+            );
+        }
         eprintln!(
-            "{:.1} s ({:.0} tok/s); experts: hit rate {:.1}%, {} read, arena {} slots",
+            "{:.1} s ({:.0} tok/s); experts: hit rate {:.1}%, {} read ({} per token), arena {} slots",
             secs,
             (p.windows * p.window) as f64 / secs,
             100.0 * st.hit_rate(),
             short_bytes(st.bytes_read),
+            short_bytes(bytes_per_token as u64),
             engine.n_slots()
         );
     }
     Ok(())
+}
+
+/// `sage tune`: measure exact routing and each cache bias on `text` with the arena of `opts`,
+/// print the table and the flags of the setting that reads the fewest bytes per token within
+/// `budget`.
+pub fn tune(
+    dir: &Path,
+    text: &Path,
+    opts: EngineOptions,
+    biases: &[f32],
+    budget: crate::tune::Budget,
+    warm: Option<&Path>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let (tokens, bos) = read_text_tokens(dir, text)?;
+    let n_windows = tokens.len() / opts.n_ctx.max(1);
+    let pb = windows_bar(n_windows, "");
+    let keep = opts.cache_bias.keep;
+    let usage = warm.map(Usage::load).transpose()?;
+    // Every candidate starts from the same arena: empty, or warmed from usage.json.
+    let load = |o: EngineOptions| {
+        let mut e = Engine::load(dir, o)?;
+        if let (Some(u), Some(p)) = (&usage, warm) {
+            u.check_model(p, e.config.n_layer, e.config.n_expert)?;
+            e.warm(&u.ranked())?;
+        }
+        Ok(e)
+    };
+    let t = crate::tune::tune(&tokens, bos, &opts, biases, keep, budget, load, |what, done, _| {
+        pb.set_message(what.to_string());
+        pb.set_position(done as u64);
+    })
+    .with_context(|| format!("tuning on {}", text.display()))?;
+    pb.finish_and_clear();
+    let best = t.best();
+    let arena_flag = match opts.arena {
+        ArenaSize::Bytes(b) => format!("--arena {b}"),
+        ArenaSize::Experts(n) => format!("--arena-experts {n}"),
+        ArenaSize::All => String::new(),
+    };
+    let flags = if best.cache_bias == 0.0 {
+        format!("{arena_flag} (exact routing: no bias reads fewer bytes within the budget)")
+    } else {
+        let keep = if keep == 1 { String::new() } else { format!(" --cache-keep {keep}") };
+        format!("{arena_flag} --cache-bias {}{keep}", best.cache_bias)
+    };
+    if json {
+        println!("{}", serde_json::json!({ "tune": t, "budget": budget, "flags": flags.trim() }));
+        return Ok(());
+    }
+    println!(
+        "arena {} slots; budget: perplexity within +{:.2}% of exact routing's{}",
+        t.arena_slots,
+        100.0 * budget.max_ppl,
+        budget.min_top1.map_or(String::new(), |m| format!(", top-1 agreement at least {:.1}%", 100.0 * m))
+    );
+    println!(
+        "| cache bias | hit rate | bytes/token | perplexity | vs exact | top-1 agreement | mean KL (nats) | within |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let exact = &t.trials[0];
+    for tr in &t.trials {
+        println!(
+            "| {} | {:.1}% | {} ({:+.0}%) | {:.4} | {:+.2}% | {:.2}% | {:.5} | {} |",
+            tr.cache_bias,
+            100.0 * tr.hit_rate,
+            short_bytes(tr.bytes_per_token as u64),
+            100.0 * (tr.bytes_per_token / exact.bytes_per_token.max(1e-9) - 1.0),
+            tr.ppl,
+            100.0 * (tr.ppl / exact.ppl - 1.0),
+            100.0 * tr.agreement.top1,
+            tr.agreement.mean_kl,
+            if tr.within { "yes" } else { "no" }
+        );
+    }
+    println!("best: sage run {} {}", dir.display(), flags.trim());
+    Ok(())
+}
+
+/// Whether `opts` asks for a lever that trades output quality for fewer reads.
+pub fn is_lever(opts: &EngineOptions) -> bool {
+    !opts.cache_bias.is_exact()
+}
+
+/// `opts` with every lever off: the reference the quality gates compare with.
+pub fn exact_options(opts: &EngineOptions) -> EngineOptions {
+    EngineOptions { cache_bias: crate::engine::router::CacheBias::EXACT, ..opts.clone() }
 }
 
 /// `sage profile`: the routing of text file `text` in windows of the engine's context, written

@@ -93,13 +93,17 @@ pub fn stats_lines(t: &RouteTrace) -> String {
 pub fn record(dir: &Path, text: &Path, out: &Path, opts: EngineOptions, pcts: &[f64]) -> anyhow::Result<()> {
     let (tokens, _) = super::read_text_tokens(dir, text)?;
     let window = opts.n_ctx;
+    let how = match (opts.cache_bias.is_exact(), opts.arena) {
+        (true, _) => String::new(),
+        (false, a) => format!(", cache-aware routing (bias {}) with an arena of {a:?}", opts.cache_bias.bias),
+    };
     let opts = EngineOptions { fused: false, ..opts };
     let mut engine = Engine::load(dir, opts)?;
     let pb = super::windows_bar(tokens.len() / window.max(1), "route");
     let t = crate::eval::profile(&mut engine, &tokens, window, true, |done, _| pb.set_position(done as u64))
         .with_context(|| format!("routing {}", text.display()))?;
     pb.finish_and_clear();
-    t.save(out, &format!("recorded by sage trace record from {} over {}", dir.display(), text.display()))?;
+    t.save(out, &format!("recorded by sage trace record from {} over {}{how}", dir.display(), text.display()))?;
     println!("wrote {}", out.display());
     print!("{}", stats_lines(&t));
     print!("{}", replay_table(&t, pcts));

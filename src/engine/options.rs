@@ -76,6 +76,11 @@ pub struct EngineOptions {
     /// arena under realistic reuse on a model whose own routing is random. Implies the
     /// streaming path (two graphs per layer) and no prefetch (its prediction is the router's).
     pub route_trace: Option<std::sync::Arc<super::trace::RouteTrace>>,
+    /// Cache-aware routing (`router::CacheBias`): prefer experts already in the arena among
+    /// those close to the top-k. Exact routing (bias 0) by default. It changes the model's
+    /// output; `sage eval` measures by how much. Only the streaming path routes with it (with
+    /// every expert resident there is nothing to prefer).
+    pub cache_bias: super::router::CacheBias,
 }
 
 impl Default for EngineOptions {
@@ -97,6 +102,7 @@ impl Default for EngineOptions {
             arena_repack: None,
             fused: true,
             route_trace: None,
+            cache_bias: super::router::CacheBias::EXACT,
         }
     }
 }

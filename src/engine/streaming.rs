@@ -7,7 +7,7 @@
 //! the residual. The activations between graphs live in the engine's `state`.
 
 use super::io_thread::Prefetcher;
-use super::router::{route, Choice};
+use super::router::{route, route_cached, Choice};
 use super::{Engine, GRAPH_NODES, GRAPH_TENSORS};
 use crate::error::Result;
 use crate::ggml::{Context, GgmlType};
@@ -100,7 +100,17 @@ impl Engine {
                     weights: vec![1.0 / k as f32; k],
                 })
                 .collect(),
-            None => (0..n).map(|t| route(&router_logits[t * n_exp..(t + 1) * n_exp], present, k, norm)).collect(),
+            None if self.opts.cache_bias.is_exact() => {
+                (0..n).map(|t| route(&router_logits[t * n_exp..(t + 1) * n_exp], present, k, norm)).collect()
+            }
+            // Cache-aware: every token of the batch prefers what was resident before it.
+            None => {
+                let resident: Vec<bool> = (0..n_exp as u32).map(|e| self.sched.is_resident(il, e)).collect();
+                let cb = &self.opts.cache_bias;
+                (0..n)
+                    .map(|t| route_cached(&router_logits[t * n_exp..(t + 1) * n_exp], present, &resident, k, norm, cb))
+                    .collect()
+            }
         };
         // Score the prediction made for this layer (decode: one token).
         if let Some((pl, predicted)) = self.predicted.take() {

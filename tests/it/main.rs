@@ -10,6 +10,7 @@ mod engine;
 mod footprint;
 mod fuzz_regressions;
 mod gguf_malformed;
+mod levers;
 mod parity;
 mod quality;
 mod quant;
