@@ -397,6 +397,10 @@ struct FootprintArgs {
     /// q5_k q4_k q4_0 q3_k q2_k).
     #[arg(long, value_delimiter = ',')]
     quant: Vec<String>,
+    /// Also report the extra disk of cold copies at this type (`sage-convert --cold-quant`); a
+    /// model directory with cold copies reports its own.
+    #[arg(long)]
+    cold_quant: Option<String>,
     /// Write an SVG chart of resident bytes against arena size here.
     #[arg(long)]
     plot: Option<PathBuf>,
@@ -460,9 +464,15 @@ fn main() -> ExitCode {
             .engine
             .options(a.ctx)
             .and_then(|opts| sage::cli::profile(&a.dir, &a.text, &a.out, opts, a.engine.warm.as_deref())),
-        Command::Footprint(a) => {
-            sage::cli::footprint(&a.path, &a.arena, &a.arena_experts, &a.quant, a.plot.as_deref(), a.json)
-        }
+        Command::Footprint(a) => sage::cli::footprint(
+            &a.path,
+            &a.arena,
+            &a.arena_experts,
+            &a.quant,
+            a.cold_quant.as_deref(),
+            a.plot.as_deref(),
+            a.json,
+        ),
         Command::Plan(a) => (|| {
             let ram = parse_size(&a.ram).with_context(|| format!("--ram '{}'", a.ram))?;
             let disk = match a.disk.as_str() {

@@ -179,6 +179,7 @@ pub fn footprint(
     arenas_asked: &[String],
     arena_experts: &[u64],
     quants: &[String],
+    cold: Option<&str>,
     plot: Option<&Path>,
     json: bool,
 ) -> anyhow::Result<()> {
@@ -199,7 +200,8 @@ pub fn footprint(
     arenas.extend(arena_experts.iter().map(|&n| ArenaSpec::Experts(n)));
     let quants = quants.iter().map(|q| crate::quant::parse_quant(q)).collect::<Result<Vec<_>>>()?;
     // Library errors name the path already.
-    let fp = crate::footprint::footprint(path, &FootprintOptions { quants, arenas })?;
+    let cold = cold.map(crate::quant::parse_quant).transpose()?;
+    let fp = crate::footprint::footprint(path, &FootprintOptions { quants, arenas, cold })?;
     if let Some(out) = plot {
         crate::footprint::plot_svg(&fp, out)?;
     }
