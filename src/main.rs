@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use sage::cli::{parse_size, ChatJob, RunJob, ServeJob};
 use sage::engine::sampler::SamplerParams;
-use sage::engine::{ArenaSize, EngineOptions, KvType};
+use sage::engine::{ArenaSize, ColdUse, EngineOptions, KvType};
 
 #[derive(Parser)]
 #[command(name = "sage", version, about = "Run Mixture-of-Experts models on devices smaller than the model")]
@@ -176,6 +176,12 @@ struct EngineArgs {
     /// one this build or machine lacks falls back to the CPU with a warning.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// With an arena smaller than the experts: load an expert's low-bit cold copy (written by
+    /// sage-convert --cold-quant TYPE) on a miss, and its full record when it is chosen again
+    /// while resident. Fewer bytes read per token, at a cost in quality. No effect when every
+    /// expert is resident. `--cold-quant=never-upgrade`: cold copies only, never upgraded.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "upgrade", value_parser = ["upgrade", "never-upgrade"])]
+    cold_quant: Option<String>,
 }
 
 impl EngineArgs {
@@ -195,6 +201,11 @@ impl EngineArgs {
             policy: self.policy.clone(),
             page_cache: self.page_cache,
             prefetch: !self.no_prefetch,
+            cold: match self.cold_quant.as_deref() {
+                None => ColdUse::Off,
+                Some("never-upgrade") => ColdUse::NeverUpgrade,
+                Some(_) => ColdUse::Upgrade,
+            },
             ..Default::default()
         })
     }

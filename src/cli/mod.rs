@@ -115,6 +115,8 @@ pub fn run_stats(g: &Generation, engine: &Engine) -> serde_json::Value {
         "bytes_read": st.bytes_read,
         "bytes_read_per_token": st.bytes_read / n_tok,
         "load_stall_s": st.stall.as_secs_f64(),
+        "cold_loads": st.cold_loads,
+        "upgrades": st.upgrades,
         "prefetch": g.stats.prefetch,
         "expert_reads": engine.read_paths(),
         "arena_bytes": engine.arena_bytes(),
@@ -147,6 +149,12 @@ pub fn print_run_stats(g: &Generation, engine: &Engine) {
         short_bytes(st.bytes_read / n_tok),
         st.stall.as_secs_f64()
     );
+    if st.cold_loads + st.upgrades > 0 {
+        eprintln!(
+            "cold copies: {} misses loaded a cold record, {} hits upgraded to the full record",
+            st.cold_loads, st.upgrades
+        );
+    }
     let pf = &g.stats.prefetch;
     if pf.issued + pf.skipped > 0 {
         eprintln!(
@@ -267,7 +275,7 @@ pub fn eval(dir: &Path, text: &Path, json: bool, opts: EngineOptions, warm: Opti
             serde_json::json!({
                 "perplexity": p, "text_tokens": tokens.len(), "seconds": secs,
                 "expert_hit_rate": st.hit_rate(), "bytes_read": st.bytes_read,
-                "arena_slots": engine.n_slots(),
+                "arena_slots": engine.n_slots(), "cold_loads": st.cold_loads, "upgrades": st.upgrades,
             })
         );
     } else {
@@ -289,6 +297,9 @@ pub fn eval(dir: &Path, text: &Path, json: bool, opts: EngineOptions, warm: Opti
             short_bytes(st.bytes_read),
             engine.n_slots()
         );
+        if st.cold_loads + st.upgrades > 0 {
+            eprintln!("cold copies: {} cold loads, {} upgrades", st.cold_loads, st.upgrades);
+        }
     }
     Ok(())
 }

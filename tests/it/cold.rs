@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use sage::convert::{convert, ConvertOptions, ConvertReport};
+use sage::engine::{ArenaSize, ColdUse, Engine, EngineOptions};
 use sage::footprint::{footprint, FootprintOptions};
 use sage::ggml::GgmlType;
 use sage::merge::merge;
@@ -197,4 +198,149 @@ fn inspect_and_footprint_report_the_cold_copies() {
         &["footprint", plain().join("config.json").to_str().unwrap(), "--cold-quant", "q4_0"],
     );
     assert!(stdout.contains("cold copies at q4_0"), "{stdout}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The engine
+
+/// A small streaming arena (3 slots of 16 experts: prompts need several groups per layer).
+fn streaming(cold: ColdUse) -> EngineOptions {
+    EngineOptions { cold, ..exact(ArenaSize::Experts(3)) }
+}
+
+/// Every reference prompt's logits at every position, in one batch and in batches of 3, then
+/// `steps` greedy decode steps after the first prompt; and the engine's figures.
+fn run(model: &Path, o: EngineOptions, steps: usize) -> (Vec<Vec<f32>>, sage::engine::EngineStats) {
+    let mut e = Engine::load(model, o).unwrap();
+    let mut out = Vec::new();
+    for p in reference() {
+        let ids: Vec<u32> = p.ids.iter().map(|&i| i as u32).collect();
+        e.reset();
+        out.extend(rows(e.eval(&ids, true).unwrap(), 512));
+        out.extend(sage_logits_split(&mut e, &ids, 3));
+    }
+    let first: Vec<u32> = reference()[0].ids.iter().map(|&i| i as u32).collect();
+    e.reset();
+    let mut logits = e.eval(&first, false).unwrap();
+    for _ in 0..steps {
+        let next = sage::engine::sampler::argmax(&logits);
+        logits = e.eval(&[next], false).unwrap();
+        out.push(logits.clone());
+    }
+    (out, e.stats())
+}
+
+fn bits(rows: &[Vec<f32>]) -> Vec<u32> {
+    rows.iter().flatten().map(|x| x.to_bits()).collect()
+}
+
+/// With every load cold, the model is the one converted at the cold type: the same logits to
+/// the bit (the same bytes in the slots, read through views of the same type, and each
+/// token's experts summed in the same order; padding entries of weight 0 add exact zeros).
+#[test]
+fn every_expert_cold_gives_the_logits_of_a_model_converted_at_the_cold_type() {
+    let dir = tmp();
+    for cold in [GgmlType::Q4_0, GgmlType::Q2_K] {
+        let (with, _) = convert_cold(dir.path(), &format!("with-{cold}"), GgmlType::Q8_0, Some(cold));
+        let (at_cold, _) = convert_cold(dir.path(), &format!("at-{cold}"), cold, None);
+        let (a, sa) = run(&with, streaming(ColdUse::NeverUpgrade), 8);
+        let (b, sb) = run(&at_cold, streaming(ColdUse::Off), 8);
+        assert_eq!(a.len(), b.len());
+        let d = max_abs_diff(&a, &b);
+        assert!(bits(&a) == bits(&b), "{cold}: all-cold logits differ from the {cold} model's by up to {d}");
+        // The same loads, of records of the same size; every one cold, none upgraded.
+        let (x, y) = (&sa.sched, &sb.sched);
+        assert_eq!((x.hits, x.misses, x.bytes_read), (y.hits, y.misses, y.bytes_read), "{cold}");
+        assert!(x.misses > 48, "{cold}: the arena streamed ({} misses)", x.misses);
+        assert_eq!((x.cold_loads, x.upgrades), (x.misses, 0), "{cold}");
+        assert_eq!((y.cold_loads, y.upgrades), (0, 0), "{cold}");
+        // And they differ from the full records' logits: the cold copies were used.
+        let (full, _) = run(&with, streaming(ColdUse::Off), 8);
+        assert!(max_abs_diff(&a, &full) > 1e-3, "{cold}: cold logits equal the full ones");
+    }
+}
+
+/// Off (the default) on a directory with cold copies: exactly the model without them. With
+/// every expert resident, cold copies change nothing either.
+#[test]
+fn cold_off_or_every_expert_resident_is_exact() {
+    let dir = tmp();
+    let (with, _) = convert_cold(dir.path(), "with", GgmlType::Q8_0, Some(GgmlType::Q4_0));
+    let (without, _) = convert_cold(dir.path(), "without", GgmlType::Q8_0, None);
+    assert_eq!(EngineOptions::default().cold, ColdUse::Off);
+    let (a, sa) = run(&with, streaming(ColdUse::Off), 8);
+    let (b, sb) = run(&without, streaming(ColdUse::Off), 8);
+    assert!(bits(&a) == bits(&b), "cold off differs by {}", max_abs_diff(&a, &b));
+    let (x, y) = (&sa.sched, &sb.sched);
+    assert_eq!((x.hits, x.misses, x.bytes_read, x.cold_loads), (y.hits, y.misses, y.bytes_read, 0));
+    for o in [exact(ArenaSize::All), EngineOptions { fused: false, ..exact(ArenaSize::All) }] {
+        let (x, _) = run(&without, o.clone(), 4);
+        let (y, sy) = run(&with, EngineOptions { cold: ColdUse::NeverUpgrade, ..o }, 4);
+        assert!(bits(&x) == bits(&y), "all resident: cold copies changed the logits by {}", max_abs_diff(&x, &y));
+        assert_eq!(sy.sched.cold_loads, 0);
+    }
+}
+
+/// With upgrades: a miss loads the cold record, a hit on a cold expert its full record; the
+/// bytes read are exactly those loads. Fewer bytes than without cold copies on the same run.
+#[test]
+fn upgrades_load_full_records_of_experts_chosen_again_and_cold_copies_read_less() {
+    let dir = tmp();
+    let (with, _) = convert_cold(dir.path(), "with", GgmlType::Q8_0, Some(GgmlType::Q2_K));
+    let md = ModelDir::open(&with).unwrap();
+    let (full, cold) = (md.manifest.layers[0].record_size(), md.manifest.cold[0].record_size());
+    let (off, s_off) = run(&with, streaming(ColdUse::Off), 16);
+    let (up, s_up) = run(&with, streaming(ColdUse::Upgrade), 16);
+    let (never, s_never) = run(&with, streaming(ColdUse::NeverUpgrade), 16);
+    let (o, u, n) = (&s_off.sched, &s_up.sched, &s_never.sched);
+    assert!(u.upgrades > 0, "hits on cold experts upgrade them: {u:?}");
+    assert_eq!(u.cold_loads, u.misses, "every miss loads a cold record");
+    assert_eq!(u.bytes_read, u.cold_loads * cold + u.upgrades * full, "{u:?}");
+    assert!(u.upgrades <= u.hits);
+    assert_eq!(n.bytes_read, n.misses * cold);
+    assert_eq!(o.bytes_read, o.misses * full);
+    // Same prompts, same arena: the cold runs read less per token.
+    let per_token = |s: &sage::engine::EngineStats| s.sched.bytes_read as f64 / s.tokens_evaluated as f64;
+    eprintln!(
+        "bytes per token: off {:.0}, upgrade {:.0}, never-upgrade {:.0}; upgrades {} of {} hits",
+        per_token(&s_off),
+        per_token(&s_up),
+        per_token(&s_never),
+        u.upgrades,
+        u.hits
+    );
+    assert!(per_token(&s_up) < per_token(&s_off) && per_token(&s_never) < per_token(&s_up));
+    // Upgraded experts run at full precision: closer to the exact logits than all-cold.
+    let (d_up, d_never) = (max_abs_diff(&up, &off), max_abs_diff(&never, &off));
+    let mean = |a: &[Vec<f32>]| {
+        let n: usize = a.iter().map(Vec::len).sum();
+        a.iter().zip(&off).flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs() as f64)).sum::<f64>() / n as f64
+    };
+    eprintln!("|upgrade - exact| max {d_up}, mean {}; |never - exact| max {d_never}, mean {}", mean(&up), mean(&never));
+    assert!(up.iter().flatten().all(|x| x.is_finite()));
+    assert!(mean(&up) < mean(&never), "upgrades do not bring the logits closer to the exact ones");
+}
+
+#[test]
+fn cold_copies_are_refused_for_a_directory_without_them() {
+    let dir = tmp();
+    let (without, _) = convert_cold(dir.path(), "without", GgmlType::Q8_0, None);
+    let e = Engine::load(&without, streaming(ColdUse::Upgrade)).err().unwrap().to_string();
+    assert!(e.contains("without") && e.contains("no cold copies") && e.contains("--cold-quant"), "{e}");
+    // The command line: --cold-quant, --cold-quant=never-upgrade; stats report cold loads.
+    let (with, _) = convert_cold(dir.path(), "with", GgmlType::Q8_0, Some(GgmlType::Q4_0));
+    let sage = |m: &Path, extra: &[&str]| {
+        let mut args = vec!["run", m.to_str().unwrap(), "-p", "hello world", "-n", "4", "--arena-experts", "3"];
+        args.extend_from_slice(extra);
+        let o = Command::new(env!("CARGO_BIN_EXE_sage")).args(&args).output().unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let (ok, err) = sage(&without, &["--cold-quant"]);
+    assert!(!ok && err.contains("no cold copies"), "{err}");
+    let (ok, err) = sage(&with, &["--cold-quant", "--stats"]);
+    assert!(ok && err.contains("cold copies:") && err.contains("misses loaded a cold record"), "{err}");
+    let (ok, err) = sage(&with, &["--cold-quant=never-upgrade", "--stats"]);
+    assert!(ok && err.contains("0 hits upgraded"), "{err}");
+    let (ok, err) = sage(&with, &["--cold-quant=sometimes"]);
+    assert!(!ok && err.contains("never-upgrade"), "{err}");
 }
