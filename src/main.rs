@@ -221,6 +221,10 @@ struct EvalArgs {
     /// Window length in tokens; the second half of each window is scored.
     #[arg(long, default_value_t = 512)]
     ctx: usize,
+    /// Tokens per graph (at most --ctx); 1 evaluates a token at a time, as decoding does, so
+    /// the arena's hits, loads and upgrades are a decode's.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    batch: u32,
     #[command(flatten)]
     engine: EngineArgs,
     /// Print one JSON object instead of text.
@@ -470,6 +474,7 @@ fn main() -> ExitCode {
         Command::Eval(a) => a
             .engine
             .options(a.ctx)
+            .map(|opts| EngineOptions { n_batch: (a.batch as usize).min(a.ctx), ..opts })
             .and_then(|opts| sage::cli::eval(&a.dir, &a.text, a.json, opts, a.engine.warm.as_deref())),
         Command::Profile(a) => a
             .engine

@@ -344,3 +344,26 @@ fn cold_copies_are_refused_for_a_directory_without_them() {
     let (ok, err) = sage(&with, &["--cold-quant=sometimes"]);
     assert!(!ok && err.contains("never-upgrade"), "{err}");
 }
+
+/// `sage eval --batch 1 --cold-quant`: a token at a time, experts chosen again are hits, and
+/// hits on cold experts upgrade them; in one batch per window every load is a miss.
+#[test]
+fn eval_reports_cold_loads_and_upgrades() {
+    let dir = tmp();
+    let (with, _) = convert_cold(dir.path(), "with", GgmlType::Q8_0, Some(GgmlType::Q4_0));
+    let text = dir.path().join("text.txt");
+    let words: Vec<String> = reference().iter().map(|p| p.text.clone()).collect();
+    std::fs::write(&text, words.join(" ").repeat(4)).unwrap();
+    let eval = |batch: &str| -> serde_json::Value {
+        let args = ["eval", with.to_str().unwrap(), "--text", text.to_str().unwrap(), "--ctx", "32", "--batch", batch];
+        let more = ["--arena-experts", "4", "--cold-quant", "--json", "--threads", "2"];
+        let o = Command::new(env!("CARGO_BIN_EXE_sage")).args(args).args(more).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let (one, all) = (eval("1"), eval("32"));
+    assert!(one["upgrades"].as_u64().unwrap() > 0 && one["expert_hit_rate"].as_f64().unwrap() > 0.0, "{one}");
+    assert!(one["cold_loads"].as_u64().unwrap() > 0, "{one}");
+    assert!(all["cold_loads"].as_u64().unwrap() > 0, "{all}");
+    assert!(one["perplexity"]["ppl"].as_f64().unwrap().is_finite());
+}
