@@ -367,3 +367,26 @@ fn eval_reports_cold_loads_and_upgrades() {
     assert!(all["cold_loads"].as_u64().unwrap() > 0, "{all}");
     assert!(one["perplexity"]["ppl"].as_f64().unwrap().is_finite());
 }
+
+/// Rows that do not fit the cold type's blocks fall back as the full records do, and are
+/// reported: the 128-expert model's down projections have rows of 64.
+#[test]
+fn cold_copies_fall_back_like_the_experts_and_say_so() {
+    let dir = tmp();
+    let conv = |name: &str, o: ConvertOptions| convert(&bundled128(), &dir.path().join(name), &o).unwrap();
+    let with = conv("with", ConvertOptions { cold_quant: Some(GgmlType::Q2_K), ..Default::default() });
+    let at = conv("at", ConvertOptions { quant_experts: Some(GgmlType::Q2_K), ..Default::default() });
+    let cold_falls: Vec<&String> = with.fallbacks.iter().filter(|f| f.contains("(cold copy)")).collect();
+    assert_eq!(cold_falls.len(), 4, "{:?}", with.fallbacks);
+    assert!(
+        cold_falls[0]
+            .contains("blk.0.ffn_down_exps.weight (cold copy): rows of 64 do not fit q2_K blocks of 256; using q4_0"),
+        "{cold_falls:?}"
+    );
+    let (m, c) = (ModelDir::open(&with.out).unwrap(), ModelDir::open(&at.out).unwrap());
+    assert_eq!(m.manifest.cold[0].types, [GgmlType::Q2_K, GgmlType::Q2_K, GgmlType::Q4_0]);
+    assert_eq!(m.manifest.cold[3].types, c.manifest.layers[3].types);
+    for (il, e) in [(0, 0), (1, 77), (3, 127)] {
+        assert_eq!(m.read_cold_expert(il, e).unwrap(), c.read_expert(il, e).unwrap(), "layer {il} expert {e}");
+    }
+}
