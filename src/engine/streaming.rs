@@ -373,3 +373,37 @@ impl Engine {
         Ok(logits.read_f32(cfg.n_vocab as usize * n_out))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pass_pads_only_with_slots_of_its_kind_in_the_group() {
+        // Group experts 3, 5, 7, 9 in slots 10, 11, 12, 13; slots 11 and 13 hold cold records.
+        let (group, slots) = ([3, 5, 7, 9], [10, 11, 12, 13]);
+        let mut slot_cold = vec![false; 16];
+        slot_cold[11] = true;
+        slot_cold[13] = true;
+        // Slot 0 is of neither pass's group: never a pad, whatever its kind.
+        let choices = [
+            Choice { experts: vec![5, 3, 2], weights: vec![0.5, 0.3, 0.2] }, // 2: another group
+            Choice { experts: vec![9, 7, 5], weights: vec![0.6, 0.3, 0.1] },
+            Choice { experts: vec![2, 4, 6], weights: vec![0.4, 0.4, 0.2] }, // none here
+        ];
+        let hot = moe_pass(&choices, &group, &slots, &slot_cold, false).unwrap();
+        assert_eq!((hot.cold, hot.k), (false, 1));
+        assert_eq!(hot.ids, vec![10, 12, 10]);
+        assert_eq!(hot.wts, vec![0.3, 0.3, 0.0]);
+        let cold = moe_pass(&choices, &group, &slots, &slot_cold, true).unwrap();
+        assert_eq!((cold.cold, cold.k), (true, 2));
+        // Token 0: its cold expert 5 (slot 11), padded with the other cold slot, 13; token 1:
+        // 9 then 5 in its order; token 2: both pads.
+        assert_eq!(cold.ids, vec![11, 13, 13, 11, 11, 13]);
+        assert_eq!(cold.wts, vec![0.5, 0.0, 0.6, 0.1, 0.0, 0.0]);
+        // A group of one kind has one pass.
+        assert!(moe_pass(&choices, &group, &slots, &[false; 16], true).is_none());
+        let all = moe_pass(&choices, &group, &slots, &[false; 16], false).unwrap();
+        assert_eq!((all.k, &all.ids[..3]), (3, &[11, 10, 12][..]));
+    }
+}
