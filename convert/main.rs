@@ -46,6 +46,10 @@ struct ConvertArgs {
     /// Type for the experts.
     #[arg(long)]
     quant_experts: Option<String>,
+    /// Also store a smaller copy of every expert at this type (e.g. q2_k), in
+    /// experts/blk.NNN.cold.bin, for `sage run --cold-quant` (extra disk: `sage footprint`).
+    #[arg(long)]
+    cold_quant: Option<String>,
     /// Keep only these experts in every layer, e.g. `0-7` or `0,3,5-9` (a pool).
     #[arg(long, conflicts_with = "pool")]
     experts: Option<String>,
@@ -205,6 +209,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let q = a.quant.as_deref().map(parse_quant).transpose()?;
             let qb = a.quant_base.as_deref().map(parse_quant).transpose()?.or(q);
             let qe = a.quant_experts.as_deref().map(parse_quant).transpose()?.or(q);
+            let cold_quant = a.cold_quant.as_deref().map(parse_quant).transpose()?;
             let experts = match &a.experts {
                 Some(spec) => {
                     let src = sage::source::open(&input).with_context(|| format!("reading {}", input.display()))?;
@@ -225,7 +230,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 _ => None,
             };
-            let opts = ConvertOptions { quant_base: qb, quant_experts: qe, experts, experts_per_layer, force: a.force };
+            let opts = ConvertOptions {
+                quant_base: qb,
+                quant_experts: qe,
+                experts,
+                experts_per_layer,
+                cold_quant,
+                force: a.force,
+            };
             let (bar, mut update) = bytes_bar();
             let r = convert_with_progress(&input, &out, &opts, &mut update);
             bar.finish_and_clear();
@@ -242,6 +254,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 human_bytes(r.expert_bytes),
                 r.conversion_id
             );
+            if r.cold_bytes > 0 {
+                println!("cold copies: {} more on disk", human_bytes(r.cold_bytes));
+            }
             // Conversion streams a tensor at a time: this follows the largest tensor.
             if let Some(peak) = sage::cli::peak_rss_bytes() {
                 println!("peak RSS {:.1} MiB", peak as f64 / (1u64 << 20) as f64);

@@ -32,6 +32,10 @@ pub struct ConvertOptions {
     /// Keep these expert ids in each layer (one list per layer, e.g. a calibrated pool from
     /// `Usage::most_used`); overrides `experts`.
     pub experts_per_layer: Option<Vec<Vec<u32>>>,
+    /// Also store a second, smaller record of every expert at this type (its cold copy, in
+    /// `experts/blk.NNN.cold.bin`), quantized from the same source as the full one, with the
+    /// same block-size fallback; None: no cold copies.
+    pub cold_quant: Option<GgmlType>,
     /// Replace a model already in the output directory.
     pub force: bool,
 }
@@ -44,6 +48,8 @@ pub struct ConvertReport {
     pub fallbacks: Vec<String>,
     pub base_bytes: u64,
     pub expert_bytes: u64,
+    /// Bytes of the cold copies' records (0 without `cold_quant`).
+    pub cold_bytes: u64,
     pub n_base_tensors: usize,
     pub n_experts_per_layer: usize,
 }
@@ -274,13 +280,16 @@ pub fn convert_source(
         planned.push(Planned { name, src: meta, target });
     }
     let mut layers = Vec::new();
+    let mut cold_layers = Vec::new();
     let mut src_expert_bytes = 0;
     for il in 0..cfg.n_layer {
         let ids = &pools[il as usize];
         let mut types = [GgmlType::F32; 3];
+        let mut cold_types = [GgmlType::F32; 3];
         for p in Proj::ALL {
             let want = cfg.expert_shape(p);
             let mut target = None;
+            let mut cold_target = None;
             for &e in ids {
                 let m = src.expert_meta(il, e, p)?;
                 let name = src.expert_source_name(il, e, p);
@@ -291,14 +300,27 @@ pub fn convert_source(
                     choose(&p.stacked(il), Role::Weight, &m, opts.quant_experts, &mut fallbacks)
                 });
                 check_convertible(&path, &name, m.ty, t)?;
+                if let Some(cq) = opts.cold_quant {
+                    let what = format!("{} (cold copy)", p.stacked(il));
+                    let t =
+                        *cold_target.get_or_insert_with(|| choose(&what, Role::Weight, &m, Some(cq), &mut fallbacks));
+                    check_convertible(&path, &name, m.ty, t)?;
+                }
                 src_expert_bytes += m.size();
             }
             types[p.index()] = target.expect("pool is not empty");
+            cold_types[p.index()] = cold_target.unwrap_or(GgmlType::F32);
         }
         let shapes = Proj::ALL.map(|p| cfg.expert_shape(p));
-        let mut layer = ExpertLayer { il, file: shard_name(il), ids: ids.clone(), offsets: vec![], types, shapes };
-        layer.offsets = (0..ids.len() as u64).map(|i| RECORD_ALIGN + i * layer.stride()).collect();
-        layers.push(layer);
+        let new_layer = |file: String, types: [GgmlType; 3]| {
+            let mut layer = ExpertLayer { il, file, ids: ids.clone(), offsets: vec![], types, shapes };
+            layer.offsets = (0..ids.len() as u64).map(|i| RECORD_ALIGN + i * layer.stride()).collect();
+            layer
+        };
+        layers.push(new_layer(shard_name(il), types));
+        if opts.cold_quant.is_some() {
+            cold_layers.push(new_layer(cold_shard_name(il), cold_types));
+        }
     }
     let tokenizer = src.tokenizer()?;
     for f in &fallbacks {
@@ -323,18 +345,36 @@ pub fn convert_source(
     let mut done = 0;
 
     let mut tc = Transcoder::default();
+    let mut tc_cold = Transcoder::default();
     let mut expert_bytes = 0;
-    for layer in &layers {
+    let mut cold_bytes = 0;
+    for (i, layer) in layers.iter().enumerate() {
         let il = layer.il;
         let what = format!("experts of layer {il}");
-        let shard_path = out.join(&layer.file);
-        let mut f = AtomicFile::create(&shard_path)?;
-        f.write(&shard_header(layer, &conversion_id))?;
+        let mut f = AtomicFile::create(&out.join(&layer.file))?;
+        f.write(&shard_header(layer, &conversion_id, RecordKind::Full))?;
+        // The cold copies are written beside the full records, from the same source bytes.
+        let cold = cold_layers.get(i);
+        let mut cf = match cold {
+            Some(c) => {
+                let mut cf = AtomicFile::create(&out.join(&c.file))?;
+                cf.write(&shard_header(c, &conversion_id, RecordKind::Cold))?;
+                Some(cf)
+            }
+            None => None,
+        };
         for &e in &layer.ids {
             for p in Proj::ALL {
                 let meta = src.expert_meta(il, e, p)?;
                 src.read_expert(il, e, p, &mut tc.src)?;
                 let name = src.expert_source_name(il, e, p);
+                if let (Some(c), Some(cf)) = (cold, cf.as_mut()) {
+                    tc_cold.src.clear();
+                    tc_cold.src.extend_from_slice(&tc.src);
+                    let bytes = tc_cold.run(&path, &name, meta.ty, meta.ne[0], c.types[p.index()])?;
+                    debug_assert_eq!(bytes.len() as u64, c.sizes()[p.index()]);
+                    cf.write(bytes)?;
+                }
                 let bytes = tc.run(&path, &name, meta.ty, meta.ne[0], layer.types[p.index()])?;
                 debug_assert_eq!(bytes.len() as u64, layer.sizes()[p.index()]);
                 f.write(bytes)?;
@@ -342,9 +382,16 @@ pub fn convert_source(
                 progress(done, total, &what);
             }
             f.pad_to(RECORD_ALIGN)?;
+            if let Some(cf) = cf.as_mut() {
+                cf.pad_to(RECORD_ALIGN)?;
+            }
         }
         expert_bytes += layer.record_size() * layer.ids.len() as u64;
         f.finish()?;
+        if let (Some(c), Some(cf)) = (cold, cf) {
+            cold_bytes += c.record_size() * c.ids.len() as u64;
+            cf.finish()?;
+        }
     }
 
     let tok_path = out.join(TOKENIZER);
@@ -362,7 +409,7 @@ pub fn convert_source(
     for (k, v) in &tokenizer.gguf_kv {
         set(&mut g, k, v)?;
     }
-    let manifest = Manifest { conversion_id: conversion_id.clone(), source: src.describe(), layers };
+    let manifest = Manifest { conversion_id: conversion_id.clone(), source: src.describe(), layers, cold: cold_layers };
     manifest.write_gguf(&mut g)?;
     for t in &planned {
         g.add_tensor(&t.name, t.target, &t.src.ne).map_err(|e| Error::Tensor {
@@ -399,6 +446,7 @@ pub fn convert_source(
         fallbacks,
         base_bytes,
         expert_bytes,
+        cold_bytes,
         n_base_tensors: planned.len(),
         n_experts_per_layer: pools.iter().map(Vec::len).max().unwrap_or(0),
     })

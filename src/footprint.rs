@@ -67,12 +67,29 @@ pub struct FootprintOptions {
     pub quants: Vec<GgmlType>,
     /// Arena sizes to report resident totals at.
     pub arenas: Vec<ArenaSpec>,
+    /// Also report the cold copies `sage-convert --cold-quant` would write at this type (a
+    /// model directory with cold copies reports its own without it).
+    pub cold: Option<GgmlType>,
 }
 
 impl Default for FootprintOptions {
     fn default() -> Self {
-        FootprintOptions { quants: Vec::new(), arenas: ArenaSpec::defaults() }
+        FootprintOptions { quants: Vec::new(), arenas: ArenaSpec::defaults(), cold: None }
     }
+}
+
+/// The cold copies of every expert (`sage-convert --cold-quant`): extra disk, beside the full
+/// records (the arena's slots keep the full records' size).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ColdFootprint {
+    /// The type asked for, as `--cold-quant` spells it, or ggml's names of the stored types.
+    pub quant: String,
+    /// Types of gate, up and down (after the block-size fallback).
+    pub expert_types: [String; 3],
+    /// One expert's cold record.
+    pub expert_bytes: u64,
+    /// The cold shards on disk: per layer a 4096-byte header and one record per expert.
+    pub shard_bytes: u64,
 }
 
 /// The resident total (base + arena) at one arena size.
@@ -144,6 +161,9 @@ pub struct Measured {
     /// Sizes of the shard files (model directory only).
     pub shard_file_bytes: Option<u64>,
     pub shard_computed_bytes: Option<u64>,
+    /// Sizes of the cold shard files (a model directory with cold copies only).
+    pub cold_shard_file_bytes: Option<u64>,
+    pub cold_shard_computed_bytes: Option<u64>,
     /// Every computed figure equals its measured one.
     pub agree: bool,
     /// What disagrees, and how the computed figures were made.
@@ -162,6 +182,8 @@ pub struct Footprint {
     pub n_experts_active: u64,
     pub record_align: u64,
     pub quants: Vec<QuantFootprint>,
+    /// The cold copies' extra disk (`FootprintOptions::cold`, or a model directory's own).
+    pub cold: Option<ColdFootprint>,
     pub measured: Option<Measured>,
 }
 
@@ -270,6 +292,17 @@ fn quant_footprint(
     })
 }
 
+/// The cold copies of a model with `per_layer[il]` experts in layer `il`, at `types`
+/// (`quant` names them).
+fn cold_footprint(cfg: &ModelConfig, quant: String, types: [GgmlType; 3], per_layer: &[u64]) -> ColdFootprint {
+    ColdFootprint {
+        quant,
+        expert_types: types.map(|t| t.name().to_string()),
+        expert_bytes: layer_of(cfg, types, 1).record_size(),
+        shard_bytes: per_layer.iter().map(|&n| layer_of(cfg, types, n).file_size()).sum(),
+    }
+}
+
 fn quants_of(opts: &FootprintOptions) -> Vec<GgmlType> {
     if opts.quants.is_empty() {
         QUANT_NAMES.iter().map(|(_, t)| *t).collect()
@@ -294,6 +327,7 @@ fn compute(
         n_experts_active: cfg.n_layer as u64 * cfg.n_expert_used as u64,
         record_align: RECORD_ALIGN,
         quants: quants.collect::<Result<_>>()?,
+        cold: opts.cold.map(|q| cold_footprint(cfg, quant_name(q), expert_plan(cfg, q), per_layer)),
         measured: None,
     })
 }
@@ -477,9 +511,32 @@ pub fn of_model_dir(dir: &Path, opts: &FootprintOptions) -> Result<Footprint> {
         notes.push("the experts' types are no single --quant plan; computed from the stored types".into());
     }
     let experts = md.expert_bytes();
+    // Cold copies: their shards' sizes against the plan of their types.
+    let (mut cold_files, mut cold_computed) = (None, None);
+    if !md.manifest.cold.is_empty() {
+        let cold_types: Vec<[GgmlType; 3]> = md.manifest.cold.iter().map(|l| l.types).collect();
+        let cq = expert_quant(cfg, &cold_types);
+        let (mut files, mut planned) = (0, 0);
+        for l in &md.manifest.cold {
+            let types = cq.map_or(l.types, |q| expert_plan(cfg, q));
+            planned += layer_of(cfg, types, l.ids.len() as u64).file_size();
+            files += file_len(&dir.join(&l.file))?;
+        }
+        (cold_files, cold_computed) = (Some(files), Some(planned));
+        if opts.cold.is_none() {
+            let name = cq.map_or_else(|| "as stored".to_string(), quant_name);
+            f.cold = Some(cold_footprint(cfg, name, cold_types[0], &per_layer));
+            if cq.is_none() {
+                notes.push(
+                    "the cold copies' types are no single --cold-quant plan; computed from the stored types".into(),
+                );
+            }
+        }
+    }
     let agree = base.computed == base.measured
         && computed == experts
         && shards_computed == shards
+        && cold_files == cold_computed
         && one == one_computed
         && notes.iter().all(|n| n.contains("computed from the stored types"));
     f.measured = Some(Measured {
@@ -497,6 +554,8 @@ pub fn of_model_dir(dir: &Path, opts: &FootprintOptions) -> Result<Footprint> {
         experts_computed_bytes: computed,
         shard_file_bytes: Some(shards),
         shard_computed_bytes: Some(shards_computed),
+        cold_shard_file_bytes: cold_files,
+        cold_shard_computed_bytes: cold_computed,
         agree,
         notes,
     });
@@ -570,6 +629,8 @@ pub fn of_gguf(path: &Path, opts: &FootprintOptions) -> Result<Footprint> {
         experts_computed_bytes: computed,
         shard_file_bytes: None,
         shard_computed_bytes: None,
+        cold_shard_file_bytes: None,
+        cold_shard_computed_bytes: None,
         agree,
         notes,
     });
@@ -637,6 +698,16 @@ impl fmt::Display for Footprint {
             ]);
         }
         table(f, &rows)?;
+        if let Some(c) = &self.cold {
+            writeln!(
+                f,
+                "  cold copies at {} ({}): one expert {}, cold shards on disk {} more (arena slots unchanged)",
+                c.quant,
+                c.expert_types.join("/"),
+                short_bytes(c.expert_bytes),
+                short_bytes(c.shard_bytes)
+            )?;
+        }
         writeln!(f)?;
         writeln!(f, "  the same in decimal units (exact bytes with --json):")?;
         let mut rows =
@@ -756,6 +827,9 @@ impl fmt::Display for Footprint {
             writeln!(f, "                 projections by type: {}", types_line(&m.expert_types, "projections"))?;
             if let (Some(fc), Some(fm)) = (m.shard_computed_bytes, m.shard_file_bytes) {
                 writeln!(f, "    shard files  computed {fc}, measured {fm} bytes: {}", verdict(fc, fm))?;
+            }
+            if let (Some(fc), Some(fm)) = (m.cold_shard_computed_bytes, m.cold_shard_file_bytes) {
+                writeln!(f, "    cold shards  computed {fc}, measured {fm} bytes: {}", verdict(fc, fm))?;
             }
             for n in &m.notes {
                 writeln!(f, "    note: {n}")?;
@@ -901,7 +975,7 @@ mod tests {
     #[test]
     fn tied_embeddings_store_no_output() {
         let mut c = cfg(256, 256);
-        let opts = FootprintOptions { quants: vec![GgmlType::F32], arenas: vec![] };
+        let opts = FootprintOptions { quants: vec![GgmlType::F32], arenas: vec![], cold: None };
         let untied = of_config(&c, &opts).unwrap().quants[0].base_bytes;
         c.tie_word_embeddings = true;
         let tied = of_config(&c, &opts).unwrap().quants[0].base_bytes;

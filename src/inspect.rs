@@ -54,6 +54,10 @@ pub struct Inspection {
     pub n_expert_tensors: u64,
     pub expert_bytes: u64,
     pub expert_types: BTreeMap<String, Tally>,
+    /// The cold copies of the experts (`sage-convert --cold-quant`): bytes on disk beside the
+    /// full records (0 without them) and their types.
+    pub cold_bytes: u64,
+    pub cold_types: BTreeMap<String, Tally>,
     /// Expert ids present in each layer.
     pub experts_per_layer: Vec<Vec<u32>>,
 }
@@ -61,6 +65,7 @@ pub struct Inspection {
 pub fn inspect(path: &Path) -> Result<Inspection> {
     let mut base_types = BTreeMap::new();
     let mut expert_types = BTreeMap::new();
+    let mut cold_types = BTreeMap::new();
     if path.is_dir() {
         let m = ModelDir::open(path)?;
         for t in &m.base_tensors {
@@ -71,6 +76,13 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
             for p in Proj::ALL {
                 let n = l.ids.len() as u64;
                 Tally::add(&mut expert_types, Some(l.types[p.index()]), 0, n, n * sizes[p.index()]);
+            }
+        }
+        for l in &m.manifest.cold {
+            let sizes = l.sizes();
+            for p in Proj::ALL {
+                let n = l.ids.len() as u64;
+                Tally::add(&mut cold_types, Some(l.types[p.index()]), 0, n, n * sizes[p.index()]);
             }
         }
         return Ok(Inspection {
@@ -84,6 +96,8 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
             n_expert_tensors: m.manifest.layers.iter().map(|l| 3 * l.ids.len() as u64).sum(),
             expert_bytes: m.expert_bytes(),
             expert_types,
+            cold_bytes: m.cold_bytes(),
+            cold_types,
             experts_per_layer: m.manifest.layers.iter().map(|l| l.ids.clone()).collect(),
             conversion_id: Some(m.manifest.conversion_id.clone()),
             source: Some(m.manifest.source.clone()),
@@ -124,6 +138,8 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
         n_expert_tensors: n_exp,
         expert_bytes: exp_bytes,
         expert_types,
+        cold_bytes: 0,
+        cold_types,
         experts_per_layer,
     })
 }
@@ -209,7 +225,11 @@ impl fmt::Display for Inspection {
             human_bytes(self.expert_bytes)
         )?;
         writeln!(f, "                  {}", types_line(&self.expert_types, "projections"))?;
-        let total = self.base_bytes + self.expert_bytes;
+        if self.cold_bytes > 0 {
+            writeln!(f, "  cold copies     {} (read by sage run --cold-quant)", human_bytes(self.cold_bytes))?;
+            writeln!(f, "                  {}", types_line(&self.cold_types, "projections"))?;
+        }
+        let total = self.base_bytes + self.expert_bytes + self.cold_bytes;
         writeln!(f, "  total           {}", human_bytes(total))?;
         write!(f, "  experts/layer  ")?;
         // Group equal layers: "blk.0-47: 128 (0-127)".

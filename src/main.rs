@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use sage::cli::{parse_size, ChatJob, RunJob, ServeJob};
 use sage::engine::router::CacheBias;
 use sage::engine::sampler::SamplerParams;
-use sage::engine::{ArenaSize, EngineOptions, KvType};
+use sage::engine::{ArenaSize, ColdUse, EngineOptions, KvType};
 
 #[derive(Parser)]
 #[command(name = "sage", version, about = "Run Mixture-of-Experts models on devices smaller than the model")]
@@ -43,8 +43,9 @@ enum Command {
     /// statistics, map one onto another layer count, replay one through eviction policies.
     #[command(subcommand)]
     Trace(TraceCommand),
-    /// Find the cache bias that reads the fewest expert bytes per token within a quality
-    /// budget (perplexity against exact routing on a text, same arena), and print its flags.
+    /// Find the cache bias (and whether to use cold copies) that reads the fewest expert bytes
+    /// per token within a quality budget (perplexity against exact routing on a text, same
+    /// arena), and print its flags.
     Tune(TuneArgs),
     /// Show what a model directory (from sage-convert) or a GGUF holds.
     Inspect {
@@ -221,8 +222,9 @@ struct EngineArgs {
     /// one this build or machine lacks falls back to the CPU with a warning.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Most tokens evaluated in one graph (a prompt, an eval window). 1 routes every token
-    /// against the arena as decoding does.
+    /// Most tokens evaluated in one graph (a prompt, an eval window; at most --ctx). 1
+    /// evaluates a token at a time as decoding does, so the arena's hits, loads, upgrades and
+    /// cache-aware routing are a decode's.
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=65536))]
     batch: u32,
     /// Cache-aware routing, CHANGES THE OUTPUT: among experts close to the router's top-k,
@@ -240,6 +242,12 @@ struct EngineArgs {
     /// top-k (default: the uniform share, 1 / experts in the pool).
     #[arg(long, value_parser = float_in(0.0, 1.0, true))]
     cache_floor: Option<f32>,
+    /// With an arena smaller than the experts: load an expert's low-bit cold copy (written by
+    /// sage-convert --cold-quant TYPE) on a miss, and its full record when it is chosen again
+    /// while resident. Fewer bytes read per token, at a cost in quality. No effect when every
+    /// expert is resident. `--cold-quant=never-upgrade`: cold copies only, never upgraded.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "upgrade", value_parser = ["upgrade", "never-upgrade"])]
+    cold_quant: Option<String>,
 }
 
 impl EngineArgs {
@@ -259,8 +267,13 @@ impl EngineArgs {
             policy: self.policy.clone(),
             page_cache: self.page_cache,
             prefetch: !self.no_prefetch,
-            n_batch: self.batch as usize,
+            n_batch: (self.batch as usize).min(n_ctx.max(1)),
             cache_bias: CacheBias { bias: self.cache_bias, keep: self.cache_keep, floor: self.cache_floor },
+            cold: match self.cold_quant.as_deref() {
+                None => ColdUse::Off,
+                Some("never-upgrade") => ColdUse::NeverUpgrade,
+                Some(_) => ColdUse::Upgrade,
+            },
             ..Default::default()
         })
     }
@@ -463,6 +476,10 @@ struct FootprintArgs {
     /// q5_k q4_k q4_0 q3_k q2_k).
     #[arg(long, value_delimiter = ',')]
     quant: Vec<String>,
+    /// Also report the extra disk of cold copies at this type (`sage-convert --cold-quant`); a
+    /// model directory with cold copies reports its own.
+    #[arg(long)]
+    cold_quant: Option<String>,
     /// Write an SVG chart of resident bytes against arena size here.
     #[arg(long)]
     plot: Option<PathBuf>,
@@ -538,9 +555,15 @@ fn main() -> ExitCode {
             .engine
             .options(a.ctx)
             .and_then(|opts| sage::cli::profile(&a.dir, &a.text, &a.out, opts, a.engine.warm.as_deref())),
-        Command::Footprint(a) => {
-            sage::cli::footprint(&a.path, &a.arena, &a.arena_experts, &a.quant, a.plot.as_deref(), a.json)
-        }
+        Command::Footprint(a) => sage::cli::footprint(
+            &a.path,
+            &a.arena,
+            &a.arena_experts,
+            &a.quant,
+            a.cold_quant.as_deref(),
+            a.plot.as_deref(),
+            a.json,
+        ),
         Command::Tune(a) => a.engine.options(a.ctx).and_then(|mut opts| {
             if let Some(r) = &a.ram {
                 let ram = parse_size(r).with_context(|| format!("--ram '{r}'"))?;

@@ -4,6 +4,8 @@
 //! DIR/base.gguf              hyperparameters, tokenizer, every non-expert tensor, the manifest
 //! DIR/tokenizer.json         the same tokenizer for the tokenizers crate
 //! DIR/experts/blk.NNN.bin    one shard per layer: a 4 KiB header, then one record per expert
+//! DIR/experts/blk.NNN.cold.bin  optional (`sage-convert --cold-quant`): the same experts again
+//!                            at a smaller type, the same header and record layout
 //! ```
 //!
 //! A record is the expert's gate, up and down projections back to back, starting on a 4 KiB
@@ -36,6 +38,36 @@ pub const SHARD_MAGIC: &[u8; 8] = b"SAGEXPRT";
 /// Relative path of layer `il`'s shard.
 pub fn shard_name(il: u32) -> String {
     format!("{EXPERT_DIR}/blk.{il:03}.bin")
+}
+
+/// Relative path of layer `il`'s cold shard: its experts again at the cold type.
+pub fn cold_shard_name(il: u32) -> String {
+    format!("{EXPERT_DIR}/blk.{il:03}.cold.bin")
+}
+
+/// Which record of an expert a shard holds: the full one, or the low-bit copy
+/// (`sage-convert --cold-quant`), written in the shard header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordKind {
+    Full,
+    Cold,
+}
+
+impl RecordKind {
+    fn raw(self) -> u32 {
+        match self {
+            RecordKind::Full => 0,
+            RecordKind::Cold => 1,
+        }
+    }
+
+    fn describe(raw: u32) -> String {
+        match raw {
+            0 => "full records".into(),
+            1 => "cold records".into(),
+            n => format!("unknown record kind {n}"),
+        }
+    }
 }
 
 /// The experts of one layer as stored in its shard.
@@ -107,6 +139,9 @@ fn header_mismatch(got: &[u8], want: &[u8]) -> String {
     if u32_at(g, 16) != u32_at(w, 16) {
         return field("expert count", u32_at(g, 16).to_string(), u32_at(w, 16).to_string());
     }
+    if u32_at(g, 20) != u32_at(w, 20) {
+        return field("kind", RecordKind::describe(u32_at(g, 20)), RecordKind::describe(u32_at(w, 20)));
+    }
     if u64_at(g, 24) != u64_at(w, 24) {
         return field("record stride", u64_at(g, 24).to_string(), u64_at(w, 24).to_string());
     }
@@ -116,14 +151,15 @@ fn header_mismatch(got: &[u8], want: &[u8]) -> String {
     "shard header does not match base.gguf in its reserved bytes".into()
 }
 
-/// The shard header: magic, format version, layer, expert count, record stride, conversion id.
-pub fn shard_header(layer: &ExpertLayer, conversion_id: &str) -> Vec<u8> {
+/// The shard header: magic, format version, layer, expert count, record kind (0: full, 1:
+/// cold; 0 in shards written before cold records existed), record stride, conversion id.
+pub fn shard_header(layer: &ExpertLayer, conversion_id: &str, kind: RecordKind) -> Vec<u8> {
     let mut h = Vec::with_capacity(RECORD_ALIGN as usize);
     h.extend_from_slice(SHARD_MAGIC);
     h.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     h.extend_from_slice(&layer.il.to_le_bytes());
     h.extend_from_slice(&(layer.ids.len() as u32).to_le_bytes());
-    h.extend_from_slice(&0u32.to_le_bytes());
+    h.extend_from_slice(&kind.raw().to_le_bytes());
     h.extend_from_slice(&layer.stride().to_le_bytes());
     let mut id = [0u8; 32];
     let b = conversion_id.as_bytes();
@@ -139,6 +175,9 @@ pub struct Manifest {
     pub conversion_id: String,
     pub source: String,
     pub layers: Vec<ExpertLayer>,
+    /// The cold copies (`sage-convert --cold-quant`): per layer the same experts and shapes
+    /// at a smaller type, in the layer's cold shard; empty when the conversion wrote none.
+    pub cold: Vec<ExpertLayer>,
 }
 
 impl Manifest {
@@ -160,6 +199,15 @@ impl Manifest {
             kv.push((
                 sage_layer_key(l.il, "shapes"),
                 GgufValue::Array(GgufArray::U64(l.shapes.iter().flatten().copied().collect())),
+            ));
+        }
+        // Cold copies: the ids and shapes are the layer's; only file, offsets and types differ.
+        for l in &self.cold {
+            kv.push((sage_layer_key(l.il, COLD_FILE), GgufValue::Str(l.file.clone())));
+            kv.push((sage_layer_key(l.il, COLD_OFFSETS), GgufValue::Array(GgufArray::U64(l.offsets.clone()))));
+            kv.push((
+                sage_layer_key(l.il, COLD_TYPES),
+                GgufValue::Array(GgufArray::U32(l.types.map(|t| t.raw()).to_vec())),
             ));
         }
         for (k, v) in &kv {
@@ -184,7 +232,34 @@ impl Manifest {
             Some(GgufValue::Str(s)) => Ok(s),
             other => Err(bad(key, format!("expected a string, got {other:?}"))),
         };
+        let read_types = |key: &str| -> Result<[GgmlType; 3]> {
+            let types = match g.get(key) {
+                Some(GgufValue::Array(GgufArray::U32(v))) if v.len() == 3 => v,
+                other => return Err(bad(key, format!("expected 3 ggml type ids, got {other:?}"))),
+            };
+            let types: [Option<GgmlType>; 3] = std::array::from_fn(|p| GgmlType::from_raw(types[p]));
+            match types {
+                [Some(a), Some(b), Some(c)] if [a, b, c].iter().all(|t| t.can_matmul()) => Ok([a, b, c]),
+                [Some(a), Some(b), Some(c)] => {
+                    let got = format!("{a}, {b}, {c}");
+                    Err(bad(key, format!("expected types ggml can multiply, got {got}")))
+                }
+                _ => Err(bad(key, "unknown ggml type id".into())),
+            }
+        };
+        let check_offsets = |layer: &ExpertLayer, key: &str| -> Result<()> {
+            for (i, &off) in layer.offsets.iter().enumerate() {
+                if off != RECORD_ALIGN + i as u64 * layer.stride() {
+                    return Err(bad(
+                        key,
+                        format!("offset {off} of expert {} is not where its record lies", layer.ids[i]),
+                    ));
+                }
+            }
+            Ok(())
+        };
         let mut layers = Vec::new();
+        let mut cold = Vec::new();
         for il in 0..cfg.n_layer {
             let key = |f: &str| sage_layer_key(il, f);
             let file = string(&key("file"))?;
@@ -215,19 +290,7 @@ impl Manifest {
                     return Err(bad(&key("offsets"), format!("expected {} u64 offsets, got {other:?}", ids.len())))
                 }
             };
-            let types = match g.get(&key("types")) {
-                Some(GgufValue::Array(GgufArray::U32(v))) if v.len() == 3 => v,
-                other => return Err(bad(&key("types"), format!("expected 3 ggml type ids, got {other:?}"))),
-            };
-            let types: [Option<GgmlType>; 3] = std::array::from_fn(|p| GgmlType::from_raw(types[p]));
-            let types = match types {
-                [Some(a), Some(b), Some(c)] if [a, b, c].iter().all(|t| t.can_matmul()) => [a, b, c],
-                [Some(a), Some(b), Some(c)] => {
-                    let got = format!("{a}, {b}, {c}");
-                    return Err(bad(&key("types"), format!("expected types ggml can multiply, got {got}")));
-                }
-                _ => return Err(bad(&key("types"), "unknown ggml type id".into())),
-            };
+            let types = read_types(&key("types"))?;
             let shapes = match g.get(&key("shapes")) {
                 Some(GgufValue::Array(GgufArray::U64(v))) if v.len() == 6 => [[v[0], v[1]], [v[2], v[3]], [v[4], v[5]]],
                 other => return Err(bad(&key("shapes"), format!("expected 6 u64 dims, got {other:?}"))),
@@ -237,13 +300,36 @@ impl Manifest {
                 return Err(bad(&key("shapes"), format!("expected {want:?} fitting {types:?}, got {shapes:?}")));
             }
             let layer = ExpertLayer { il, file, ids, offsets, types, shapes };
-            for (i, &off) in layer.offsets.iter().enumerate() {
-                if off != RECORD_ALIGN + i as u64 * layer.stride() {
-                    return Err(bad(
-                        &key("offsets"),
-                        format!("offset {off} of expert {} is not where its record lies", layer.ids[i]),
-                    ));
+            check_offsets(&layer, &key("offsets"))?;
+            // Cold copies: all layers or none (a directory without them opens as before).
+            let cold_file = g.get(&key(COLD_FILE));
+            if il > 0 && cold_file.is_some() == cold.is_empty() {
+                let expect = if cold.is_empty() {
+                    "absent, as in the layers before"
+                } else {
+                    "present, as in the layers before"
+                };
+                return Err(bad(&key(COLD_FILE), format!("expected {expect}, got {cold_file:?}")));
+            }
+            if cold_file.is_some() {
+                let file = string(&key(COLD_FILE))?;
+                if file != cold_shard_name(il) {
+                    return Err(bad(&key(COLD_FILE), format!("expected '{}', got '{file}'", cold_shard_name(il))));
                 }
+                let offsets = match g.get(&key(COLD_OFFSETS)) {
+                    Some(GgufValue::Array(GgufArray::U64(v))) if v.len() == layer.ids.len() => v,
+                    other => {
+                        let n = layer.ids.len();
+                        return Err(bad(&key(COLD_OFFSETS), format!("expected {n} u64 offsets, got {other:?}")));
+                    }
+                };
+                let types = read_types(&key(COLD_TYPES))?;
+                if (0..3).any(|p| types[p].tensor_size(&shapes[p]).is_none()) {
+                    return Err(bad(&key(COLD_TYPES), format!("expected types fitting {shapes:?}, got {types:?}")));
+                }
+                let c = ExpertLayer { il, file, ids: layer.ids.clone(), offsets, types, shapes };
+                check_offsets(&c, &key(COLD_OFFSETS))?;
+                cold.push(c);
             }
             layers.push(layer);
         }
@@ -251,6 +337,7 @@ impl Manifest {
             conversion_id: string(SAGE_CONVERSION_ID)?,
             source: string(SAGE_SOURCE).unwrap_or_default(),
             layers,
+            cold,
         })
     }
 }
@@ -266,6 +353,29 @@ pub struct ModelDir {
     pub manifest: Manifest,
     /// One per layer, opened once: the runtime reads its experts through these.
     pub shards: Arc<Vec<WatchedFile>>,
+    /// The cold shards, one per layer, when the directory has cold copies.
+    pub cold_shards: Option<Arc<Vec<WatchedFile>>>,
+}
+
+/// Open the shards of `layers` (records of `kind`), checking each one's size and header.
+fn open_shards(dir: &Path, layers: &[ExpertLayer], conversion_id: &str, kind: RecordKind) -> Result<Vec<WatchedFile>> {
+    let mut shards = Vec::new();
+    let mut header = Vec::new();
+    for l in layers {
+        let p = dir.join(&l.file);
+        let f = WatchedFile::open(&p)?;
+        if f.size() != l.file_size() {
+            let what = format!("{} experts of {} bytes", l.ids.len(), l.record_size());
+            return Err(Error::Truncated { path: p, what, needed: l.file_size(), got: f.size() });
+        }
+        f.read_into(0, RECORD_ALIGN as usize, "shard header", &mut header)?;
+        let want = shard_header(l, conversion_id, kind);
+        if header != want {
+            return Err(Error::BadModelDir { path: p, reason: header_mismatch(&header, &want) });
+        }
+        shards.push(f);
+    }
+    Ok(shards)
 }
 
 /// Whether `dir` looks like a sage model directory at all (a directory, no unfinished
@@ -338,23 +448,12 @@ impl ModelDir {
             }
         }
         let manifest = Manifest::read_gguf(&base, &base_path, &config)?;
-        let mut shards = Vec::new();
-        let mut header = Vec::new();
-        for l in &manifest.layers {
-            let p = dir.join(&l.file);
-            let f = WatchedFile::open(&p)?;
-            if f.size() != l.file_size() {
-                let what = format!("{} experts of {} bytes", l.ids.len(), l.record_size());
-                return Err(Error::Truncated { path: p, what, needed: l.file_size(), got: f.size() });
-            }
-            f.read_into(0, RECORD_ALIGN as usize, "shard header", &mut header)?;
-            let want = shard_header(l, &manifest.conversion_id);
-            if header != want {
-                return Err(Error::BadModelDir { path: p, reason: header_mismatch(&header, &want) });
-            }
-            shards.push(f);
-        }
-        let shards = Arc::new(shards);
+        let shards = Arc::new(open_shards(dir, &manifest.layers, &manifest.conversion_id, RecordKind::Full)?);
+        let cold_shards = if manifest.cold.is_empty() {
+            None
+        } else {
+            Some(Arc::new(open_shards(dir, &manifest.cold, &manifest.conversion_id, RecordKind::Cold)?))
+        };
         Ok(ModelDir {
             path: dir.to_path_buf(),
             base_path,
@@ -364,7 +463,18 @@ impl ModelDir {
             config,
             manifest,
             shards,
+            cold_shards,
         })
+    }
+
+    /// Whether the directory holds cold copies of its experts (`sage-convert --cold-quant`).
+    pub fn has_cold(&self) -> bool {
+        self.cold_shards.is_some()
+    }
+
+    /// Bytes of the cold copies' records (0 without them): the extra disk they take.
+    pub fn cold_bytes(&self) -> u64 {
+        self.manifest.cold.iter().map(|l| l.record_size() * l.ids.len() as u64).sum()
     }
 
     /// Bytes of expert `expert` of layer `il` (gate, up, down back to back).
@@ -384,6 +494,24 @@ impl ModelDir {
         })?;
         let len = (range.end - range.start) as usize;
         self.shards[il as usize].read_into(at + range.start, len, &format!("expert {expert}"), buf)
+    }
+
+    /// Bytes of expert `expert`'s cold copy in layer `il` (gate, up, down back to back, at the
+    /// cold types).
+    pub fn read_cold_expert(&self, il: u32, expert: u32) -> Result<Vec<u8>> {
+        let (Some(shards), Some(l)) = (&self.cold_shards, self.manifest.cold.get(il as usize)) else {
+            return Err(Error::BadModelDir {
+                path: self.path.clone(),
+                reason: "no cold copies of the experts (convert with --cold-quant)".into(),
+            });
+        };
+        let at = l.record_offset(expert).ok_or_else(|| Error::BadModelDir {
+            path: self.path.clone(),
+            reason: format!("layer {il} has no expert {expert} (pool {:?})", l.ids),
+        })?;
+        let mut buf = Vec::new();
+        shards[il as usize].read_into(at, l.record_size() as usize, &format!("expert {expert} (cold)"), &mut buf)?;
+        Ok(buf)
     }
 
     /// Bytes `range` (relative to the tensor's start) of a base tensor into `buf`.

@@ -62,7 +62,14 @@ pub const SAGE_CONVERSION_ID: &str = "sage.conversion_id";
 pub const SAGE_SOURCE: &str = "sage.source";
 pub const SAGE_EXPERT_ALIGNMENT: &str = "sage.experts.alignment";
 
-/// `sage.experts.blk.{il}.{field}`: `file`, `ids`, `offsets`, `types`.
+/// Fields of a layer's cold copies (`sage-convert --cold-quant`): their shard, offsets and
+/// types (the ids and shapes are the layer's).
+pub const COLD_FILE: &str = "cold.file";
+pub const COLD_OFFSETS: &str = "cold.offsets";
+pub const COLD_TYPES: &str = "cold.types";
+
+/// `sage.experts.blk.{il}.{field}`: `file`, `ids`, `offsets`, `types`, `shapes`, `cold.file`,
+/// `cold.offsets`, `cold.types`.
 pub fn sage_layer_key(il: u32, field: &str) -> String {
     format!("sage.experts.blk.{il}.{field}")
 }

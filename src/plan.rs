@@ -180,7 +180,7 @@ pub fn plan(path: &Path, opts: &PlanOptions) -> Result<Plan> {
     // A model directory: the bytes it holds (the footprint's measured figures); a config: the
     // computed ones at the quant asked for.
     let quant = opts.quant.unwrap_or(GgmlType::Q4_K);
-    let fo = FootprintOptions { quants: vec![quant], arenas: Vec::new() };
+    let fo = FootprintOptions { quants: vec![quant], arenas: Vec::new(), cold: None };
     let fp = footprint::footprint(path, &fo)?;
     let is_dir = fp.kind == "model directory";
     let q = &fp.quants[0];

@@ -1,13 +1,13 @@
-//! `sage tune`: the lever settings (cache-aware routing's bias) that read the fewest expert
-//! bytes per token within a quality budget, measured on a text against exact routing with
-//! the same arena. Each candidate is a full `eval::perplexity_against` run; the exact run is
+//! `sage tune`: the lever settings (cache-aware routing's bias, and cold copies where the
+//! model directory has them) that read the fewest expert bytes per token within a quality
+//! budget, measured on a text against exact routing with full records and the same arena. Each candidate is a full `eval::perplexity_against` run; the exact run is
 //! both the reference and the first candidate (bias 0 is always allowed). One engine at a time
 //! is loaded.
 
 use std::path::Path;
 
 use crate::engine::router::CacheBias;
-use crate::engine::{Engine, EngineOptions};
+use crate::engine::{ColdUse, Engine, EngineOptions};
 use crate::error::{Error, Result};
 use crate::eval::{perplexity_against, Agreement, Reference};
 
@@ -27,6 +27,7 @@ pub struct Budget {
 pub struct Trial {
     pub cache_bias: f32,
     pub keep: usize,
+    pub cold: ColdUse,
     pub ppl: f64,
     /// Against exact routing (top-1 1 and KL 0 for the exact run itself).
     pub agreement: Agreement,
@@ -58,8 +59,8 @@ fn io_figures(engine: &Engine) -> (f64, f64) {
 }
 
 /// Try exact routing, then each of `biases` (with `keep` of the router's top experts always
-/// kept), on `tokens` in windows of `opts.n_ctx`; pick the fewest bytes per token within
-/// `budget`. `load` makes an engine of the model with the options given (the caller's way
+/// kept), and with `colds` each of them again with cold copies (bias 0 included), on `tokens`
+/// in windows of `opts.n_ctx`; pick the fewest bytes per token within `budget`. `load` makes an engine of the model with the options given (the caller's way
 /// of loading, e.g. with a warm start); `progress(what, done, total)` after each window.
 pub fn tune(
     tokens: &[u32],
@@ -67,6 +68,7 @@ pub fn tune(
     opts: &EngineOptions,
     biases: &[f32],
     keep: usize,
+    colds: &[ColdUse],
     budget: Budget,
     mut load: impl FnMut(EngineOptions) -> Result<Engine>,
     mut progress: impl FnMut(&str, usize, usize),
@@ -75,7 +77,7 @@ pub fn tune(
         return Err(Error::Usage(format!("a cache bias to try must be a number above 0, got {b}")));
     }
     let window = opts.n_ctx;
-    let exact_opts = EngineOptions { cache_bias: CacheBias::EXACT, ..opts.clone() };
+    let exact_opts = EngineOptions { cache_bias: CacheBias::EXACT, cold: ColdUse::Off, ..opts.clone() };
     let (reference, arena_slots, exact_io) = {
         let mut engine = load(exact_opts)?;
         let r = Reference::compute(&mut engine, tokens, window, bos, |d, t, _| progress("exact routing", d, t))?;
@@ -84,6 +86,7 @@ pub fn tune(
     let mut trials = vec![Trial {
         cache_bias: 0.0,
         keep,
+        cold: ColdUse::Off,
         ppl: reference.perplexity.ppl,
         agreement: Agreement {
             positions: reference.perplexity.tokens_scored,
@@ -95,15 +98,31 @@ pub fn tune(
         bytes_per_token: exact_io.1,
         within: true,
     }];
-    for &bias in biases {
+    let settings = biases
+        .iter()
+        .map(|&b| (b, ColdUse::Off))
+        .chain(colds.iter().flat_map(|&c| std::iter::once(0.0).chain(biases.iter().copied()).map(move |b| (b, c))));
+    for (bias, cold) in settings {
         let cb = CacheBias { bias, keep, floor: None };
-        let mut engine = load(EngineOptions { cache_bias: cb, ..opts.clone() })?;
-        let what = format!("cache bias {bias}");
+        let mut engine = load(EngineOptions { cache_bias: cb, cold, ..opts.clone() })?;
+        let what = match cold {
+            ColdUse::Off => format!("cache bias {bias}"),
+            c => format!("cache bias {bias}, cold copies ({c:?})"),
+        };
         let (p, a) = perplexity_against(&mut engine, &reference, tokens, bos, |d, t, _| progress(&what, d, t))?;
         let (hit_rate, bytes_per_token) = io_figures(&engine);
         let within =
             p.ppl <= reference.perplexity.ppl * (1.0 + budget.max_ppl) && budget.min_top1.is_none_or(|m| a.top1 >= m);
-        trials.push(Trial { cache_bias: bias, keep, ppl: p.ppl, agreement: a, hit_rate, bytes_per_token, within });
+        trials.push(Trial {
+            cache_bias: bias,
+            keep,
+            cold,
+            ppl: p.ppl,
+            agreement: a,
+            hit_rate,
+            bytes_per_token,
+            within,
+        });
     }
     let best = (0..trials.len())
         .filter(|&i| trials[i].within)

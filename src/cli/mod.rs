@@ -19,7 +19,7 @@ use anyhow::{bail, Context};
 use crate::chat::{ChatTemplate, Message};
 use crate::engine::generate::{GenOptions, Generation};
 use crate::engine::sampler::{Sampler, SamplerParams};
-use crate::engine::{ArenaSize, Engine, EngineOptions};
+use crate::engine::{ArenaSize, ColdUse, Engine, EngineOptions};
 use crate::error::{Error, Result};
 use crate::inspect::short_bytes;
 use crate::tokenizer::Tokenizer;
@@ -115,6 +115,8 @@ pub fn run_stats(g: &Generation, engine: &Engine) -> serde_json::Value {
         "bytes_read": st.bytes_read,
         "bytes_read_per_token": st.bytes_read / n_tok,
         "load_stall_s": st.stall.as_secs_f64(),
+        "cold_loads": st.cold_loads,
+        "upgrades": st.upgrades,
         "prefetch": g.stats.prefetch,
         "expert_reads": engine.read_paths(),
         "arena_bytes": engine.arena_bytes(),
@@ -147,6 +149,12 @@ pub fn print_run_stats(g: &Generation, engine: &Engine) {
         short_bytes(st.bytes_read / n_tok),
         st.stall.as_secs_f64()
     );
+    if st.cold_loads + st.upgrades > 0 {
+        eprintln!(
+            "cold copies: {} misses loaded a cold record, {} hits upgraded to the full record",
+            st.cold_loads, st.upgrades
+        );
+    }
     let pf = &g.stats.prefetch;
     if pf.issued + pf.skipped > 0 {
         eprintln!(
@@ -179,6 +187,7 @@ pub fn footprint(
     arenas_asked: &[String],
     arena_experts: &[u64],
     quants: &[String],
+    cold: Option<&str>,
     plot: Option<&Path>,
     json: bool,
 ) -> anyhow::Result<()> {
@@ -199,7 +208,8 @@ pub fn footprint(
     arenas.extend(arena_experts.iter().map(|&n| ArenaSpec::Experts(n)));
     let quants = quants.iter().map(|q| crate::quant::parse_quant(q)).collect::<Result<Vec<_>>>()?;
     // Library errors name the path already.
-    let fp = crate::footprint::footprint(path, &FootprintOptions { quants, arenas })?;
+    let cold = cold.map(crate::quant::parse_quant).transpose()?;
+    let fp = crate::footprint::footprint(path, &FootprintOptions { quants, arenas, cold })?;
     if let Some(out) = plot {
         crate::footprint::plot_svg(&fp, out)?;
     }
@@ -244,7 +254,7 @@ pub fn read_text_tokens(dir: &Path, text: &Path) -> anyhow::Result<(Vec<u32>, Op
 }
 
 /// `sage eval`: perplexity of text file `text` in windows of the engine's context (`opts.n_ctx`).
-/// With a lever that changes the output (`--cache-bias`), exact routing is evaluated first over
+/// With a lever that changes the output (`--cache-bias`, `--cold-quant`), exact routing is evaluated first over
 /// the same windows (same arena, its engine dropped before the lever's is loaded) and the
 /// quality gates are printed beside the figures: top-1 agreement, mean KL divergence.
 pub fn eval(dir: &Path, text: &Path, json: bool, opts: EngineOptions, warm: Option<&Path>) -> anyhow::Result<()> {
@@ -288,7 +298,7 @@ pub fn eval(dir: &Path, text: &Path, json: bool, opts: EngineOptions, warm: Opti
                 "perplexity": p, "text_tokens": tokens.len(), "seconds": secs,
                 "expert_hit_rate": st.hit_rate(), "bytes_read": st.bytes_read,
                 "bytes_per_token": bytes_per_token,
-                "arena_slots": engine.n_slots(),
+                "arena_slots": engine.n_slots(), "cold_loads": st.cold_loads, "upgrades": st.upgrades,
                 "against_exact_routing": agreement,
             })
         );
@@ -321,11 +331,15 @@ pub fn eval(dir: &Path, text: &Path, json: bool, opts: EngineOptions, warm: Opti
             short_bytes(bytes_per_token as u64),
             engine.n_slots()
         );
+        if st.cold_loads + st.upgrades > 0 {
+            eprintln!("cold copies: {} cold loads, {} upgrades", st.cold_loads, st.upgrades);
+        }
     }
     Ok(())
 }
 
-/// `sage tune`: measure exact routing and each cache bias on `text` with the arena of `opts`,
+/// `sage tune`: measure exact routing and each cache bias (and cold copies, where the directory
+/// has them) on `text` with the arena of `opts`,
 /// print the table and the flags of the setting that reads the fewest bytes per token within
 /// `budget`.
 pub fn tune(
@@ -351,7 +365,15 @@ pub fn tune(
         }
         Ok(e)
     };
-    let t = crate::tune::tune(&tokens, bos, &opts, biases, keep, budget, load, |what, done, _| {
+    // Cold copies: the mode asked for, else both modes where the directory has cold records.
+    let colds = match opts.cold {
+        ColdUse::Off if crate::model_dir::ModelDir::open(dir)?.has_cold() => {
+            vec![ColdUse::Upgrade, ColdUse::NeverUpgrade]
+        }
+        ColdUse::Off => vec![],
+        c => vec![c],
+    };
+    let t = crate::tune::tune(&tokens, bos, &opts, biases, keep, &colds, budget, load, |what, done, _| {
         pb.set_message(what.to_string());
         pb.set_position(done as u64);
     })
@@ -363,11 +385,17 @@ pub fn tune(
         ArenaSize::Experts(n) => format!("--arena-experts {n}"),
         ArenaSize::All => String::new(),
     };
-    let flags = if best.cache_bias == 0.0 {
-        format!("{arena_flag} (exact routing: no bias reads fewer bytes within the budget)")
+    let cold_flag = |c: ColdUse| match c {
+        ColdUse::Off => "",
+        ColdUse::Upgrade => " --cold-quant",
+        ColdUse::NeverUpgrade => " --cold-quant=never-upgrade",
+    };
+    let flags = if best.cache_bias == 0.0 && best.cold == ColdUse::Off {
+        format!("{arena_flag} (exact: no lever reads fewer bytes within the budget)")
     } else {
-        let keep = if keep == 1 { String::new() } else { format!(" --cache-keep {keep}") };
-        format!("{arena_flag} --cache-bias {}{keep}", best.cache_bias)
+        let bias = if best.cache_bias == 0.0 { String::new() } else { format!(" --cache-bias {}", best.cache_bias) };
+        let keep = if keep == 1 || best.cache_bias == 0.0 { String::new() } else { format!(" --cache-keep {keep}") };
+        format!("{arena_flag}{bias}{keep}{}", cold_flag(best.cold))
     };
     if json {
         println!("{}", serde_json::json!({ "tune": t, "budget": budget, "flags": flags.trim() }));
@@ -386,8 +414,13 @@ pub fn tune(
     let exact = &t.trials[0];
     for tr in &t.trials {
         println!(
-            "| {} | {:.1}% | {} ({:+.0}%) | {:.4} | {:+.2}% | {:.2}% | {:.5} | {} |",
+            "| {} | {} | {:.1}% | {} ({:+.0}%) | {:.4} | {:+.2}% | {:.2}% | {:.5} | {} |",
             tr.cache_bias,
+            match tr.cold {
+                ColdUse::Off => "-",
+                ColdUse::Upgrade => "upgrade",
+                ColdUse::NeverUpgrade => "never upgraded",
+            },
             100.0 * tr.hit_rate,
             short_bytes(tr.bytes_per_token as u64),
             100.0 * (tr.bytes_per_token / exact.bytes_per_token.max(1e-9) - 1.0),
@@ -404,12 +437,16 @@ pub fn tune(
 
 /// Whether `opts` asks for a lever that trades output quality for fewer reads.
 pub fn is_lever(opts: &EngineOptions) -> bool {
-    !opts.cache_bias.is_exact()
+    !opts.cache_bias.is_exact() || opts.cold != crate::engine::ColdUse::Off
 }
 
 /// `opts` with every lever off: the reference the quality gates compare with.
 pub fn exact_options(opts: &EngineOptions) -> EngineOptions {
-    EngineOptions { cache_bias: crate::engine::router::CacheBias::EXACT, ..opts.clone() }
+    EngineOptions {
+        cache_bias: crate::engine::router::CacheBias::EXACT,
+        cold: crate::engine::ColdUse::Off,
+        ..opts.clone()
+    }
 }
 
 /// `sage profile`: the routing of text file `text` in windows of the engine's context, written

@@ -7,6 +7,10 @@
 //! `s` as "expert `s`", and the graph never sees which expert a slot holds. The arena owns the
 //! geometry, the slot addresses and the loading of a record into a slot; the scheduler decides
 //! which expert is where.
+//!
+//! With cold copies in use (`EngineOptions::cold`), a second set of per-layer views of the cold
+//! types lies over the same slots (same offsets within a slot, same stride): a slot holds either
+//! an expert's full record or its cold one, and the engine picks the view by what it loaded.
 
 use std::sync::Arc;
 
@@ -72,8 +76,11 @@ pub fn tail_padding(backend: &Backend, layers: &[ExpertLayer]) -> u64 {
 
 pub(super) struct Arena {
     /// Per layer gate/up/down views ([ne0, ne1, n_slots], a stride apart), then one raw byte
-    /// view of the whole arena (index 3 * n_layer).
+    /// view of the whole arena (index 3 * n_layer), then, with cold copies, per layer the
+    /// gate/up/down views of the cold types over the same slots.
     views: TensorSet,
+    /// Whether the cold views exist.
+    cold: bool,
     buf: Arc<SharedBuffer>,
     /// Writes into the arena from the I/O thread: when the arena is host memory in the files'
     /// layout (a plain copy loads a slot), for batches' reads straight into reserved slots.
@@ -90,6 +97,9 @@ pub(super) struct Arena {
 impl Arena {
     /// Allocate an arena of `n_slots` slots of `stride` (plus `tail` bytes of padding) for
     /// the layers of `md`, in buffer type `layout` (the backend's default when None), zeroed.
+    /// `cold`: also views of `md`'s cold copies (the caller keeps the file layout and a stride
+    /// that holds their records).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         backend: &Backend,
         md: &ModelDir,
@@ -98,6 +108,7 @@ impl Arena {
         tail: u64,
         layout: Option<BufType>,
         opts: &EngineOptions,
+        cold: bool,
     ) -> Result<Arena> {
         let dir = &md.path;
         let stride = stride as usize;
@@ -106,25 +117,34 @@ impl Arena {
         // Slots start on a DIRECT_ALIGN boundary (their stride is a multiple of it), so the I/O
         // thread can read records straight into them with O_DIRECT.
         let head = buf.offset_to_aligned(DIRECT_ALIGN);
-        let mut views = TensorSet::new(3 * md.manifest.layers.len() + 1);
-        for l in &md.manifest.layers {
-            let sizes = l.sizes();
-            let mut off = 0usize;
-            for p in Proj::ALL {
-                let [ne0, ne1] = l.shapes[p.index()];
-                let i = views.add(
-                    l.types[p.index()],
-                    &[ne0 as i64, ne1 as i64, n_slots as i64],
-                    &format!("arena.{}.{}", l.il, p.exps()),
-                );
-                let t = views.get(i);
-                t.set_outer_strides(stride);
-                buf.place(t, head + off).map_err(|e| ffi(dir, "expert arena", e))?;
-                off += sizes[p.index()] as usize;
+        let cold = cold && !md.manifest.cold.is_empty();
+        let n_views = if cold { 6 } else { 3 } * md.manifest.layers.len() + 1;
+        let mut views = TensorSet::new(n_views);
+        let add_views = |views: &mut TensorSet, layers: &[ExpertLayer], kind: &str| -> Result<()> {
+            for l in layers {
+                let sizes = l.sizes();
+                let mut off = 0usize;
+                for p in Proj::ALL {
+                    let [ne0, ne1] = l.shapes[p.index()];
+                    let i = views.add(
+                        l.types[p.index()],
+                        &[ne0 as i64, ne1 as i64, n_slots as i64],
+                        &format!("arena{kind}.{}.{}", l.il, p.exps()),
+                    );
+                    let t = views.get(i);
+                    t.set_outer_strides(stride);
+                    buf.place(t, head + off).map_err(|e| ffi(dir, "expert arena", e))?;
+                    off += sizes[p.index()] as usize;
+                }
             }
-        }
+            Ok(())
+        };
+        add_views(&mut views, &md.manifest.layers, "")?;
         let raw = views.add(GgmlType::I8, &[(n_slots * stride) as i64], "arena.bytes");
         buf.place(views.get(raw), head).map_err(|e| ffi(dir, "expert arena", e))?;
+        if cold {
+            add_views(&mut views, &md.manifest.cold, ".cold")?;
+        }
         // Zeros are valid weights of every type: a slot that a batch uses only with weight 0
         // (see `Engine::experts`) before anything was loaded into it contributes exactly 0,
         // never NaN from uninitialized device memory. It also commits the arena's memory up
@@ -138,12 +158,27 @@ impl Arena {
             0 => (opts.threads, 256 << 10),
             n => (n, 0),
         };
-        Ok(Arena { views, buf, writer, head, stride, threads, split_min })
+        Ok(Arena { views, cold, buf, writer, head, stride, threads, split_min })
+    }
+
+    /// Index of the raw byte view in `views`.
+    fn raw_index(&self) -> usize {
+        if self.cold {
+            (self.views.len() - 1) / 2
+        } else {
+            self.views.len() - 1
+        }
     }
 
     /// Layer `il`'s projection `p` over every slot: [ne0, ne1, n_slots].
     pub fn view(&self, il: u32, p: Proj) -> Tensor<'_> {
         self.views.get(3 * il as usize + p.index())
+    }
+
+    /// The same over the cold copies' types (slots that hold cold records); None when the
+    /// arena was made without them.
+    pub fn cold_view(&self, il: u32, p: Proj) -> Option<Tensor<'_>> {
+        self.cold.then(|| self.views.get(self.raw_index() + 1 + 3 * il as usize + p.index()))
     }
 
     pub fn stride(&self) -> usize {
@@ -166,7 +201,7 @@ impl Arena {
     /// spot (ggml repacks on write, split over threads); the others are copied as they are.
     fn load_slot(&self, il: u32, slot: usize, layer: &ExpertLayer, record: &[u8]) -> std::result::Result<(), FfiError> {
         let at = slot * self.stride;
-        let raw = self.views.get(self.views.len() - 1);
+        let raw = self.views.get(self.raw_index());
         let sizes = layer.sizes();
         let mut off = 0usize;
         for p in Proj::ALL {
@@ -185,8 +220,9 @@ impl Arena {
     }
 
     /// Read expert `e` of layer `il` from its shard (through the `staging` buffer, or take the
-    /// bytes the I/O thread read) into slot `slot`. Returns the bytes read and a buffer free
-    /// for reuse.
+    /// bytes the I/O thread read) into slot `slot`: its cold record from the cold shard when
+    /// `cold` (the arena must have been made with the cold views). Returns the bytes read and a
+    /// buffer free for reuse.
     #[allow(clippy::too_many_arguments)]
     pub fn load_expert(
         &self,
@@ -197,10 +233,14 @@ impl Arena {
         slot: usize,
         e: u32,
         prefetched: Option<Result<Record>>,
+        cold: bool,
     ) -> Result<(u64, Record)> {
-        let layer = &md.manifest.layers[il as usize];
+        let (layer, shard): (&ExpertLayer, &WatchedFile) = match (cold, &md.cold_shards) {
+            (true, Some(cold_shards)) if self.cold => (&md.manifest.cold[il as usize], &cold_shards[il as usize]),
+            (false, _) => (&md.manifest.layers[il as usize], &md.shards[il as usize]),
+            (true, _) => return Err(crate::error::Error::Usage("a cold load into an arena without cold views".into())),
+        };
         let record = layer.record_size() as usize;
-        let shard: &WatchedFile = &md.shards[il as usize];
         let rec = match prefetched {
             Some(r) => r?,
             None => {

@@ -45,7 +45,7 @@ use arena::Arena;
 use base::BaseWeights;
 use fused::Fused;
 use io_thread::Prefetcher;
-pub use options::{ArenaSize, EngineOptions, EngineStats, KvType, MemoryUse};
+pub use options::{ArenaSize, ColdUse, EngineOptions, EngineStats, KvType, MemoryUse};
 use predict::PrefetchGate;
 use scheduler::{SchedStats, Scheduler};
 use trace::RouteTrace;
@@ -215,6 +215,10 @@ pub struct Engine {
     staging: Record,
     /// Per layer: which experts exist (the pool).
     present: Vec<Vec<bool>>,
+    /// Whether misses load cold records (`EngineOptions::cold` on a streaming arena), and
+    /// per slot whether it holds a cold record (then the graph reads it through the cold views).
+    cold: bool,
+    slot_cold: Vec<bool>,
     opts: EngineOptions,
     /// The tokens whose K and V the cache holds, in order (its length is n_past).
     context: Vec<u32>,
@@ -280,20 +284,39 @@ impl Engine {
             );
         }
 
+        if opts.cold != ColdUse::Off && !md.has_cold() {
+            return Err(Error::BadModelDir {
+                path: md.path.clone(),
+                reason:
+                    "--cold-quant: it has no cold copies of its experts (convert with sage-convert --cold-quant TYPE)"
+                        .into(),
+            });
+        }
         // Arena geometry first: a too-small arena is an error before anything is loaded.
         let layers = &md.manifest.layers;
-        let stride = if backend.is_cpu() {
-            arena::slot_stride(layers)
-        } else {
-            arena::device_slot_stride(layers, backend.alignment() as u64)
+        let geometry = |layers: &[crate::model_dir::ExpertLayer]| {
+            let stride = if backend.is_cpu() {
+                arena::slot_stride(layers)
+            } else {
+                arena::device_slot_stride(layers, backend.alignment() as u64)
+            };
+            (stride, arena::tail_padding(&backend, layers))
         };
-        let tail = arena::tail_padding(&backend, layers);
         let total_experts: usize = layers.iter().map(|l| l.ids.len()).sum();
-        let n_slots = match opts.arena {
+        let slots_of = |stride: u64, tail: u64| match opts.arena {
             ArenaSize::All => total_experts,
             ArenaSize::Experts(n) => n.min(total_experts),
             ArenaSize::Bytes(b) => (arena::slots_in(b, stride, tail) as usize).min(total_experts),
         };
+        let (mut stride, mut tail) = geometry(layers);
+        let mut n_slots = slots_of(stride, tail);
+        // Cold copies only matter where experts stream; their slots hold either record.
+        let cold = opts.cold != ColdUse::Off && n_slots < total_experts;
+        if cold {
+            let both: Vec<_> = layers.iter().chain(&md.manifest.cold).cloned().collect();
+            (stride, tail) = geometry(&both);
+            n_slots = slots_of(stride, tail);
+        }
         let k = cfg.n_expert_used as usize;
         if n_slots < k {
             return Err(Error::Usage(format!(
@@ -334,11 +357,19 @@ impl Engine {
         // every expert is loaded once, up front.
         let all_resident = n_slots == total_experts;
         let repack = if opts.repack { backend.repack_buffer_type() } else { None };
-        let layout = if opts.arena_repack.unwrap_or(opts.fused && all_resident) { repack } else { None };
-        let arena = Arena::new(&backend, &md, n_slots, stride, tail, layout, &opts)?;
+        // Cold copies: slots hold records of two layouts, written as they are (no repacking).
+        let repack_arena = opts.arena_repack.unwrap_or(opts.fused && all_resident) && !cold;
+        let layout = if repack_arena { repack } else { None };
+        let arena = Arena::new(&backend, &md, n_slots, stride, tail, layout, &opts, cold)?;
         let state = State::new(&backend, &cfg, opts.n_batch, dir)?;
 
-        let io = Prefetcher::new(md.shards.clone(), !opts.page_cache);
+        // The I/O thread reads what misses load: cold records when cold copies are in use
+        // (upgrades are read by the load that needs them).
+        let shards = match (&md.cold_shards, cold) {
+            (Some(c), true) => c.clone(),
+            _ => md.shards.clone(),
+        };
+        let io = Prefetcher::new(shards, !opts.page_cache);
         let present = layers.iter().map(|l| (0..cfg.n_expert).map(|e| l.record_index(e).is_some()).collect()).collect();
         let runner = Runner::new(backend, dir);
         let mut engine = Engine {
@@ -356,6 +387,8 @@ impl Engine {
             predicted: None,
             staging: Record::default(),
             present,
+            cold,
+            slot_cold: vec![false; n_slots],
             context: Vec::new(),
             stats: EngineStats::default(),
             trace: None,
@@ -433,7 +466,8 @@ impl Engine {
     /// How the expert records were read from the shards so far (O_DIRECT, positioned reads,
     /// pages dropped from the cache after them), all shards together.
     pub fn read_paths(&self) -> crate::io::ReadPaths {
-        self.dir.shards.iter().map(|f| f.read_paths()).fold(Default::default(), |a, b| a + b)
+        let cold = self.dir.cold_shards.iter().flat_map(|c| c.iter());
+        self.dir.shards.iter().chain(cold).map(|f| f.read_paths()).fold(Default::default(), |a, b| a + b)
     }
 
     /// Tokens in the context (the KV cache).
@@ -485,10 +519,11 @@ impl Engine {
         self.settle_slot_reads()?;
         // Least used first, so that the most used are the most recently used when evicting starts.
         for &(il, e) in chosen.iter().rev() {
-            let (md, arena, staging) = (&self.dir, &self.arena, &mut self.staging);
-            let drop_cache = !self.opts.page_cache;
+            let (md, arena, staging, slot_cold) = (&self.dir, &self.arena, &mut self.staging, &mut self.slot_cold);
+            let (drop_cache, cold) = (!self.opts.page_cache, self.cold);
             self.sched.ensure(il, &[e], |slot, e| {
-                arena.load_expert(md, staging, drop_cache, il, slot, e, None).map(|r| r.0)
+                slot_cold[slot] = cold;
+                arena.load_expert(md, staging, drop_cache, il, slot, e, None, cold).map(|r| r.0)
             })?;
         }
         self.warm_stats = std::mem::take(&mut self.sched.stats);

@@ -17,6 +17,23 @@ pub enum ArenaSize {
     All,
 }
 
+/// Whether and how the engine uses the experts' cold copies (`sage-convert --cold-quant`).
+/// Only a streaming arena (smaller than the experts present) uses them; with every expert
+/// resident they change nothing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ColdUse {
+    /// Full records only (the default: exact).
+    #[default]
+    Off,
+    /// A miss loads the expert's cold record; a hit on a cold-resident expert loads its full
+    /// record into its slot (an upgrade): experts chosen again run at full precision.
+    Upgrade,
+    /// Every load is a cold record, never upgraded: the model runs as if converted at the
+    /// cold type (what the tests compare against such a conversion).
+    NeverUpgrade,
+}
+
 /// Element type of the KV cache.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum KvType {
@@ -81,6 +98,10 @@ pub struct EngineOptions {
     /// output; `sage eval` measures by how much. Only the streaming path routes with it (with
     /// every expert resident there is nothing to prefer).
     pub cache_bias: super::router::CacheBias,
+    /// Load the experts' cold copies on misses (`ColdUse`); a model directory without them is
+    /// refused. A streaming arena in use keeps the files' layout (no repacking) and a stride
+    /// that holds either record.
+    pub cold: ColdUse,
 }
 
 impl Default for EngineOptions {
@@ -103,6 +124,7 @@ impl Default for EngineOptions {
             fused: true,
             route_trace: None,
             cache_bias: super::router::CacheBias::EXACT,
+            cold: ColdUse::Off,
         }
     }
 }

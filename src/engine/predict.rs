@@ -14,6 +14,7 @@ use std::time::Instant;
 use super::router::route;
 use super::Engine;
 use crate::error::Result;
+use crate::model_dir::{ExpertLayer, ModelDir};
 
 /// Whether predictions have been right lately: the share of predicted experts that would be
 /// read (not resident when predicted) that their layer then chose, as a moving average over
@@ -55,6 +56,16 @@ impl PrefetchGate {
     }
 }
 
+/// Where layer `il`'s misses read from: its cold copies when they are in use (`cold`), else
+/// its full records (what the I/O thread reads ahead and prefetches).
+pub(super) fn miss_layer(md: &ModelDir, cold: bool, il: u32) -> &ExpertLayer {
+    if cold {
+        &md.manifest.cold[il as usize]
+    } else {
+        &md.manifest.layers[il as usize]
+    }
+}
+
 impl Engine {
     /// Start reading the experts layer `il` is predicted to choose for a decode step (from
     /// `logits`, its router applied to the previous layer's residual stream) that are not
@@ -66,7 +77,7 @@ impl Engine {
         let p = &mut self.io;
         let c = &self.config;
         let choice = route(logits, &self.present[il as usize], c.n_expert_used as usize, c.norm_topk_prob);
-        let layer = &self.dir.manifest.layers[il as usize];
+        let layer = miss_layer(&self.dir, self.cold, il);
         // In ascending ids, the order in which the layer will load its misses (one I/O
         // thread serves requests in order: a load must not wait behind reads it needs later).
         let mut experts = choice.experts;
@@ -109,10 +120,11 @@ impl Engine {
                 None => missing.push(e),
             }
         }
-        let layer = &self.dir.manifest.layers[il as usize];
+        let layer = miss_layer(&self.dir, self.cold, il);
         let record = layer.record_size();
         for e in missing {
             let Some(slot) = self.sched.reserve((il, e), record, &keep) else { return };
+            self.slot_cold[slot] = self.cold;
             keep.push(slot);
             let at = layer.record_offset(e).expect("routed experts are present");
             let (writer, slot_at) = self.arena.writer(slot).expect("checked above");

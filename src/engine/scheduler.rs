@@ -234,6 +234,11 @@ pub struct SchedStats {
     pub stall: Duration,
     /// Distinct (layer, expert) pairs loaded at least once.
     pub distinct_loaded: u64,
+    /// With cold copies (`EngineOptions::cold`): misses that loaded an expert's cold record,
+    /// and hits on a cold-resident expert that loaded its full record into its slot (an
+    /// upgrade; its bytes are in `bytes_read`, its time in `stall`). The engine counts these.
+    pub cold_loads: u64,
+    pub upgrades: u64,
 }
 
 impl SchedStats {
@@ -355,6 +360,12 @@ impl Scheduler {
 
     pub fn is_resident(&self, layer: u32, expert: u32) -> bool {
         self.where_.contains_key(&(layer, expert))
+    }
+
+    /// Whether `key` holds a slot given by `reserve` and not used yet (its first use by
+    /// `ensure` is a miss, not a hit).
+    pub fn is_reserved(&self, key: ExpertKey) -> bool {
+        self.reserved.contains_key(&key)
     }
 
     /// Tell the policy which of `layer`'s `experts` its router ranked just below the chosen

@@ -5,6 +5,12 @@
 //! added to the residual. When a batch needs more distinct experts in a layer than the arena
 //! has slots, (B) runs once per group of experts, each group's contribution added up before
 //! the residual. The activations between graphs live in the engine's `state`.
+//!
+//! With cold copies in use (`EngineOptions::cold`), a group's slots hold full or cold
+//! records: (B) then runs `mul_mat_id` once over the full records' views with the slots that
+//! hold those and once over the cold views with the cold slots, and adds the two; a group of
+//! one kind runs one pass, so with every expert cold the layer computes exactly what a model
+//! converted at the cold type does.
 
 use super::io_thread::Prefetcher;
 use super::router::{route, route_cached, Choice};
@@ -13,6 +19,55 @@ use crate::error::Result;
 use crate::ggml::{Context, GgmlType};
 use crate::graph;
 use crate::names::*;
+
+/// One `graph::moe` over the arena: through the full records' views or the cold ones, `k`
+/// entries per token (`ids`, `wts`: [n][k]).
+struct MoePass {
+    cold: bool,
+    k: usize,
+    ids: Vec<i32>,
+    wts: Vec<f32>,
+}
+
+/// The pass over the slots of `group` (their `slots`, whose kinds `slot_cold` gives) that hold
+/// records of kind `cold`, None when none does. Each token's chosen experts of that kind in
+/// this group come in its choice order; a token with fewer than the most any token has is
+/// padded with weight 0 on other slots of the same kind in the group (never a slot of the
+/// other kind: its bytes read through this view could be NaN or infinite scales, and
+/// 0 × NaN is NaN), distinct within the token.
+fn moe_pass(choices: &[Choice], group: &[u32], slots: &[usize], slot_cold: &[bool], cold: bool) -> Option<MoePass> {
+    let mine = |s: usize| slot_cold[s] == cold;
+    let kind_slots: Vec<usize> = slots.iter().copied().filter(|&s| mine(s)).collect();
+    let per_token: Vec<Vec<(usize, f32)>> = choices
+        .iter()
+        .map(|c| {
+            c.experts
+                .iter()
+                .zip(&c.weights)
+                .filter_map(|(e, &w)| group.iter().position(|g| g == e).map(|i| (slots[i], w)))
+                .filter(|&(s, _)| mine(s))
+                .collect()
+        })
+        .collect();
+    let k = per_token.iter().map(Vec::len).max().unwrap_or(0);
+    if k == 0 {
+        return None;
+    }
+    let (mut ids, mut wts) = (Vec::with_capacity(k * choices.len()), Vec::with_capacity(k * choices.len()));
+    for used in &per_token {
+        let mut spare = kind_slots.iter().copied().filter(|s| !used.iter().any(|(u, _)| u == s));
+        for &(s, w) in used {
+            ids.push(s as i32);
+            wts.push(w);
+        }
+        for _ in used.len()..k {
+            // The token with the most has k distinct slots of this kind in the group.
+            ids.push(spare.next().expect("the group has k slots of this kind") as i32);
+            wts.push(0.0);
+        }
+    }
+    Some(MoePass { cold, k, ids, wts })
+}
 
 /// Where a group of experts stands among a layer's groups (see `Engine::experts`).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -149,6 +204,20 @@ impl Engine {
                 (0, Some(next)) if n_groups == 1 => self.prefetch_batch(il + 1, n, next, &slots),
                 _ => {}
             }
+            let step = match (gi, n_groups) {
+                (_, 1) => GroupStep::Only,
+                (0, _) => GroupStep::First,
+                (g, m) if g + 1 == m => GroupStep::Last,
+                _ => GroupStep::Middle,
+            };
+            if self.cold {
+                let passes: Vec<MoePass> = [false, true]
+                    .into_iter()
+                    .filter_map(|cold| moe_pass(&choices, group, &slots, &self.slot_cold, cold))
+                    .collect();
+                self.moe_graph(il, n, step, &passes)?;
+                continue;
+            }
             let mut ids = Vec::with_capacity(n * k);
             let mut wts = Vec::with_capacity(n * k);
             for c in &choices {
@@ -172,13 +241,7 @@ impl Engine {
                     }
                 }
             }
-            let step = match (gi, n_groups) {
-                (_, 1) => GroupStep::Only,
-                (0, _) => GroupStep::First,
-                (g, m) if g + 1 == m => GroupStep::Last,
-                _ => GroupStep::Middle,
-            };
-            self.moe_graph(il, n, step, &ids, &wts)?;
+            self.moe_graph(il, n, step, &[MoePass { cold: false, k, ids, wts }])?;
         }
         if self.sched.wants_hints() && self.opts.route_trace.is_none() {
             for (t, c) in choices.iter().enumerate() {
@@ -194,12 +257,24 @@ impl Engine {
 
     /// Make `group` (distinct experts of layer `il`, at most one arena's worth) resident and
     /// return their slots. The misses load in the order `ensure` asks for them, while the I/O
-    /// thread reads `read_ahead` of them ahead of the one being copied into its slot.
+    /// thread reads `read_ahead` of them ahead of the one being copied into its slot. With cold
+    /// copies in use, misses load cold records, and (`ColdUse::Upgrade`) hits on experts whose
+    /// slot holds a cold record load their full record into the same slot.
     pub(super) fn ensure_group(&mut self, il: u32, group: &[u32]) -> Result<Vec<usize>> {
-        let (md, arena, staging) = (&self.dir, &self.arena, &mut self.staging);
-        let drop_cache = !self.opts.page_cache;
-        let layer = &md.manifest.layers[il as usize];
+        let (md, arena, staging, slot_cold) = (&self.dir, &self.arena, &mut self.staging, &mut self.slot_cold);
+        let (drop_cache, cold) = (!self.opts.page_cache, self.cold);
+        // What a miss loads: the I/O thread reads those records.
+        let layer = super::predict::miss_layer(md, cold, il);
         let missing: Vec<u32> = group.iter().copied().filter(|&e| !self.sched.is_resident(il, e)).collect();
+        let sched = &self.sched;
+        let cold_slot = |e: u32| sched.slot_of(il, e).is_some_and(|s| slot_cold[s]);
+        // Loaded ahead into reserved slots (as cold records): misses whose load is done.
+        let reserved_cold = group.iter().filter(|&&e| sched.is_reserved((il, e)) && cold_slot(e)).count() as u64;
+        let upgrades: Vec<u32> = if self.opts.cold == super::ColdUse::Upgrade {
+            group.iter().copied().filter(|&e| !sched.is_reserved((il, e)) && cold_slot(e)).collect()
+        } else {
+            Vec::new()
+        };
         let (io, ahead) = (&mut self.io, self.opts.read_ahead);
         let mut issued = 0;
         let mut read_ahead = |io: &mut Prefetcher, upto: usize| {
@@ -214,30 +289,65 @@ impl Engine {
             read_ahead(io, ahead);
         }
         let mut started = 0;
-        self.sched.ensure(il, group, |slot, e| {
+        let mut cold_loads = 0;
+        let slots = self.sched.ensure(il, group, |slot, e| {
             started += 1;
             if ahead > 0 {
                 read_ahead(io, started + ahead);
             }
             let pre = io.take((il, e));
-            let (bytes, spare) = arena.load_expert(md, staging, drop_cache, il, slot, e, pre)?;
+            let (bytes, spare) = arena.load_expert(md, staging, drop_cache, il, slot, e, pre, cold)?;
+            slot_cold[slot] = cold;
+            cold_loads += cold as u64;
             io.recycle(spare);
             Ok(bytes)
-        })
+        })?;
+        let st = &mut self.sched.stats;
+        st.cold_loads += cold_loads + reserved_cold;
+        for e in upgrades {
+            let i = group.iter().position(|&g| g == e).expect("an upgrade is in the group");
+            let t = std::time::Instant::now();
+            let (bytes, spare) = arena.load_expert(md, staging, drop_cache, il, slots[i], e, None, false)?;
+            io.recycle(spare);
+            slot_cold[slots[i]] = false;
+            st.upgrades += 1;
+            st.bytes_read += bytes;
+            st.stall += t.elapsed();
+        }
+        Ok(slots)
     }
 
-    fn moe_graph(&mut self, il: u32, n: usize, step: GroupStep, ids: &[i32], wts: &[f32]) -> Result<()> {
+    /// Graph B for one group of experts: `passes` (one, or a pass over full records and one
+    /// over cold ones, added), then the group's `step` in the layer.
+    fn moe_graph(&mut self, il: u32, n: usize, step: GroupStep, passes: &[MoePass]) -> Result<()> {
         let cfg = &self.config;
-        let (n_embd, k, n) = (cfg.n_embd as i64, cfg.n_expert_used as i64, n as i64);
+        let (n_embd, n) = (cfg.n_embd as i64, n as i64);
         let ctx = Context::new(GRAPH_TENSORS, GRAPH_NODES);
         let st = self.state.views(&ctx, n);
         let x = ctx.reshape_3d(st.normed, n_embd, 1, n);
-        let ids_t = ctx.new_tensor(GgmlType::I32, &[k, n]);
-        ids_t.set_input();
-        let wts_t = ctx.new_tensor(GgmlType::F32, &[1, k, n]);
-        wts_t.set_input();
-        let exps = Proj::ALL.map(|p| self.arena.view(il, p));
-        let moe = graph::moe(&ctx, exps, x, ids_t, wts_t);
+        let mut inputs = Vec::with_capacity(passes.len());
+        let mut moe = None;
+        for pass in passes {
+            let k = pass.k as i64;
+            let ids_t = ctx.new_tensor(GgmlType::I32, &[k, n]);
+            ids_t.set_input();
+            let wts_t = ctx.new_tensor(GgmlType::F32, &[1, k, n]);
+            wts_t.set_input();
+            let exps = Proj::ALL.map(|p| match pass.cold {
+                false => Some(self.arena.view(il, p)),
+                true => self.arena.cold_view(il, p),
+            });
+            let [Some(g), Some(u), Some(d)] = exps else {
+                return Err(crate::error::Error::Usage("a cold pass over an arena without cold views".into()));
+            };
+            let out = graph::moe(&ctx, [g, u, d], x, ids_t, wts_t);
+            moe = Some(match moe {
+                None => out,
+                Some(m) => ctx.add(m, out),
+            });
+            inputs.push((ids_t, wts_t, pass));
+        }
+        let moe = moe.expect("a group has at least one pass");
         // Groups add up in `acc` first and join the residual last, in the same order of
         // additions as one group would: the result does not depend on the arena's size.
         let store = match step {
@@ -249,8 +359,10 @@ impl Engine {
         let mut g = ctx.graph(GRAPH_NODES);
         g.expand(store);
         self.runner.run(&g, || {
-            ids_t.write_i32(ids);
-            wts_t.write_f32(wts);
+            for (ids_t, wts_t, pass) in &inputs {
+                ids_t.write_i32(&pass.ids);
+                wts_t.write_f32(&pass.wts);
+            }
         })
     }
 
@@ -269,5 +381,39 @@ impl Engine {
         g.expand(logits);
         self.runner.run(&g, || {})?;
         Ok(logits.read_f32(cfg.n_vocab as usize * n_out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pass_pads_only_with_slots_of_its_kind_in_the_group() {
+        // Group experts 3, 5, 7, 9 in slots 10, 11, 12, 13; slots 11 and 13 hold cold records.
+        let (group, slots) = ([3, 5, 7, 9], [10, 11, 12, 13]);
+        let mut slot_cold = vec![false; 16];
+        slot_cold[11] = true;
+        slot_cold[13] = true;
+        // Slot 0 is of neither pass's group: never a pad, whatever its kind.
+        let choices = [
+            Choice { experts: vec![5, 3, 2], weights: vec![0.5, 0.3, 0.2] }, // 2: another group
+            Choice { experts: vec![9, 7, 5], weights: vec![0.6, 0.3, 0.1] },
+            Choice { experts: vec![2, 4, 6], weights: vec![0.4, 0.4, 0.2] }, // none here
+        ];
+        let hot = moe_pass(&choices, &group, &slots, &slot_cold, false).unwrap();
+        assert_eq!((hot.cold, hot.k), (false, 1));
+        assert_eq!(hot.ids, vec![10, 12, 10]);
+        assert_eq!(hot.wts, vec![0.3, 0.3, 0.0]);
+        let cold = moe_pass(&choices, &group, &slots, &slot_cold, true).unwrap();
+        assert_eq!((cold.cold, cold.k), (true, 2));
+        // Token 0: its cold expert 5 (slot 11), padded with the other cold slot, 13; token 1:
+        // 9 then 5 in its order; token 2: both pads.
+        assert_eq!(cold.ids, vec![11, 13, 13, 11, 11, 13]);
+        assert_eq!(cold.wts, vec![0.5, 0.0, 0.6, 0.1, 0.0, 0.0]);
+        // A group of one kind has one pass.
+        assert!(moe_pass(&choices, &group, &slots, &[false; 16], true).is_none());
+        let all = moe_pass(&choices, &group, &slots, &[false; 16], false).unwrap();
+        assert_eq!((all.k, &all.ids[..3]), (3, &[11, 10, 12][..]));
     }
 }

@@ -186,3 +186,59 @@ fn tune_picks_the_fewest_bytes_within_the_budget() {
         }
     }
 }
+
+/// With cold copies in the directory, `sage tune` also tries them (upgraded on reuse, and never
+/// upgraded), alone and with each bias, and names the flag of the one it picks.
+#[test]
+fn tune_tries_cold_copies_where_the_directory_has_them() {
+    let dir = tmp();
+    let m = dir.path().join("m");
+    let o = ConvertOptions { cold_quant: Some(GgmlType::Q4_0), ..opts(Some(GgmlType::Q8_0)) };
+    sage::convert::convert(&plain(), &m, &o).unwrap();
+    let text = text(dir.path());
+    let out = sage(&[
+        "tune",
+        m.to_str().unwrap(),
+        "--text",
+        text.to_str().unwrap(),
+        "--ctx",
+        "32",
+        "--arena-experts",
+        "3",
+        "--batch",
+        "1",
+        "--biases",
+        "2",
+        "--max-ppl",
+        "100%",
+        "--json",
+        "-t",
+        "1",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let trials = v["tune"]["trials"].as_array().unwrap();
+    let kinds: Vec<(f64, &str)> =
+        trials.iter().map(|t| (t["cache_bias"].as_f64().unwrap(), t["cold"].as_str().unwrap())).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (0.0, "off"),
+            (2.0, "off"),
+            (0.0, "upgrade"),
+            (2.0, "upgrade"),
+            (0.0, "never-upgrade"),
+            (2.0, "never-upgrade")
+        ]
+    );
+    let bpt = |t: &serde_json::Value| t["bytes_per_token"].as_f64().unwrap();
+    // Cold copies read fewer bytes than full records at the same bias.
+    assert!(bpt(&trials[2]) < bpt(&trials[0]) && bpt(&trials[4]) < bpt(&trials[2]));
+    let best = &trials[v["tune"]["best"].as_u64().unwrap() as usize];
+    let flags = v["flags"].as_str().unwrap();
+    match best["cold"].as_str().unwrap() {
+        "never-upgrade" => assert!(flags.contains("--cold-quant=never-upgrade"), "{flags}"),
+        "upgrade" => assert!(flags.contains("--cold-quant") && !flags.contains("never"), "{flags}"),
+        _ => assert!(!flags.contains("--cold-quant"), "{flags}"),
+    }
+}

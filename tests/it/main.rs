@@ -3,6 +3,7 @@
 mod archs;
 mod bad_input;
 mod chat;
+mod cold;
 mod convert;
 #[cfg(feature = "vulkan")]
 mod device;
