@@ -18,7 +18,8 @@
 # (names: llama-full sage-full llama-mmap-25 sage-25 llama-mmap-50 sage-50); PCTS="10 25 50"
 # sets the limits (default 25 50); TRACES="a.trace b.trace" runs sage under each limit once per
 # routing trace (--route-trace, benchmarks only: sage-25-a, sage-25-b ...) instead of once
-# with its own routing.
+# with its own routing. VARIANTS="cold:--cold-quant" adds, per trace and limit, a run with
+# those bench_one flags (comma-separated) named sage-25-TRACE-cold: levers side by side.
 # MODEL.gguf is `sage-convert merge MODEL_DIR` (or `sage-convert synth ... --merged`).
 # Prints one JSON line per run, then a markdown table.
 set -euo pipefail
@@ -80,6 +81,10 @@ for pct in ${PCTS:-25 50}; do
     fi
     for tr in ${TRACES:-}; do
         R+=("$(run $limit sage-$pct-$(basename "$tr" .trace) $B sage "$DIR" --arena $arena --prompt "$NP" --gen "$NG" --policy "$POLICY" --route-trace "$tr" ${SAGE_FLAGS:-})")
+        for v in ${VARIANTS:-}; do
+            f=${v#*:}
+            R+=("$(run $limit sage-$pct-$(basename "$tr" .trace)-${v%%:*} $B sage "$DIR" --arena $arena --prompt "$NP" --gen "$NG" --policy "$POLICY" --route-trace "$tr" ${SAGE_FLAGS:-} ${f//,/ })")
+        done
     done
 done
 F=()

@@ -97,6 +97,9 @@ enum Command {
         /// Also write the model as one standard GGUF that llama.cpp loads.
         #[arg(long)]
         merged: Option<PathBuf>,
+        /// Also store cold copies of the experts at this type (as the conversion's --cold-quant).
+        #[arg(long)]
+        cold_quant: Option<String>,
         /// Keep only the first N layers (same per-layer shapes): a shallower model for quicker runs.
         #[arg(long)]
         layers: Option<u32>,
@@ -151,8 +154,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 human_bytes(r.bytes)
             );
         }
-        Some(Command::Synth { like, quant, out, merged, layers, seed, exact, force }) => {
-            let opts = SynthOptions { quant: parse_quant(&quant)?, like, layers, seed, exact, merged, force };
+        Some(Command::Synth { like, quant, out, merged, layers, seed, exact, force, cold_quant }) => {
+            let cold_quant = cold_quant.as_deref().map(parse_quant).transpose()?;
+            let opts =
+                SynthOptions { quant: parse_quant(&quant)?, like, layers, seed, exact, merged, force, cold_quant };
             // Checks the name and layer count before the notice.
             let cfg = synth_config(&opts.like, opts.layers)?;
             eprintln!("sage-convert synth: note: {ROUTING_NOTICE}.");

@@ -83,6 +83,12 @@ fn main() -> anyhow::Result<()> {
             let route_trace =
                 opt("--route-trace").map(|p| sage::engine::trace::RouteTrace::open(p.as_ref())).transpose()?;
             let trace_name = opt("--route-trace");
+            // Cold copies (sage run --cold-quant): loaded on misses, upgraded on reuse.
+            let cold = match (flag("--cold-quant"), flag("--cold-never-upgrade")) {
+                (_, true) => sage::engine::ColdUse::NeverUpgrade,
+                (true, _) => sage::engine::ColdUse::Upgrade,
+                _ => sage::engine::ColdUse::Off,
+            };
             let mut e = Engine::load(
                 a[2].as_ref(),
                 EngineOptions {
@@ -97,6 +103,7 @@ fn main() -> anyhow::Result<()> {
                     fused,
                     arena_repack,
                     route_trace: route_trace.map(std::sync::Arc::new),
+                    cold,
                     ..Default::default()
                 },
             )?;
@@ -118,7 +125,7 @@ fn main() -> anyhow::Result<()> {
             let st = e.stats().sched;
             let (hits, misses) = (st.hits - after_prompt.hits, st.misses - after_prompt.misses);
             serde_json::json!({
-                "engine": "sage", "route_trace": trace_name, "one_graph": e.all_resident(), "arena_repack": arena_repack, "policy": policy, "read_ahead": read_ahead, "load_threads": load_threads, "prefetch": e.stats().prefetch, "arena_bytes": e.arena_bytes(), "arena_slots": e.n_slots(),
+                "engine": "sage", "route_trace": trace_name, "cold": cold, "cold_loads": st.cold_loads - after_prompt.cold_loads, "upgrades": st.upgrades - after_prompt.upgrades, "one_graph": e.all_resident(), "arena_repack": arena_repack, "policy": policy, "read_ahead": read_ahead, "load_threads": load_threads, "prefetch": e.stats().prefetch, "arena_bytes": e.arena_bytes(), "arena_slots": e.n_slots(),
                 "load_s": load_s,
                 "prompt_tok_s": n_prompt as f64 / prompt_s, "decode_tok_s": n_gen as f64 / decode_s,
                 "decode_hit_rate": hits as f64 / (hits + misses).max(1) as f64,

@@ -106,6 +106,9 @@ pub struct SynthOptions {
     pub merged: Option<PathBuf>,
     /// Replace an existing model directory and merged file.
     pub force: bool,
+    /// Also write cold copies of the experts at this type (`ConvertOptions::cold_quant`):
+    /// quantized by ggml from the expert's own weights, as a conversion does.
+    pub cold_quant: Option<GgmlType>,
 }
 
 #[derive(Debug)]
@@ -137,6 +140,7 @@ pub fn synth(out: &Path, opts: &SynthOptions, progress: Progress) -> Result<Synt
     let copts = ConvertOptions {
         quant_base: Some(opts.quant),
         quant_experts: Some(opts.quant),
+        cold_quant: opts.cold_quant,
         force: opts.force,
         ..Default::default()
     };

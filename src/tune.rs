@@ -22,6 +22,15 @@ pub struct Budget {
     pub min_top1: Option<f64>,
 }
 
+/// The settings to try besides exact routing: each bias (with the router's top `keep` always
+/// kept), and with each of `colds` (cold copies) every bias again and bias 0.
+#[derive(Clone, Debug)]
+pub struct Candidates {
+    pub biases: Vec<f32>,
+    pub keep: usize,
+    pub colds: Vec<ColdUse>,
+}
+
 /// One measured setting.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Trial {
@@ -58,21 +67,21 @@ fn io_figures(engine: &Engine) -> (f64, f64) {
     (s.sched.hit_rate(), s.sched.bytes_read as f64 / s.tokens_evaluated.max(1) as f64)
 }
 
-/// Try exact routing, then each of `biases` (with `keep` of the router's top experts always
-/// kept), and with `colds` each of them again with cold copies (bias 0 included), on `tokens`
-/// in windows of `opts.n_ctx`; pick the fewest bytes per token within `budget`. `load` makes an engine of the model with the options given (the caller's way
-/// of loading, e.g. with a warm start); `progress(what, done, total)` after each window.
+/// Try exact routing, then each of the `candidates`, on `tokens` in windows of `opts.n_ctx`;
+/// pick the fewest bytes per token within `budget`. `load` makes an engine of the model with
+/// the options given (the caller's way of loading, e.g. with a warm start); `progress(what,
+/// done, total)` after each window.
 pub fn tune(
     tokens: &[u32],
     bos: Option<u32>,
     opts: &EngineOptions,
-    biases: &[f32],
-    keep: usize,
-    colds: &[ColdUse],
+    candidates: &Candidates,
     budget: Budget,
     mut load: impl FnMut(EngineOptions) -> Result<Engine>,
     mut progress: impl FnMut(&str, usize, usize),
 ) -> Result<Tuned> {
+    let Candidates { biases, keep, colds } = candidates;
+    let keep = *keep;
     if let Some(b) = biases.iter().find(|b| !(b.is_finite() && **b > 0.0)) {
         return Err(Error::Usage(format!("a cache bias to try must be a number above 0, got {b}")));
     }

@@ -373,7 +373,8 @@ pub fn tune(
         ColdUse::Off => vec![],
         c => vec![c],
     };
-    let t = crate::tune::tune(&tokens, bos, &opts, biases, keep, &colds, budget, load, |what, done, _| {
+    let candidates = crate::tune::Candidates { biases: biases.to_vec(), keep, colds };
+    let t = crate::tune::tune(&tokens, bos, &opts, &candidates, budget, load, |what, done, _| {
         pb.set_message(what.to_string());
         pb.set_position(done as u64);
     })

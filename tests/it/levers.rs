@@ -67,9 +67,9 @@ fn cache_bias_stays_in_the_pool_above_the_floor_and_cuts_misses() {
         let floor = floor.unwrap_or(1.0 / pool.len() as f32);
         let logits = t.router_logits.as_ref().unwrap();
         let (mut substituted, mut checked) = (0, 0);
-        for il in 0..t.n_layer {
+        for (il, layer_logits) in logits.iter().enumerate() {
             for tok in 0..t.n_tokens() {
-                let l = &logits[il][tok * n_exp..(tok + 1) * n_exp];
+                let l = &layer_logits[tok * n_exp..(tok + 1) * n_exp];
                 let exact = route(l, &present, k, true);
                 let p = route(l, &present, n_exp, false); // every pooled expert's probability
                 let chosen = t.token(il, tok);
@@ -178,7 +178,7 @@ fn tune_picks_the_fewest_bytes_within_the_budget() {
         assert_eq!(bpt(best), cheapest);
         let flags = v["flags"].as_str().unwrap();
         match best["cache_bias"].as_f64().unwrap() {
-            0.0 => assert!(flags.contains("exact routing"), "{flags}"),
+            0.0 => assert!(flags.contains("exact: no lever"), "{flags}"),
             b => assert!(flags.contains(&format!("--cache-bias {b}")), "{flags}"),
         }
         if max_ppl == "100%" {
@@ -241,4 +241,45 @@ fn tune_tries_cold_copies_where_the_directory_has_them() {
         "upgrade" => assert!(flags.contains("--cold-quant") && !flags.contains("never"), "{flags}"),
         _ => assert!(!flags.contains("--cold-quant"), "{flags}"),
     }
+}
+
+/// `sage tune --ram`: the arena is what the RAM leaves after base, KV cache and overhead (as
+/// `sage plan` counts); a RAM that leaves nothing is a clear error.
+#[test]
+fn tune_with_a_ram_budget() {
+    let dir = tmp();
+    let m = converted(dir.path(), None);
+    let text = text(dir.path());
+    let tune = |ram: &str| {
+        sage(&[
+            "tune",
+            m.to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "--ctx",
+            "32",
+            "--ram",
+            ram,
+            "--batch",
+            "1",
+            "--biases",
+            "2",
+            "--json",
+            "-t",
+            "1",
+        ])
+    };
+    let out = tune("1MiB");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("leaves nothing for experts"), "{err}");
+    let md = sage::model_dir::ModelDir::open(&m).unwrap();
+    let taken = md.base_bytes() + sage::plan::kv_bytes(&md.config, 32) + sage::plan::OVERHEAD_BYTES;
+    let stride = sage::engine::arena::slot_stride(&md.manifest.layers);
+    let ram = taken + sage::engine::arena::arena_bytes(5, stride, 0);
+    let out = tune(&ram.to_string());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["tune"]["arena_slots"], 5);
+    assert!(v["flags"].as_str().unwrap().starts_with("--arena "), "{}", v["flags"]);
 }

@@ -15,7 +15,16 @@ use sage::usage::Usage;
 use crate::util::*;
 
 fn opts(like: &str, quant: GgmlType, seed: u64) -> SynthOptions {
-    SynthOptions { like: like.into(), quant, layers: None, seed, exact: false, merged: None, force: false }
+    SynthOptions {
+        like: like.into(),
+        quant,
+        layers: None,
+        seed,
+        exact: false,
+        merged: None,
+        force: false,
+        cold_quant: None,
+    }
 }
 
 fn write(out: &Path, o: &SynthOptions) -> SynthReport {
