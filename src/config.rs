@@ -41,6 +41,45 @@ pub struct ModelConfig {
     pub rope_theta: f32,
     pub n_ctx_train: u64,
     pub tie_word_embeddings: bool,
+    /// Sliding-window attention: how many positions a sliding layer's query sees (itself
+    /// included, as transformers' `sliding_window` and llama.cpp's `n_swa`); 0 when no layer
+    /// slides.
+    pub n_swa: u64,
+    /// Per layer, whether it attends over the sliding window only (empty: no layer does).
+    pub swa_layers: Vec<bool>,
+    /// YaRN RoPE scaling; None: plain RoPE.
+    pub yarn: Option<Yarn>,
+    /// Whether each expert has biases on its gate, up and down projections (stored in its
+    /// record after the matrices).
+    pub expert_bias: bool,
+    /// The experts' gated activation.
+    pub expert_act: ExpertAct,
+}
+
+/// YaRN's parameters (transformers' `rope_parameters` of type `yarn`; llama.cpp's
+/// `rope.scaling.*` keys).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct Yarn {
+    pub factor: f32,
+    /// The context the model was trained at before extension (`original_max_position_embeddings`).
+    pub n_ctx_orig: u64,
+    pub beta_fast: f32,
+    pub beta_slow: f32,
+}
+
+/// The routed experts' activation of gate `g` and up `u`.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub enum ExpertAct {
+    /// silu(g) · u.
+    SwiGlu,
+    /// gpt-oss's: x = min(g, limit), y = clamp(u, ±limit), x · sigmoid(alpha · x) · (y + 1).
+    SwiGluOai { alpha: f32, limit: f32 },
+}
+
+impl Default for ExpertAct {
+    fn default() -> Self {
+        ExpertAct::SwiGlu
+    }
 }
 
 /// Largest sizes a model may declare. llama.cpp's own caps for layers and experts
@@ -77,6 +116,39 @@ impl ModelConfig {
         }
     }
 
+    /// Whether layer `il` attends over the sliding window only.
+    pub fn is_swa(&self, il: u32) -> bool {
+        self.n_swa > 0 && self.swa_layers.get(il as usize) == Some(&true)
+    }
+
+    /// `ggml_rope_ext`'s parameters for heads of this model in `mode`, as llama.cpp computes
+    /// them: with YaRN, frequency scale 1/factor, extrapolation mix 1, and attention factor 1
+    /// (ggml multiplies in YaRN's magnitude scale 0.1 ln(factor) + 1 itself).
+    pub fn rope_params(&self, mode: i32) -> crate::ggml::RopeParams {
+        let plain = crate::ggml::RopeParams {
+            n_dims: self.head_dim as i32,
+            mode,
+            n_ctx_orig: self.n_ctx_train.min(i32::MAX as u64) as i32,
+            freq_base: self.rope_theta,
+            freq_scale: 1.0,
+            ext_factor: 0.0,
+            attn_factor: 1.0,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+        };
+        match self.yarn {
+            None => plain,
+            Some(y) => crate::ggml::RopeParams {
+                n_ctx_orig: y.n_ctx_orig.min(i32::MAX as u64) as i32,
+                freq_scale: 1.0 / y.factor,
+                ext_factor: 1.0,
+                beta_fast: y.beta_fast,
+                beta_slow: y.beta_slow,
+                ..plain
+            },
+        }
+    }
+
     /// The first of `rms_eps` and `rope_theta` that is not a positive finite number (ggml
     /// aborts on a negative epsilon; a theta of 0 or less makes every position NaN).
     fn bad_float(&self) -> Option<(&'static str, f32)> {
@@ -103,6 +175,8 @@ pub struct HfConfig<'a> {
 pub struct HfDefaults {
     pub rms_eps: f64,
     pub rope_theta: f64,
+    /// Whether the family runs YaRN RoPE (others refuse a `yarn` rope type).
+    pub yarn: bool,
 }
 
 impl HfConfig<'_> {
@@ -176,12 +250,15 @@ impl HfConfig<'_> {
         self.only("hidden_act", |v| v.as_str() == Some("silu"), "only silu is supported")?;
         // RoPE: transformers 4.x writes rope_theta (+ rope_scaling); 5.x writes rope_parameters.
         let rope = self.get(&["rope_parameters", "rope_scaling"]);
+        let mut yarn = None;
         if let Some(r) = rope {
             let ty = r.get("rope_type").or_else(|| r.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
             // Qwen3-Omni's interleaved M-RoPE is plain RoPE when all position components are
             // equal, as they are for text-only input.
-            if ty != "default" {
-                return Err(self.err(&["rope_scaling"], format!("rope type '{ty}' is not supported")));
+            match ty {
+                "default" => {}
+                "yarn" if d.yarn => yarn = Some(self.yarn(r)?),
+                _ => return Err(self.err(&["rope_scaling"], format!("rope type '{ty}' is not supported"))),
             }
         }
         let rope_theta = match (self.get(&["rope_theta"]), rope.and_then(|r| r.get("rope_theta"))) {
@@ -224,12 +301,66 @@ impl HfConfig<'_> {
             rope_theta: rope_theta as f32,
             n_ctx_train: self.get(&["max_position_embeddings"]).and_then(|v| v.as_u64()).unwrap_or(4096),
             tie_word_embeddings: self.bool_or(&["tie_word_embeddings"], false)?,
+            n_swa: 0,
+            swa_layers: Vec::new(),
+            yarn,
+            expert_bias: false,
+            expert_act: ExpertAct::SwiGlu,
         };
         if let Some((name, x)) = cfg.bad_float() {
             let keys: &[&str] = if name == "rms_eps" { &["rms_norm_eps"] } else { &["rope_theta"] };
             return Err(self.err(keys, format!("expected a positive number, got {x}")));
         }
         Ok(cfg)
+    }
+}
+
+impl HfConfig<'_> {
+    /// YaRN's parameters from a `rope_parameters` / `rope_scaling` object `r` of type yarn.
+    /// `truncate: false` (gpt-oss) cannot be honoured exactly: ggml always rounds YaRN's
+    /// correction range to whole dimensions, as llama.cpp does for the same model.
+    fn yarn(&self, r: &Value) -> Result<Yarn> {
+        let key = |k: &str| format!("rope_parameters.{k}");
+        let num = |k: &str, default: Option<f64>| -> Result<f64> {
+            match (r.get(k).filter(|v| !v.is_null()), default) {
+                (Some(v), _) => v
+                    .as_f64()
+                    .filter(|x| x.is_finite() && *x > 0.0)
+                    .ok_or_else(|| self.err(&[&key(k)], format!("expected a positive number, got {v}"))),
+                (None, Some(d)) => Ok(d),
+                (None, None) => Err(self.err(&[&key(k)], "missing")),
+            }
+        };
+        let factor = num("factor", None)?;
+        let n_ctx_orig = num("original_max_position_embeddings", None)? as u64;
+        Ok(Yarn {
+            factor: factor as f32,
+            n_ctx_orig,
+            beta_fast: num("beta_fast", Some(32.0))? as f32,
+            beta_slow: num("beta_slow", Some(1.0))? as f32,
+        })
+    }
+
+    /// `layer_types` (one of `sliding_attention` / `full_attention` per layer) as per-layer
+    /// flags, or None when the config has none.
+    pub fn layer_types(&self, n_layer: u32) -> Result<Option<Vec<bool>>> {
+        let Some(v) = self.get(&["layer_types"]) else { return Ok(None) };
+        let a = v.as_array().ok_or_else(|| self.err(&["layer_types"], format!("expected a list, got {v}")))?;
+        if a.len() != n_layer as usize {
+            return Err(self.err(&["layer_types"], format!("expected {n_layer} entries (one per layer), got {}", a.len())));
+        }
+        a.iter()
+            .enumerate()
+            .map(|(i, t)| match t.as_str() {
+                Some("sliding_attention") => Ok(true),
+                Some("full_attention") => Ok(false),
+                _ => Err(self.err(
+                    &["layer_types"],
+                    format!("entry {i}: expected 'sliding_attention' or 'full_attention', got {t}"),
+                )),
+            })
+            .collect::<Result<Vec<bool>>>()
+            .map(Some)
     }
 }
 
@@ -359,6 +490,16 @@ impl ModelConfig {
             (k(K_EXPERT_COUNT), GgufValue::U32(self.n_expert)),
             (k(K_EXPERT_USED_COUNT), GgufValue::U32(self.n_expert_used)),
         ];
+        if let Some(y) = self.yarn {
+            kv.push((k(K_ROPE_SCALING_TYPE), GgufValue::Str("yarn".into())));
+            kv.push((k(K_ROPE_SCALING_FACTOR), GgufValue::F32(y.factor)));
+            kv.push((k(K_ROPE_SCALING_ORIG_CTX), u32v(y.n_ctx_orig)));
+            kv.push((k(K_ROPE_SCALING_BETA_FAST), GgufValue::F32(y.beta_fast)));
+            kv.push((k(K_ROPE_SCALING_BETA_SLOW), GgufValue::F32(y.beta_slow)));
+        }
+        if self.n_swa > 0 {
+            kv.push((k(K_SLIDING_WINDOW), u32v(self.n_swa)));
+        }
         arch.gguf_kv(self, &mut kv);
         for (key, v) in &kv {
             g.set(key, v).map_err(|e| Error::Usage(e.to_string()))?;
@@ -400,7 +541,29 @@ impl ModelConfig {
             rope_theta: k.f32_or(K_ROPE_FREQ_BASE, Some(10000.0))?,
             n_ctx_train: k.u64(K_CONTEXT_LENGTH).unwrap_or(4096),
             tie_word_embeddings: g.find_tensor(OUTPUT).is_none(),
+            n_swa: k.opt_u64(K_SLIDING_WINDOW)?.unwrap_or(0),
+            swa_layers: Vec::new(),
+            yarn: None,
+            expert_bias: false,
+            expert_act: ExpertAct::SwiGlu,
         };
+        cfg.yarn = match g.get(&k.key(K_ROPE_SCALING_TYPE)) {
+            None => None,
+            Some(GgufValue::Str(t)) if t == "none" || t == "linear" && k.f32_or(K_ROPE_SCALING_FACTOR, Some(1.0))? == 1.0 => None,
+            Some(GgufValue::Str(t)) if t == "yarn" => Some(Yarn {
+                factor: k.f32_or(K_ROPE_SCALING_FACTOR, None)?,
+                n_ctx_orig: k.u64(K_ROPE_SCALING_ORIG_CTX)?,
+                // llama.cpp's defaults (it reads no beta keys).
+                beta_fast: k.f32_or(K_ROPE_SCALING_BETA_FAST, Some(32.0))?,
+                beta_slow: k.f32_or(K_ROPE_SCALING_BETA_SLOW, Some(1.0))?,
+            }),
+            Some(v) => return Err(k.err(K_ROPE_SCALING_TYPE, "'yarn' or 'none'", &format!("{v:?}"))),
+        };
+        if let Some(y) = cfg.yarn {
+            if !(y.factor.is_finite() && y.factor > 0.0) || y.n_ctx_orig == 0 {
+                return Err(k.err(K_ROPE_SCALING_FACTOR, "a positive factor and original context", &format!("{y:?}")));
+            }
+        }
         arch.hparams_gguf(&k, &mut cfg)?;
         if cfg.n_head == 0
             || cfg.n_head_kv == 0

@@ -145,6 +145,22 @@ impl Transcoder {
     }
 }
 
+/// An expert's bias must have one value per output row, all finite.
+fn check_bias(path: &Path, name: &str, b: &[f32], rows: u64) -> Result<()> {
+    if b.len() as u64 != rows {
+        return Err(shape_err(path, name, &[rows], &[b.len() as u64]));
+    }
+    if let Some(i) = b.iter().position(|x| !x.is_finite()) {
+        return Err(Error::UnsupportedDtype {
+            path: path.to_path_buf(),
+            tensor: name.to_string(),
+            got: format!("a non-finite value ({}) at {i}", b[i]),
+            expected: "finite biases".into(),
+        });
+    }
+    Ok(())
+}
+
 fn shape_err(path: &Path, name: &str, expected: &[u64], got: &[u64]) -> Error {
     Error::WrongShape { path: path.to_path_buf(), tensor: name.to_string(), expected: dims(expected), got: dims(got) }
 }
@@ -310,10 +326,19 @@ pub fn convert_source(
             }
             types[p.index()] = target.expect("pool is not empty");
             cold_types[p.index()] = cold_target.unwrap_or(GgmlType::F32);
+            // The experts' biases (gpt-oss): present, one per output row, finite.
+            if cfg.expert_bias {
+                let mut b = Vec::new();
+                for &e in ids {
+                    src.read_expert_bias(il, e, p, &mut b)?;
+                    check_bias(&path, &src.expert_bias_source_name(il, e, p), &b, want[1])?;
+                }
+            }
         }
         let shapes = Proj::ALL.map(|p| cfg.expert_shape(p));
         let new_layer = |file: String, types: [GgmlType; 3]| {
-            let mut layer = ExpertLayer { il, file, ids: ids.clone(), offsets: vec![], types, shapes };
+            let mut layer =
+                ExpertLayer { il, file, ids: ids.clone(), offsets: vec![], types, shapes, bias: cfg.expert_bias };
             layer.offsets = (0..ids.len() as u64).map(|i| RECORD_ALIGN + i * layer.stride()).collect();
             layer
         };
@@ -348,17 +373,18 @@ pub fn convert_source(
     let mut tc_cold = Transcoder::default();
     let mut expert_bytes = 0;
     let mut cold_bytes = 0;
+    let mut bias = Vec::new();
     for (i, layer) in layers.iter().enumerate() {
         let il = layer.il;
         let what = format!("experts of layer {il}");
         let mut f = AtomicFile::create(&out.join(&layer.file))?;
-        f.write(&shard_header(layer, &conversion_id, RecordKind::Full))?;
+        f.write(&shard_header(layer, FORMAT_VERSION, &conversion_id, RecordKind::Full))?;
         // The cold copies are written beside the full records, from the same source bytes.
         let cold = cold_layers.get(i);
         let mut cf = match cold {
             Some(c) => {
                 let mut cf = AtomicFile::create(&out.join(&c.file))?;
-                cf.write(&shard_header(c, &conversion_id, RecordKind::Cold))?;
+                cf.write(&shard_header(c, FORMAT_VERSION, &conversion_id, RecordKind::Cold))?;
                 Some(cf)
             }
             None => None,
@@ -380,6 +406,17 @@ pub fn convert_source(
                 f.write(bytes)?;
                 done += meta.size();
                 progress(done, total, &what);
+            }
+            // The biases after the matrices, in f32, in the full and the cold record alike.
+            if layer.bias {
+                for p in Proj::ALL {
+                    src.read_expert_bias(il, e, p, &mut bias)?;
+                    let bytes: &[u8] = bytemuck::cast_slice(&bias);
+                    f.write(bytes)?;
+                    if let Some(cf) = cf.as_mut() {
+                        cf.write(bytes)?;
+                    }
+                }
             }
             f.pad_to(RECORD_ALIGN)?;
             if let Some(cf) = cf.as_mut() {
@@ -409,7 +446,13 @@ pub fn convert_source(
     for (k, v) in &tokenizer.gguf_kv {
         set(&mut g, k, v)?;
     }
-    let manifest = Manifest { conversion_id: conversion_id.clone(), source: src.describe(), layers, cold: cold_layers };
+    let manifest = Manifest {
+        version: FORMAT_VERSION,
+        conversion_id: conversion_id.clone(),
+        source: src.describe(),
+        layers,
+        cold: cold_layers,
+    };
     manifest.write_gguf(&mut g)?;
     for t in &planned {
         g.add_tensor(&t.name, t.target, &t.src.ne).map_err(|e| Error::Tensor {

@@ -214,6 +214,7 @@ fn layer_of(cfg: &ModelConfig, types: [GgmlType; 3], n: u64) -> ExpertLayer {
         offsets: Vec::new(),
         types,
         shapes: Proj::ALL.map(|p| cfg.expert_shape(p)),
+        bias: cfg.expert_bias,
     }
 }
 
@@ -943,6 +944,11 @@ mod tests {
             rope_theta: 1e6,
             n_ctx_train: 4096,
             tie_word_embeddings: false,
+            n_swa: 0,
+            swa_layers: Vec::new(),
+            yarn: None,
+            expert_bias: false,
+            expert_act: crate::config::ExpertAct::SwiGlu,
         }
     }
 

@@ -3,8 +3,9 @@
 //! the routed experts over matrices picked by id (`moe`, llama.cpp's `build_moe_ffn` without
 //! its router), and the output. A family's layer graph (`Arch::build_layer`) is made of these.
 
-use crate::config::ModelConfig;
+use crate::config::{ExpertAct, ModelConfig};
 use crate::ggml::{Context, Tensor, TensorSet};
+use crate::names::{ATTN_OUT, ATTN_POST_NORM, FFN_GATE_INP, FFN_GATE_INP_BIAS, FFN_NORM};
 
 /// llama.cpp's RoPE modes (`GGML_ROPE_TYPE_*` in ggml.h, macros bindgen skips): "normal"
 /// rotates adjacent pairs (llama), NEOX the two halves of each head (Qwen, OLMoE).
@@ -30,6 +31,22 @@ impl<'a> LayerWeights<'a> {
     /// the model directory opened, so a missing one is a bug in the family's file.
     pub fn get(&self, suffix: &str) -> Tensor<'a> {
         self.opt(suffix).unwrap_or_else(|| panic!("blk.{}.{suffix} is not among the layer's tensors", self.il))
+    }
+
+    /// The norm before the FFN: `ffn_norm`, or `post_attention_norm` in the families
+    /// llama.cpp names it so (gpt-oss).
+    pub fn ffn_norm(&self) -> Tensor<'a> {
+        self.opt(FFN_NORM).unwrap_or_else(|| self.get(ATTN_POST_NORM))
+    }
+}
+
+/// The router's logits over `x` ([n_embd, n] → [n_expert, n]), plus its bias where the family
+/// has one (gpt-oss): added before the softmax and the top-k, as llama.cpp's `build_moe_ffn`.
+pub fn router_logits<'a>(ctx: &'a Context, w: &LayerWeights<'a>, x: Tensor<'a>) -> Tensor<'a> {
+    let logits = ctx.mul_mat(w.get(FFN_GATE_INP), x);
+    match w.opt(FFN_GATE_INP_BIAS) {
+        Some(b) => ctx.add(logits, b),
+        None => logits,
     }
 }
 
@@ -60,12 +77,25 @@ pub struct LayerInput<'a> {
     pub pos: Tensor<'a>,
     /// The causal mask [n_kv, n].
     pub mask: Tensor<'a>,
+    /// The causal mask within the sliding window, for the layers that slide
+    /// (`ModelConfig::is_swa`); None when none does.
+    pub mask_swa: Option<Tensor<'a>>,
     pub kv: KvCache<'a>,
     /// Tokens already in the cache.
     pub n_past: usize,
     /// KV cells attended over: `n_past` + n, padded (`engine::KV_PAD`; the mask hides the
     /// padding).
     pub n_kv: usize,
+}
+
+/// What some families add to attention (`LayerInput::attend_with`).
+#[derive(Clone, Copy, Default)]
+pub struct Attention<'a> {
+    /// One logit per head ([n_head], f32) in each softmax's normalization, with no value
+    /// (gpt-oss's attention sinks).
+    pub sinks: Option<Tensor<'a>>,
+    /// A bias on the output projection.
+    pub o_bias: Option<Tensor<'a>>,
 }
 
 /// A layer's graph up to the routed experts.
@@ -107,8 +137,7 @@ impl<'a> LayerInput<'a> {
     /// RoPE of `t` [head_dim, heads, n] at the batch's positions, in `mode` (`ROPE_NORMAL`,
     /// `ROPE_NEOX`).
     pub fn rope(&self, t: Tensor<'a>, mode: i32) -> Tensor<'a> {
-        let c = self.cfg;
-        self.ctx.rope(t, self.pos, c.head_dim as i32, mode, c.n_ctx_train as i32, c.rope_theta)
+        self.ctx.rope(t, self.pos, &self.cfg.rope_params(mode))
     }
 
     /// Attention of `q` [head_dim, n_head, n] over the cache after this batch's `k`
@@ -118,7 +147,17 @@ impl<'a> LayerInput<'a> {
     /// it), as llama.cpp caches it without flash attention: KQ·V then reads it in place, with
     /// no per-step copy of the whole V cache.
     pub fn attend(&self, q: Tensor<'a>, k: Tensor<'a>, v: Tensor<'a>) -> PreMoe<'a> {
+        self.attend_with(q, k, v, Attention::default())
+    }
+
+    /// `attend` with what some families add (`Attention`). A layer that slides
+    /// (`ModelConfig::is_swa`) masks everything outside its window.
+    pub fn attend_with(&self, q: Tensor<'a>, k: Tensor<'a>, v: Tensor<'a>, extra: Attention<'a>) -> PreMoe<'a> {
         let (ctx, cfg) = (self.ctx, self.cfg);
+        let mask = match (cfg.is_swa(self.w.il), self.mask_swa) {
+            (true, Some(m)) => m,
+            _ => self.mask,
+        };
         let n = self.x.ne()[1];
         let (hd, nh, nkv) = (cfg.head_dim as i64, cfg.n_head as i64, cfg.n_head_kv as i64);
         let n_kv = self.n_kv as i64;
@@ -129,12 +168,16 @@ impl<'a> LayerInput<'a> {
         let v_store = ctx.cpy(ctx.transpose(v), ctx.view_2d(vc, n, hd * nkv, row_v, n_past * esz));
         let kview = ctx.view_3d(kc, [hd, n_kv, nkv], row_k, hd as usize * esz, 0);
         let kq = ctx.mul_mat(kview, ctx.permute(q, [0, 2, 1, 3])); // [n_kv, n, n_head]
-        let kq = ctx.soft_max_ext(kq, self.mask, 1.0 / (hd as f32).sqrt());
+        let scale = 1.0 / (hd as f32).sqrt();
+        let kq = match extra.sinks {
+            Some(sinks) => ctx.soft_max_ext_sinks(kq, mask, scale, sinks),
+            None => ctx.soft_max_ext(kq, mask, scale),
+        };
         let vt = ctx.view_3d(vc, [n_kv, hd, nkv], row_v, hd as usize * row_v, 0); // [n_kv, hd, n_head_kv]
         let kqv = ctx.mul_mat(vt, kq); // [hd, n, n_head]
         let o = ctx.reshape_2d(ctx.cont(ctx.permute(kqv, [0, 2, 1, 3])), hd * nh, n);
-        let ffn_inp = ctx.add(ctx.mul_mat(self.w.get(crate::names::ATTN_OUT), o), self.x);
-        let normed = self.norm(ffn_inp, self.w.get(crate::names::FFN_NORM));
+        let ffn_inp = ctx.add(self.proj(self.w.get(ATTN_OUT), extra.o_bias, o), self.x);
+        let normed = self.norm(ffn_inp, self.w.ffn_norm());
         PreMoe { k_store, v_store, ffn_inp, normed, shared: None }
     }
 
@@ -153,15 +196,39 @@ impl<'a> LayerInput<'a> {
     }
 }
 
-/// The routed experts' SwiGLU FFN over `x` ([n_embd, 1, n]): per token, the matrices `ids`
-/// ([k, n], i32) picks from `exps` (gate, up, down: [ne0, ne1, n_mat] each), weighted by `wts`
-/// ([1, k, n]) and summed over the k experts in id-list order. Returns [n_embd, n].
-pub fn moe<'a>(ctx: &'a Context, exps: [Tensor<'a>; 3], x: Tensor<'a>, ids: Tensor<'a>, wts: Tensor<'a>) -> Tensor<'a> {
-    let [gate, up, down] = exps;
+/// The routed experts: per matrix [ne0, ne1, n_mat] (gate, up, down), and where the family
+/// has them the experts' biases [ne1, n_mat] (gate, up, down), all indexed alike.
+#[derive(Clone, Copy)]
+pub struct Experts<'a> {
+    pub mats: [Tensor<'a>; 3],
+    pub biases: Option<[Tensor<'a>; 3]>,
+}
+
+/// The routed experts' gated FFN over `x` ([n_embd, 1, n]): per token, the experts `ids`
+/// ([k, n], i32) picks from `exps`, each projection plus its bias (where there are biases),
+/// gate and up through `act`, weighted by `wts` ([1, k, n]) and summed over the k experts in
+/// id-list order, as llama.cpp's `build_moe_ffn`. Returns [n_embd, n].
+pub fn moe<'a>(
+    ctx: &'a Context,
+    act: ExpertAct,
+    exps: Experts<'a>,
+    x: Tensor<'a>,
+    ids: Tensor<'a>,
+    wts: Tensor<'a>,
+) -> Tensor<'a> {
+    let [gate, up, down] = exps.mats;
     let (n_embd, k, n) = (x.ne()[0], ids.ne()[0], ids.ne()[1]);
-    let g = ctx.mul_mat_id(gate, x, ids);
-    let u = ctx.mul_mat_id(up, x, ids);
-    let d = ctx.mul_mat_id(down, ctx.swiglu_split(g, u), ids); // [n_embd, k, n]
+    let bias = |t: Tensor<'a>, i: usize| match exps.biases {
+        Some(b) => ctx.add_id(t, b[i], ids),
+        None => t,
+    };
+    let u = bias(ctx.mul_mat_id(up, x, ids), 1);
+    let g = bias(ctx.mul_mat_id(gate, x, ids), 0);
+    let h = match act {
+        ExpertAct::SwiGlu => ctx.swiglu_split(g, u),
+        ExpertAct::SwiGluOai { alpha, limit } => ctx.swiglu_oai(g, u, alpha, limit),
+    };
+    let d = bias(ctx.mul_mat_id(down, h, ids), 2); // [n_embd, k, n]
     let d = ctx.mul(d, wts);
     let nb = d.nb();
     let mut out = ctx.view_2d(d, n_embd, n, nb[2], 0);

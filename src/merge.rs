@@ -59,6 +59,9 @@ pub fn merge(dir: &Path, out: &Path, force: bool) -> Result<MergeReport> {
         if pooled && split_blk(&t.name).is_some_and(|(_, suffix)| suffix == FFN_GATE_INP) {
             ne[1] = n_pool as u64;
         }
+        if pooled && split_blk(&t.name).is_some_and(|(_, suffix)| suffix == FFN_GATE_INP_BIAS) {
+            ne[0] = n_pool as u64;
+        }
         g.add_tensor(&t.name, ty, &ne).map_err(|e| tensor_err(&t.name, e))?;
     }
     for l in layers {
@@ -67,6 +70,15 @@ pub fn merge(dir: &Path, out: &Path, force: bool) -> Result<MergeReport> {
             let name = p.stacked(l.il);
             g.add_tensor(&name, l.types[p.index()], &[ne0, ne1, n_pool as u64]).map_err(|e| tensor_err(&name, e))?;
         }
+        // The experts' biases, as llama.cpp stacks them: [rows, n_expert] f32.
+        if l.bias {
+            for p in Proj::ALL {
+                let name = p.stacked_bias(l.il);
+                let rows = l.shapes[p.index()][1];
+                g.add_tensor(&name, crate::ggml::GgmlType::F32, &[rows, n_pool as u64])
+                    .map_err(|e| tensor_err(&name, e))?;
+            }
+        }
     }
 
     let mut s = GgufStream::create(&g, out)?;
@@ -74,10 +86,12 @@ pub fn merge(dir: &Path, out: &Path, force: bool) -> Result<MergeReport> {
     let mut buf = Vec::new();
     for t in &m.base_tensors {
         let il = layers.iter().position(|l| t.name == blk(l.il, FFN_GATE_INP));
-        match il {
+        let bias_il = layers.iter().position(|l| t.name == blk(l.il, FFN_GATE_INP_BIAS));
+        match il.or(bias_il) {
             Some(il) if pooled => {
-                // The router keeps only the pool's rows (row e is expert e's logit weights).
-                let row = t.size / t.ne[1];
+                // The router keeps only the pool's rows (row e is expert e's logit weights),
+                // its bias only the pool's values.
+                let row = if bias_il.is_some() { t.size / t.ne[0] } else { t.size / t.ne[1] };
                 for &e in &layers[il].ids {
                     m.read_base_range(t, e as u64 * row..(e as u64 + 1) * row, &mut buf)?;
                     s.write_part(&t.name, &buf)?;
@@ -108,6 +122,19 @@ pub fn merge(dir: &Path, out: &Path, force: bool) -> Result<MergeReport> {
                 bytes += sizes[p.index()];
             }
             s.end_tensor(&name)?;
+        }
+        if l.bias {
+            let bias_sizes = l.bias_sizes();
+            for p in Proj::ALL {
+                let name = p.stacked_bias(l.il);
+                let start = l.bias_offset(p);
+                for &e in &l.ids {
+                    m.read_expert_part(l.il, e, start..start + bias_sizes[p.index()], &mut buf)?;
+                    s.write_part(&name, &buf)?;
+                    bytes += bias_sizes[p.index()];
+                }
+                s.end_tensor(&name)?;
+            }
         }
     }
     s.finish()?;

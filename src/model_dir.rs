@@ -8,8 +8,9 @@
 //!                            at a smaller type, the same header and record layout
 //! ```
 //!
-//! A record is the expert's gate, up and down projections back to back, starting on a 4 KiB
-//! boundary, so one expert is one contiguous, aligned read (or mapping). The manifest
+//! A record is the expert's gate, up and down projections back to back, then (format 2, in
+//! families whose experts have them: gpt-oss) the f32 biases of gate, up and down, starting on
+//! a 4 KiB boundary, so one expert is one contiguous, aligned read (or mapping). The manifest
 //! (`sage.experts.blk.N.*` keys in base.gguf) lists per layer which experts exist, their
 //! offsets and the three types. `base.gguf` is written last: a directory without it, or with
 //! the `.sage-incomplete` marker, is an unfinished conversion and is refused.
@@ -29,7 +30,11 @@ pub const BASE: &str = "base.gguf";
 pub const TOKENIZER: &str = "tokenizer.json";
 pub const EXPERT_DIR: &str = "experts";
 pub const INCOMPLETE_MARKER: &str = ".sage-incomplete";
-pub const FORMAT_VERSION: u32 = 1;
+/// The format sage-convert writes. 2: a layer's records may end with the experts' biases
+/// (`sage.experts.blk.N.biases`). Directories of version 1 (no biases) still open.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format sage still reads.
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// Alignment of shard records (and size of the shard header): a page, so one expert can be
 /// mapped on its own or read with O_DIRECT.
 pub const RECORD_ALIGN: u64 = 4096;
@@ -84,6 +89,8 @@ pub struct ExpertLayer {
     pub types: [GgmlType; 3],
     /// Shapes (ggml order) of gate, up, down.
     pub shapes: [[u64; 2]; 3],
+    /// Whether each record ends with the f32 biases of gate, up and down (one per output row).
+    pub bias: bool,
 }
 
 impl ExpertLayer {
@@ -92,9 +99,19 @@ impl ExpertLayer {
         std::array::from_fn(|p| self.types[p].tensor_size(&self.shapes[p]).unwrap_or(0))
     }
 
-    /// Bytes of one expert's record (gate + up + down, no padding).
+    /// Bytes of each projection's bias (f32, one per output row), 0 without biases.
+    pub fn bias_sizes(&self) -> [u64; 3] {
+        std::array::from_fn(|p| if self.bias { 4 * self.shapes[p][1] } else { 0 })
+    }
+
+    /// Where projection `p`'s bias starts within a record.
+    pub fn bias_offset(&self, p: Proj) -> u64 {
+        self.sizes().iter().sum::<u64>() + self.bias_sizes()[..p.index()].iter().sum::<u64>()
+    }
+
+    /// Bytes of one expert's record (gate + up + down, their biases, no padding).
     pub fn record_size(&self) -> u64 {
-        self.sizes().iter().sum()
+        self.sizes().iter().sum::<u64>() + self.bias_sizes().iter().sum::<u64>()
     }
 
     /// Distance between records in the shard.
@@ -153,10 +170,10 @@ fn header_mismatch(got: &[u8], want: &[u8]) -> String {
 
 /// The shard header: magic, format version, layer, expert count, record kind (0: full, 1:
 /// cold; 0 in shards written before cold records existed), record stride, conversion id.
-pub fn shard_header(layer: &ExpertLayer, conversion_id: &str, kind: RecordKind) -> Vec<u8> {
+pub fn shard_header(layer: &ExpertLayer, version: u32, conversion_id: &str, kind: RecordKind) -> Vec<u8> {
     let mut h = Vec::with_capacity(RECORD_ALIGN as usize);
     h.extend_from_slice(SHARD_MAGIC);
-    h.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h.extend_from_slice(&version.to_le_bytes());
     h.extend_from_slice(&layer.il.to_le_bytes());
     h.extend_from_slice(&(layer.ids.len() as u32).to_le_bytes());
     h.extend_from_slice(&kind.raw().to_le_bytes());
@@ -172,6 +189,8 @@ pub fn shard_header(layer: &ExpertLayer, conversion_id: &str, kind: RecordKind) 
 /// Where the experts are, as recorded in base.gguf.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Manifest {
+    /// The directory's format version (`FORMAT_VERSION` when written by this sage).
+    pub version: u32,
     pub conversion_id: String,
     pub source: String,
     pub layers: Vec<ExpertLayer>,
@@ -183,7 +202,7 @@ pub struct Manifest {
 impl Manifest {
     pub fn write_gguf(&self, g: &mut Gguf) -> Result<()> {
         let mut kv = vec![
-            (SAGE_FORMAT_VERSION.to_string(), GgufValue::U32(FORMAT_VERSION)),
+            (SAGE_FORMAT_VERSION.to_string(), GgufValue::U32(self.version)),
             (SAGE_CONVERSION_ID.to_string(), GgufValue::Str(self.conversion_id.clone())),
             (SAGE_SOURCE.to_string(), GgufValue::Str(self.source.clone())),
             (SAGE_EXPERT_ALIGNMENT.to_string(), GgufValue::U32(RECORD_ALIGN as u32)),
@@ -200,6 +219,9 @@ impl Manifest {
                 sage_layer_key(l.il, "shapes"),
                 GgufValue::Array(GgufArray::U64(l.shapes.iter().flatten().copied().collect())),
             ));
+            if self.version >= 2 {
+                kv.push((sage_layer_key(l.il, BIASES), GgufValue::Bool(l.bias)));
+            }
         }
         // Cold copies: the ids and shapes are the layer's; only file, offsets and types differ.
         for l in &self.cold {
@@ -218,16 +240,23 @@ impl Manifest {
 
     pub fn read_gguf(g: &Gguf, path: &Path, cfg: &ModelConfig) -> Result<Manifest> {
         let bad = |key: &str, reason: String| Error::Config { path: path.to_path_buf(), key: key.to_string(), reason };
-        match g.get(SAGE_FORMAT_VERSION) {
-            Some(GgufValue::U32(FORMAT_VERSION)) => {}
+        let version = match g.get(SAGE_FORMAT_VERSION) {
+            Some(GgufValue::U32(v)) if (OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&v) => v,
             None => {
                 return Err(Error::BadModelDir {
                     path: path.to_path_buf(),
                     reason: format!("no '{SAGE_FORMAT_VERSION}': this GGUF has no sage expert manifest"),
                 })
             }
-            Some(v) => return Err(bad(SAGE_FORMAT_VERSION, format!("expected {FORMAT_VERSION}, got {v:?}"))),
-        }
+            Some(v) => {
+                return Err(bad(
+                    SAGE_FORMAT_VERSION,
+                    format!(
+                        "expected {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}, got {v:?} (a newer sage wrote it?)"
+                    ),
+                ))
+            }
+        };
         let string = |key: &str| match g.get(key) {
             Some(GgufValue::Str(s)) => Ok(s),
             other => Err(bad(key, format!("expected a string, got {other:?}"))),
@@ -299,7 +328,23 @@ impl Manifest {
             if shapes != want || (0..3).any(|p| types[p].tensor_size(&shapes[p]).is_none()) {
                 return Err(bad(&key("shapes"), format!("expected {want:?} fitting {types:?}, got {shapes:?}")));
             }
-            let layer = ExpertLayer { il, file, ids, offsets, types, shapes };
+            // Format 1 has no biases; format 2 says per layer, and they must be what the
+            // family's experts have.
+            let bias = match (version, g.get(&key(BIASES))) {
+                (1, None) => false,
+                (2.., Some(GgufValue::Bool(b))) => b,
+                (_, other) => {
+                    return Err(bad(&key(BIASES), format!("expected true or false in format {version}, got {other:?}")))
+                }
+            };
+            if bias != cfg.expert_bias {
+                let (want, got) = if cfg.expert_bias { ("with", "without") } else { ("without", "with") };
+                return Err(bad(
+                    &key(BIASES),
+                    format!("{} experts are {want} biases, but the records are {got} them", cfg.arch().family()),
+                ));
+            }
+            let layer = ExpertLayer { il, file, ids, offsets, types, shapes, bias };
             check_offsets(&layer, &key("offsets"))?;
             // Cold copies: all layers or none (a directory without them opens as before).
             let cold_file = g.get(&key(COLD_FILE));
@@ -327,13 +372,14 @@ impl Manifest {
                 if (0..3).any(|p| types[p].tensor_size(&shapes[p]).is_none()) {
                     return Err(bad(&key(COLD_TYPES), format!("expected types fitting {shapes:?}, got {types:?}")));
                 }
-                let c = ExpertLayer { il, file, ids: layer.ids.clone(), offsets, types, shapes };
+                let c = ExpertLayer { il, file, ids: layer.ids.clone(), offsets, types, shapes, bias };
                 check_offsets(&c, &key(COLD_OFFSETS))?;
                 cold.push(c);
             }
             layers.push(layer);
         }
         Ok(Manifest {
+            version,
             conversion_id: string(SAGE_CONVERSION_ID)?,
             source: string(SAGE_SOURCE).unwrap_or_default(),
             layers,
@@ -358,7 +404,7 @@ pub struct ModelDir {
 }
 
 /// Open the shards of `layers` (records of `kind`), checking each one's size and header.
-fn open_shards(dir: &Path, layers: &[ExpertLayer], conversion_id: &str, kind: RecordKind) -> Result<Vec<WatchedFile>> {
+fn open_shards(dir: &Path, layers: &[ExpertLayer], m: &Manifest, kind: RecordKind) -> Result<Vec<WatchedFile>> {
     let mut shards = Vec::new();
     let mut header = Vec::new();
     for l in layers {
@@ -369,7 +415,7 @@ fn open_shards(dir: &Path, layers: &[ExpertLayer], conversion_id: &str, kind: Re
             return Err(Error::Truncated { path: p, what, needed: l.file_size(), got: f.size() });
         }
         f.read_into(0, RECORD_ALIGN as usize, "shard header", &mut header)?;
-        let want = shard_header(l, conversion_id, kind);
+        let want = shard_header(l, m.version, &m.conversion_id, kind);
         if header != want {
             return Err(Error::BadModelDir { path: p, reason: header_mismatch(&header, &want) });
         }
@@ -448,11 +494,11 @@ impl ModelDir {
             }
         }
         let manifest = Manifest::read_gguf(&base, &base_path, &config)?;
-        let shards = Arc::new(open_shards(dir, &manifest.layers, &manifest.conversion_id, RecordKind::Full)?);
+        let shards = Arc::new(open_shards(dir, &manifest.layers, &manifest, RecordKind::Full)?);
         let cold_shards = if manifest.cold.is_empty() {
             None
         } else {
-            Some(Arc::new(open_shards(dir, &manifest.cold, &manifest.conversion_id, RecordKind::Cold)?))
+            Some(Arc::new(open_shards(dir, &manifest.cold, &manifest, RecordKind::Cold)?))
         };
         Ok(ModelDir {
             path: dir.to_path_buf(),

@@ -27,6 +27,12 @@ pub const K_VALUE_LENGTH: &str = "attention.value_length";
 pub const K_RMS_EPS: &str = "attention.layer_norm_rms_epsilon";
 pub const K_ROPE_FREQ_BASE: &str = "rope.freq_base";
 pub const K_ROPE_DIMENSION_COUNT: &str = "rope.dimension_count";
+pub const K_ROPE_SCALING_TYPE: &str = "rope.scaling.type";
+pub const K_ROPE_SCALING_FACTOR: &str = "rope.scaling.factor";
+pub const K_ROPE_SCALING_ORIG_CTX: &str = "rope.scaling.original_context_length";
+pub const K_ROPE_SCALING_BETA_FAST: &str = "rope.scaling.yarn_beta_fast";
+pub const K_ROPE_SCALING_BETA_SLOW: &str = "rope.scaling.yarn_beta_slow";
+pub const K_SLIDING_WINDOW: &str = "attention.sliding_window";
 pub const K_EXPERT_COUNT: &str = "expert_count";
 pub const K_EXPERT_USED_COUNT: &str = "expert_used_count";
 pub const K_EXPERT_WEIGHTS_NORM: &str = "expert_weights_norm";
@@ -64,6 +70,8 @@ pub const SAGE_EXPERT_ALIGNMENT: &str = "sage.experts.alignment";
 
 /// Fields of a layer's cold copies (`sage-convert --cold-quant`): their shard, offsets and
 /// types (the ids and shapes are the layer's).
+/// Per layer (format 2): whether the records end with the experts' biases.
+pub const BIASES: &str = "biases";
 pub const COLD_FILE: &str = "cold.file";
 pub const COLD_OFFSETS: &str = "cold.offsets";
 pub const COLD_TYPES: &str = "cold.types";
@@ -99,11 +107,15 @@ pub const ATTN_Q_BIAS: &str = "attn_q.bias";
 pub const ATTN_K_BIAS: &str = "attn_k.bias";
 pub const ATTN_V_BIAS: &str = "attn_v.bias";
 pub const ATTN_OUT: &str = "attn_output.weight";
+pub const ATTN_OUT_BIAS: &str = "attn_output.bias";
+pub const ATTN_SINKS: &str = "attn_sinks.weight";
+pub const ATTN_POST_NORM: &str = "post_attention_norm.weight";
 pub const ATTN_Q_NORM: &str = "attn_q_norm.weight";
 pub const ATTN_K_NORM: &str = "attn_k_norm.weight";
 pub const FFN_NORM: &str = "ffn_norm.weight";
 /// The router.
 pub const FFN_GATE_INP: &str = "ffn_gate_inp.weight";
+pub const FFN_GATE_INP_BIAS: &str = "ffn_gate_inp.bias";
 /// A shared expert (always resident, part of the base) and its gate.
 pub const FFN_GATE_SHEXP: &str = "ffn_gate_shexp.weight";
 pub const FFN_UP_SHEXP: &str = "ffn_up_shexp.weight";
@@ -133,6 +145,11 @@ impl Proj {
     /// llama.cpp's name of layer `il`'s stacked tensor: `blk.{il}.ffn_gate_exps.weight`.
     pub fn stacked(self, il: u32) -> String {
         format!("blk.{il}.{}.weight", self.exps())
+    }
+
+    /// llama.cpp's name of layer `il`'s stacked expert biases: `blk.{il}.ffn_gate_exps.bias`.
+    pub fn stacked_bias(self, il: u32) -> String {
+        format!("blk.{il}.{}.bias", self.exps())
     }
 
     pub fn index(self) -> usize {

@@ -10,7 +10,7 @@ use safetensors::tensor::{Dtype, SafeTensors};
 use crate::arch::{base_tensors, FromHf, HfLayout, TensorSpec};
 use crate::config::{read_hf_config, ModelConfig};
 use crate::error::{Error, IoContext, Result};
-use crate::ggml::{GgmlType, Gguf, GgufTensorInfo, GgufValue, Mapped};
+use crate::ggml::{dequantize_into, GgmlType, Gguf, GgufTensorInfo, GgufValue, Mapped};
 use crate::io::read_at_into;
 use crate::names::*;
 use crate::tokenizer::TokenizerData;
@@ -54,6 +54,15 @@ pub trait Source {
     fn expert_meta(&self, il: u32, e: u32, proj: Proj) -> Result<TensorMeta>;
     /// One expert's projection, as stored, into `buf`.
     fn read_expert(&self, il: u32, e: u32, proj: Proj, buf: &mut Vec<u8>) -> Result<()>;
+    /// One expert's bias on projection `proj` (one value per output row), in f32, for
+    /// families whose experts have biases (`ModelConfig::expert_bias`).
+    fn read_expert_bias(&self, il: u32, _e: u32, proj: Proj, _out: &mut Vec<f32>) -> Result<()> {
+        Err(Error::MissingTensor { path: self.path().to_path_buf(), tensor: proj.stacked_bias(il) })
+    }
+    /// The source's own name for one expert's bias, for error messages.
+    fn expert_bias_source_name(&self, il: u32, e: u32, proj: Proj) -> String {
+        format!("{}[expert {e}]", proj.stacked_bias(il))
+    }
     /// A short description for the manifest (`sage.source`).
     fn describe(&self) -> String;
     /// Metadata to carry into base.gguf as it is (a GGUF's own keys); sage's keys override.
@@ -247,6 +256,179 @@ impl HfSource {
     fn missing(&self, tensor: String) -> Error {
         Error::MissingTensor { path: self.dir.clone(), tensor }
     }
+
+    /// gpt-oss's experts of layer `il` (`Arch::hf_interleaved_experts`): the tensor `name`
+    /// under the family's prefix, with its entry.
+    fn interleaved(&self, il: u32, name: &str) -> Option<(String, &StEntry)> {
+        let prefix = self.config.arch().hf_interleaved_experts(il)?;
+        let full = format!("{}{prefix}{name}", self.layout.model_prefix);
+        self.tensors.get(&full).map(|e| (full, e))
+    }
+
+    fn interleaved_name(&self, il: u32, name: &str) -> String {
+        let prefix = self.config.arch().hf_interleaved_experts(il).unwrap_or_default();
+        format!("{}{prefix}{name}", self.layout.model_prefix)
+    }
+
+    fn wrong_shape(&self, name: &str, e: &StEntry, expected: String) -> Error {
+        Error::WrongShape {
+            path: self.files[e.file].0.clone(),
+            tensor: name.to_string(),
+            expected,
+            got: format!("{:?}", e.shape),
+        }
+    }
+
+    /// An interleaved layout's projection `proj` of expert `e` (see `Arch::hf_interleaved_experts`).
+    fn interleaved_meta(&self, il: u32, e: u32, proj: Proj) -> Result<Interleaved<'_>> {
+        let cfg = &self.config;
+        let (d, f, n_exp) = (cfg.n_embd, cfg.n_ff_exp, cfg.n_expert as u64);
+        let stem = if proj == Proj::Down { "down_proj" } else { "gate_up_proj" };
+        // Rows of the stored matrix per expert (gate and up interleaved: twice F) and inputs.
+        let (rows, cols) = if proj == Proj::Down { (d, f) } else { (2 * f, d) };
+        let par = match proj {
+            Proj::Gate => 0,
+            Proj::Up => 1,
+            Proj::Down => 0,
+        };
+        let (out_rows, step) = if proj == Proj::Down { (d, 1) } else { (f, 2) };
+        if e as u64 >= n_exp {
+            return Err(self.missing(format!("{}[{e}]", self.interleaved_name(il, stem))));
+        }
+        let blocks_name = format!("{stem}_blocks");
+        if let Some((bname, b)) = self.interleaved(il, &blocks_name) {
+            // MXFP4: blocks [E, rows, cols/32, 16] and scales [E, rows, cols/32], both u8.
+            let nb = cols / 32;
+            if b.dtype != Dtype::U8 || b.shape != [n_exp, rows, nb, 16] || cols % 32 != 0 {
+                return Err(self.wrong_shape(&bname, b, format!("U8 [{n_exp}, {rows}, {nb}, 16] (MXFP4 blocks)")));
+            }
+            let sname = self.interleaved_name(il, &format!("{stem}_scales"));
+            let sc = self.tensors.get(&sname).ok_or_else(|| self.missing(sname.clone()))?;
+            if sc.dtype != Dtype::U8 || sc.shape != [n_exp, rows, nb] {
+                return Err(self.wrong_shape(&sname, sc, format!("U8 [{n_exp}, {rows}, {nb}] (MXFP4 scales)")));
+            }
+            return Ok(Interleaved {
+                meta: TensorMeta { ty: GgmlType::MXFP4, ne: vec![cols, out_rows] },
+                data: (bname, b),
+                scales: Some((sname, sc)),
+                rows,
+                cols,
+                par,
+                step,
+            });
+        }
+        // Unquantized, as transformers uses it (x @ W): [E, cols, rows].
+        let (name, entry) = self.interleaved(il, stem).ok_or_else(|| self.missing(self.interleaved_name(il, stem)))?;
+        let ty = ggml_type_of(entry.dtype).ok_or_else(|| Error::UnsupportedDtype {
+            path: self.files[entry.file].0.clone(),
+            tensor: name.clone(),
+            got: format!("{:?}", entry.dtype),
+            expected: "F32, F16 or BF16 (or MXFP4 as *_blocks and *_scales)".into(),
+        })?;
+        if entry.shape != [n_exp, cols, rows] {
+            return Err(self.wrong_shape(&name, entry, format!("[{n_exp}, {cols}, {rows}]")));
+        }
+        Ok(Interleaved {
+            meta: TensorMeta { ty, ne: vec![cols, out_rows] },
+            data: (name, entry),
+            scales: None,
+            rows,
+            cols,
+            par,
+            step,
+        })
+    }
+
+    /// Expert `e`'s projection from an interleaved layout, in ggml's row order and block layout.
+    fn read_interleaved(&self, il: u32, e: u32, proj: Proj, buf: &mut Vec<u8>) -> Result<()> {
+        let x = self.interleaved_meta(il, e, proj)?;
+        let (name, entry) = &x.data;
+        let e = e as u64;
+        let mut slab = Vec::new();
+        buf.clear();
+        match &x.scales {
+            Some((sname, sc)) => {
+                let nb = x.cols / 32;
+                let (row_b, row_s) = (nb * 16, nb);
+                self.read(name, entry, entry.start + e * x.rows * row_b, x.rows * row_b, &mut slab)?;
+                let mut scales = Vec::new();
+                self.read(sname, sc, sc.start + e * x.rows * row_s, x.rows * row_s, &mut scales)?;
+                buf.reserve((x.meta.ne[1] * nb * 17) as usize);
+                for r in (x.par..x.rows).step_by(x.step as usize) {
+                    for b in 0..nb {
+                        let at = (r * row_b + b * 16) as usize;
+                        buf.push(scales[(r * row_s + b) as usize]);
+                        buf.extend_from_slice(&mxfp4_block_to_ggml(slab[at..at + 16].try_into().unwrap()));
+                    }
+                }
+            }
+            None => {
+                // [cols, rows] elements: output row j gathers column par + j*step.
+                let es = x.meta.ty.type_size() as usize;
+                let per = x.cols * x.rows * es as u64;
+                self.read(name, entry, entry.start + e * per, per, &mut slab)?;
+                buf.reserve(per as usize / x.step as usize);
+                for r in (x.par..x.rows).step_by(x.step as usize) {
+                    for c in 0..x.cols {
+                        let at = ((c * x.rows + r) as usize) * es;
+                        buf.extend_from_slice(&slab[at..at + es]);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One projection of an interleaved expert layout: its ggml meta, the stored tensor (and the
+/// MXFP4 scales), the stored rows and columns per expert, and which rows are this projection's
+/// (`par`, `par + step`, …).
+struct Interleaved<'a> {
+    meta: TensorMeta,
+    data: (String, &'a StEntry),
+    scales: Option<(String, &'a StEntry)>,
+    rows: u64,
+    cols: u64,
+    par: u64,
+    step: u64,
+}
+
+/// One 32-value MXFP4 block as transformers (and OpenAI's checkpoints) store it, 16 bytes with
+/// value 2j in the low nibble of byte j and 2j+1 in the high one, in ggml's `block_mxfp4`
+/// order: value k in the low nibble of byte k and value k + 16 in its high nibble. The 4-bit
+/// codes and the E8M0 scale mean the same in both (ggml's value table is twice OCP's and its
+/// scale half), so the bytes move and nothing is re-quantized.
+pub fn mxfp4_block_to_ggml(hf: &[u8; 16]) -> [u8; 16] {
+    let el = |i: usize| if i % 2 == 0 { hf[i / 2] & 15 } else { hf[i / 2] >> 4 };
+    std::array::from_fn(|k| el(k) | (el(k + 16) << 4))
+}
+
+/// Floats of `dtype` (F32, F16, BF16) as f32.
+fn floats_of(dtype: Dtype, bytes: &[u8], out: &mut Vec<f32>) -> bool {
+    out.clear();
+    match dtype {
+        Dtype::F32 => out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+        Dtype::BF16 => out.extend(bytes.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))),
+        Dtype::F16 => out.extend(bytes.chunks_exact(2).map(|c| half_to_f32(u16::from_le_bytes([c[0], c[1]])))),
+        _ => return false,
+    }
+    true
+}
+
+/// IEEE half to f32.
+fn half_to_f32(h: u16) -> f32 {
+    let (sign, exp, man) = ((h >> 15) as u32, ((h >> 10) & 0x1f) as u32, (h & 0x3ff) as u32);
+    let bits = match (exp, man) {
+        (0, 0) => sign << 31,
+        (0, m) => {
+            // Subnormal: normalize.
+            let shift = m.leading_zeros() - 21;
+            ((sign << 31) | ((113 - shift) << 23)) | (((m << shift) & 0x3ff) << 13)
+        }
+        (0x1f, m) => (sign << 31) | (0xff << 23) | (m << 13),
+        (e, m) => (sign << 31) | ((e + 112) << 23) | (m << 13),
+    };
+    f32::from_bits(bits)
 }
 
 /// Where the data section of a safetensors buffer claims to end (for truncation messages).
@@ -305,6 +487,9 @@ impl Source for HfSource {
     }
 
     fn expert_meta(&self, il: u32, e: u32, proj: Proj) -> Result<TensorMeta> {
+        if self.config.arch().hf_interleaved_experts(il).is_some() {
+            return Ok(self.interleaved_meta(il, e, proj)?.meta);
+        }
         let name = self.per_expert_name(il, e, proj);
         if let Some(entry) = self.tensors.get(&name) {
             return self.entry_meta(&name, entry);
@@ -326,6 +511,9 @@ impl Source for HfSource {
     }
 
     fn read_expert(&self, il: u32, e: u32, proj: Proj, buf: &mut Vec<u8>) -> Result<()> {
+        if self.config.arch().hf_interleaved_experts(il).is_some() {
+            return self.read_interleaved(il, e, proj, buf);
+        }
         let meta = self.expert_meta(il, e, proj)?;
         let name = self.per_expert_name(il, e, proj);
         if let Some(entry) = self.tensors.get(&name) {
@@ -341,6 +529,45 @@ impl Source for HfSource {
         self.read(&fname, entry, start, size, buf)
     }
 
+    fn read_expert_bias(&self, il: u32, e: u32, proj: Proj, out: &mut Vec<f32>) -> Result<()> {
+        // gpt-oss: gate_up_proj_bias [E, 2F] (gate and up interleaved), down_proj_bias [E, D].
+        let cfg = &self.config;
+        let (stem, rows) = if proj == Proj::Down { ("down_proj_bias", cfg.n_embd) } else { ("gate_up_proj_bias", 2 * cfg.n_ff_exp) };
+        let (name, entry) = self.interleaved(il, stem).ok_or_else(|| self.missing(self.interleaved_name(il, stem)))?;
+        let n_exp = cfg.n_expert as u64;
+        let es = match entry.dtype {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
+            other => {
+                return Err(Error::UnsupportedDtype {
+                    path: self.files[entry.file].0.clone(),
+                    tensor: name,
+                    got: format!("{other:?}"),
+                    expected: "F32, F16 or BF16".into(),
+                })
+            }
+        };
+        if entry.shape != [n_exp, rows] || e as u64 >= n_exp {
+            return Err(self.wrong_shape(&name, entry, format!("[{n_exp}, {rows}]")));
+        }
+        let mut bytes = Vec::new();
+        self.read(&name, entry, entry.start + e as u64 * rows * es, rows * es, &mut bytes)?;
+        let mut all = Vec::new();
+        floats_of(entry.dtype, &bytes, &mut all);
+        out.clear();
+        match proj {
+            Proj::Down => out.extend_from_slice(&all),
+            Proj::Gate => out.extend(all.iter().step_by(2)),
+            Proj::Up => out.extend(all.iter().skip(1).step_by(2)),
+        }
+        Ok(())
+    }
+
+    fn expert_bias_source_name(&self, il: u32, e: u32, proj: Proj) -> String {
+        let stem = if proj == Proj::Down { "down_proj_bias" } else { "gate_up_proj_bias" };
+        format!("{}[{e}]", self.interleaved_name(il, stem))
+    }
+
     fn describe(&self) -> String {
         format!("Hugging Face checkpoint {}", self.dir.file_name().unwrap_or_default().to_string_lossy())
     }
@@ -350,6 +577,12 @@ impl Source for HfSource {
     }
 
     fn expert_source_name(&self, il: u32, e: u32, proj: Proj) -> String {
+        if self.config.arch().hf_interleaved_experts(il).is_some() {
+            let stem = if proj == Proj::Down { "down_proj" } else { "gate_up_proj" };
+            let blocks = format!("{stem}_blocks");
+            let n = if self.interleaved(il, &blocks).is_some() { blocks } else { stem.to_string() };
+            return format!("{}[{e}]", self.interleaved_name(il, &n));
+        }
         let name = self.per_expert_name(il, e, proj);
         if self.tensors.contains_key(&name) {
             return name;
@@ -442,6 +675,26 @@ impl Source for GgufSource {
         let size = self.expert_meta(il, e, proj)?.size();
         let t = self.info(&proj.stacked(il))?;
         self.read(t, e as u64 * size, size, buf)
+    }
+
+    fn read_expert_bias(&self, il: u32, e: u32, proj: Proj, out: &mut Vec<f32>) -> Result<()> {
+        // llama.cpp: blk.N.ffn_*_exps.bias [rows, n_expert].
+        let name = proj.stacked_bias(il);
+        let t = self.info(&name)?;
+        let m = self.meta_of(t)?;
+        if m.ne.len() != 2 || e as u64 >= m.ne[1] {
+            return Err(Error::WrongShape {
+                path: self.path.clone(),
+                tensor: name,
+                expected: format!("[rows, more than {e} experts]"),
+                got: format!("{:?}", m.ne),
+            });
+        }
+        let row = m.row_size();
+        let mut bytes = Vec::new();
+        self.read(t, e as u64 * row, row, &mut bytes)?;
+        dequantize_into(m.ty, &bytes, m.ne[0], out)
+            .map_err(|source| Error::Tensor { path: self.path.clone(), tensor: name, source })
     }
 
     fn describe(&self) -> String {

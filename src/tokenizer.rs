@@ -28,6 +28,13 @@ use crate::names::*;
 pub const QWEN2_SPLIT: &str =
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// o200k's split (GPT-4o, gpt-oss's o200k_harmony), as in their `tokenizer.json` (llama.cpp:
+/// pre = "gpt-4o").
+pub const O200K_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The byte-level splits tokenizer.json spells as a `Split` regex, by llama.cpp's name.
+const SPLITS: [(&str, &str); 2] = [("qwen2", QWEN2_SPLIT), ("gpt-4o", O200K_SPLIT)];
+
 /// llama.cpp's pre-tokenizer names whose split is GPT-2's (`ByteLevel` with its built-in
 /// regex in tokenizer.json).
 const GPT2_PRES: [&str; 3] = ["gpt-2", "olmo", "mpt"];
@@ -110,7 +117,11 @@ fn kind_of(root: &Value, gpt2_pre: &'static str) -> Option<Kind> {
         type_of(p) == "Split" && p.get("pattern").and_then(|x| x.get("Regex")).and_then(|r| r.as_str()) == Some(re)
     };
     match pre.as_slice() {
-        [s, b] if split_is(s, QWEN2_SPLIT) && byte_level(b) => return Some(Kind::ByteLevel("qwen2")),
+        [s, b] if byte_level(b) => {
+            if let Some((pre, _)) = SPLITS.iter().find(|(_, re)| split_is(s, re)) {
+                return Some(Kind::ByteLevel(pre));
+            }
+        }
         [b] if byte_level(b) && b.get("use_regex").and_then(|u| u.as_bool()) != Some(false) => {
             return Some(Kind::ByteLevel(gpt2_pre))
         }
@@ -335,12 +346,14 @@ impl TokenizerData {
         };
         let root = if model == "gpt2" {
             let pre = match get(TOK_PRE) {
-                Some(GgufValue::Str(p)) if p == "qwen2" || GPT2_PRES.contains(&p.as_str()) => p.clone(),
+                Some(GgufValue::Str(p)) if SPLITS.iter().any(|(n, _)| n == p) || GPT2_PRES.contains(&p.as_str()) => {
+                    p.clone()
+                }
                 other => {
                     return Err(tok_err(
                         path,
                         format!(
-                            "{TOK_PRE} is {other:?}; sage supports \"qwen2\" and GPT-2's split ({})",
+                            "{TOK_PRE} is {other:?}; sage supports \"qwen2\", \"gpt-4o\" and GPT-2's split ({})",
                             GPT2_PRES.join(", ")
                         ),
                     ))
@@ -397,14 +410,13 @@ fn byte_level_json(tokens: &[String], types: &[i32], merges: Vec<String>, pre: &
         }
     }
     let byte_level = |regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": regex});
-    let pre_tokenizer = if pre == "qwen2" {
-        json!({"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated", "invert": false},
+    let pre_tokenizer = match SPLITS.iter().find(|(n, _)| *n == pre) {
+        Some((_, re)) => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false},
             byte_level(false),
-        ]})
-    } else {
+        ]}),
         // GPT-2's split is ByteLevel's own regex.
-        byte_level(true)
+        None => byte_level(true),
     };
     json!({
         "version": "1.0",

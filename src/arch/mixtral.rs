@@ -43,7 +43,7 @@ impl Arch for Mixtral {
         if c.get(&["sliding_window"]).is_some() {
             return Err(c.err(&["sliding_window"], "sliding-window attention is not supported"));
         }
-        let mut cfg = c.common(self.name(), name, HfDefaults { rms_eps: 1e-5, rope_theta: 1e6 })?;
+        let mut cfg = c.common(self.name(), name, HfDefaults { rms_eps: 1e-5, rope_theta: 1e6, yarn: false })?;
         cfg.n_ff_exp = c.size("n_ff_exp", &["intermediate_size"])?;
         cfg.n_ff = cfg.n_ff_exp;
         cfg.norm_topk_prob = true;

@@ -37,7 +37,7 @@ macro_rules! register {
 }
 
 // Adding a family: its file, and its entry in this line.
-register!(qwen3moe::Qwen3Moe, mixtral::Mixtral, olmoe::Olmoe, qwen2moe::Qwen2Moe);
+register!(qwen3moe::Qwen3Moe, mixtral::Mixtral, olmoe::Olmoe, qwen2moe::Qwen2Moe, gptoss::GptOss);
 
 /// What a tensor is for, which decides the type sage-convert stores it in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -187,6 +187,14 @@ pub trait Arch: Sync {
     /// `gate_up_proj` [E, 2F, D] with the gate rows first, and `down_proj` [E, D, F].
     fn hf_fused_experts(&self, il: u32) -> [String; 2] {
         [format!("layers.{il}.mlp.experts.gate_up_proj"), format!("layers.{il}.mlp.experts.down_proj")]
+    }
+    /// gpt-oss's layout of layer `il`'s experts, the prefix (relative to the model prefix) of
+    /// `gate_up_proj` [E, D, 2F] (x @ W, gate and up interleaved along 2F), `down_proj`
+    /// [E, F, D], their biases `gate_up_proj_bias` [E, 2F] and `down_proj_bias` [E, D], or
+    /// MXFP4 `gate_up_proj_blocks` / `_scales` ([E, 2F, D/32, 16] / [E, 2F, D/32], rows
+    /// interleaved alike) and `down_proj_blocks` / `_scales`; None: the layouts above.
+    fn hf_interleaved_experts(&self, _il: u32) -> Option<String> {
+        None
     }
     /// The layer's graph up to the routed experts: attention over the cache, the residual,
     /// the FFN norm (what the router and the experts see), and anything added beside the

@@ -36,7 +36,7 @@ impl Arch for Olmoe {
             return Err(c.err(&["attention_bias"], "attention biases are not supported"));
         }
         // OlmoeConfig's defaults: rms_norm_eps 1e-5 (the published config has no such key).
-        let mut cfg = c.common(self.name(), name, HfDefaults { rms_eps: 1e-5, rope_theta: 10000.0 })?;
+        let mut cfg = c.common(self.name(), name, HfDefaults { rms_eps: 1e-5, rope_theta: 10000.0, yarn: false })?;
         // llama.cpp's olmoe loader sizes both norms n_embd: one KV head per query head, and
         // heads that fill n_embd.
         if cfg.n_head_kv != cfg.n_head || cfg.n_head as u64 * cfg.head_dim != cfg.n_embd {

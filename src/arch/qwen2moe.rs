@@ -39,7 +39,7 @@ impl Arch for Qwen2Moe {
         c.only("mlp_only_layers", |v| v.as_array().is_some_and(|a| a.is_empty()), "dense layers are not supported")?;
         c.only("use_sliding_window", |v| v.as_bool() == Some(false), "sliding-window attention is not supported")?;
         c.only("qkv_bias", |v| v.as_bool() == Some(true), "the q/k/v biases of the family are expected")?;
-        let mut cfg = c.common(self.name(), name, HfDefaults { rms_eps: 1e-6, rope_theta: 10000.0 })?;
+        let mut cfg = c.common(self.name(), name, HfDefaults { rms_eps: 1e-6, rope_theta: 10000.0, yarn: false })?;
         // llama.cpp's qwen2moe sizes attn_output n_embd x n_embd.
         if cfg.n_head as u64 * cfg.head_dim != cfg.n_embd {
             return Err(c.err(

@@ -65,7 +65,7 @@ impl Arch for Qwen3Moe {
         if c.bool_or(&["attention_bias"], false)? {
             return Err(c.err(&["attention_bias"], "attention biases are not supported"));
         }
-        let mut cfg = c.common(self.name(), name, HfDefaults { rms_eps: 1e-6, rope_theta: 10000.0 })?;
+        let mut cfg = c.common(self.name(), name, HfDefaults { rms_eps: 1e-6, rope_theta: 10000.0, yarn: false })?;
         cfg.n_ff = c.get(&["intermediate_size"]).and_then(|v| v.as_u64()).unwrap_or(0);
         cfg.n_ff_exp = c.size("n_ff_exp", &["moe_intermediate_size"])?;
         cfg.norm_topk_prob = c.bool_or(&["norm_topk_prob"], false)?;

@@ -77,8 +77,11 @@ pub fn tail_padding(backend: &Backend, layers: &[ExpertLayer]) -> u64 {
 pub(super) struct Arena {
     /// Per layer gate/up/down views ([ne0, ne1, n_slots], a stride apart), then one raw byte
     /// view of the whole arena (index 3 * n_layer), then, with cold copies, per layer the
-    /// gate/up/down views of the cold types over the same slots.
+    /// gate/up/down views of the cold types over the same slots; then, for experts with biases,
+    /// per layer the f32 bias views of gate/up/down ([ne1, n_slots]), full records' then cold ones'.
     views: TensorSet,
+    /// Per layer, the index in `views` of the first of its three bias views (full, cold).
+    bias_views: Vec<(Option<usize>, Option<usize>)>,
     /// Whether the cold views exist.
     cold: bool,
     buf: Arc<SharedBuffer>,
@@ -118,7 +121,7 @@ impl Arena {
         // thread can read records straight into them with O_DIRECT.
         let head = buf.offset_to_aligned(DIRECT_ALIGN);
         let cold = cold && !md.manifest.cold.is_empty();
-        let n_views = if cold { 6 } else { 3 } * md.manifest.layers.len() + 1;
+        let n_views = if cold { 12 } else { 6 } * md.manifest.layers.len() + 1;
         let mut views = TensorSet::new(n_views);
         let add_views = |views: &mut TensorSet, layers: &[ExpertLayer], kind: &str| -> Result<()> {
             for l in layers {
@@ -145,6 +148,30 @@ impl Arena {
         if cold {
             add_views(&mut views, &md.manifest.cold, ".cold")?;
         }
+        // The biases lie after a record's matrices, one f32 per output row.
+        let add_bias_views = |views: &mut TensorSet, l: &ExpertLayer, kind: &str| -> Result<Option<usize>> {
+            if !l.bias {
+                return Ok(None);
+            }
+            let first = views.len();
+            for p in Proj::ALL {
+                let ne1 = l.shapes[p.index()][1];
+                let i = views.add(GgmlType::F32, &[ne1 as i64, n_slots as i64], &format!("arena{kind}.{}.{}.bias", l.il, p.exps()));
+                let t = views.get(i);
+                t.set_row_stride(stride);
+                buf.place(t, head + l.bias_offset(p) as usize).map_err(|e| ffi(dir, "expert arena", e))?;
+            }
+            Ok(Some(first))
+        };
+        let mut bias_views = Vec::new();
+        for (i, l) in md.manifest.layers.iter().enumerate() {
+            let full = add_bias_views(&mut views, l, "")?;
+            let c = match (cold, md.manifest.cold.get(i)) {
+                (true, Some(c)) => add_bias_views(&mut views, c, ".cold")?,
+                _ => None,
+            };
+            bias_views.push((full, c));
+        }
         // Zeros are valid weights of every type: a slot that a batch uses only with weight 0
         // (see `Engine::experts`) before anything was loaded into it contributes exactly 0,
         // never NaN from uninitialized device memory. It also commits the arena's memory up
@@ -158,16 +185,20 @@ impl Arena {
             0 => (opts.threads, 256 << 10),
             n => (n, 0),
         };
-        Ok(Arena { views, cold, buf, writer, head, stride, threads, split_min })
+        Ok(Arena { views, bias_views, cold, buf, writer, head, stride, threads, split_min })
     }
 
     /// Index of the raw byte view in `views`.
     fn raw_index(&self) -> usize {
-        if self.cold {
-            (self.views.len() - 1) / 2
-        } else {
-            self.views.len() - 1
-        }
+        3 * self.bias_views.len()
+    }
+
+    /// Layer `il`'s experts' biases (gate, up, down: [ne1, n_slots] f32) over every slot, read
+    /// as full records (`cold` false) or cold ones; None when its experts have no biases.
+    pub fn bias_views(&self, il: u32, cold: bool) -> Option<[Tensor<'_>; 3]> {
+        let (full, c) = self.bias_views[il as usize];
+        let first = if cold { c } else { full }?;
+        Some(std::array::from_fn(|p| self.views.get(first + p)))
     }
 
     /// Layer `il`'s projection `p` over every slot: [ne0, ne1, n_slots].
@@ -215,6 +246,10 @@ impl Arena {
                 raw.write(at + off, part);
             }
             off += size;
+        }
+        // The biases (f32, never repacked) after the matrices.
+        if off < layer.record_size() as usize {
+            raw.write(at + off, &record[off..layer.record_size() as usize]);
         }
         Ok(())
     }
@@ -282,6 +317,7 @@ mod tests {
             offsets: vec![],
             shapes: [[ne0, ne1], [ne0, ne1], [ne1, ne0]],
             types,
+            bias: false,
         };
         for (types, ne0, ne1) in [
             ([GgmlType::Q8_0; 3], 256, 256),

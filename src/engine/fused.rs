@@ -94,7 +94,7 @@ impl Engine {
         &mut self,
         tokens: &[u32],
         positions: &[i32],
-        causal_mask: &[f32],
+        masks: &super::Masks,
         all: bool,
     ) -> Result<Vec<f32>> {
         let cfg = &self.config;
@@ -104,7 +104,7 @@ impl Engine {
         let n_layer = cfg.n_layer as usize;
         let size = PER_LAYER * n_layer + GRAPH_NODES;
         let ctx = Context::new(size, size);
-        let inp = super::Inputs::new(&ctx, n, self.n_past(), self.kv_span(n as usize));
+        let inp = super::Inputs::new(&ctx, cfg, n, self.n_past(), self.kv_span(n as usize));
         inp.ids.set_input();
         let mut g = ctx.graph(size);
         let mut x = ctx.get_rows(self.base.token_embd(), inp.ids);
@@ -127,7 +127,7 @@ impl Engine {
             // Router: probabilities [n_expert (or the pool's size), rows], sorted. The full
             // argsort is the output read back: a view of it (the top k) would not keep its
             // memory from being reused later in the graph.
-            let mut logits = ctx.mul_mat(w.get(FFN_GATE_INP), normed); // [n_expert, rows]
+            let mut logits = graph::router_logits(&ctx, &w, normed); // [n_expert, rows]
             let present = &self.dir.manifest.layers[il].ids;
             let n_here = present.len() as i64;
             // A pooled layer routes over its present experts only: its router logits are cut
@@ -147,12 +147,16 @@ impl Engine {
                 let w2 = ctx.reshape_2d(wts, k, rows);
                 wts = ctx.reshape_3d(ctx.div(w2, ctx.sum_rows(w2)), 1, k, rows);
             }
-            let exps = Proj::ALL.map(|p| {
+            let mats = Proj::ALL.map(|p| {
                 let t = self.arena.view(il as u32, p);
                 let [ne0, ne1, ..] = t.ne();
                 ctx.view_3d(t, [ne0, ne1, n_here], t.nb()[1], stride, first * stride)
             });
-            let moe = graph::moe(&ctx, exps, ctx.reshape_3d(normed, n_embd, 1, rows), sel, wts);
+            let biases = self.arena.bias_views(il as u32, false).map(|b| {
+                b.map(|t| ctx.view_2d(t, t.ne()[0], n_here, stride, first * stride))
+            });
+            let exps = graph::Experts { mats, biases };
+            let moe = graph::moe(&ctx, cfg.expert_act, exps, ctx.reshape_3d(normed, n_embd, 1, rows), sel, wts);
             x = graph::layer_out(&ctx, moe, shared, ffn_inp);
             chosen.push((order, rows, present));
         }
@@ -160,7 +164,7 @@ impl Engine {
         let logits = graph::output(&ctx, cfg.rms_eps, self.base.output_norm(), self.base.output(), last);
         logits.set_output();
         g.expand(logits);
-        self.runner.run(&g, || inp.write(Some(tokens), positions, causal_mask))?;
+        self.runner.run(&g, || inp.write(Some(tokens), positions, masks))?;
         for (il, (order, rows, present)) in chosen.iter().enumerate() {
             let n_here = present.len();
             let order = order.read_i32(n_here * *rows as usize);

@@ -108,25 +108,60 @@ impl Runner {
     }
 }
 
-/// A batch's inputs: token ids, positions and the causal mask ([n_kv, n], `Engine::kv_span`),
+/// A batch's causal masks ([n_kv][n], 0 or -inf): over the whole context, and within the
+/// sliding window for models with sliding layers.
+struct Masks {
+    causal: Vec<f32>,
+    swa: Option<Vec<f32>>,
+}
+
+impl Masks {
+    /// Query i (at position n_past + i) sees cells 0..=n_past + i, and with a window `n_swa`
+    /// only those less than `n_swa` positions back (llama.cpp's `is_masked_swa`, transformers'
+    /// sliding window).
+    fn new(n: usize, n_past: usize, n_kv: usize, n_swa: u64) -> Masks {
+        let mut causal = vec![f32::NEG_INFINITY; n_kv * n];
+        for i in 0..n {
+            causal[i * n_kv..=i * n_kv + n_past + i].fill(0.0);
+        }
+        let swa = (n_swa > 0).then(|| {
+            let mut m = causal.clone();
+            for i in 0..n {
+                let p = n_past + i;
+                let first = (p + 1).saturating_sub(n_swa as usize);
+                m[i * n_kv..i * n_kv + first].fill(f32::NEG_INFINITY);
+            }
+            m
+        });
+        Masks { causal, swa }
+    }
+}
+
+/// A batch's inputs: token ids, positions and the causal masks ([n_kv, n], `Engine::kv_span`),
 /// the same for every layer.
 struct Inputs<'a> {
     ctx: &'a Context,
     ids: Tensor<'a>,
     pos: Tensor<'a>,
     mask: Tensor<'a>,
+    mask_swa: Option<Tensor<'a>>,
     n_past: usize,
     n_kv: usize,
 }
 
 impl<'a> Inputs<'a> {
-    fn new(ctx: &'a Context, n: i64, n_past: usize, n_kv: usize) -> Inputs<'a> {
+    fn new(ctx: &'a Context, cfg: &ModelConfig, n: i64, n_past: usize, n_kv: usize) -> Inputs<'a> {
         let ids = ctx.new_tensor(GgmlType::I32, &[n]);
         let pos = ctx.new_tensor(GgmlType::I32, &[n]);
         pos.set_input();
         let mask = ctx.new_tensor(GgmlType::F32, &[n_kv as i64, n]);
         mask.set_input();
-        Inputs { ctx, ids, pos, mask, n_past, n_kv }
+        let mask_swa = (cfg.n_swa > 0).then(|| {
+            let m = ctx.new_tensor(GgmlType::F32, &[n_kv as i64, n]);
+            m.set_input();
+            m
+        });
+        Inputs { ctx, ids, pos, mask, mask_swa, n_past, n_kv }
     }
 
     /// What the family's graph of layer `il` starts from, with the residual stream `x`.
@@ -138,17 +173,26 @@ impl<'a> Inputs<'a> {
         il: u32,
         x: Tensor<'a>,
     ) -> LayerInput<'a> {
-        let (pos, mask, n_past, n_kv) = (self.pos, self.mask, self.n_past, self.n_kv);
-        LayerInput { ctx: self.ctx, cfg, w: base.layer(il), x, pos, mask, kv: KvCache { set: kv }, n_past, n_kv }
+        let (pos, mask, mask_swa, n_past, n_kv) = (self.pos, self.mask, self.mask_swa, self.n_past, self.n_kv);
+        let kv = KvCache { set: kv };
+        LayerInput { ctx: self.ctx, cfg, w: base.layer(il), x, pos, mask, mask_swa, kv, n_past, n_kv }
     }
 
     /// Write them once the graph is allocated (the ids only where the graph reads them).
-    fn write(&self, tokens: Option<&[u32]>, positions: &[i32], causal_mask: &[f32]) {
+    fn write(&self, tokens: Option<&[u32]>, positions: &[i32], masks: &Masks) {
         if let Some(tokens) = tokens {
             self.ids.write_i32(&tokens.iter().map(|&t| t as i32).collect::<Vec<_>>());
         }
         self.pos.write_i32(positions);
-        self.mask.write_f32(causal_mask);
+        // A graph of one layer uses one of the two masks; the other is not allocated.
+        if self.mask.is_allocated() {
+            self.mask.write_f32(&masks.causal);
+        }
+        if let (Some(t), Some(m)) = (self.mask_swa, &masks.swa) {
+            if t.is_allocated() {
+                t.write_f32(m);
+            }
+        }
     }
 }
 
@@ -593,10 +637,7 @@ impl Engine {
         // Positions and the causal mask ([n_kv][n]) are the same for every layer of the batch.
         let (n_past, n_kv) = (self.n_past(), self.kv_span(n));
         let pos: Vec<i32> = (0..n).map(|i| (n_past + i) as i32).collect();
-        let mut mask = vec![f32::NEG_INFINITY; n_kv * n];
-        for i in 0..n {
-            mask[i * n_kv..=i * n_kv + n_past + i].fill(0.0);
-        }
+        let mask = Masks::new(n, n_past, n_kv, self.config.n_swa);
         let out = if self.fused.is_some() {
             self.eval_fused(tokens, &pos, &mask, all_logits)?
         } else {

@@ -89,13 +89,13 @@ impl Engine {
         il: u32,
         tokens: &[u32],
         positions: &[i32],
-        causal_mask: &[f32],
+        masks: &super::Masks,
     ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
         let cfg = &self.config;
         let n = tokens.len() as i64;
         let ctx = Context::new(GRAPH_TENSORS, GRAPH_NODES);
         let st = self.state.views(&ctx, n);
-        let inp = super::Inputs::new(&ctx, n, self.n_past(), self.kv_span(n as usize));
+        let inp = super::Inputs::new(&ctx, cfg, n, self.n_past(), self.kv_span(n as usize));
         let x = if il == 0 {
             inp.ids.set_input();
             ctx.get_rows(self.base.token_embd(), inp.ids)
@@ -105,7 +105,7 @@ impl Engine {
         let w = self.base.layer(il);
         let l = inp.layer(cfg, &self.base, &self.kv, il, x);
         let a = cfg.arch().build_layer(&l);
-        let logits = ctx.mul_mat(w.get(FFN_GATE_INP), a.normed); // [n_expert, n]
+        let logits = graph::router_logits(&ctx, &w, a.normed); // [n_expert, n]
         logits.set_output();
         let keep_inp = ctx.cpy(a.ffn_inp, st.ffn_inp);
         let keep_normed = ctx.cpy(a.normed, st.normed);
@@ -120,7 +120,7 @@ impl Engine {
                 && il + 1 < cfg.n_layer;
         let next = predict.then(|| {
             let nw = self.base.layer(il + 1);
-            let t = ctx.mul_mat(nw.get(FFN_GATE_INP), l.norm(a.ffn_inp, nw.get(FFN_NORM)));
+            let t = graph::router_logits(&ctx, &nw, l.norm(a.ffn_inp, nw.ffn_norm()));
             t.set_output();
             t
         });
@@ -128,7 +128,7 @@ impl Engine {
         for t in [a.k_store, a.v_store, logits, keep_inp, keep_normed].into_iter().chain(keep_shared).chain(next) {
             g.expand(t);
         }
-        self.runner.run(&g, || inp.write(if il == 0 { Some(tokens) } else { None }, positions, causal_mask))?;
+        self.runner.run(&g, || inp.write(if il == 0 { Some(tokens) } else { None }, positions, masks))?;
         let next = next.map(|t| t.read_f32((cfg.n_expert as i64 * n) as usize));
         Ok((logits.read_f32((cfg.n_expert as i64 * n) as usize), next))
     }
@@ -340,7 +340,8 @@ impl Engine {
             let [Some(g), Some(u), Some(d)] = exps else {
                 return Err(crate::error::Error::Usage("a cold pass over an arena without cold views".into()));
             };
-            let out = graph::moe(&ctx, [g, u, d], x, ids_t, wts_t);
+            let exps = graph::Experts { mats: [g, u, d], biases: self.arena.bias_views(il, pass.cold) };
+            let out = graph::moe(&ctx, cfg.expert_act, exps, x, ids_t, wts_t);
             moe = Some(match moe {
                 None => out,
                 Some(m) => ctx.add(m, out),

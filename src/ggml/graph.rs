@@ -81,6 +81,20 @@ impl<'c> Tensor<'c> {
         }
     }
 
+    /// Rows of a 2-D tensor `nb1` bytes apart (biases inside arena slots), before allocation.
+    pub fn set_row_stride(&self, nb1: usize) {
+        assert!(!self.is_allocated());
+        let t = self.ptr.as_ptr();
+        // SAFETY: the tensor is not allocated yet, so no computed size depends on nb; rows
+        // never overlap (asserted).
+        unsafe {
+            assert!(nb1 >= (*t).nb[0] * (*t).ne[0] as usize);
+            (*t).nb[1] = nb1;
+            (*t).nb[2] = nb1 * (*t).ne[1] as usize;
+            (*t).nb[3] = (*t).nb[2] * (*t).ne[2] as usize;
+        }
+    }
+
     pub fn set_name(&self, name: &str) {
         if let Ok(c) = CString::new(&name[..name.len().min(63)]) {
             // SAFETY: valid tensor and C string (copied by ggml, truncated to its limit).
@@ -144,6 +158,22 @@ impl<'c> Tensor<'c> {
         unsafe { sys::ggml_backend_tensor_get(self.ptr.as_ptr(), out.as_mut_ptr() as *mut c_void, 0, n * 4) };
         out
     }
+}
+
+/// `ggml_rope_ext`'s parameters: rotated dimensions, mode (`GGML_ROPE_TYPE_*`), base, and
+/// YaRN's (original context, frequency scale, extrapolation mix, attention factor, betas), as
+/// llama.cpp passes them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RopeParams {
+    pub n_dims: i32,
+    pub mode: i32,
+    pub n_ctx_orig: i32,
+    pub freq_base: f32,
+    pub freq_scale: f32,
+    pub ext_factor: f32,
+    pub attn_factor: f32,
+    pub beta_fast: f32,
+    pub beta_slow: f32,
 }
 
 macro_rules! op {
@@ -258,16 +288,9 @@ impl Context {
     pub fn div<'a>(&'a self, a: Tensor<'a>, b: Tensor<'a>) -> Tensor<'a> {
         op!(self, sys::ggml_div(self.c(), a.ptr.as_ptr(), b.ptr.as_ptr()))
     }
-    /// RoPE of `a` [head_dim, n_head, n_tokens] at positions `pos` (i32 [n_tokens]).
-    pub fn rope<'a>(
-        &'a self,
-        a: Tensor<'a>,
-        pos: Tensor<'a>,
-        n_dims: i32,
-        mode: i32,
-        n_ctx_orig: i32,
-        freq_base: f32,
-    ) -> Tensor<'a> {
+    /// RoPE of `a` [head_dim, n_head, n_tokens] at positions `pos` (i32 [n_tokens]), with
+    /// `r`'s mode, base and YaRN parameters (plain RoPE: freq_scale 1, ext_factor 0).
+    pub fn rope<'a>(&'a self, a: Tensor<'a>, pos: Tensor<'a>, r: &RopeParams) -> Tensor<'a> {
         op!(
             self,
             sys::ggml_rope_ext(
@@ -275,20 +298,45 @@ impl Context {
                 a.ptr.as_ptr(),
                 pos.ptr.as_ptr(),
                 std::ptr::null_mut(),
-                n_dims,
-                mode,
-                n_ctx_orig,
-                freq_base,
-                1.0,
-                0.0,
-                1.0,
-                32.0,
-                1.0
+                r.n_dims,
+                r.mode,
+                r.n_ctx_orig,
+                r.freq_base,
+                r.freq_scale,
+                r.ext_factor,
+                r.attn_factor,
+                r.beta_fast,
+                r.beta_slow
             )
         )
     }
+    /// `a` plus row `ids[i, j]` of `b` ([ne0, n_rows]) at `a[:, i, j]` (`a` [ne0, k, n], `ids`
+    /// i32 [k, n]): per-expert biases after `mul_mat_id`.
+    pub fn add_id<'a>(&'a self, a: Tensor<'a>, b: Tensor<'a>, ids: Tensor<'a>) -> Tensor<'a> {
+        op!(self, sys::ggml_add_id(self.c(), a.ptr.as_ptr(), b.ptr.as_ptr(), ids.ptr.as_ptr()))
+    }
+    /// gpt-oss's clamped SwiGLU of gate `a` and up `b`: x = min(a, limit), y = clamp(b, ±limit),
+    /// x · sigmoid(alpha · x) · (y + 1).
+    pub fn swiglu_oai<'a>(&'a self, a: Tensor<'a>, b: Tensor<'a>, alpha: f32, limit: f32) -> Tensor<'a> {
+        op!(self, sys::ggml_swiglu_oai(self.c(), a.ptr.as_ptr(), b.ptr.as_ptr(), alpha, limit))
+    }
+    /// `soft_max_ext` with attention sinks: one extra logit per head (`sinks`, f32 [n_head],
+    /// heads along `a`'s dimension 2) in each row's normalization, with no output column.
+    pub fn soft_max_ext_sinks<'a>(
+        &'a self,
+        a: Tensor<'a>,
+        mask: Tensor<'a>,
+        scale: f32,
+        sinks: Tensor<'a>,
+    ) -> Tensor<'a> {
+        let t = self.soft_max_ext(a, mask, scale);
+        // SAFETY: `t` is the soft_max node just made in this context and `sinks` a live tensor;
+        // ggml only records `sinks` as the node's third source (asserting the op, the f32 type
+        // and one sink per head).
+        unsafe { sys::ggml_soft_max_add_sinks(t.ptr.as_ptr(), sinks.ptr.as_ptr()) };
+        t
+    }
 
-    /// A graph of up to `nodes` nodes in this context (which must have been made with room).
     pub fn graph(&self, nodes: usize) -> Graph<'_> {
         // SAFETY: valid context created with graph room (Context::new); null is checked.
         let p = unsafe { sys::ggml_new_graph_custom(self.c(), nodes, false) };

@@ -24,6 +24,8 @@ impl GgmlType {
     pub const Q4_0: GgmlType = GgmlType(sys::GGML_TYPE_Q4_0);
     pub const Q3_K: GgmlType = GgmlType(sys::GGML_TYPE_Q3_K);
     pub const Q2_K: GgmlType = GgmlType(sys::GGML_TYPE_Q2_K);
+    /// OCP microscaling FP4 (gpt-oss's experts): 32 E2M1 values and one E8M0 scale per block.
+    pub const MXFP4: GgmlType = GgmlType(sys::GGML_TYPE_MXFP4);
     /// ggml's 8-bit integer type (used for raw byte regions).
     pub const I8: GgmlType = GgmlType(sys::GGML_TYPE_I8);
     pub const I32: GgmlType = GgmlType(sys::GGML_TYPE_I32);

@@ -11,6 +11,7 @@ mod engine;
 mod footprint;
 mod fuzz_regressions;
 mod gguf_malformed;
+mod gptoss;
 mod levers;
 mod parity;
 mod quality;
