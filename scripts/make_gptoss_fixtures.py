@@ -30,7 +30,13 @@ Writes, under tests/fixtures/:
                     of strings, their decode, and the ids of tokenizer.json as the `tokenizers` library runs it
   reference-gptoss-mxfp4.{safetensors,json}   the same for tiny-gptoss-mxfp4 (ids, logits, logits_rounded,
                     greedy; no pool), computed by loading the MXFP4 directory with
-                    quantization_config=Mxfp4Config(dequantize=True)
+                    quantization_config=Mxfp4Config(dequantize=True); the safetensors also holds, per layer N,
+                    blk.N.ffn_gate_exps.mxfp4, blk.N.ffn_up_exps.mxfp4, blk.N.ffn_down_exps.mxfp4 (uint8
+                    [E, out_rows, in/32 * 17]): the expert bytes llama.cpp's converter writes in ggml's
+                    block_mxfp4 layout (GptOssModel.transform_nibble_layout + repack_mxfp4, reimplemented
+                    below: gate = even rows of gate_up's blocks and scales, up = odd rows, down = down_proj; per
+                    block the scale byte then 16 bytes holding element k low, k+16 high), checked to decode with
+                    ggml's dequantize_row_mxfp4 rule to exactly transformers' dequantized expert weights
 
 Usage (CPU torch is enough, accelerate is not needed; under a minute on 2 idle cores; the venv of
 make_arch_fixtures.py, whose helpers this script imports, sentencepiece included):
@@ -77,7 +83,9 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
+from tokenizers import (  # noqa: E402
+    AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers,
+)
 from transformers import AutoTokenizer, GenerationConfig, GptOssConfig, GptOssForCausalLM, Mxfp4Config  # noqa: E402
 from transformers.integrations.mxfp4 import FP4_VALUES, convert_moe_packed_tensors  # noqa: E402
 from transformers.models.gpt_oss import modeling_gpt_oss  # noqa: E402
@@ -265,9 +273,13 @@ def randomize(model, seed):
     model.to(torch.bfloat16).to(torch.float32)
 
 
-def load(model_dir, truncate, mxfp4=False):
+def load(model_dir, truncate, mxfp4=False, **overrides):
+    """The committed checkpoint in f32 with eager attention and experts; truncate sets YaRN's rounding,
+    overrides replace other config values."""
     cfg = GptOssConfig.from_pretrained(model_dir)
     cfg.rope_parameters = dict(cfg.rope_parameters, truncate=truncate)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
     extra = {"quantization_config": Mxfp4Config(dequantize=True)} if mxfp4 else {}
     model = GptOssForCausalLM.from_pretrained(
         model_dir, config=cfg, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager",
@@ -409,6 +421,92 @@ def write_mxfp4_checkpoint(src_dir, out_dir):
     return deq_params, state, quant_err
 
 
+# llama.cpp's kvalues_mxfp4 (ggml-common.h): twice FP4_VALUES, so 2^(e-128) and not 2^(e-127) is the scale.
+GGML_KVALUES_MXFP4 = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12]
+
+
+def transform_nibble_layout(blocks):
+    """HF MXFP4 blocks [..., 16] (element 2j in the low nibble of byte j, 2j+1 in its high nibble) -> ggml's qs
+    (element k in the low nibble of byte k, k+16 in its high nibble), step for step as llama.cpp's converter
+    does it (GptOssModel.transform_nibble_layout): swap the nibbles of every byte, split the 16 bytes into
+    halves a (elements 0..15) and b (16..31), spread each half's nibbles so that byte k holds element k of a in
+    its high nibble and element k of b in its low one, or the two, and swap the nibbles once more."""
+    assert blocks.dtype == torch.uint8 and blocks.shape[-1] == 16, (blocks.dtype, blocks.shape)
+    t = blocks.contiguous()
+    t = ((t & 0x0F) << 4) | ((t & 0xF0) >> 4)
+    blk_a, blk_b = t.chunk(2, dim=-1)
+    blk_a = torch.stack(((blk_a & 0xF0).reshape(-1, 1), (blk_a << 4).reshape(-1, 1)), dim=2).reshape(t.shape)
+    blk_b = torch.stack(((blk_b >> 4).reshape(-1, 1), (blk_b & 0x0F).reshape(-1, 1)), dim=2).reshape(t.shape)
+    out = blk_a | blk_b
+    return ((out & 0xF0) >> 4) | ((out & 0x0F) << 4)
+
+
+def repack_mxfp4(blocks, scales):
+    """(blocks [E, rows, nb, 16], scales [E, rows, nb]) -> ggml block_mxfp4 bytes [E, rows, nb * 17]: per block
+    the scale byte (copied) then the 16 transformed bytes, as llama.cpp's GptOssModel.repack_mxfp4 writes them
+    (concat((scales[..., None], transform_nibble_layout(blocks)), -1), last two axes flattened)."""
+    assert blocks.dim() == 4 and scales.dim() == 3 and blocks.shape[:3] == scales.shape, (blocks.shape, scales.shape)
+    data = torch.cat((scales.unsqueeze(-1), transform_nibble_layout(blocks)), dim=-1)
+    return data.reshape(data.shape[0], data.shape[1], data.shape[2] * 17).contiguous()
+
+
+def ggml_mxfp4_tensors(mx_dir):
+    """What llama.cpp's converter (GptOssModel.generate_extra_tensors) writes for the experts of the MXFP4
+    checkpoint in mx_dir, read back from its model.safetensors: gate_up's blocks and scales split into even
+    rows (ffn_gate_exps) and odd rows (ffn_up_exps), down_proj as it is (ffn_down_exps), each repacked."""
+    state = load_file(os.path.join(mx_dir, "model.safetensors"))
+    out = {}
+    for name in sorted(state):
+        if not name.endswith("mlp.experts.gate_up_proj_blocks"):
+            continue
+        layer = int(name.split(".")[2])
+        pre = name[: -len("gate_up_proj_blocks")]
+        gu_b, gu_s = state[name], state[pre + "gate_up_proj_scales"]
+        out[f"blk.{layer}.ffn_gate_exps.mxfp4"] = repack_mxfp4(gu_b[:, ::2], gu_s[:, ::2])
+        out[f"blk.{layer}.ffn_up_exps.mxfp4"] = repack_mxfp4(gu_b[:, 1::2], gu_s[:, 1::2])
+        out[f"blk.{layer}.ffn_down_exps.mxfp4"] = repack_mxfp4(state[pre + "down_proj_blocks"],
+                                                                state[pre + "down_proj_scales"])
+        # The nibble transform is the direct rule qs[k] = el[k] | el[k+16] << 4 (el = HF element order).
+        el = torch.stack((gu_b & 15, gu_b >> 4), dim=-1).reshape(*gu_b.shape[:-1], 32)
+        direct = el[..., :16] | (el[..., 16:] << 4)
+        assert torch.equal(transform_nibble_layout(gu_b), direct), (name, "nibble transform")
+    return out
+
+
+def decode_ggml_mxfp4(data):
+    """ggml's dequantize_row_mxfp4 in numpy: bytes [E, rows, nb * 17] -> f32 [E, rows, nb * 32] with
+    y[j] = kvalues[qs[j] & 15] * 2^(e-128) and y[j+16] = kvalues[qs[j] >> 4] * 2^(e-128), j in 0..16."""
+    import numpy as np
+    a = np.asarray(data.numpy(), dtype=np.uint8)
+    e_dim, rows, n = a.shape
+    assert n % 17 == 0, a.shape
+    blk = a.reshape(e_dim, rows, n // 17, 17)
+    e, qs = blk[..., 0].astype(np.int32), blk[..., 1:]
+    d = np.ldexp(np.float64(1.0), e - 128)[..., None]
+    kv = np.array(GGML_KVALUES_MXFP4, dtype=np.float64)
+    y = np.concatenate((kv[qs & 15] * d, kv[qs >> 4] * d), axis=-1)  # [.., nb, 32]: j then j+16
+    return torch.from_numpy(y.reshape(e_dim, rows, n // 17 * 32).astype(np.float32))
+
+
+def check_ggml_mxfp4(ggml, model):
+    """Decoding the ggml bytes with ggml's rule gives exactly transformers' dequantized expert weights
+    (gate_up_proj [E, D, 2F]: gate = [..., ::2], up = [..., 1::2]; down_proj [E, F, D]), transposed to rows."""
+    params = dict(model.named_parameters())
+    n_checked = 0
+    for name, data in ggml.items():
+        layer, kind = int(name.split(".")[1]), name.split(".")[2]
+        pre = f"model.layers.{layer}.mlp.experts."
+        if kind == "ffn_down_exps":
+            want = params[pre + "down_proj"].detach().transpose(1, 2)
+        else:
+            gu = params[pre + "gate_up_proj"].detach()
+            want = (gu[..., ::2] if kind == "ffn_gate_exps" else gu[..., 1::2]).transpose(1, 2)
+        got = decode_ggml_mxfp4(data)
+        assert got.shape == want.shape and torch.equal(got, want.float()), (name, "ggml decode differs")
+        n_checked += 1
+    return n_checked
+
+
 # ---------------------------------------------------------------------------------------------
 # References
 
@@ -441,8 +539,9 @@ def tokenizer_refs(tok, raw, raw_plain_merges):
     return out
 
 
-def build_reference(name, model_dir, prompts, pool, mxfp4, meta_extra):
-    """Logits of the unrounded and rounded models for each prompt (and the pool's for the bf16 model)."""
+def build_reference(name, model_dir, prompts, pool, mxfp4, meta_extra, extra_tensors=None):
+    """Logits of the unrounded and rounded models for each prompt (and the pool's for the bf16 model);
+    extra_tensors are stored in the reference safetensors as they are."""
     model = load(model_dir, truncate=False, mxfp4=mxfp4)
     rounded = load(model_dir, truncate=True, mxfp4=mxfp4)
     d_inv = (model.model.rotary_emb.inv_freq - rounded.model.rotary_emb.inv_freq).abs().max().item()
@@ -486,8 +585,19 @@ def build_reference(name, model_dir, prompts, pool, mxfp4, meta_extra):
     assert stats["gate_above_limit"] > 0 and stats["up_abs_above_limit"] > 0, (name, "clamp never triggers", stats)
     assert all(p["max_abs_diff_rounded_vs_unrounded"] > 1e-4 for p in meta_prompts), (name, "YaRN rounding no-op")
 
+    # Routing is not degenerate, and the sliding window (4) matters: the same weights with a window as long as
+    # the context give other logits.
+    counts = expert_counts(model, modeling_gpt_oss.GptOssTopKRouter, all_ids)
+    for layer, c in counts.items():
+        used = sum(1 for e in range(n_experts) if c[e] > 0)
+        assert used >= 4, (name, layer, "degenerate routing", c)
+    wide = load(model_dir, truncate=False, mxfp4=mxfp4, sliding_window=cfg.max_position_embeddings)
+    d_window = (logits_for(wide, all_ids[0]) - ref[f"{prompts[0][0]}.logits"]).abs().max().item()
+    assert d_window > 1e-2, (name, "the sliding window changes nothing", d_window)
+
     ref_path = os.path.join(ROOT, f"reference-{name}.safetensors")
-    save_file(ref, ref_path)
+    assert not set(ref) & set(extra_tensors or {}), name
+    save_file(dict(ref, **(extra_tensors or {})), ref_path)
     conf = {k: getattr(cfg, k) for k in CONFIG_KEYS if hasattr(cfg, k)}
     meta = {
         "arch": "gpt_oss", "model_dir": os.path.basename(model_dir), "architecture": type(model).__name__,
@@ -497,6 +607,7 @@ def build_reference(name, model_dir, prompts, pool, mxfp4, meta_extra):
                      note="logits: rope_parameters.truncate false (as published, unrounded range); "
                           "*_rounded: truncate true, the floor/ceil ggml_rope_yarn_corr_dims always applies"),
         "clamp": dict(stats, over="the unpooled, unrounded forward passes of every prompt"),
+        "max_abs_diff_window_as_long_as_context": {prompts[0][0]: round(d_window, 6)},
         "greedy_note": f"<name>.greedy: {N_GREEDY} argmax next tokens of the rounded (truncate true) model, one "
                        "full forward pass per step, no cache, no stop on EOS (no EOS handling at all); "
                        "greedy_top2_gaps: best minus second-best logit at each step (small = rounding-sensitive); "
@@ -507,28 +618,13 @@ def build_reference(name, model_dir, prompts, pool, mxfp4, meta_extra):
     with open(os.path.join(ROOT, f"reference-{name}.json"), "w") as f:
         json.dump(meta, f, indent=2, ensure_ascii=False)
 
-    # Verify: routing is not degenerate; a fresh load of the committed files reproduces the stored logits.
-    counts = expert_counts(model, modeling_gpt_oss.GptOssTopKRouter, all_ids)
-    for layer, c in counts.items():
-        used = sum(1 for e in range(n_experts) if c[e] > 0)
-        assert used >= 4, (name, layer, "degenerate routing", c)
-    # The sliding window (4) matters: the same weights with a window as long as the context differ.
-    wide = GptOssConfig.from_pretrained(model_dir)
-    wide.sliding_window = wide.max_position_embeddings
-    wide = GptOssForCausalLM.from_pretrained(
-        model_dir, config=wide, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager",
-        **({"quantization_config": Mxfp4Config(dequantize=True)} if mxfp4 else {})).eval()
-    d_window = (logits_for(wide, all_ids[0]) - ref[f"{prompts[0][0]}.logits"]).abs().max().item()
-    assert d_window > 1e-2, (name, "the sliding window changes nothing", d_window)
-    meta["max_abs_diff_without_sliding_window_first_prompt"] = round(d_window, 6)
-    with open(os.path.join(ROOT, f"reference-{name}.json"), "w") as f:
-        json.dump(meta, f, indent=2, ensure_ascii=False)
+    # Verify: a fresh load of the committed files reproduces the stored logits.
     del model, rounded, wide
     again = load(model_dir, truncate=False, mxfp4=mxfp4)
     stored = load_file(ref_path)
     d = (logits_for(again, stored["fox.ids"].tolist()) - stored["fox.logits"]).abs().max().item()
     assert d < 1e-6, (name, "reload differs", d)
-    return meta, counts, again
+    return meta, counts
 
 
 def main():
@@ -580,7 +676,7 @@ def main():
         "tolerance_note": "transformers f32, eager attention, eager experts; pool logits: router logits "
                           "outside the pool set to -inf before the top-k",
     }
-    meta, counts, _ = build_reference("gptoss", bf16_dir, prompts, POOL, False, common)
+    meta, counts = build_reference("gptoss", bf16_dir, prompts, POOL, False, common)
 
     # The MXFP4 checkpoint and its reference.
     deq, state, quant_err = write_mxfp4_checkpoint(bf16_dir, mx_dir)
@@ -588,13 +684,25 @@ def main():
     for pname, p in mx.named_parameters():
         want = deq[pname] if pname in deq else state[pname].float()
         assert torch.equal(p.detach(), want), (pname, "the MXFP4 load is not the dequantized checkpoint")
+    ggml = ggml_mxfp4_tensors(mx_dir)
+    n_ggml = check_ggml_mxfp4(ggml, mx)
+    assert n_ggml == 3 * mx.config.num_hidden_layers, n_ggml
+    print(f"ggml block_mxfp4 repack: {n_ggml} tensors decode (ggml's rule) to transformers' dequantized experts")
     del mx
-    meta_mx, counts_mx, _ = build_reference(
+    meta_mx, counts_mx = build_reference(
         "gptoss-mxfp4", mx_dir, prompts, None, True,
         dict(common, mxfp4_note="experts: mlp.experts.{gate_up,down}_proj_{blocks,scales} as published; the "
              "reference loads them with Mxfp4Config(dequantize=True) (transformers' convert_moe_packed_tensors, "
              "checked equal to quantize_mxfp4's dequantized values); the bf16 weights quantized are tiny-gptoss's",
-             mxfp4_max_rel_quant_error=quant_err))
+             mxfp4_max_rel_quant_error=quant_err,
+             ggml_mxfp4_note="blk.N.ffn_{gate,up,down}_exps.mxfp4 (uint8 [E, out_rows, in/32 * 17]): the bytes "
+             "llama.cpp's converter (GptOssModel: transform_nibble_layout + repack_mxfp4) writes for the experts "
+             "of tiny-gptoss-mxfp4, ggml block_mxfp4 (per 32 inputs: the E8M0 scale byte copied, then 16 bytes "
+             "with element k in the low nibble and k+16 in the high one); gate = even rows of gate_up_proj, up = "
+             "odd rows, down = down_proj; ggml ne = [in, out_rows, E]. Checked: ggml's dequantize_row_mxfp4 "
+             "rule (kvalues_mxfp4 * 2^(e-128)) gives exactly transformers' dequantized expert weights, "
+             "transposed"),
+        extra_tensors=ggml)
 
     print_summary([("gptoss", meta, counts), ("gptoss-mxfp4", meta_mx, counts_mx)], bf16_dir, mx_dir)
 
@@ -611,7 +719,8 @@ def print_summary(results, bf16_dir, mx_dir):
             print(f"   layer {layer} expert picks: " + " ".join(f"{e}:{cnt[e]}" for e in range(8)))
         for p in meta["prompts"]:
             pool = f", pool diff {p['max_abs_diff_pool_vs_full']:.3f}" if "max_abs_diff_pool_vs_full" in p else ""
-            print(f"   {p['name']}: {p['n_tokens']} tok, YaRN rounding diff {p['max_abs_diff_rounded_vs_unrounded']:.4f}"
+            print(f"   {p['name']}: {p['n_tokens']} tok, YaRN rounding diff "
+                  f"{p['max_abs_diff_rounded_vs_unrounded']:.4f}"
                   f"{pool}, greedy min gap {p['greedy_min_top2_gap']:.3f}, greedy = unrounded's for "
                   f"{p['greedy_unrounded_model_agrees_for_first']}")
     y = results[0][1]["yarn"]["this_model"]

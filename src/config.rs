@@ -347,7 +347,9 @@ impl HfConfig<'_> {
         let Some(v) = self.get(&["layer_types"]) else { return Ok(None) };
         let a = v.as_array().ok_or_else(|| self.err(&["layer_types"], format!("expected a list, got {v}")))?;
         if a.len() != n_layer as usize {
-            return Err(self.err(&["layer_types"], format!("expected {n_layer} entries (one per layer), got {}", a.len())));
+            return Err(
+                self.err(&["layer_types"], format!("expected {n_layer} entries (one per layer), got {}", a.len()))
+            );
         }
         a.iter()
             .enumerate()
@@ -549,7 +551,11 @@ impl ModelConfig {
         };
         cfg.yarn = match g.get(&k.key(K_ROPE_SCALING_TYPE)) {
             None => None,
-            Some(GgufValue::Str(t)) if t == "none" || t == "linear" && k.f32_or(K_ROPE_SCALING_FACTOR, Some(1.0))? == 1.0 => None,
+            Some(GgufValue::Str(t))
+                if t == "none" || t == "linear" && k.f32_or(K_ROPE_SCALING_FACTOR, Some(1.0))? == 1.0 =>
+            {
+                None
+            }
             Some(GgufValue::Str(t)) if t == "yarn" => Some(Yarn {
                 factor: k.f32_or(K_ROPE_SCALING_FACTOR, None)?,
                 n_ctx_orig: k.u64(K_ROPE_SCALING_ORIG_CTX)?,

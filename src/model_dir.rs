@@ -31,7 +31,8 @@ pub const TOKENIZER: &str = "tokenizer.json";
 pub const EXPERT_DIR: &str = "experts";
 pub const INCOMPLETE_MARKER: &str = ".sage-incomplete";
 /// The format sage-convert writes. 2: a layer's records may end with the experts' biases
-/// (`sage.experts.blk.N.biases`). Directories of version 1 (no biases) still open.
+/// (`sage.experts.blk.N.biases` true); a directory without biases differs from format 1 only
+/// in this number (base.gguf's and the shard headers'). Directories of version 1 still open.
 pub const FORMAT_VERSION: u32 = 2;
 /// The oldest format sage still reads.
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
@@ -219,8 +220,9 @@ impl Manifest {
                 sage_layer_key(l.il, "shapes"),
                 GgufValue::Array(GgufArray::U64(l.shapes.iter().flatten().copied().collect())),
             ));
-            if self.version >= 2 {
-                kv.push((sage_layer_key(l.il, BIASES), GgufValue::Bool(l.bias)));
+            // Only where there are biases: without them a layer is as format 1 wrote it.
+            if l.bias {
+                kv.push((sage_layer_key(l.il, BIASES), GgufValue::Bool(true)));
             }
         }
         // Cold copies: the ids and shapes are the layer's; only file, offsets and types differ.
@@ -251,9 +253,7 @@ impl Manifest {
             Some(v) => {
                 return Err(bad(
                     SAGE_FORMAT_VERSION,
-                    format!(
-                        "expected {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}, got {v:?} (a newer sage wrote it?)"
-                    ),
+                    format!("expected {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}, got {v:?} (a newer sage wrote it?)"),
                 ))
             }
         };
@@ -328,10 +328,10 @@ impl Manifest {
             if shapes != want || (0..3).any(|p| types[p].tensor_size(&shapes[p]).is_none()) {
                 return Err(bad(&key("shapes"), format!("expected {want:?} fitting {types:?}, got {shapes:?}")));
             }
-            // Format 1 has no biases; format 2 says per layer, and they must be what the
-            // family's experts have.
+            // Format 1 has no biases; format 2 marks the layers whose records end with them,
+            // and they must be what the family's experts have.
             let bias = match (version, g.get(&key(BIASES))) {
-                (1, None) => false,
+                (_, None) => false,
                 (2.., Some(GgufValue::Bool(b))) => b,
                 (_, other) => {
                     return Err(bad(&key(BIASES), format!("expected true or false in format {version}, got {other:?}")))

@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::ggml::GgmlType;
 
 /// The types `--quant` accepts, by the names users know from llama.cpp.
-pub const QUANT_NAMES: [(&str, GgmlType); 10] = [
+pub const QUANT_NAMES: [(&str, GgmlType); 11] = [
     ("f32", GgmlType::F32),
     ("f16", GgmlType::F16),
     ("bf16", GgmlType::BF16),
@@ -16,6 +16,8 @@ pub const QUANT_NAMES: [(&str, GgmlType); 10] = [
     ("q4_0", GgmlType::Q4_0),
     ("q3_k", GgmlType::Q3_K),
     ("q2_k", GgmlType::Q2_K),
+    // gpt-oss's experts as published (4.25 bits per weight).
+    ("mxfp4", GgmlType::MXFP4),
 ];
 
 pub fn parse_quant(s: &str) -> Result<GgmlType> {

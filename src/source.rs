@@ -408,7 +408,9 @@ fn floats_of(dtype: Dtype, bytes: &[u8], out: &mut Vec<f32>) -> bool {
     out.clear();
     match dtype {
         Dtype::F32 => out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
-        Dtype::BF16 => out.extend(bytes.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))),
+        Dtype::BF16 => {
+            out.extend(bytes.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)))
+        }
         Dtype::F16 => out.extend(bytes.chunks_exact(2).map(|c| half_to_f32(u16::from_le_bytes([c[0], c[1]])))),
         _ => return false,
     }
@@ -532,7 +534,8 @@ impl Source for HfSource {
     fn read_expert_bias(&self, il: u32, e: u32, proj: Proj, out: &mut Vec<f32>) -> Result<()> {
         // gpt-oss: gate_up_proj_bias [E, 2F] (gate and up interleaved), down_proj_bias [E, D].
         let cfg = &self.config;
-        let (stem, rows) = if proj == Proj::Down { ("down_proj_bias", cfg.n_embd) } else { ("gate_up_proj_bias", 2 * cfg.n_ff_exp) };
+        let (stem, rows) =
+            if proj == Proj::Down { ("down_proj_bias", cfg.n_embd) } else { ("gate_up_proj_bias", 2 * cfg.n_ff_exp) };
         let (name, entry) = self.interleaved(il, stem).ok_or_else(|| self.missing(self.interleaved_name(il, stem)))?;
         let n_exp = cfg.n_expert as u64;
         let es = match entry.dtype {
@@ -693,8 +696,11 @@ impl Source for GgufSource {
         let row = m.row_size();
         let mut bytes = Vec::new();
         self.read(t, e as u64 * row, row, &mut bytes)?;
-        dequantize_into(m.ty, &bytes, m.ne[0], out)
-            .map_err(|source| Error::Tensor { path: self.path.clone(), tensor: name, source })
+        dequantize_into(m.ty, &bytes, m.ne[0], out).map_err(|source| Error::Tensor {
+            path: self.path.clone(),
+            tensor: name,
+            source,
+        })
     }
 
     fn describe(&self) -> String {

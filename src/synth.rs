@@ -533,6 +533,17 @@ impl Source for SynthSource {
         Ok(())
     }
 
+    fn read_expert_bias(&self, il: u32, e: u32, proj: Proj, out: &mut Vec<f32>) -> Result<()> {
+        // Small random biases (as the base's bias vectors), one per output row.
+        let rows = self.cfg.expert_shape(proj)[1];
+        let mut bytes = Vec::new();
+        let seed = hash_str(self.seed, &format!("{}[{e}]", proj.stacked_bias(il)));
+        self.weight.fill(GgmlType::F32, seed, rows, 0..1, &mut bytes);
+        out.clear();
+        out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+        Ok(())
+    }
+
     fn describe(&self) -> String {
         let how = if self.exact { "every expert quantized" } else { "expert rows from a quantized pool" };
         format!("synthetic {} (random weights, seed {}, {how})", self.like, self.seed)

@@ -156,7 +156,11 @@ impl Arena {
             let first = views.len();
             for p in Proj::ALL {
                 let ne1 = l.shapes[p.index()][1];
-                let i = views.add(GgmlType::F32, &[ne1 as i64, n_slots as i64], &format!("arena{kind}.{}.{}.bias", l.il, p.exps()));
+                let i = views.add(
+                    GgmlType::F32,
+                    &[ne1 as i64, n_slots as i64],
+                    &format!("arena{kind}.{}.{}.bias", l.il, p.exps()),
+                );
                 let t = views.get(i);
                 t.set_row_stride(stride);
                 buf.place(t, head + l.bias_offset(p) as usize).map_err(|e| ffi(dir, "expert arena", e))?;

@@ -152,9 +152,10 @@ impl Engine {
                 let [ne0, ne1, ..] = t.ne();
                 ctx.view_3d(t, [ne0, ne1, n_here], t.nb()[1], stride, first * stride)
             });
-            let biases = self.arena.bias_views(il as u32, false).map(|b| {
-                b.map(|t| ctx.view_2d(t, t.ne()[0], n_here, stride, first * stride))
-            });
+            let biases = self
+                .arena
+                .bias_views(il as u32, false)
+                .map(|b| b.map(|t| ctx.view_2d(t, t.ne()[0], n_here, stride, first * stride)));
             let exps = graph::Experts { mats, biases };
             let moe = graph::moe(&ctx, cfg.expert_act, exps, ctx.reshape_3d(normed, n_embd, 1, rows), sel, wts);
             x = graph::layer_out(&ctx, moe, shared, ffn_inp);
