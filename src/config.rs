@@ -68,18 +68,13 @@ pub struct Yarn {
 }
 
 /// The routed experts' activation of gate `g` and up `u`.
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
 pub enum ExpertAct {
     /// silu(g) · u.
+    #[default]
     SwiGlu,
     /// gpt-oss's: x = min(g, limit), y = clamp(u, ±limit), x · sigmoid(alpha · x) · (y + 1).
     SwiGluOai { alpha: f32, limit: f32 },
-}
-
-impl Default for ExpertAct {
-    fn default() -> Self {
-        ExpertAct::SwiGlu
-    }
 }
 
 /// Largest sizes a model may declare. llama.cpp's own caps for layers and experts

@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::ggml::GgmlType;
 
 /// The types `--quant` accepts, by the names users know from llama.cpp.
-pub const QUANT_NAMES: [(&str, GgmlType); 11] = [
+pub const QUANT_NAMES: [(&str, GgmlType); 10] = [
     ("f32", GgmlType::F32),
     ("f16", GgmlType::F16),
     ("bf16", GgmlType::BF16),
@@ -16,16 +16,19 @@ pub const QUANT_NAMES: [(&str, GgmlType); 11] = [
     ("q4_0", GgmlType::Q4_0),
     ("q3_k", GgmlType::Q3_K),
     ("q2_k", GgmlType::Q2_K),
-    // gpt-oss's experts as published (4.25 bits per weight).
-    ("mxfp4", GgmlType::MXFP4),
 ];
+
+/// Types `--quant` also accepts beyond `QUANT_NAMES` (which every table reports): gpt-oss's
+/// experts as published, 4.25 bits per weight.
+pub const EXTRA_QUANT_NAMES: [(&str, GgmlType); 1] = [("mxfp4", GgmlType::MXFP4)];
 
 pub fn parse_quant(s: &str) -> Result<GgmlType> {
     let lower = s.to_ascii_lowercase();
-    QUANT_NAMES.iter().find(|(n, _)| *n == lower).map(|(_, t)| *t).ok_or_else(|| {
+    let all = || QUANT_NAMES.iter().chain(&EXTRA_QUANT_NAMES);
+    all().find(|(n, _)| *n == lower).map(|(_, t)| *t).ok_or_else(|| {
         Error::Usage(format!(
             "unknown quant type '{s}'; expected one of {}",
-            QUANT_NAMES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+            all().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
         ))
     })
 }

@@ -399,7 +399,7 @@ struct Interleaved<'a> {
 /// codes and the E8M0 scale mean the same in both (ggml's value table is twice OCP's and its
 /// scale half), so the bytes move and nothing is re-quantized.
 pub fn mxfp4_block_to_ggml(hf: &[u8; 16]) -> [u8; 16] {
-    let el = |i: usize| if i % 2 == 0 { hf[i / 2] & 15 } else { hf[i / 2] >> 4 };
+    let el = |i: usize| if i.is_multiple_of(2) { hf[i / 2] & 15 } else { hf[i / 2] >> 4 };
     std::array::from_fn(|k| el(k) | (el(k + 16) << 4))
 }
 

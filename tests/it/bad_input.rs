@@ -316,7 +316,7 @@ fn shard_headers_that_disagree_with_base_gguf_are_refused() {
             patched(24, &(stride + 4096).to_le_bytes()),
             format!("shard header: record stride {}, base.gguf says {stride}", stride + 4096),
         ),
-        ("version", patched(8, &9u32.to_le_bytes()), "shard header: format version 9, base.gguf says 1".into()),
+        ("version", patched(8, &9u32.to_le_bytes()), "shard header: format version 9, base.gguf says 2".into()),
         ("magic", patched(0, b"GGUF"), "not a sage expert shard (no SAGEXPRT magic)".into()),
         ("conversion", patched(32, b"someone-else"), "the files come from different conversions".into()),
     ];

@@ -484,3 +484,27 @@ fn mxfp4_experts_convert_bit_exactly() {
     }
     assert_eq!(checked, 4 * 8 * 3);
 }
+
+/// A llama.cpp GGUF of gpt-oss (the merged file: MXFP4 experts, stacked expert biases) as
+/// input gives the same shards, records with biases included, and merges back byte for byte.
+#[test]
+fn gguf_input_gives_the_same_shards() {
+    let dir = tmp();
+    let (first, a) = converted(dir.path(), "tiny-gptoss-mxfp4", None, None);
+    let second = dir.path().join("second");
+    convert(&a, &second, &ConvertOptions::default()).unwrap();
+    let m = sage::model_dir::ModelDir::open(&second).unwrap();
+    assert_eq!(m.config, sage::model_dir::ModelDir::open(&first).unwrap().config, "hyperparameters");
+    for l in &m.manifest.layers {
+        assert!(l.bias);
+        let read = |d: &Path| {
+            let mut b = std::fs::read(d.join(&l.file)).unwrap();
+            b[32..64].fill(0); // the conversion id
+            b
+        };
+        assert!(read(&first) == read(&second), "{} differs", l.file);
+    }
+    let b = dir.path().join("b.gguf");
+    merge(&second, &b, false).unwrap();
+    assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(), "merged again, byte for byte");
+}

@@ -132,7 +132,7 @@ fn damaged_expert_manifest_is_refused() {
             GgufValue::Array(GgufArray::U64(vec![256, 256, 256, 256, 256, u64::MAX])),
             "'sage.experts.blk.0.shapes': expected",
         ),
-        ("sage.format_version", GgufValue::U32(99), "'sage.format_version': expected 1, got U32(99)"),
+        ("sage.format_version", GgufValue::U32(99), "'sage.format_version': expected 1 to 2, got U32(99)"),
     ];
     for (key, value, want) in cases {
         std::fs::write(model_dir.join("base.gguf"), &pristine).unwrap();
