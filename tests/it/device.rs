@@ -2,7 +2,8 @@
 //! Vulkan driver on the CPU, with `GGML_VK_VISIBLE_DEVICES=0`; .ci/run does both): sage on the
 //! device against llama.cpp on the same merged GGUF, on the CPU and on the device, at every
 //! position of the test prompts, at f32, f16, q8_0, q6_K and q4_K, with every expert resident
-//! and with the smallest arena; greedy ids of the bundled trained model; the arena's bytes.
+//! and with the smallest arena; gpt-oss (sinks, sliding layers, YaRN, expert biases, MXFP4);
+//! greedy ids of the bundled trained model; the arena's bytes.
 
 use std::path::Path;
 
@@ -125,4 +126,93 @@ fn vulkan_greedy_ids_equal_the_cpus_and_the_arena_keeps_its_budget() {
     let e = Engine::load(&model_dir, device_opts(&vk, ArenaSize::Bytes(budget))).unwrap();
     assert_eq!(e.n_slots(), 5);
     assert!(e.arena_bytes() as u64 <= budget, "{} bytes over the budget of {budget}", e.arena_bytes());
+}
+
+/// gpt-oss on the device: attention sinks, sliding-window layers, YaRN, the router's bias, the
+/// experts' biases (`add_id` over the arena's bias views) and `swiglu_oai`, with f32 and MXFP4
+/// experts, every expert resident and the smallest arena, against llama.cpp on the CPU and on
+/// the device (the same bounds as above).
+#[test]
+fn vulkan_gpt_oss_matches_llama_cpp() {
+    let vk = vulkan_device();
+    let dir = tmp();
+    for (src, ty) in [("tiny-gptoss", Some(GgmlType::F32)), ("tiny-gptoss-mxfp4", None)] {
+        let model_dir = dir.path().join(src);
+        let o =
+            sage::convert::ConvertOptions { quant_base: Some(GgmlType::F32), quant_experts: ty, ..Default::default() };
+        sage::convert::convert(&fixtures().join(src), &model_dir, &o).unwrap();
+        let gguf = dir.path().join(format!("{src}.gguf"));
+        sage::merge::merge(&model_dir, &gguf, false).unwrap();
+        let (cpu, gpu) = (llama_on(&gguf, false), llama_on(&gguf, true));
+        let mut full = Engine::load(&model_dir, device_opts(&vk, ArenaSize::All)).unwrap();
+        let mut small = Engine::load(&model_dir, device_opts(&vk, ArenaSize::Experts(2))).unwrap();
+        assert!(full.all_resident() && !small.all_resident());
+        let n_vocab = full.config.n_vocab as usize;
+        let (prompts, _, _) = reference_from("reference-gptoss");
+        let mut compared = 0;
+        for p in &prompts {
+            let ids: Vec<u32> = p.ids.iter().map(|&i| i as u32).collect();
+            let want_cpu = llama_logits(&cpu, &p.ids);
+            let want_gpu = llama_logits(&gpu, &p.ids);
+            let own = max_abs_diff(&want_gpu, &want_cpu);
+            let (tol_gpu, tol_cpu) = device_tols(own);
+            full.reset();
+            small.reset();
+            let a = rows(full.eval(&ids, true).unwrap(), n_vocab);
+            let b = rows(small.eval(&ids, true).unwrap(), n_vocab);
+            let (d_cpu, d_gpu, d_arena) =
+                (max_abs_diff(&a, &want_cpu), max_abs_diff(&a, &want_gpu), max_abs_diff(&a, &b));
+            eprintln!(
+                "{src} {}: |sage(vk) - llama.cpp(cpu)| {d_cpu:e} (bound {tol_cpu:e}), |sage(vk) - llama.cpp(vk)| {d_gpu:e} (bound {tol_gpu:e}), |llama.cpp vk - cpu| {own:e}, |all - 2 slots| {d_arena:e}",
+                p.name
+            );
+            // Positions where a layer's k-th and (k+1)-th router logits are closer than the
+            // device's rounding (CPU routing, recorded): there the device may pick the other
+            // expert than llama.cpp's graph on the same device does (measured: the 29-token
+            // prompt's position 6, a gap of 0.023 in layer 3, moves its logits by 0.55).
+            // llama.cpp gives the 83-token chat prompt the same logits with and without the
+            // device, bit for bit (own = 0: that batch did not run on the device), so there is
+            // no device reference for it; the same arena check only.
+            if own == 0.0 {
+                assert!(d_arena <= 0.03, "{src} {}: all resident vs 2 slots on Vulkan {d_arena}", p.name);
+                continue;
+            }
+            compared += 1;
+            let ties = near_ties(&model_dir, &ids, 0.05);
+            let (pg, pc) = (per_position(&a, &want_gpu), per_position(&a, &want_cpu));
+            for i in 0..ids.len() {
+                if !ties.contains(&i) {
+                    assert!(pg[i] <= tol_gpu, "{src} {} position {i}: vs llama.cpp on Vulkan {}", p.name, pg[i]);
+                    assert!(pc[i] <= tol_cpu, "{src} {} position {i}: vs llama.cpp on the CPU {}", p.name, pc[i]);
+                }
+            }
+            assert!(ties.len() * 2 <= ids.len(), "{src} {}: near ties at {ties:?}", p.name);
+            assert!(d_arena <= tol_gpu / 4.0, "{src} {}: all resident vs 2 slots on Vulkan {d_arena}", p.name);
+        }
+        assert!(compared >= 3, "{src}: only {compared} prompts ran on the device in llama.cpp");
+        assert!(small.stats().sched.misses > 16, "the small arena streamed experts");
+    }
+}
+
+/// Positions of `ids` where some layer's router (on the CPU, exact routing) has its k-th and
+/// (k+1)-th logits within `margin`: a device's rounding may choose the other expert there.
+fn near_ties(model_dir: &Path, ids: &[u32], margin: f32) -> Vec<usize> {
+    let mut e = Engine::load(model_dir, EngineOptions { fused: false, ..exact(ArenaSize::All) }).unwrap();
+    let (n_exp, k) = (e.config.n_expert as usize, e.config.n_expert_used as usize);
+    e.start_trace(true).unwrap();
+    e.eval(ids, true).unwrap();
+    let logits = e.take_trace().unwrap().router_logits.unwrap();
+    let mut ties: Vec<usize> = logits
+        .iter()
+        .flat_map(|l| {
+            l.chunks(n_exp).enumerate().filter_map(|(pos, row)| {
+                let mut v = row.to_vec();
+                v.sort_by(|a, b| b.total_cmp(a));
+                (v[k - 1] - v[k] < margin).then_some(pos)
+            })
+        })
+        .collect();
+    ties.sort_unstable();
+    ties.dedup();
+    ties
 }
