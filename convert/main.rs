@@ -30,13 +30,14 @@ struct Cli {
 #[derive(Args)]
 struct ConvertArgs {
     /// Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json) or a
-    /// llama.cpp .gguf file (qwen3moe, llama with experts, olmoe, qwen2moe).
+    /// llama.cpp .gguf file (qwen3moe, llama with experts, olmoe, qwen2moe, gpt-oss).
     #[arg(required = true)]
     input: Option<PathBuf>,
     /// Output model directory.
     #[arg(short, long, required = true)]
     out: Option<PathBuf>,
-    /// Type for base and experts: f32, f16, bf16, q8_0, q6_k, q5_k, q4_k, q4_0, q3_k, q2_k.
+    /// Type for base and experts: f32, f16, bf16, q8_0, q6_k, q5_k, q4_k, q4_0, q3_k, q2_k,
+    /// mxfp4.
     /// Without it, tensors keep the source's type (GGUF tensor bytes are copied as they are).
     #[arg(long)]
     quant: Option<String>,
@@ -84,11 +85,12 @@ enum Command {
     /// Random routing is near uniform, so expert hit rates measured on it are a worst case.
     Synth {
         /// The model whose shapes to copy: qwen3-30b-a3b, qwen3-omni-30b-a3b, mixtral-8x7b,
-        /// olmoe-1b-7b, qwen1.5-moe-a2.7b, tiny, or the path of a Hugging Face config.json.
+        /// olmoe-1b-7b, qwen1.5-moe-a2.7b, gpt-oss-20b, gpt-oss-120b, tiny, or the path of a
+        /// Hugging Face config.json.
         #[arg(long)]
         like: String,
         /// Type of the matrices (base and experts): f32, f16, bf16, q8_0, q6_k, q5_k, q4_k,
-        /// q4_0, q3_k, q2_k; norms and routers stay f32.
+        /// q4_0, q3_k, q2_k, mxfp4; norms, routers and biases stay f32.
         #[arg(long)]
         quant: String,
         /// Output model directory.

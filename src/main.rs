@@ -463,7 +463,7 @@ struct ChatArgs {
 #[derive(Args)]
 struct FootprintArgs {
     /// A Hugging Face config.json (no weights needed), a model directory (from sage-convert) or a
-    /// llama.cpp GGUF (qwen3moe).
+    /// llama.cpp GGUF of a supported family.
     path: PathBuf,
     /// Also report an arena of this size: bytes (2GiB, 512MiB) or a share of all experts (30%).
     /// Repeatable; 25%, 50%, 75% and 100% are always reported.
