@@ -403,36 +403,6 @@ pub fn mxfp4_block_to_ggml(hf: &[u8; 16]) -> [u8; 16] {
     std::array::from_fn(|k| el(k) | (el(k + 16) << 4))
 }
 
-/// Floats of `dtype` (F32, F16, BF16) as f32.
-fn floats_of(dtype: Dtype, bytes: &[u8], out: &mut Vec<f32>) -> bool {
-    out.clear();
-    match dtype {
-        Dtype::F32 => out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
-        Dtype::BF16 => {
-            out.extend(bytes.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)))
-        }
-        Dtype::F16 => out.extend(bytes.chunks_exact(2).map(|c| half_to_f32(u16::from_le_bytes([c[0], c[1]])))),
-        _ => return false,
-    }
-    true
-}
-
-/// IEEE half to f32.
-fn half_to_f32(h: u16) -> f32 {
-    let (sign, exp, man) = ((h >> 15) as u32, ((h >> 10) & 0x1f) as u32, (h & 0x3ff) as u32);
-    let bits = match (exp, man) {
-        (0, 0) => sign << 31,
-        (0, m) => {
-            // Subnormal: normalize.
-            let shift = m.leading_zeros() - 21;
-            ((sign << 31) | ((113 - shift) << 23)) | (((m << shift) & 0x3ff) << 13)
-        }
-        (0x1f, m) => (sign << 31) | (0xff << 23) | (m << 13),
-        (e, m) => (sign << 31) | ((e + 112) << 23) | (m << 13),
-    };
-    f32::from_bits(bits)
-}
-
 /// Where the data section of a safetensors buffer claims to end (for truncation messages).
 fn header_end(buf: &[u8]) -> u64 {
     let Some(n) = buf.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap())) else { return 8 };
@@ -538,25 +508,20 @@ impl Source for HfSource {
             if proj == Proj::Down { ("down_proj_bias", cfg.n_embd) } else { ("gate_up_proj_bias", 2 * cfg.n_ff_exp) };
         let (name, entry) = self.interleaved(il, stem).ok_or_else(|| self.missing(self.interleaved_name(il, stem)))?;
         let n_exp = cfg.n_expert as u64;
-        let es = match entry.dtype {
-            Dtype::F32 => 4,
-            Dtype::F16 | Dtype::BF16 => 2,
-            other => {
-                return Err(Error::UnsupportedDtype {
-                    path: self.files[entry.file].0.clone(),
-                    tensor: name,
-                    got: format!("{other:?}"),
-                    expected: "F32, F16 or BF16".into(),
-                })
-            }
-        };
+        // F32, F16 or BF16 (as every other tensor), converted by ggml.
+        let ty = self.entry_meta(&name, entry)?.ty;
+        let es = ty.type_size();
         if entry.shape != [n_exp, rows] || e as u64 >= n_exp {
             return Err(self.wrong_shape(&name, entry, format!("[{n_exp}, {rows}]")));
         }
         let mut bytes = Vec::new();
         self.read(&name, entry, entry.start + e as u64 * rows * es, rows * es, &mut bytes)?;
         let mut all = Vec::new();
-        floats_of(entry.dtype, &bytes, &mut all);
+        dequantize_into(ty, &bytes, rows, &mut all).map_err(|source| Error::Tensor {
+            path: self.files[entry.file].0.clone(),
+            tensor: name,
+            source,
+        })?;
         out.clear();
         match proj {
             Proj::Down => out.extend_from_slice(&all),

@@ -33,6 +33,13 @@ const YARN_ROUNDING_MAX: f32 = 1.0;
 /// (MXFP4, 83-token chat prompt), every other case under 7e-6.
 const LLAMA_TOL: f32 = 3e-5;
 
+/// (fixture, its references, expert type: None keeps MXFP4) the engine tests run.
+const ENGINE_CASES: [(&str, &str, Option<GgmlType>); 3] = [
+    ("tiny-gptoss", "reference-gptoss", Some(GgmlType::F32)),
+    ("tiny-gptoss", "reference-gptoss", Some(GgmlType::Q8_0)),
+    ("tiny-gptoss-mxfp4", "reference-gptoss-mxfp4", None),
+];
+
 struct Prompt {
     name: String,
     ids: Vec<i32>,
@@ -139,12 +146,7 @@ fn merged_gguf_matches_transformers() {
 #[test]
 fn engine_matches_llama_cpp_at_full_and_smallest_arena() {
     let dir = tmp();
-    let cases: [(&str, &str, Option<GgmlType>); 3] = [
-        ("tiny-gptoss", "reference-gptoss", Some(GgmlType::F32)),
-        ("tiny-gptoss", "reference-gptoss", Some(GgmlType::Q8_0)),
-        ("tiny-gptoss-mxfp4", "reference-gptoss-mxfp4", None),
-    ];
-    for (src, refname, ty) in cases {
+    for (src, refname, ty) in ENGINE_CASES {
         let (prompts, _, _) = refs(refname);
         let (model_dir, gguf) = converted(dir.path(), src, ty, None);
         let llama = load_llama(&gguf);
@@ -178,12 +180,7 @@ fn engine_matches_llama_cpp_at_full_and_smallest_arena() {
 #[test]
 fn greedy_32_ids_match_llama_cpp_and_transformers() {
     let dir = tmp();
-    let cases: [(&str, &str, Option<GgmlType>); 3] = [
-        ("tiny-gptoss", "reference-gptoss", Some(GgmlType::F32)),
-        ("tiny-gptoss", "reference-gptoss", Some(GgmlType::Q8_0)),
-        ("tiny-gptoss-mxfp4", "reference-gptoss-mxfp4", None),
-    ];
-    for (src, refname, ty) in cases {
+    for (src, refname, ty) in ENGINE_CASES {
         let (prompts, _, meta) = refs(refname);
         let window = meta["config"]["sliding_window"].as_u64().unwrap() as usize;
         let (model_dir, gguf) = converted(dir.path(), src, ty, None);
