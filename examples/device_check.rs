@@ -34,8 +34,14 @@ fn main() -> anyhow::Result<()> {
         LlamaModel::load_from_file(&backend, &a[2], &LlamaModelParams::default().with_n_gpu_layers(gpu_layers))?;
     let mut worst = 0f32;
     for arena in [ArenaSize::All, ArenaSize::Experts(k)] {
-        let opts =
-            EngineOptions { device: a[3].clone(), arena, kv_type: KvType::F32, n_ctx: 256, ..Default::default() };
+        let opts = EngineOptions {
+            device: a[3].clone(),
+            arena,
+            k_type: KvType::F32,
+            v_type: KvType::F32,
+            n_ctx: 256,
+            ..Default::default()
+        };
         let mut e = Engine::load(a[1].as_ref(), opts)?;
         println!("sage on {} with {} slots", e.device_name(), e.n_slots());
         for p in prompts {
@@ -85,7 +91,8 @@ fn divergence(
         device: device.into(),
         arena: ArenaSize::All,
         fused: false,
-        kv_type: KvType::F32,
+        k_type: KvType::F32,
+        v_type: KvType::F32,
         n_ctx: 256,
         ..Default::default()
     };

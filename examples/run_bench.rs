@@ -34,7 +34,14 @@ fn main() -> anyhow::Result<()> {
 
     let mut engine = Engine::load(
         a[1].as_ref(),
-        EngineOptions { threads, n_ctx, arena: ArenaSize::All, kv_type: KvType::F16, ..Default::default() },
+        EngineOptions {
+            threads,
+            n_ctx,
+            arena: ArenaSize::All,
+            k_type: KvType::F16,
+            v_type: KvType::F16,
+            ..Default::default()
+        },
     )?;
     let n_vocab = engine.config.n_vocab as u32;
     // Deterministic pseudo-random prompt ids below the tokenizer's range.

@@ -4,7 +4,8 @@
 //! its router), and the output. A family's layer graph (`Arch::build_layer`) is made of these.
 
 use crate::config::{ExpertAct, ModelConfig};
-use crate::ggml::{Context, Tensor, TensorSet};
+use crate::engine::memory::LayerKv;
+use crate::ggml::{Context, GgmlType, Tensor, TensorSet};
 use crate::names::{ATTN_OUT, ATTN_POST_NORM, FFN_GATE_INP, FFN_GATE_INP_BIAS, FFN_NORM};
 
 /// llama.cpp's RoPE modes (`GGML_ROPE_TYPE_*` in ggml.h, macros bindgen skips): "normal"
@@ -50,22 +51,6 @@ pub fn router_logits<'a>(ctx: &'a Context, w: &LayerWeights<'a>, x: Tensor<'a>) 
     }
 }
 
-/// The KV cache: per layer K [head_dim * n_head_kv, n_ctx] and V transposed
-/// [n_ctx, head_dim * n_head_kv], as llama.cpp caches them without flash attention.
-pub struct KvCache<'a> {
-    pub set: &'a TensorSet,
-}
-
-impl<'a> KvCache<'a> {
-    pub fn k(&self, il: u32) -> Tensor<'a> {
-        self.set.get(2 * il as usize)
-    }
-
-    pub fn v(&self, il: u32) -> Tensor<'a> {
-        self.set.get(2 * il as usize + 1)
-    }
-}
-
 /// What a family's layer graph starts from.
 pub struct LayerInput<'a> {
     pub ctx: &'a Context,
@@ -75,17 +60,10 @@ pub struct LayerInput<'a> {
     pub x: Tensor<'a>,
     /// Positions (i32 [n]).
     pub pos: Tensor<'a>,
-    /// The causal mask [n_kv, n].
-    pub mask: Tensor<'a>,
-    /// The causal mask within the sliding window, for the layers that slide
-    /// (`ModelConfig::is_swa`); None when none does.
-    pub mask_swa: Option<Tensor<'a>>,
-    pub kv: KvCache<'a>,
-    /// Tokens already in the cache.
-    pub n_past: usize,
-    /// KV cells attended over: `n_past` + n, padded (`engine::KV_PAD`; the mask hides the
-    /// padding).
-    pub n_kv: usize,
+    /// The layer's cache for this batch (`engine::memory`): its tensors, where the batch's K
+    /// and V go, the cells attended over and the mask of the layer's kind (a sliding layer's
+    /// masks everything outside its window).
+    pub kv: LayerKv<'a>,
 }
 
 /// What some families add to attention (`LayerInput::attend_with`).
@@ -101,9 +79,8 @@ pub struct Attention<'a> {
 /// A layer's graph up to the routed experts.
 pub struct PreMoe<'a> {
     /// The copies of this batch's K and V into the cache (expand them before anything that
-    /// reads the layer's output).
-    pub k_store: Tensor<'a>,
-    pub v_store: Tensor<'a>,
+    /// reads the layer's output): K then V, per piece of the cells they go to.
+    pub stores: Vec<Tensor<'a>>,
     /// The residual stream after attention ([n_embd, n]).
     pub ffn_inp: Tensor<'a>,
     /// `ffn_inp` through the FFN norm: what the router and the experts see.
@@ -143,42 +120,80 @@ impl<'a> LayerInput<'a> {
     /// Attention of `q` [head_dim, n_head, n] over the cache after this batch's `k`
     /// [head_dim, n_head_kv, n] and `v` [head_dim * n_head_kv, n] are stored in it; the heads'
     /// output through `attn_output`, plus the residual `x`, then the FFN norm. `q` and `k`
-    /// arrive with RoPE applied. V is cached transposed (a row per channel, positions along
-    /// it), as llama.cpp caches it without flash attention: KQ·V then reads it in place, with
-    /// no per-step copy of the whole V cache.
+    /// arrive with RoPE applied. Without flash attention V is cached transposed (a row per
+    /// channel, positions along it), as llama.cpp caches it: KQ·V then reads it in place, with
+    /// no per-step copy of the whole V cache; with it (`LayerKv::flash_attn`) one
+    /// `flash_attn_ext` reads K and V as cached, a row per position. Around a quantized cache
+    /// Q and K (and V, and the heads' output) are rotated by Walsh-Hadamard matrices, as
+    /// llama.cpp rotates them (`engine::memory::rotation`).
     pub fn attend(&self, q: Tensor<'a>, k: Tensor<'a>, v: Tensor<'a>) -> PreMoe<'a> {
         self.attend_with(q, k, v, Attention::default())
     }
 
-    /// `attend` with what some families add (`Attention`). A layer that slides
-    /// (`ModelConfig::is_swa`) masks everything outside its window.
+    /// `attend` with what some families add (`Attention`).
     pub fn attend_with(&self, q: Tensor<'a>, k: Tensor<'a>, v: Tensor<'a>, extra: Attention<'a>) -> PreMoe<'a> {
-        let (ctx, cfg) = (self.ctx, self.cfg);
-        let mask = match (cfg.is_swa(self.w.il), self.mask_swa) {
-            (true, Some(m)) => m,
-            _ => self.mask,
-        };
+        let (ctx, cfg, kv) = (self.ctx, self.cfg, &self.kv);
         let n = self.x.ne()[1];
         let (hd, nh, nkv) = (cfg.head_dim as i64, cfg.n_head as i64, cfg.n_head_kv as i64);
-        let n_kv = self.n_kv as i64;
-        let (kc, vc) = (self.kv.k(self.w.il), self.kv.v(self.w.il));
-        let (esz, row_k, row_v) = (kc.nb()[0], kc.nb()[1], vc.nb()[1]);
-        let n_past = self.n_past;
-        let k_store = ctx.cpy(ctx.reshape_2d(k, hd * nkv, n), ctx.view_2d(kc, hd * nkv, n, row_k, n_past * row_k));
-        let v_store = ctx.cpy(ctx.transpose(v), ctx.view_2d(vc, n, hd * nkv, row_v, n_past * esz));
-        let kview = ctx.view_3d(kc, [hd, n_kv, nkv], row_k, hd as usize * esz, 0);
-        let kq = ctx.mul_mat(kview, ctx.permute(q, [0, 2, 1, 3])); // [n_kv, n, n_head]
-        let scale = 1.0 / (hd as f32).sqrt();
-        let kq = match extra.sinks {
-            Some(sinks) => ctx.soft_max_ext_sinks(kq, mask, scale, sinks),
-            None => ctx.soft_max_ext(kq, mask, scale),
+        let n_kv = kv.n_kv as i64;
+        let (q, k) = match kv.rot_k {
+            Some(r) => (ctx.mul_mat_hadamard(q, r), ctx.mul_mat_hadamard(k, r)),
+            None => (q, k),
         };
-        let vt = ctx.view_3d(vc, [n_kv, hd, nkv], row_v, hd as usize * row_v, 0); // [n_kv, hd, n_head_kv]
-        let kqv = ctx.mul_mat(vt, kq); // [hd, n, n_head]
-        let o = ctx.reshape_2d(ctx.cont(ctx.permute(kqv, [0, 2, 1, 3])), hd * nh, n);
+        let v = match kv.rot_v {
+            Some(r) => ctx.mul_mat_hadamard(v, r),
+            None => v,
+        };
+        let (kc, vc) = (kv.k, kv.v);
+        let (row_k, row_v) = (kc.nb()[1], vc.nb()[1]);
+        let head = |t: GgmlType| t.row_size(hd as u64).expect("heads checked against the cache type") as usize;
+        let (k2, v2) = (ctx.reshape_2d(k, hd * nkv, n), ctx.reshape_2d(v, hd * nkv, n));
+        let mut stores = Vec::with_capacity(2 * kv.stores.len());
+        for &(cell, first, len) in kv.stores {
+            let len_i = len as i64;
+            let piece = |t: Tensor<'a>| {
+                if first == 0 && len_i == n {
+                    t
+                } else {
+                    ctx.view_2d(t, hd * nkv, len_i, t.nb()[1], first * t.nb()[1])
+                }
+            };
+            stores.push(ctx.cpy(piece(k2), ctx.view_2d(kc, hd * nkv, len_i, row_k, cell * row_k)));
+            let v_store = if kv.v_trans {
+                let esz = vc.nb()[0];
+                let src = if first == 0 && len_i == n { ctx.transpose(v) } else { ctx.transpose(piece(v2)) };
+                ctx.cpy(src, ctx.view_2d(vc, len_i, hd * nkv, row_v, cell * esz))
+            } else {
+                ctx.cpy(piece(v2), ctx.view_2d(vc, hd * nkv, len_i, row_v, cell * row_v))
+            };
+            stores.push(v_store);
+        }
+        let kview = ctx.view_3d(kc, [hd, n_kv, nkv], row_k, head(kv.k_type), 0);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let o = if kv.flash_attn {
+            let vview = ctx.view_3d(vc, [hd, n_kv, nkv], row_v, head(kv.v_type), 0);
+            // An f32 cache goes to the kernel as f16, as llama.cpp passes it.
+            let f16 = |t: Tensor<'a>, ty: GgmlType| if ty == GgmlType::F32 { ctx.cast(t, GgmlType::F16) } else { t };
+            let (kview, vview) = (f16(kview, kv.k_type), f16(vview, kv.v_type));
+            let fa = ctx.flash_attn_ext(ctx.permute(q, [0, 2, 1, 3]), kview, vview, kv.mask, scale, extra.sinks);
+            ctx.reshape_2d(fa, hd * nh, n) // [hd, n_head, n] → [hd * n_head, n]
+        } else {
+            let kq = ctx.mul_mat(kview, ctx.permute(q, [0, 2, 1, 3])); // [n_kv, n, n_head]
+            let kq = match extra.sinks {
+                Some(sinks) => ctx.soft_max_ext_sinks(kq, kv.mask, scale, sinks),
+                None => ctx.soft_max_ext(kq, kv.mask, scale),
+            };
+            let vt = ctx.view_3d(vc, [n_kv, hd, nkv], row_v, hd as usize * row_v, 0); // [n_kv, hd, n_head_kv]
+            let kqv = ctx.mul_mat(vt, kq); // [hd, n, n_head]
+            ctx.reshape_2d(ctx.cont(ctx.permute(kqv, [0, 2, 1, 3])), hd * nh, n)
+        };
+        let o = match kv.rot_v {
+            Some(r) => ctx.mul_mat_hadamard(o, r),
+            None => o,
+        };
         let ffn_inp = ctx.add(self.proj(self.w.get(ATTN_OUT), extra.o_bias, o), self.x);
         let normed = self.norm(ffn_inp, self.w.ffn_norm());
-        PreMoe { k_store, v_store, ffn_inp, normed, shared: None }
+        PreMoe { stores, ffn_inp, normed, shared: None }
     }
 
     /// A dense SwiGLU FFN over `x`: down(silu(gate x) * (up x)), as llama.cpp's `build_ffn`

@@ -8,7 +8,9 @@ use clap::{Args, Parser, Subcommand};
 use sage::cli::{parse_size, ChatJob, RunJob, ServeJob};
 use sage::engine::router::CacheBias;
 use sage::engine::sampler::SamplerParams;
-use sage::engine::{ArenaSize, ColdUse, EngineOptions, KvType};
+use sage::engine::{ArenaSize, ColdUse, EngineOptions, FlashAttn, KvType};
+
+const KV_TYPES: [&str; 5] = ["f32", "f16", "bf16", "q8_0", "q4_0"];
 
 #[derive(Parser)]
 #[command(name = "sage", version, about = "Run Mixture-of-Experts models on devices smaller than the model")]
@@ -215,9 +217,24 @@ struct EngineArgs {
     /// CPU threads (default: all cores).
     #[arg(short, long)]
     threads: Option<usize>,
-    /// f32 KV cache (default f16), the setting that agrees tightly with llama.cpp's reference runs.
+    /// f32 K and V caches (overrides --cache-type-k/-v), the setting that agrees tightly with
+    /// llama.cpp's reference runs.
     #[arg(long)]
     exact: bool,
+    /// Flash attention: on, off, or auto (on where the device runs it for this model, as
+    /// llama.cpp's -fa auto). Needed for a quantized V cache.
+    #[arg(long, visible_alias = "fa", default_value = "auto", value_parser = ["on", "off", "auto"])]
+    flash_attn: String,
+    /// Element type of the K cache: f32, f16, bf16, q8_0, q4_0 (llama.cpp's -ctk).
+    #[arg(long = "cache-type-k", visible_alias = "ctk", default_value = "f16", value_parser = KV_TYPES)]
+    cache_type_k: String,
+    /// Element type of the V cache (llama.cpp's -ctv); quantized needs flash attention.
+    #[arg(long = "cache-type-v", visible_alias = "ctv", default_value = "f16", value_parser = KV_TYPES)]
+    cache_type_v: String,
+    /// Sliding-window layers keep a cache of the whole context, not a ring of their window
+    /// (llama.cpp's --swa-full; gpt-oss).
+    #[arg(long)]
+    swa_full: bool,
     /// Compute device: cpu, gpu, or a device name (CUDA/Metal need the `cuda`/`metal` features);
     /// one this build or machine lacks falls back to the CPU with a warning.
     #[arg(long, default_value = "cpu")]
@@ -263,7 +280,10 @@ impl EngineArgs {
             threads: self.threads.unwrap_or(EngineOptions::default().threads),
             n_ctx,
             arena,
-            kv_type: if self.exact { KvType::F32 } else { KvType::F16 },
+            k_type: if self.exact { KvType::F32 } else { KvType::parse(&self.cache_type_k).expect("clap checked it") },
+            v_type: if self.exact { KvType::F32 } else { KvType::parse(&self.cache_type_v).expect("clap checked it") },
+            flash_attn: FlashAttn::parse(&self.flash_attn).expect("clap checked it"),
+            swa_full: self.swa_full,
             policy: self.policy.clone(),
             page_cache: self.page_cache,
             prefetch: !self.no_prefetch,

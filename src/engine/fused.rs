@@ -93,8 +93,7 @@ impl Engine {
     pub(super) fn eval_fused(
         &mut self,
         tokens: &[u32],
-        positions: &[i32],
-        masks: &super::Masks,
+        plan: &super::memory::BatchPlan,
         all: bool,
     ) -> Result<Vec<f32>> {
         let cfg = &self.config;
@@ -104,7 +103,7 @@ impl Engine {
         let n_layer = cfg.n_layer as usize;
         let size = PER_LAYER * n_layer + GRAPH_NODES;
         let ctx = Context::new(size, size);
-        let inp = super::Inputs::new(&ctx, cfg, n, self.n_past(), self.kv_span(n as usize));
+        let inp = super::Inputs::new(&ctx, &self.memory, plan);
         inp.ids.set_input();
         let mut g = ctx.graph(size);
         let mut x = ctx.get_rows(self.base.token_embd(), inp.ids);
@@ -115,10 +114,11 @@ impl Engine {
         let stride = self.arena.stride();
         for (il, &first) in fused.first_slot.iter().enumerate() {
             let w = self.base.layer(il as u32);
-            let l = inp.layer(cfg, &self.base, &self.kv, il as u32, x);
+            let l = inp.layer(cfg, &self.base, &self.memory, il as u32, x);
             let a = cfg.arch().build_layer(&l);
-            g.expand(a.k_store);
-            g.expand(a.v_store);
+            for &t in &a.stores {
+                g.expand(t);
+            }
             let (mut ffn_inp, mut normed, mut shared, mut rows) = (a.ffn_inp, a.normed, a.shared, n);
             if il + 1 == n_layer && n_out < n && self.trace.is_none() {
                 let last = |t| last_rows(&ctx, t, n_out);
@@ -165,7 +165,7 @@ impl Engine {
         let logits = graph::output(&ctx, cfg.rms_eps, self.base.output_norm(), self.base.output(), last);
         logits.set_output();
         g.expand(logits);
-        self.runner.run(&g, || inp.write(Some(tokens), positions, masks))?;
+        self.runner.run(&g, || inp.write(Some(tokens)))?;
         for (il, (order, rows, present)) in chosen.iter().enumerate() {
             let n_here = present.len();
             let order = order.read_i32(n_here * *rows as usize);

@@ -8,6 +8,7 @@
 //! |---|---|
 //! | `options` | what the engine is told and what it reports |
 //! | `base` | the base weights: loading and repacking |
+//! | `memory` | every layer's state between batches (KV, window KV), per sequence |
 //! | `arena` | the arena: geometry, slot addresses, loading a record into a slot |
 //! | `fused` | all experts resident: a batch is one graph, router included |
 //! | `streaming` | a smaller arena: two graphs per layer, routing on the CPU between them |
@@ -24,6 +25,7 @@ mod fused;
 pub mod generate;
 pub use generate::{Finish, GenOptions, Generation};
 pub mod io_thread;
+pub mod memory;
 pub mod options;
 pub mod predict;
 pub mod router;
@@ -38,24 +40,21 @@ use std::time::{Duration, Instant};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::ggml::{Allocator, Backend, Buffer, Context, FfiError, GgmlType, Graph, Tensor, TensorSet};
-use crate::graph::{KvCache, LayerInput};
+use crate::graph::LayerInput;
 use crate::io::Record;
 use crate::model_dir::ModelDir;
 use arena::Arena;
 use base::BaseWeights;
 use fused::Fused;
 use io_thread::Prefetcher;
-pub use options::{ArenaSize, ColdUse, EngineOptions, EngineStats, KvType, MemoryUse};
+pub use memory::{KvType, Memory, MemoryOptions, KV_PAD};
+pub use options::{ArenaSize, ColdUse, EngineOptions, EngineStats, FlashAttn, MemoryUse};
 use predict::PrefetchGate;
 use scheduler::{SchedStats, Scheduler};
 use trace::RouteTrace;
 
 const GRAPH_NODES: usize = 1024;
 const GRAPH_TENSORS: usize = 1024;
-/// KV cells are attended in multiples of this (`Engine::kv_span`): llama.cpp's KV cache pads
-/// its view to 256 cells (`llama_kv_cache::get_n_kv`).
-pub const KV_PAD: usize = 256;
-
 fn ffi(path: &Path, what: &str, e: FfiError) -> Error {
     Error::Tensor { path: path.to_path_buf(), tensor: what.to_string(), source: e }
 }
@@ -108,60 +107,34 @@ impl Runner {
     }
 }
 
-/// A batch's causal masks ([n_kv][n], 0 or -inf): over the whole context, and within the
-/// sliding window for models with sliding layers.
-struct Masks {
-    causal: Vec<f32>,
-    swa: Option<Vec<f32>>,
-}
-
-impl Masks {
-    /// Query i (at position n_past + i) sees cells 0..=n_past + i, and with a window `n_swa`
-    /// only those less than `n_swa` positions back (llama.cpp's `is_masked_swa`, transformers'
-    /// sliding window).
-    fn new(n: usize, n_past: usize, n_kv: usize, n_swa: u64) -> Masks {
-        let mut causal = vec![f32::NEG_INFINITY; n_kv * n];
-        for i in 0..n {
-            causal[i * n_kv..=i * n_kv + n_past + i].fill(0.0);
-        }
-        let swa = (n_swa > 0).then(|| {
-            let mut m = causal.clone();
-            for i in 0..n {
-                let p = n_past + i;
-                let first = (p + 1).saturating_sub(n_swa as usize);
-                m[i * n_kv..i * n_kv + first].fill(f32::NEG_INFINITY);
-            }
-            m
-        });
-        Masks { causal, swa }
-    }
-}
-
-/// A batch's inputs: token ids, positions and the causal masks ([n_kv, n], `Engine::kv_span`),
-/// the same for every layer.
+/// A batch's inputs: token ids, positions and a mask per kind of layer state ([n_kv, n],
+/// `memory::BatchPlan`; f16 with flash attention, as llama.cpp makes it), the same for every
+/// layer of that kind.
 struct Inputs<'a> {
     ctx: &'a Context,
     ids: Tensor<'a>,
     pos: Tensor<'a>,
-    mask: Tensor<'a>,
-    mask_swa: Option<Tensor<'a>>,
-    n_past: usize,
-    n_kv: usize,
+    masks: Vec<Tensor<'a>>,
+    plan: &'a memory::BatchPlan,
 }
 
 impl<'a> Inputs<'a> {
-    fn new(ctx: &'a Context, cfg: &ModelConfig, n: i64, n_past: usize, n_kv: usize) -> Inputs<'a> {
+    fn new(ctx: &'a Context, mem: &Memory, plan: &'a memory::BatchPlan) -> Inputs<'a> {
+        let n = plan.n as i64;
         let ids = ctx.new_tensor(GgmlType::I32, &[n]);
         let pos = ctx.new_tensor(GgmlType::I32, &[n]);
         pos.set_input();
-        let mask = ctx.new_tensor(GgmlType::F32, &[n_kv as i64, n]);
-        mask.set_input();
-        let mask_swa = (cfg.n_swa > 0).then(|| {
-            let m = ctx.new_tensor(GgmlType::F32, &[n_kv as i64, n]);
-            m.set_input();
-            m
-        });
-        Inputs { ctx, ids, pos, mask, mask_swa, n_past, n_kv }
+        let ty = if mem.options().flash_attn { GgmlType::F16 } else { GgmlType::F32 };
+        let masks = plan
+            .kinds
+            .iter()
+            .map(|k| {
+                let m = ctx.new_tensor(ty, &[k.n_kv as i64, n]);
+                m.set_input();
+                m
+            })
+            .collect();
+        Inputs { ctx, ids, pos, masks, plan }
     }
 
     /// What the family's graph of layer `il` starts from, with the residual stream `x`.
@@ -169,28 +142,33 @@ impl<'a> Inputs<'a> {
         &self,
         cfg: &'a ModelConfig,
         base: &'a BaseWeights,
-        kv: &'a TensorSet,
+        mem: &'a Memory,
         il: u32,
         x: Tensor<'a>,
     ) -> LayerInput<'a> {
-        let (pos, mask, mask_swa, n_past, n_kv) = (self.pos, self.mask, self.mask_swa, self.n_past, self.n_kv);
-        let kv = KvCache { set: kv };
-        LayerInput { ctx: self.ctx, cfg, w: base.layer(il), x, pos, mask, mask_swa, kv, n_past, n_kv }
+        let kv = mem.layer(self.ctx, il, 0, self.plan, self.masks[mem.kind_of(il)]);
+        LayerInput { ctx: self.ctx, cfg, w: base.layer(il), x, pos: self.pos, kv }
     }
 
     /// Write them once the graph is allocated (the ids only where the graph reads them).
-    fn write(&self, tokens: Option<&[u32]>, positions: &[i32], masks: &Masks) {
+    fn write(&self, tokens: Option<&[u32]>) {
         if let Some(tokens) = tokens {
             self.ids.write_i32(&tokens.iter().map(|&t| t as i32).collect::<Vec<_>>());
         }
-        self.pos.write_i32(positions);
-        // A graph of one layer uses one of the two masks; the other is not allocated.
-        if self.mask.is_allocated() {
-            self.mask.write_f32(&masks.causal);
-        }
-        if let (Some(t), Some(m)) = (self.mask_swa, &masks.swa) {
-            if t.is_allocated() {
-                t.write_f32(m);
+        let n_past = self.plan.n_past as i32;
+        self.pos.write_i32(&(0..self.plan.n as i32).map(|i| n_past + i).collect::<Vec<_>>());
+        // A graph of one layer uses one kind's mask; the others are not allocated.
+        for (t, k) in self.masks.iter().zip(&self.plan.kinds) {
+            if !t.is_allocated() {
+                continue;
+            }
+            if t.ty() == GgmlType::F16 {
+                // 0 and -inf are exact in f16: 0x0000 and 0xFC00.
+                let bytes: Vec<u8> =
+                    k.mask.iter().flat_map(|&m| if m == 0.0 { [0u8, 0] } else { 0xFC00u16.to_le_bytes() }).collect();
+                t.write(0, &bytes);
+            } else {
+                t.write_f32(&k.mask);
             }
         }
     }
@@ -243,9 +221,8 @@ pub struct Engine {
     dir: ModelDir,
     runner: Runner,
     base: BaseWeights,
-    /// k[il]: [head_dim * n_head_kv, n_ctx]; v[il] transposed: [n_ctx, head_dim * n_head_kv].
-    kv: TensorSet,
-    kv_buf: Buffer,
+    /// Every layer's state between batches (KV caches) and the tokens it holds.
+    memory: Memory,
     arena: Arena,
     state: State,
     sched: Scheduler,
@@ -264,8 +241,6 @@ pub struct Engine {
     cold: bool,
     slot_cold: Vec<bool>,
     opts: EngineOptions,
-    /// The tokens whose K and V the cache holds, in order (its length is n_past).
-    context: Vec<u32>,
     stats: EngineStats,
     /// Routing choices, recorded while `Some` (see `start_trace`).
     trace: Option<RouteTrace>,
@@ -383,19 +358,9 @@ impl Engine {
             let _ = rustix::fs::fadvise(&md.base_file, 0, None, rustix::fs::Advice::DontNeed);
         }
 
-        // KV cache; V transposed: a row of n_ctx positions per channel (see `graph::LayerInput::attend`).
-        let kv_ty = match opts.kv_type {
-            KvType::F32 => GgmlType::F32,
-            KvType::F16 => GgmlType::F16,
-        };
-        let n_embd_kv = (cfg.head_dim * cfg.n_head_kv as u64) as i64;
-        let mut kv = TensorSet::new(2 * cfg.n_layer as usize);
-        for il in 0..cfg.n_layer {
-            kv.add(kv_ty, &[n_embd_kv, opts.n_ctx as i64], &format!("cache_k_l{il}"));
-            kv.add(kv_ty, &[opts.n_ctx as i64, n_embd_kv], &format!("cache_v_l{il}"));
-        }
-        let kv_buf = backend.alloc_ctx_tensors(kv.context()).map_err(|e| ffi(dir, "KV cache", e))?;
-        kv_buf.clear(0);
+        // Every layer's state at --ctx (KV caches; a ring of the window for sliding layers).
+        let flash_attn = resolve_flash_attn(&backend, &cfg, &opts)?;
+        let memory = Memory::new(&backend, &cfg, memory_options(&opts, flash_attn), dir)?;
 
         // The arena: one buffer, fixed size, allocated once. Repacked (on the CPU) only when
         // every expert is loaded once, up front.
@@ -421,8 +386,7 @@ impl Engine {
             dir: md,
             runner,
             base,
-            kv,
-            kv_buf,
+            memory,
             arena,
             state,
             sched: Scheduler::new(n_slots, policy),
@@ -433,7 +397,6 @@ impl Engine {
             present,
             cold,
             slot_cold: vec![false; n_slots],
-            context: Vec::new(),
             stats: EngineStats::default(),
             trace: None,
             warm_stats: SchedStats::default(),
@@ -455,7 +418,7 @@ impl Engine {
         MemoryUse {
             base: self.base.bytes(),
             arena: self.arena.size(),
-            kv: self.kv_buf.size(),
+            kv: self.memory.bytes(),
             compute: self.runner.alloc.buffer_size() + self.state.buf.size(),
             staging: self.staging.capacity() + self.io.held_bytes(),
             load_buffer: self.base.load_buffer,
@@ -497,16 +460,6 @@ impl Engine {
         EngineStats { sched: self.sched.stats.clone(), prefetch, compute: self.runner.compute, ..self.stats.clone() }
     }
 
-    /// The KV cells a batch of `n` tokens attends over: the context after it, padded to
-    /// `KV_PAD` (within the cache), as llama.cpp's KV cache pads its view. The padding's cells
-    /// are masked (their softmax weights are exact zeros), so it changes no sum; it makes the
-    /// KQ·V dot products run over the same length as llama.cpp's, through the same kernel and
-    /// SIMD lanes, so that the same file gives the same logits (with an f16 cache, a last-bit
-    /// difference there moves a cached K or V value by an f16 rounding step).
-    fn kv_span(&self, n: usize) -> usize {
-        (self.n_past() + n).next_multiple_of(KV_PAD).min(self.opts.n_ctx)
-    }
-
     /// How the expert records were read from the shards so far (O_DIRECT, positioned reads,
     /// pages dropped from the cache after them), all shards together.
     pub fn read_paths(&self) -> crate::io::ReadPaths {
@@ -516,12 +469,22 @@ impl Engine {
 
     /// Tokens in the context (the KV cache).
     pub fn n_past(&self) -> usize {
-        self.context.len()
+        self.memory.tokens(0).len()
     }
 
     /// The tokens in the context, in order.
     pub fn context(&self) -> &[u32] {
-        &self.context
+        self.memory.tokens(0)
+    }
+
+    /// Every layer's state (its kinds, options and bytes).
+    pub fn state(&self) -> &Memory {
+        &self.memory
+    }
+
+    /// Whether attention runs as one `flash_attn_ext` (`EngineOptions::flash_attn` resolved).
+    pub fn flash_attn(&self) -> bool {
+        self.memory.options().flash_attn
     }
 
     pub fn n_ctx(&self) -> usize {
@@ -585,19 +548,20 @@ impl Engine {
     }
 
     /// Keep the first `n` tokens of the context and forget the rest (their cache entries are
-    /// written over by what is evaluated next).
-    pub fn keep(&mut self, n: usize) {
-        self.context.truncate(n);
+    /// written over by what is evaluated next); returns how many are kept: fewer (none) where
+    /// a sliding-window layer has written over the window those `n` need
+    /// (`memory::Memory::keep`).
+    pub fn keep(&mut self, n: usize) -> usize {
         self.predicted = None;
+        self.memory.keep(0, n)
     }
 
     /// Keep the longest prefix of the context that `prompt` starts with, leaving at least the
     /// prompt's last token to evaluate (its logits are the next token's); returns its length.
     pub fn keep_prefix_of(&mut self, prompt: &[u32]) -> usize {
-        let common = self.context.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        let common = self.context().iter().zip(prompt).take_while(|(a, b)| a == b).count();
         let n = common.min(prompt.len().saturating_sub(1));
-        self.keep(n);
-        n
+        self.keep(n)
     }
 
     /// Evaluate `tokens` after the current context. Returns logits for every token when
@@ -634,21 +598,76 @@ impl Engine {
 
     fn eval_batch(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
         let n = tokens.len();
-        // Positions and the causal mask ([n_kv][n]) are the same for every layer of the batch.
-        let (n_past, n_kv) = (self.n_past(), self.kv_span(n));
-        let pos: Vec<i32> = (0..n).map(|i| (n_past + i) as i32).collect();
-        let mask = Masks::new(n, n_past, n_kv, self.config.n_swa);
+        // Where the batch's K and V go and what each query sees, per kind of layer state: the
+        // same for every layer of that kind.
+        let plan = self.memory.batch(0, n)?;
         let out = if self.fused.is_some() {
-            self.eval_fused(tokens, &pos, &mask, all_logits)?
+            self.eval_fused(tokens, &plan, all_logits)?
         } else {
             for il in 0..self.config.n_layer {
-                let (logits, next) = self.attention(il, tokens, &pos, &mask)?;
+                let (logits, next) = self.attention(il, tokens, &plan)?;
                 self.experts(il, n, &logits, next.as_deref())?;
             }
             self.output_logits(n, all_logits)?
         };
-        self.context.extend_from_slice(tokens);
+        self.memory.commit(0, tokens);
         self.stats.tokens_evaluated += n as u64;
         Ok(out)
     }
+}
+
+/// The memory layout the options ask for, attention resolved (`resolve_flash_attn`).
+pub fn memory_options(opts: &EngineOptions, flash_attn: bool) -> MemoryOptions {
+    MemoryOptions {
+        n_ctx: opts.n_ctx,
+        n_seq: 1,
+        n_batch: opts.n_batch,
+        k_type: opts.k_type,
+        v_type: opts.v_type,
+        flash_attn,
+        swa_full: opts.swa_full,
+    }
+}
+
+/// Whether attention runs as flash attention: `On` and `Off` as asked (`On` refused where the
+/// backend cannot run it for this model's heads and cache types); `Auto` on where it can, as
+/// llama.cpp's `-fa auto` decides. A quantized V cache needs it.
+pub fn resolve_flash_attn(backend: &Backend, cfg: &ModelConfig, opts: &EngineOptions) -> Result<bool> {
+    let supported = || flash_attn_supported(backend, cfg, opts.k_type, opts.v_type);
+    match opts.flash_attn {
+        FlashAttn::Off => Ok(false),
+        FlashAttn::On if supported() => Ok(true),
+        FlashAttn::On => Err(Error::Usage(format!(
+            "{} cannot run flash attention over heads of {} with a {} K and a {} V cache (--flash-attn off or auto)",
+            backend.name(),
+            cfg.head_dim,
+            opts.k_type,
+            opts.v_type
+        ))),
+        FlashAttn::Auto => {
+            let on = supported();
+            if !on {
+                log::info!("flash attention: {} cannot run it for this model; off", backend.name());
+            }
+            Ok(on)
+        }
+    }
+}
+
+/// Whether `backend` runs `flash_attn_ext` over this model's heads from caches of these types
+/// (a node built with the shapes of a decode step, asked of the backend, not computed).
+fn flash_attn_supported(backend: &Backend, cfg: &ModelConfig, k: KvType, v: KvType) -> bool {
+    let f16 = |t: KvType| if t == KvType::F32 { GgmlType::F16 } else { t.ggml() };
+    let (kt, vt) = (f16(k), f16(v));
+    if [kt, vt].iter().any(|t| cfg.head_dim % t.block_size() != 0) {
+        return false;
+    }
+    let ctx = Context::new(8, 8);
+    let (hd, nh, nkv, n_kv) = (cfg.head_dim as i64, cfg.n_head as i64, cfg.n_head_kv as i64, KV_PAD as i64);
+    let q = ctx.new_tensor(GgmlType::F32, &[hd, 1, nh]);
+    let kc = ctx.new_tensor(kt, &[hd, n_kv, nkv]);
+    let vc = ctx.new_tensor(vt, &[hd, n_kv, nkv]);
+    let mask = ctx.new_tensor(GgmlType::F16, &[n_kv, 1]);
+    let fa = ctx.flash_attn_ext(q, kc, vc, mask, 1.0, None);
+    backend.supports_op(fa)
 }

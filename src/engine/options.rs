@@ -1,9 +1,10 @@
-//! What the engine is told (`EngineOptions`, `ArenaSize`, `KvType`) and what it reports
+//! What the engine is told (`EngineOptions`, `ArenaSize`, `FlashAttn`) and what it reports
 //! (`EngineStats`, `MemoryUse`).
 
 use std::time::Duration;
 
 use super::io_thread::PrefetchStats;
+use super::memory::KvType;
 use super::scheduler::SchedStats;
 
 /// How big the expert arena is.
@@ -34,11 +35,29 @@ pub enum ColdUse {
     NeverUpgrade,
 }
 
-/// Element type of the KV cache.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum KvType {
-    F32,
-    F16,
+/// Whether attention runs as one fused `ggml_flash_attn_ext` (llama.cpp's `-fa`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlashAttn {
+    /// Scores, softmax and KQ·V as separate ops over a transposed V cache: what sage computed
+    /// before flash attention, bit for bit.
+    #[default]
+    Off,
+    On,
+    /// On where the backend runs it for the model's heads and cache types (the CLI's default,
+    /// as llama.cpp's).
+    Auto,
+}
+
+impl FlashAttn {
+    pub fn parse(s: &str) -> Option<FlashAttn> {
+        match s.to_ascii_lowercase().as_str() {
+            "on" | "1" | "true" => Some(FlashAttn::On),
+            "off" | "0" | "false" => Some(FlashAttn::Off),
+            "auto" => Some(FlashAttn::Auto),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -49,7 +68,15 @@ pub struct EngineOptions {
     /// KV cache length in tokens.
     pub n_ctx: usize,
     pub arena: ArenaSize,
-    pub kv_type: KvType,
+    /// Element types of the K and V caches (llama.cpp's `-ctk`, `-ctv`); a quantized V needs
+    /// flash attention.
+    pub k_type: KvType,
+    pub v_type: KvType,
+    /// Flash attention (library default off; the CLI's is auto).
+    pub flash_attn: FlashAttn,
+    /// Sliding-window layers keep a full-length cache instead of a ring of the window
+    /// (llama.cpp's `--swa-full`).
+    pub swa_full: bool,
     /// Most tokens evaluated in one graph.
     pub n_batch: usize,
     /// On the CPU, keep quantized matrices in ggml's repacked layouts for its faster kernels,
@@ -111,7 +138,10 @@ impl Default for EngineOptions {
             threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             n_ctx: 4096,
             arena: ArenaSize::All,
-            kv_type: KvType::F16,
+            k_type: KvType::F16,
+            v_type: KvType::F16,
+            flash_attn: FlashAttn::Off,
+            swa_full: false,
             n_batch: 512,
             repack: true,
             policy: scheduler_default().into(),
@@ -149,7 +179,7 @@ pub struct MemoryUse {
     pub base: usize,
     /// The expert arena (fixed).
     pub arena: usize,
-    /// The KV cache (fixed by --ctx).
+    /// Every layer's state: the KV caches (fixed by --ctx).
     pub kv: usize,
     /// ggml's compute buffer (grows to the largest graph, then stays) and the activations
     /// carried between graphs.

@@ -88,14 +88,13 @@ impl Engine {
         &mut self,
         il: u32,
         tokens: &[u32],
-        positions: &[i32],
-        masks: &super::Masks,
+        plan: &super::memory::BatchPlan,
     ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
         let cfg = &self.config;
         let n = tokens.len() as i64;
         let ctx = Context::new(GRAPH_TENSORS, GRAPH_NODES);
         let st = self.state.views(&ctx, n);
-        let inp = super::Inputs::new(&ctx, cfg, n, self.n_past(), self.kv_span(n as usize));
+        let inp = super::Inputs::new(&ctx, &self.memory, plan);
         let x = if il == 0 {
             inp.ids.set_input();
             ctx.get_rows(self.base.token_embd(), inp.ids)
@@ -103,7 +102,7 @@ impl Engine {
             st.hidden
         };
         let w = self.base.layer(il);
-        let l = inp.layer(cfg, &self.base, &self.kv, il, x);
+        let l = inp.layer(cfg, &self.base, &self.memory, il, x);
         let a = cfg.arch().build_layer(&l);
         let logits = graph::router_logits(&ctx, &w, a.normed); // [n_expert, n]
         logits.set_output();
@@ -125,10 +124,10 @@ impl Engine {
             t
         });
         let mut g = ctx.graph(GRAPH_NODES);
-        for t in [a.k_store, a.v_store, logits, keep_inp, keep_normed].into_iter().chain(keep_shared).chain(next) {
+        for t in a.stores.iter().copied().chain([logits, keep_inp, keep_normed]).chain(keep_shared).chain(next) {
             g.expand(t);
         }
-        self.runner.run(&g, || inp.write(if il == 0 { Some(tokens) } else { None }, positions, masks))?;
+        self.runner.run(&g, || inp.write(if il == 0 { Some(tokens) } else { None }))?;
         let next = next.map(|t| t.read_f32((cfg.n_expert as i64 * n) as usize));
         Ok((logits.read_f32((cfg.n_expert as i64 * n) as usize), next))
     }

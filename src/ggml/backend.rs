@@ -160,6 +160,12 @@ impl Backend {
         unsafe { sys::ggml_backend_synchronize(self.ptr.as_ptr()) };
     }
 
+    /// Whether the backend runs the op of node `t` with its sources' types and shapes.
+    pub fn supports_op(&self, t: Tensor<'_>) -> bool {
+        // SAFETY: valid backend and tensor; a query that reads the node's op, types and shapes.
+        unsafe { sys::ggml_backend_supports_op(self.ptr.as_ptr(), t.ptr.as_ptr()) }
+    }
+
     pub fn compute(&self, graph: &Graph<'_>) -> Result<(), FfiError> {
         // SAFETY: valid backend and graph; all tensors have data (allocated by the caller).
         let st = unsafe { sys::ggml_backend_graph_compute(self.ptr.as_ptr(), graph.ptr.as_ptr()) };

@@ -50,6 +50,10 @@ impl<'c> Tensor<'c> {
         self.raw().ne
     }
 
+    pub fn ty(&self) -> GgmlType {
+        GgmlType(self.raw().type_)
+    }
+
     pub fn nb(&self) -> [usize; 4] {
         self.raw().nb
     }
@@ -337,6 +341,80 @@ impl Context {
         t
     }
 
+    /// Attention in one fused op (`ggml_flash_attn_ext`): `q` [hd, n, n_head], `k` and `v`
+    /// [hd, n_kv, n_head_kv] (V not transposed), `mask` f16 [n_kv, n] (contiguous); returns
+    /// [hd, n_head, n] (heads before tokens). With `sinks` (f32 [n_head]) each row's
+    /// normalization adds one logit per head, as `soft_max_ext_sinks`. Accumulates in f32, as
+    /// llama.cpp asks for.
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_attn_ext<'a>(
+        &'a self,
+        q: Tensor<'a>,
+        k: Tensor<'a>,
+        v: Tensor<'a>,
+        mask: Tensor<'a>,
+        scale: f32,
+        sinks: Option<Tensor<'a>>,
+    ) -> Tensor<'a> {
+        // ggml aborts on these; check them here, where a bug in sage's graph code names itself.
+        assert!(mask.raw().type_ == sys::GGML_TYPE_F16, "flash attention's mask must be f16");
+        // SAFETY: valid tensor; a query.
+        assert!(unsafe { sys::ggml_is_contiguous(mask.ptr.as_ptr()) }, "flash attention's mask must be contiguous");
+        assert_eq!(k.ne()[0], q.ne()[0], "flash attention: K and Q head sizes");
+        assert_eq!(k.ne()[1], v.ne()[1], "flash attention: K and V cells");
+        let t = op!(
+            self,
+            sys::ggml_flash_attn_ext(
+                self.c(),
+                q.ptr.as_ptr(),
+                k.ptr.as_ptr(),
+                v.ptr.as_ptr(),
+                mask.ptr.as_ptr(),
+                scale,
+                0.0,
+                0.0
+            )
+        );
+        // SAFETY: `t` is the flash-attention node just made; ggml only records `sinks` as its
+        // fifth source (asserting the op and the f32 type) and the precision in its op params.
+        unsafe {
+            if let Some(s) = sinks {
+                assert!(s.raw().type_ == sys::GGML_TYPE_F32, "attention sinks must be f32");
+                sys::ggml_flash_attn_ext_add_sinks(t.ptr.as_ptr(), s.ptr.as_ptr());
+            }
+            sys::ggml_prec_set_acc(t.ptr.as_ptr(), sys::GGML_PREC_F32);
+        }
+        t
+    }
+    /// `a` converted to type `ty`.
+    pub fn cast<'a>(&'a self, a: Tensor<'a>, ty: GgmlType) -> Tensor<'a> {
+        op!(self, sys::ggml_cast(self.c(), a.ptr.as_ptr(), ty.0))
+    }
+    /// `a` as a contiguous [ne0, ne1] tensor (copied when it is a strided view).
+    pub fn cont_2d<'a>(&'a self, a: Tensor<'a>, ne0: i64, ne1: i64) -> Tensor<'a> {
+        op!(self, sys::ggml_cont_2d(self.c(), a.ptr.as_ptr(), ne0, ne1))
+    }
+    /// `rot` · each group of `rot.ne[0]` consecutive values of `a` (a Walsh-Hadamard rotation,
+    /// `rot` [n, n] f32, orthonormal and symmetric), in `a`'s shape: how llama.cpp rotates
+    /// Q, K and V around a quantized KV cache (`llama_mul_mat_hadamard`), with ggml's hint that
+    /// `rot` is a Hadamard matrix.
+    pub fn mul_mat_hadamard<'a>(&'a self, a: Tensor<'a>, rot: Tensor<'a>) -> Tensor<'a> {
+        let n = rot.ne()[0];
+        let ne = a.ne();
+        let total = ne.iter().product::<i64>();
+        assert_eq!(total % n, 0, "rotation of {n} over a tensor of {total} values");
+        // SAFETY: valid tensor; a query.
+        let x = if unsafe { sys::ggml_is_contiguous(a.ptr.as_ptr()) } {
+            self.reshape_2d(a, n, total / n)
+        } else {
+            self.cont_2d(a, n, total / n)
+        };
+        let r = self.mul_mat(rot, x);
+        // SAFETY: `r` is the mul_mat node just made; the hint is recorded in its op params.
+        unsafe { sys::ggml_mul_mat_set_hint(r.ptr.as_ptr(), sys::GGML_HINT_SRC0_IS_HADAMARD) };
+        op!(self, sys::ggml_reshape_4d(self.c(), r.ptr.as_ptr(), ne[0], ne[1], ne[2], ne[3]))
+    }
+
     pub fn graph(&self, nodes: usize) -> Graph<'_> {
         // SAFETY: valid context created with graph room (Context::new); null is checked.
         let p = unsafe { sys::ggml_new_graph_custom(self.c(), nodes, false) };
@@ -403,6 +481,17 @@ impl Allocator {
             )
         };
         size
+    }
+
+    /// Allocate the buffer `graph` needs now, at its size, so that no graph up to that size
+    /// makes the buffer grow later (llama.cpp reserves its worst-case graph the same way).
+    pub fn reserve(&mut self, graph: &Graph<'_>) -> Result<(), FfiError> {
+        // SAFETY: valid allocator and graph; the graph's tensors are left unallocated.
+        if unsafe { sys::ggml_gallocr_reserve(self.ptr.as_ptr(), graph.ptr.as_ptr()) } {
+            Ok(())
+        } else {
+            Err(FfiError::Gguf("could not reserve the compute buffer".into()))
+        }
     }
 
     /// Bytes of the allocator's compute buffer.

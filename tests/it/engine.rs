@@ -156,7 +156,8 @@ fn decode_steps_and_small_batches_match_llama_cpp() {
 /// side stores another type.
 #[test]
 fn default_f16_kv_cache_matches_llama_cpp_with_f16_kv() {
-    assert_eq!(EngineOptions::default().kv_type, KvType::F16);
+    let d = EngineOptions::default();
+    assert_eq!((d.k_type, d.v_type, d.flash_attn), (KvType::F16, KvType::F16, sage::engine::FlashAttn::Off));
     let dir = tmp();
     let f16 = LlamaCtx { kv: llama_cpp_2::context::params::KvCacheType::F16, ..LlamaCtx::default() };
     for ty in [GgmlType::F32, GgmlType::Q8_0, GgmlType::Q4_K] {

@@ -1,6 +1,7 @@
 //! Integration tests against the committed fixtures (see scripts/make_fixtures.py).
 
 mod archs;
+mod attention;
 mod bad_input;
 mod chat;
 mod cold;

@@ -160,13 +160,19 @@ pub struct LlamaCtx {
     pub kv: KvCacheType,
     /// Most tokens per graph: llama.cpp splits a longer batch into ubatches of this size.
     pub n_ubatch: u32,
+    /// Flash attention on (`-fa on`); off by default.
+    pub flash: bool,
+    /// Context length.
+    pub n_ctx: u32,
+    /// Sliding layers in a full-length cache (`--swa-full`; llama.cpp's default, true).
+    pub swa_full: bool,
 }
 
 impl Default for LlamaCtx {
     /// f32 KV and one graph per batch: the setting that agrees tightly with an f32
     /// transformers reference.
     fn default() -> Self {
-        LlamaCtx { kv: KvCacheType::F32, n_ubatch: 256 }
+        LlamaCtx { kv: KvCacheType::F32, n_ubatch: 256, flash: false, n_ctx: 256, swa_full: true }
     }
 }
 
@@ -176,14 +182,19 @@ pub fn llama_context(model: &LlamaModel) -> llama_cpp_2::context::LlamaContext<'
 
 pub fn llama_context_with(model: &LlamaModel, c: LlamaCtx) -> llama_cpp_2::context::LlamaContext<'_> {
     let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(256))
-        .with_n_batch(256)
+        .with_n_ctx(NonZeroU32::new(c.n_ctx))
+        .with_n_batch(c.n_ctx)
+        .with_swa_full(c.swa_full)
         .with_n_ubatch(c.n_ubatch)
         .with_n_threads(2)
         .with_n_threads_batch(2)
         .with_type_k(c.kv)
         .with_type_v(c.kv)
-        .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED);
+        .with_flash_attention_policy(if c.flash {
+            llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED
+        } else {
+            llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED
+        });
     model.new_context(backend(), params).unwrap()
 }
 
@@ -267,7 +278,8 @@ pub fn rows(flat: Vec<f32>, n_vocab: usize) -> Vec<Vec<f32>> {
 pub fn exact(arena: sage::engine::ArenaSize) -> sage::engine::EngineOptions {
     sage::engine::EngineOptions {
         arena,
-        kv_type: sage::engine::KvType::F32,
+        k_type: sage::engine::KvType::F32,
+        v_type: sage::engine::KvType::F32,
         threads: 2,
         n_ctx: 256,
         ..Default::default()
