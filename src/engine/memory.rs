@@ -167,17 +167,17 @@ pub fn rotation(head_dim: u64, k: KvType, v: KvType) -> (Option<u64>, Option<u64
 }
 
 /// The kind of each layer.
-pub fn layer_kinds(cfg: &ModelConfig, swa_full: bool) -> Vec<StateKind> {
-    (0..cfg.n_layer)
-        .map(|il| if cfg.is_swa(il) && !swa_full { StateKind::WindowKv { n_swa: cfg.n_swa } } else { StateKind::Kv })
-        .collect()
+pub fn layer_kinds(cfg: &ModelConfig) -> Vec<StateKind> {
+    (0..cfg.n_layer).map(|il| if cfg.is_swa(il) { StateKind::WindowKv { n_swa: cfg.n_swa } } else { StateKind::Kv }).collect()
 }
 
 /// Cells per sequence of a layer of `kind`: the context for a full cache; for a window, the
-/// window plus a batch, padded to `KV_PAD`, at most the context (llama.cpp's iSWA size).
+/// window plus a batch, padded to `KV_PAD`, at most the context (llama.cpp's iSWA size), or
+/// the context with `swa_full` (a ring as long as the context never wraps).
 pub fn cells(kind: StateKind, o: &MemoryOptions) -> usize {
     match kind {
         StateKind::Kv => o.n_ctx,
+        StateKind::WindowKv { .. } if o.swa_full => o.n_ctx,
         StateKind::WindowKv { n_swa } => {
             (n_swa as usize + o.n_batch).min(o.n_ctx).next_multiple_of(KV_PAD).min(o.n_ctx)
         }
@@ -212,7 +212,7 @@ pub fn check(cfg: &ModelConfig, o: &MemoryOptions) -> std::result::Result<(), St
 pub fn plan(cfg: &ModelConfig, o: &MemoryOptions) -> MemoryPlan {
     let n_embd_kv = cfg.head_dim * cfg.n_head_kv as u64;
     let row = |t: KvType| t.ggml().row_size(n_embd_kv).expect("heads checked against the block size");
-    let layers = layer_kinds(cfg, o.swa_full)
+    let layers = layer_kinds(cfg)
         .into_iter()
         .enumerate()
         .map(|(il, kind)| {

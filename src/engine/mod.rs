@@ -352,6 +352,10 @@ impl Engine {
             })?;
         log::info!("device {}; arena {n_slots} slots of {stride} bytes, {} eviction", backend.name(), opts.policy);
 
+        // The layers' state is checked before anything is loaded. What no backend could cache (heads not whole blocks of the type) is said as such
+        // before asking the backend.
+        memory::check(&cfg, &memory_options(&opts, opts.flash_attn != FlashAttn::Off)).map_err(Error::Usage)?;
+        let flash_attn = resolve_flash_attn(&backend, &cfg, &opts)?;
         let base = BaseWeights::load(&md, &backend, &opts)?;
         if !opts.page_cache {
             // The base now lives in backend memory; its file's pages would be a second copy.
@@ -359,7 +363,6 @@ impl Engine {
         }
 
         // Every layer's state at --ctx (KV caches; a ring of the window for sliding layers).
-        let flash_attn = resolve_flash_attn(&backend, &cfg, &opts)?;
         let memory = Memory::new(&backend, &cfg, memory_options(&opts, flash_attn), dir)?;
 
         // The arena: one buffer, fixed size, allocated once. Repacked (on the CPU) only when
