@@ -195,6 +195,14 @@ struct EngineArgs {
     /// The arena as a number of expert slots.
     #[arg(long)]
     arena_experts: Option<usize>,
+    /// A total for the process, e.g. 6GiB: the arena gets what remains after the base, every
+    /// layer's KV cache at --ctx, the compute buffer of the largest batch at that context
+    /// (measured on its graph), staging buffers and the process itself; too little is an error
+    /// that lists each part. Without --arena, --arena-experts or --memory, sage takes what the
+    /// machine has (the memory cgroup's limit, else MemAvailable), less 5% (at least 256 MiB),
+    /// and says so.
+    #[arg(long, conflicts_with_all = ["arena", "arena_experts"])]
+    memory: Option<String>,
     /// Fill the arena with the most used experts of this usage.json (from `sage profile`)
     /// before the first token.
     #[arg(long)]
@@ -270,10 +278,20 @@ struct EngineArgs {
 impl EngineArgs {
     /// The engine options these arguments ask for, with a KV cache of `n_ctx` tokens.
     fn options(&self, n_ctx: usize) -> anyhow::Result<EngineOptions> {
-        let arena = match (&self.arena, self.arena_experts) {
-            (Some(s), _) => ArenaSize::Bytes(parse_size(s).with_context(|| format!("--arena '{s}'"))?),
-            (None, Some(n)) => ArenaSize::Experts(n),
-            (None, None) => ArenaSize::All,
+        let arena = match (&self.arena, self.arena_experts, &self.memory) {
+            (Some(s), ..) => ArenaSize::Bytes(parse_size(s).with_context(|| format!("--arena '{s}'"))?),
+            (None, Some(n), _) => ArenaSize::Experts(n),
+            (None, None, Some(s)) => ArenaSize::Memory(parse_size(s).with_context(|| format!("--memory '{s}'"))?),
+            (None, None, None) => match sage::engine::budget::available() {
+                Some((b, from)) => {
+                    eprintln!(
+                        "sage: --memory {:.2} GiB: {from}, less 5% (give --memory or --arena to choose)",
+                        b as f64 / (1u64 << 30) as f64
+                    );
+                    ArenaSize::Memory(b)
+                }
+                None => ArenaSize::All,
+            },
         };
         Ok(EngineOptions {
             device: self.device.clone(),
@@ -590,7 +608,10 @@ fn main() -> ExitCode {
                 opts.arena = ArenaSize::Bytes(sage::tune::arena_for_ram(&a.dir, ram, a.ctx as u64)?);
             }
             anyhow::ensure!(
-                opts.arena != ArenaSize::All,
+                a.ram.is_some()
+                    || a.engine.arena.is_some()
+                    || a.engine.arena_experts.is_some()
+                    || a.engine.memory.is_some(),
                 "give --ram, --arena or --arena-experts: with every expert resident there is nothing to tune"
             );
             let budget = sage::tune::Budget {

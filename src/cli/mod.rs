@@ -123,9 +123,50 @@ pub fn run_stats(g: &Generation, engine: &Engine) -> serde_json::Value {
         "arena_slots": engine.n_slots(),
         "all_resident": engine.all_resident(),
         "memory": mem,
+        "state": state_json(engine),
+        "budget": engine.budget(),
         "peak_rss_bytes": peak,
         "overhead_bytes": overhead,
     })
+}
+
+/// Every layer's state by kind: layers, cells per sequence, bytes; cache types, attention.
+fn state_json(engine: &Engine) -> serde_json::Value {
+    let m = engine.state();
+    let kinds: Vec<_> = m
+        .plan()
+        .by_kind()
+        .into_iter()
+        .map(|(k, layers, bytes)| {
+            let cells = m.plan().layers.iter().find(|l| l.kind == k).map_or(0, |l| l.cells);
+            serde_json::json!({ "kind": k.label(), "layers": layers, "cells": cells, "bytes": bytes })
+        })
+        .collect();
+    let o = m.options();
+    serde_json::json!({ "kinds": kinds, "k_type": o.k_type, "v_type": o.v_type, "flash_attn": o.flash_attn, "n_ctx": o.n_ctx })
+}
+
+/// "KV 12 layers × 4096 cells 96.0 MiB + window KV 12 layers × 256 cells 6.0 MiB (f16 K, f16 V,
+/// flash attention)".
+fn state_line(engine: &Engine) -> String {
+    let m = engine.state();
+    let parts: Vec<String> = m
+        .plan()
+        .by_kind()
+        .into_iter()
+        .map(|(k, layers, bytes)| {
+            let cells = m.plan().layers.iter().find(|l| l.kind == k).map_or(0, |l| l.cells);
+            format!("{} {layers} layers × {cells} cells {}", k.label(), short_bytes(bytes))
+        })
+        .collect();
+    let o = m.options();
+    format!(
+        "{} ({} K, {} V, {})",
+        parts.join(" + "),
+        o.k_type,
+        o.v_type,
+        if o.flash_attn { "flash attention" } else { "no flash attention" }
+    )
 }
 
 /// `sage run --stats`: speed, expert traffic, prefetch and memory, a line each.
@@ -178,6 +219,16 @@ pub fn print_run_stats(g: &Generation, engine: &Engine) {
         overhead.map(short_bytes).unwrap_or_else(|| "?".into()),
         engine.device_name()
     );
+    eprintln!("state: {}", state_line(engine));
+    if let Some(b) = engine.budget() {
+        eprintln!(
+            "budget: {} total = {b} + arena {}; compute reserved {} (largest batch at --ctx), in use now {} (with activations)",
+            short_bytes(b.total),
+            short_bytes(mem.arena as u64),
+            short_bytes(b.compute),
+            short_bytes(mem.compute as u64)
+        );
+    }
 }
 
 /// `sage footprint PATH`: the tables (or JSON) for `arenas` (sizes, or shares like `30%`),
@@ -384,6 +435,7 @@ pub fn tune(
     let arena_flag = match opts.arena {
         ArenaSize::Bytes(b) => format!("--arena {b}"),
         ArenaSize::Experts(n) => format!("--arena-experts {n}"),
+        ArenaSize::Memory(b) => format!("--memory {b}"),
         ArenaSize::All => String::new(),
     };
     let cold_flag = |c: ColdUse| match c {

@@ -166,6 +166,9 @@ impl Engine {
         logits.set_output();
         g.expand(logits);
         self.runner.run(&g, || inp.write(Some(tokens)))?;
+        if self.runner.dry.is_some() {
+            return Ok(Vec::new());
+        }
         for (il, (order, rows, present)) in chosen.iter().enumerate() {
             let n_here = present.len();
             let order = order.read_i32(n_here * *rows as usize);

@@ -168,7 +168,9 @@ pub fn rotation(head_dim: u64, k: KvType, v: KvType) -> (Option<u64>, Option<u64
 
 /// The kind of each layer.
 pub fn layer_kinds(cfg: &ModelConfig) -> Vec<StateKind> {
-    (0..cfg.n_layer).map(|il| if cfg.is_swa(il) { StateKind::WindowKv { n_swa: cfg.n_swa } } else { StateKind::Kv }).collect()
+    (0..cfg.n_layer)
+        .map(|il| if cfg.is_swa(il) { StateKind::WindowKv { n_swa: cfg.n_swa } } else { StateKind::Kv })
+        .collect()
 }
 
 /// Cells per sequence of a layer of `kind`: the context for a full cache; for a window, the
@@ -402,6 +404,17 @@ impl Memory {
         if n > self.opts.n_batch {
             return Err(Error::Usage(format!("a batch of {n} tokens is more than {} (--batch)", self.opts.n_batch)));
         }
+        Ok(self.batch_at(n_past, n))
+    }
+
+    /// The largest batch at the end of the context: what the compute buffer must hold at most
+    /// (every kind's cells attended over in full).
+    pub fn worst_batch(&self) -> BatchPlan {
+        let n = self.opts.n_batch.min(self.opts.n_ctx);
+        self.batch_at(self.opts.n_ctx - n, n)
+    }
+
+    fn batch_at(&self, n_past: usize, n: usize) -> BatchPlan {
         let end = n_past + n;
         let kinds = self
             .kinds
@@ -442,7 +455,7 @@ impl Memory {
                 }
             })
             .collect();
-        Ok(BatchPlan { n_past, n, kinds })
+        BatchPlan { n_past, n, kinds }
     }
 
     /// The batch's tokens are in the cache: sequence `seq` holds them now.

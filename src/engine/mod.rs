@@ -9,6 +9,7 @@
 //! | `options` | what the engine is told and what it reports |
 //! | `base` | the base weights: loading and repacking |
 //! | `memory` | every layer's state between batches (KV, window KV), per sequence |
+//! | `budget` | a total (`--memory`) split into base, state, compute, staging and the arena |
 //! | `arena` | the arena: geometry, slot addresses, loading a record into a slot |
 //! | `fused` | all experts resident: a batch is one graph, router included |
 //! | `streaming` | a smaller arena: two graphs per layer, routing on the CPU between them |
@@ -21,6 +22,7 @@
 
 pub mod arena;
 mod base;
+pub mod budget;
 mod fused;
 pub mod generate;
 pub use generate::{Finish, GenOptions, Generation};
@@ -75,10 +77,14 @@ struct Runner {
     outgrown: Vec<Allocator>,
     path: PathBuf,
     compute: Duration,
+    /// Measuring (`Engine::measure_compute`): graphs are sized, not allocated or computed, and
+    /// the largest sizes are kept here: (compute buffer, the CPU backend's work buffer).
+    dry: Option<(usize, usize)>,
+    threads: usize,
 }
 
 impl Runner {
-    fn new(backend: Backend, path: &Path) -> Runner {
+    fn new(backend: Backend, path: &Path, threads: usize) -> Runner {
         let measure = (!backend.is_cpu()).then(|| Allocator::new(&backend));
         Runner {
             alloc: Allocator::new(&backend),
@@ -87,10 +93,19 @@ impl Runner {
             backend,
             path: path.to_path_buf(),
             compute: Duration::ZERO,
+            dry: None,
+            threads,
         }
     }
 
     fn run(&mut self, g: &Graph<'_>, write_inputs: impl FnOnce()) -> Result<()> {
+        if let Some((buf, work)) = self.dry {
+            // An allocator of its own: sizing nothing changes the one that computes.
+            let b = Allocator::new(&self.backend).measure(g);
+            let w = if self.backend.is_cpu() { Context::cpu_work_size(g, self.threads) } else { 0 };
+            self.dry = Some((buf.max(b), work.max(w)));
+            return Ok(());
+        }
         let t0 = Instant::now();
         if let Some(m) = &mut self.measure {
             let have = self.alloc.buffer_size();
@@ -247,6 +262,8 @@ pub struct Engine {
     warm_stats: SchedStats,
     /// In the all-resident mode (`EngineOptions::fused`), what the one graph needs.
     fused: Option<Fused>,
+    /// The parts of `ArenaSize::Memory`'s total, where one was given.
+    budget: Option<budget::Budget>,
 }
 
 /// A routing trace must have the model's shape and choose only experts the directory has.
@@ -278,6 +295,126 @@ impl Engine {
     /// `load`, calling `progress(bytes done, bytes total)` as experts are loaded up front (the
     /// all-resident mode, see `EngineOptions::fused`).
     pub fn load_with_progress(dir: &Path, opts: EngineOptions, progress: &mut dyn FnMut(u64, u64)) -> Result<Engine> {
+        match opts.arena {
+            ArenaSize::Memory(total) => Engine::load_within(dir, opts, total, progress),
+            _ => Engine::load_sized(dir, opts, progress),
+        }
+    }
+
+    /// `load` within a total of `total` bytes (`ArenaSize::Memory`): first what can be known
+    /// without loading (the base's bytes, the state's at --ctx, the experts' and output
+    /// graphs' bounds, the process as it stands): too little is an error here, before
+    /// anything is allocated. Then a probe: the engine with the smallest arena (top-k slots),
+    /// which sizes the attention graph of every layer at the last batch of the context on the
+    /// backend (graphs sized, not run); then dropped, and the engine loaded with the arena
+    /// what the measured parts leave. With every expert resident the one graph per batch is
+    /// sized too, and where it would not fit, batches run layer by layer instead.
+    fn load_within(dir: &Path, opts: EngineOptions, total: u64, progress: &mut dyn FnMut(u64, u64)) -> Result<Engine> {
+        let start = budget::resident_bytes();
+        let md = ModelDir::open(dir)?;
+        let cfg = &md.config;
+        let mopts = memory_options(&opts, opts.flash_attn != FlashAttn::Off);
+        memory::check(cfg, &mopts).map_err(Error::Usage)?;
+        let layers = &md.manifest.layers;
+        let stride = arena::slot_stride(layers);
+        let k = cfg.n_expert_used as u64;
+        let n = opts.n_batch.min(opts.n_ctx).max(1) as u64;
+        let estimate = budget::Budget {
+            total,
+            base: md.base_bytes(),
+            state: memory::plan(cfg, &mopts).total(),
+            compute: budget::experts_graph_bytes(cfg, n)
+                .max(budget::output_graph_bytes(cfg, n))
+                .max(budget::attention_graph_bytes(cfg, n, opts.n_ctx as u64, mopts.flash_attn)),
+            activations: 5 * 4 * cfg.n_embd * opts.n_batch as u64,
+            staging: stride * (2 + k + opts.read_ahead as u64),
+            overhead: start + budget::OVERHEAD_MARGIN,
+        };
+        let too_small = |b: &budget::Budget, stride: u64, tail: u64| {
+            let need = b.fixed() + arena::arena_bytes(k, stride, tail);
+            Error::Usage(format!(
+                "--memory {total} bytes ({:.2} GiB) does not hold this model at --ctx {}: {b} + the arena's {k} slots of {stride} bytes (one token's experts) need {need} bytes ({:.2} GiB); give --memory {need} or more, or a shorter --ctx, a smaller --batch, --flash-attn on or a quantized KV cache",
+                total as f64 / (1u64 << 30) as f64,
+                opts.n_ctx,
+                need as f64 / (1u64 << 30) as f64
+            ))
+        };
+        if arena::slots_in(estimate.arena(), stride, 0) < k {
+            return Err(too_small(&estimate, stride, 0));
+        }
+        let probe_opts = EngineOptions { arena: ArenaSize::Experts(k as usize), fused: false, ..opts.clone() };
+        let mut probe = Engine::load_sized(dir, probe_opts, &mut |_, _| {})?;
+        let compute = probe.measure_compute()?;
+        let (stride, tail) = (
+            probe.arena.stride() as u64,
+            probe.arena.size() as u64 - arena::arena_bytes(k, probe.arena.stride() as u64, 0),
+        );
+        let b = budget::Budget {
+            base: probe.base.bytes() as u64,
+            state: probe.memory.bytes() as u64,
+            compute: (compute as u64).max(budget::experts_graph_bytes(cfg, n)).max(budget::output_graph_bytes(cfg, n)),
+            activations: probe.state.buf.size() as u64,
+            staging: stride * (2 + k + opts.read_ahead as u64),
+            ..estimate
+        };
+        drop(probe);
+        if arena::slots_in(b.arena(), stride, tail) < k {
+            return Err(too_small(&b, stride, tail));
+        }
+        let mut e = Engine::load_sized(dir, EngineOptions { arena: ArenaSize::Bytes(b.arena()), ..opts }, progress)?;
+        let mut b = b;
+        if e.fused.is_some() {
+            let one_graph = e.measure_fused()? as u64;
+            if one_graph > b.compute {
+                let over = b.fixed() - b.compute + one_graph + e.arena.size() as u64;
+                if over > total {
+                    log::info!(
+                        "--memory: one graph per batch would need {one_graph} bytes of compute buffer, {} more than the budget holds; evaluating layer by layer",
+                        over - total
+                    );
+                    e.fused = None;
+                } else {
+                    b.compute = one_graph;
+                }
+            }
+        }
+        log::info!("--memory {total}: {b}; arena {} bytes ({} slots)", e.arena.size(), e.n_slots());
+        e.budget = Some(b);
+        Ok(e)
+    }
+
+    /// The largest compute buffer the graphs of a batch need at the end of the context: every
+    /// layer's attention graph (graph A of the streaming path, where a long context weighs),
+    /// sized on the backend, not run.
+    fn measure_compute(&mut self) -> Result<usize> {
+        let plan = self.memory.worst_batch();
+        let tokens = vec![0u32; plan.n];
+        self.runner.dry = Some((0, 0));
+        for il in 0..self.config.n_layer {
+            if let Err(e) = self.attention(il, &tokens, &plan) {
+                self.runner.dry = None;
+                return Err(e);
+            }
+        }
+        Ok(self.runner.dry.take().map_or(0, |(b, w)| b + w))
+    }
+
+    /// The compute buffer of the one graph of the all-resident mode at the end of the context.
+    fn measure_fused(&mut self) -> Result<usize> {
+        let plan = self.memory.worst_batch();
+        let tokens = vec![0u32; plan.n];
+        self.runner.dry = Some((0, 0));
+        let r = self.eval_fused(&tokens, &plan, true);
+        let size = self.runner.dry.take().map_or(0, |(b, w)| b + w);
+        r.map(|_| size)
+    }
+
+    /// The parts of the `--memory` total, where one was given.
+    pub fn budget(&self) -> Option<&budget::Budget> {
+        self.budget.as_ref()
+    }
+
+    fn load_sized(dir: &Path, opts: EngineOptions, progress: &mut dyn FnMut(u64, u64)) -> Result<Engine> {
         let md = ModelDir::open(dir)?;
         let cfg = md.config.clone();
         if opts.n_ctx == 0 || opts.n_batch == 0 {
@@ -325,7 +462,9 @@ impl Engine {
         let slots_of = |stride: u64, tail: u64| match opts.arena {
             ArenaSize::All => total_experts,
             ArenaSize::Experts(n) => n.min(total_experts),
-            ArenaSize::Bytes(b) => (arena::slots_in(b, stride, tail) as usize).min(total_experts),
+            ArenaSize::Bytes(b) | ArenaSize::Memory(b) => {
+                (arena::slots_in(b, stride, tail) as usize).min(total_experts)
+            }
         };
         let (mut stride, mut tail) = geometry(layers);
         let mut n_slots = slots_of(stride, tail);
@@ -383,7 +522,7 @@ impl Engine {
         };
         let io = Prefetcher::new(shards, !opts.page_cache);
         let present = layers.iter().map(|l| (0..cfg.n_expert).map(|e| l.record_index(e).is_some()).collect()).collect();
-        let runner = Runner::new(backend, dir);
+        let runner = Runner::new(backend, dir, opts.threads);
         let mut engine = Engine {
             config: cfg,
             dir: md,
@@ -404,6 +543,7 @@ impl Engine {
             trace: None,
             warm_stats: SchedStats::default(),
             fused: None,
+            budget: None,
             opts,
         };
         if engine.opts.fused && all_resident && engine.opts.route_trace.is_none() {
@@ -423,6 +563,7 @@ impl Engine {
             arena: self.arena.size(),
             kv: self.memory.bytes(),
             compute: self.runner.alloc.buffer_size() + self.state.buf.size(),
+            compute_reserved: self.budget.map_or(0, |b| b.compute as usize),
             staging: self.staging.capacity() + self.io.held_bytes(),
             load_buffer: self.base.load_buffer,
         }
@@ -585,7 +726,8 @@ impl Engine {
         let chunks: Vec<&[u32]> = tokens.chunks(self.opts.n_batch).collect();
         for (ci, chunk) in chunks.iter().enumerate() {
             let last = ci + 1 == chunks.len();
-            let logits = self.eval_batch(chunk, all_logits || !last)?;
+            // A batch before the last needs no logits (its last row is computed and dropped).
+            let logits = self.eval_batch(chunk, all_logits)?;
             if all_logits || last {
                 out.extend(logits);
             }

@@ -16,6 +16,11 @@ pub enum ArenaSize {
     Experts(usize),
     /// One slot per expert present in the model directory.
     All,
+    /// A total for the process (`--memory`): the arena gets what remains after the base,
+    /// every layer's state at the context length, the compute buffer of the largest batch at
+    /// that context (measured on its graph), staging buffers and the process's own memory
+    /// (`Engine::budget`), at most every expert.
+    Memory(u64),
 }
 
 /// Whether and how the engine uses the experts' cold copies (`sage-convert --cold-quant`).
@@ -184,6 +189,9 @@ pub struct MemoryUse {
     /// ggml's compute buffer (grows to the largest graph, then stays) and the activations
     /// carried between graphs.
     pub compute: usize,
+    /// What the budget set aside for the compute buffer: the largest graph a batch can need
+    /// at the context length, measured when loading (0 when no budget was given).
+    pub compute_reserved: usize,
     /// One expert record on its way from disk.
     pub staging: usize,
     /// The buffer that carried base tensors from disk while loading (freed after loading, so

@@ -128,6 +128,9 @@ impl Engine {
             g.expand(t);
         }
         self.runner.run(&g, || inp.write(if il == 0 { Some(tokens) } else { None }))?;
+        if self.runner.dry.is_some() {
+            return Ok((Vec::new(), None));
+        }
         let next = next.map(|t| t.read_f32((cfg.n_expert as i64 * n) as usize));
         Ok((logits.read_f32((cfg.n_expert as i64 * n) as usize), next))
     }

@@ -415,6 +415,13 @@ impl Context {
         op!(self, sys::ggml_reshape_4d(self.c(), r.ptr.as_ptr(), ne[0], ne[1], ne[2], ne[3]))
     }
 
+    /// Bytes of the work buffer ggml's CPU backend needs to compute `graph` with `n_threads`
+    /// threads (kept by the backend, grown to the largest graph, beside the compute buffer).
+    pub fn cpu_work_size(graph: &Graph<'_>, n_threads: usize) -> usize {
+        // SAFETY: valid graph; planning reads its nodes' ops, types and shapes, allocates nothing.
+        unsafe { sys::ggml_graph_plan(graph.ptr.as_ptr(), n_threads.max(1) as i32, std::ptr::null_mut()).work_size }
+    }
+
     pub fn graph(&self, nodes: usize) -> Graph<'_> {
         // SAFETY: valid context created with graph room (Context::new); null is checked.
         let p = unsafe { sys::ggml_new_graph_custom(self.c(), nodes, false) };

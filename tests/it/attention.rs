@@ -207,7 +207,11 @@ fn window_kv_equals_full_length_kv() {
         }
         let (wb, fb) = (window.memory().kv as f64, full.memory().kv as f64);
         let want = (cfg.n_layer as usize - sliding) as f64 + sliding as f64 * 256.0 / 1024.0;
-        eprintln!("{kv} {fa:?}: KV {wb} bytes windowed, {fb} full length ({:.3}, expected {:.3})", wb / fb, want / cfg.n_layer as f64);
+        eprintln!(
+            "{kv} {fa:?}: KV {wb} bytes windowed, {fb} full length ({:.3}, expected {:.3})",
+            wb / fb,
+            want / cfg.n_layer as f64
+        );
         assert!((wb / fb - want / cfg.n_layer as f64).abs() < 0.01, "{wb} / {fb}");
 
         let n_vocab = cfg.n_vocab as usize;
@@ -261,7 +265,14 @@ fn impossible_cache_types_are_refused_clearly() {
     let dir = tmp();
     let (qwen, _) = converted(dir.path(), "tiny-qwen3moe", GgmlType::Q8_0);
     let (gptoss, _) = converted(dir.path(), "tiny-gptoss", GgmlType::Q8_0);
-    let o = |k, v, flash_attn| EngineOptions { threads: 2, n_ctx: 256, k_type: k, v_type: v, flash_attn, ..Default::default() };
+    let o = |k, v, flash_attn| EngineOptions {
+        threads: 2,
+        n_ctx: 256,
+        k_type: k,
+        v_type: v,
+        flash_attn,
+        ..Default::default()
+    };
     let err = |dir: &Path, o| Engine::load(dir, o).err().map(|e| e.to_string()).unwrap_or_default();
     let e = err(&qwen, o(KvType::F16, KvType::Q8_0, FlashAttn::Off));
     assert!(e.contains("quantized V cache") && e.contains("--flash-attn on"), "{e}");

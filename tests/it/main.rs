@@ -3,6 +3,7 @@
 mod archs;
 mod attention;
 mod bad_input;
+mod budget;
 mod chat;
 mod cold;
 mod convert;

@@ -1,0 +1,161 @@
+//! A total memory budget (`--memory`, `ArenaSize::Memory`) split into its parts: the arena
+//! gets what remains after the base, every layer's state at the context length, the compute
+//! buffer of the largest batch at that context (measured on its graph by the engine), the
+//! activations carried between graphs, staging buffers and the process's own memory.
+//! Also what the machine has when no size is given (`available`).
+
+use std::fmt;
+
+use crate::config::ModelConfig;
+
+/// What the process holds beyond the parts below, on top of its resident memory when the
+/// engine starts loading: ggml's graph metadata (a context per graph), the buffer that carries
+/// base tensors from disk while loading (`EngineOptions::load_slice`), allocator slack, and
+/// the few slots' worth of the probe load (`Engine::load`).
+pub const OVERHEAD_MARGIN: u64 = 64 << 20;
+
+/// Left to the rest of the machine when sage sizes itself (`available`): 5% of what it has,
+/// at least this.
+pub const AUTO_MARGIN_MIN: u64 = 256 << 20;
+
+/// The parts of a budget, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Budget {
+    pub total: u64,
+    pub base: u64,
+    /// Every layer's state at the context length (`memory::plan`).
+    pub state: u64,
+    /// The largest compute buffer a batch can need at the context length.
+    pub compute: u64,
+    /// The activations the streaming path carries between its graphs.
+    pub activations: u64,
+    /// Expert records on their way from disk (the staging record, the I/O thread's buffers).
+    pub staging: u64,
+    /// The process itself (resident memory when loading started, plus `OVERHEAD_MARGIN`).
+    pub overhead: u64,
+}
+
+impl Budget {
+    /// Everything but the arena.
+    pub fn fixed(&self) -> u64 {
+        self.base + self.state + self.compute + self.activations + self.staging + self.overhead
+    }
+
+    /// Bytes left for the arena (0 when the parts take it all).
+    pub fn arena(&self) -> u64 {
+        self.total.saturating_sub(self.fixed())
+    }
+}
+
+impl fmt::Display for Budget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = |b: u64| format!("{:.1} MiB", b as f64 / (1 << 20) as f64);
+        write!(
+            f,
+            "base {} + layer state {} + compute {} + activations {} + staging {} + process {}",
+            m(self.base),
+            m(self.state),
+            m(self.compute),
+            m(self.activations),
+            m(self.staging),
+            m(self.overhead)
+        )
+    }
+}
+
+/// The process's resident memory now (`/proc/self/statm`), 0 where unknown.
+pub fn resident_bytes() -> u64 {
+    let page = rustix::param::page_size() as u64;
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .map_or(0, |p| p * page)
+}
+
+/// An upper bound on the compute buffer of one expert group's graph (the streaming path's
+/// graph B) over `n` tokens: the experts' gate, up and activation [n_ff, k, n], their output
+/// and its weighted copy [n_embd, k, n], the sums [n_embd, n], ids and weights; f32.
+pub fn experts_graph_bytes(cfg: &ModelConfig, n: u64) -> u64 {
+    let k = cfg.n_expert_used as u64;
+    let f = 4 * n;
+    f * (3 * cfg.n_ff_exp * k + 2 * cfg.n_embd * k + 4 * cfg.n_embd + 2 * k) + (1 << 20)
+}
+
+/// A lower bound on what one layer's attention graph needs over `n` queries and `n_kv` cells,
+/// for the check before loading (which refuses only what surely cannot fit): without flash
+/// attention the scores [n_kv, n, n_head] f32 and the f16 copy of their softmax the CPU kernel
+/// makes for KQ·V; with it the per-head output; and the mask. The engine then measures the
+/// graph, and the budget uses that.
+pub fn attention_graph_bytes(cfg: &ModelConfig, n: u64, n_kv: u64, flash_attn: bool) -> u64 {
+    let (nh, hd) = (cfg.n_head as u64, cfg.head_dim);
+    let scores = if flash_attn { 4 * n * nh * hd * 2 } else { n_kv * n * nh * (4 + 2) };
+    scores + 4 * n_kv * n + 4 * n * (cfg.n_embd + 3 * nh * hd)
+}
+
+/// An upper bound on the output graph's compute buffer over `n` tokens: the normed input and
+/// the logits, f32.
+pub fn output_graph_bytes(cfg: &ModelConfig, n: u64) -> u64 {
+    4 * n * (cfg.n_vocab + 2 * cfg.n_embd) + (1 << 20)
+}
+
+/// What this process may use when no size is given: the memory cgroup's limit where it has
+/// one (v2 `memory.max`, v1 `memory.limit_in_bytes`), else the machine's MemAvailable plus
+/// what the process already holds; minus 5% (at least `AUTO_MARGIN_MIN`). Returns the size
+/// and where it came from.
+pub fn available() -> Option<(u64, String)> {
+    let (have, from) =
+        cgroup_limit().or_else(|| mem_available().map(|a| (a + resident_bytes(), "MemAvailable".into())))?;
+    let margin = (have / 20).max(AUTO_MARGIN_MIN);
+    Some((have.saturating_sub(margin), from))
+}
+
+fn mem_available() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let l = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    Some(l.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+/// The limit of this process's memory cgroup, if it has one below the machine's memory.
+fn cgroup_limit() -> Option<(u64, String)> {
+    let cg = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().next().and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .map_or(u64::MAX, |k| k * 1024);
+    for line in cg.lines() {
+        // v2: "0::/path"; v1: "N:memory:/path" (or a list of controllers with memory).
+        let mut parts = line.splitn(3, ':');
+        let (_, ctrl, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let file = if ctrl.is_empty() {
+            format!("/sys/fs/cgroup{path}/memory.max")
+        } else if ctrl.split(',').any(|c| c == "memory") {
+            format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes")
+        } else {
+            continue;
+        };
+        if let Some(v) = std::fs::read_to_string(&file).ok().and_then(|s| s.trim().parse::<u64>().ok()) {
+            if v < total {
+                return Some((v, format!("the memory cgroup's limit ({file})")));
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_arena_gets_what_the_parts_leave() {
+        let b = Budget { total: 1000, base: 100, state: 50, compute: 40, activations: 10, staging: 5, overhead: 95 };
+        assert_eq!(b.fixed(), 300);
+        assert_eq!(b.arena(), 700);
+        assert_eq!(Budget { total: 200, ..b }.arena(), 0);
+    }
+
+    #[test]
+    fn resident_memory_is_read() {
+        assert!(resident_bytes() > 1 << 20);
+    }
+}
