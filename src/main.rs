@@ -225,14 +225,15 @@ struct EngineArgs {
     /// CPU threads (default: all cores).
     #[arg(short, long)]
     threads: Option<usize>,
-    /// f32 K and V caches (overrides --cache-type-k/-v), the setting that agrees tightly with
-    /// llama.cpp's reference runs.
+    /// f32 K and V caches (overrides --cache-type-k/-v) and, unless --flash-attn says
+    /// otherwise, flash attention off: the setting of llama.cpp's reference runs, which sage
+    /// equals bit for bit.
     #[arg(long)]
     exact: bool,
     /// Flash attention: on, off, or auto (on where the device runs it for this model, as
-    /// llama.cpp's -fa auto). Needed for a quantized V cache.
-    #[arg(long, visible_alias = "fa", default_value = "auto", value_parser = ["on", "off", "auto"])]
-    flash_attn: String,
+    /// llama.cpp's -fa auto; the default, off with --exact). Needed for a quantized V cache.
+    #[arg(long, visible_alias = "fa", value_parser = ["on", "off", "auto"])]
+    flash_attn: Option<String>,
     /// Element type of the K cache: f32, f16, bf16, q8_0, q4_0 (llama.cpp's -ctk).
     #[arg(long = "cache-type-k", visible_alias = "ctk", default_value = "f16", value_parser = KV_TYPES)]
     cache_type_k: String,
@@ -300,7 +301,11 @@ impl EngineArgs {
             arena,
             k_type: if self.exact { KvType::F32 } else { KvType::parse(&self.cache_type_k).expect("clap checked it") },
             v_type: if self.exact { KvType::F32 } else { KvType::parse(&self.cache_type_v).expect("clap checked it") },
-            flash_attn: FlashAttn::parse(&self.flash_attn).expect("clap checked it"),
+            flash_attn: match &self.flash_attn {
+                Some(f) => FlashAttn::parse(f).expect("clap checked it"),
+                None if self.exact => FlashAttn::Off,
+                None => FlashAttn::Auto,
+            },
             swa_full: self.swa_full,
             policy: self.policy.clone(),
             page_cache: self.page_cache,
