@@ -170,9 +170,24 @@ pub fn predict(
     }
 }
 
-/// f16 K and V for every layer and position.
+/// Every layer's state at `n_ctx` as the engine lays it out by default (`engine::memory::plan`):
+/// f16 K and V for every position, sliding-window layers a ring of their window plus a batch
+/// of 512.
 pub fn kv_bytes(cfg: &ModelConfig, n_ctx: u64) -> u64 {
-    2 * cfg.n_layer as u64 * n_ctx * cfg.head_dim * cfg.n_head_kv as u64 * 2
+    use crate::engine::memory::{plan, KvType, MemoryOptions};
+    if n_ctx == 0 {
+        return 0;
+    }
+    let o = MemoryOptions {
+        n_ctx: n_ctx as usize,
+        n_seq: 1,
+        n_batch: 512,
+        k_type: KvType::F16,
+        v_type: KvType::F16,
+        flash_attn: false,
+        swa_full: false,
+    };
+    plan(cfg, &o).layers.iter().map(|l| l.k_bytes + l.v_bytes).sum()
 }
 
 /// Plan `path` (a config.json or a model directory).
