@@ -3,10 +3,11 @@
 //! cargo run --release --example bench_one -- sage MODEL_DIR [--arena BYTES] [--policy P] [--route-trace FILE] [--no-prefetch] [--read-ahead N] [--load-threads N] [--layer-graphs] [--arena-repack yes|no] [OPTS]
 //! cargo run --release --example bench_one -- llama MODEL.gguf [--no-mmap] [--no-repack] [OPTS]
 //! cargo run --release --example bench_one -- sizes MODEL_DIR
-//! OPTS: --prompt N (512) --gen N (128) --threads N (all cores)
+//! OPTS: --prompt N (512) --gen N (128) --threads N (all cores) --flash-attn (both engines)
 //!
 //! Prompt: N deterministic pseudo-random token ids, evaluated in one batch; decode: greedy, one
-//! token at a time. Both engines: f16 KV cache, flash attention off. Prints
+//! token at a time. Both engines: f16 KV cache, graphs of at most 512 tokens, flash attention
+//! off unless --flash-attn. Prints
 //! {"engine", "prompt_tok_s", "decode_tok_s", "peak_rss_bytes", ...}.
 
 use std::time::Instant;
@@ -97,6 +98,11 @@ fn main() -> anyhow::Result<()> {
                     arena,
                     k_type: KvType::F16,
                     v_type: KvType::F16,
+                    flash_attn: if flag("--flash-attn") {
+                        sage::engine::FlashAttn::On
+                    } else {
+                        sage::engine::FlashAttn::Off
+                    },
                     policy: policy.clone(),
                     prefetch,
                     read_ahead,
@@ -126,7 +132,7 @@ fn main() -> anyhow::Result<()> {
             let st = e.stats().sched;
             let (hits, misses) = (st.hits - after_prompt.hits, st.misses - after_prompt.misses);
             serde_json::json!({
-                "engine": "sage", "route_trace": trace_name, "cold": cold, "cold_loads": st.cold_loads - after_prompt.cold_loads, "upgrades": st.upgrades - after_prompt.upgrades, "one_graph": e.all_resident(), "arena_repack": arena_repack, "policy": policy, "read_ahead": read_ahead, "load_threads": load_threads, "prefetch": e.stats().prefetch, "arena_bytes": e.arena_bytes(), "arena_slots": e.n_slots(),
+                "engine": "sage", "flash_attn": e.flash_attn(), "route_trace": trace_name, "cold": cold, "cold_loads": st.cold_loads - after_prompt.cold_loads, "upgrades": st.upgrades - after_prompt.upgrades, "one_graph": e.all_resident(), "arena_repack": arena_repack, "policy": policy, "read_ahead": read_ahead, "load_threads": load_threads, "prefetch": e.stats().prefetch, "arena_bytes": e.arena_bytes(), "arena_slots": e.n_slots(),
                 "load_s": load_s,
                 "prompt_tok_s": n_prompt as f64 / prompt_s, "decode_tok_s": n_gen as f64 / decode_s,
                 "decode_hit_rate": hits as f64 / (hits + misses).max(1) as f64,
@@ -152,6 +158,9 @@ fn main() -> anyhow::Result<()> {
                 n_batch: n_prompt as u32,
                 threads: threads as i32,
                 kv_type: sage::ggml::GgmlType::F16,
+                // Graphs of 512 tokens, as sage's --batch.
+                n_ubatch: 512,
+                flash_attn: flag("--flash-attn"),
             };
             let mut llama = sage::ggml::LlamaRunner::load(a[2].as_ref(), &o)?;
             let load_s = t_load.elapsed().as_secs_f64();
@@ -167,7 +176,7 @@ fn main() -> anyhow::Result<()> {
             }
             let decode_s = t.elapsed().as_secs_f64();
             serde_json::json!({
-                "engine": "llama.cpp", "mmap": mmap, "repack": repack, "load_s": load_s,
+                "engine": "llama.cpp", "flash_attn": o.flash_attn, "mmap": mmap, "repack": repack, "load_s": load_s,
                 "prompt_tok_s": n_prompt as f64 / prompt_s, "decode_tok_s": n_gen as f64 / decode_s,
                 "peak_rss_bytes": peak_rss(),
             })

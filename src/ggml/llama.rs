@@ -25,9 +25,13 @@ pub struct LlamaRunOptions {
     pub threads: i32,
     /// Element type of the KV cache: F16 (llama.cpp's default) or F32.
     pub kv_type: GgmlType,
+    /// Most tokens per graph (llama.cpp's `n_ubatch`; at most `n_batch`).
+    pub n_ubatch: u32,
+    /// Flash attention on (`-fa on`), else off.
+    pub flash_attn: bool,
 }
 
-/// A llama.cpp model and one context over it (flash attention off, CPU), both freed in
+/// A llama.cpp model and one context over it (CPU), both freed in
 /// `Drop`.
 pub struct LlamaRunner {
     model: NonNull<sys::llama_model>,
@@ -55,12 +59,13 @@ impl LlamaRunner {
         let mut cp = unsafe { sys::llama_context_default_params() };
         cp.n_ctx = o.n_ctx;
         cp.n_batch = o.n_batch;
-        cp.n_ubatch = o.n_batch;
+        cp.n_ubatch = o.n_ubatch.min(o.n_batch).max(1);
         cp.n_threads = o.threads;
         cp.n_threads_batch = o.threads;
         cp.type_k = o.kv_type.0;
         cp.type_v = o.kv_type.0;
-        cp.flash_attn_type = sys::LLAMA_FLASH_ATTN_TYPE_DISABLED;
+        cp.flash_attn_type =
+            if o.flash_attn { sys::LLAMA_FLASH_ATTN_TYPE_ENABLED } else { sys::LLAMA_FLASH_ATTN_TYPE_DISABLED };
         // SAFETY: `model` is a live model; null (failure) is checked.
         let Some(ctx) = NonNull::new(unsafe { sys::llama_init_from_model(model.as_ptr(), cp) }) else {
             // SAFETY: the model was loaded above and nothing else refers to it.

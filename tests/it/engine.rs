@@ -371,7 +371,16 @@ fn llama_runner_without_repacking_matches_the_reference() {
             let want_plain = plain.eval(&ids, false).unwrap();
             let want_repacked = llama_logits(&llama, &p.ids).pop().unwrap();
             for (mmap, repack, want) in [(true, false, &want_plain), (false, true, &want_repacked)] {
-                let o = LlamaRunOptions { mmap, repack, n_ctx: 256, n_batch: 256, threads: 2, kv_type: GgmlType::F32 };
+                let o = LlamaRunOptions {
+                    mmap,
+                    repack,
+                    n_ctx: 256,
+                    n_batch: 256,
+                    threads: 2,
+                    kv_type: GgmlType::F32,
+                    n_ubatch: 256,
+                    flash_attn: false,
+                };
                 let mut r = LlamaRunner::load(&gguf, &o).unwrap();
                 let got = r.decode(&p.ids).unwrap();
                 let d = max_abs_diff(&[got], std::slice::from_ref(want));
@@ -379,7 +388,16 @@ fn llama_runner_without_repacking_matches_the_reference() {
             }
         }
     }
-    let o = LlamaRunOptions { mmap: true, repack: false, n_ctx: 16, n_batch: 16, threads: 1, kv_type: GgmlType::F16 };
+    let o = LlamaRunOptions {
+        mmap: true,
+        repack: false,
+        n_ctx: 16,
+        n_batch: 16,
+        threads: 1,
+        kv_type: GgmlType::F16,
+        n_ubatch: 16,
+        flash_attn: false,
+    };
     let e = LlamaRunner::load(&dir.path().join("missing.gguf"), &o).err().unwrap().to_string();
     assert!(e.contains("missing.gguf: llama.cpp could not load the model"), "{e}");
     let gguf = dir.path().join(format!("m-{}.gguf", GgmlType::Q8_0));
