@@ -491,8 +491,9 @@ impl Engine {
             })?;
         log::info!("device {}; arena {n_slots} slots of {stride} bytes, {} eviction", backend.name(), opts.policy);
 
-        // The layers' state is checked before anything is loaded. What no backend could cache (heads not whole blocks of the type) is said as such
-        // before asking the backend.
+        // The layers' state is checked before anything is loaded: what no backend could cache
+        // (heads that are not whole blocks of the type) is said as such, before asking the
+        // backend whether it runs flash attention.
         memory::check(&cfg, &memory_options(&opts, opts.flash_attn != FlashAttn::Off)).map_err(Error::Usage)?;
         let flash_attn = resolve_flash_attn(&backend, &cfg, &opts)?;
         let base = BaseWeights::load(&md, &backend, &opts)?;
