@@ -130,36 +130,36 @@ pub fn run_stats(g: &Generation, engine: &Engine) -> serde_json::Value {
     })
 }
 
-/// Every layer's state by kind: layers, cells per sequence, bytes; cache types, attention.
-fn state_json(engine: &Engine) -> serde_json::Value {
-    let m = engine.state();
-    let kinds: Vec<_> = m
-        .plan()
-        .by_kind()
+/// Every layer's state by kind: (label, layers, cells per sequence, bytes).
+fn state_kinds(engine: &Engine) -> Vec<(&'static str, usize, usize, u64)> {
+    let plan = engine.state().plan();
+    plan.by_kind()
         .into_iter()
         .map(|(k, layers, bytes)| {
-            let cells = m.plan().layers.iter().find(|l| l.kind == k).map_or(0, |l| l.cells);
-            serde_json::json!({ "kind": k.label(), "layers": layers, "cells": cells, "bytes": bytes })
+            let cells = plan.layers.iter().find(|l| l.kind == k).map_or(0, |l| l.cells);
+            (k.label(), layers, cells, bytes)
         })
+        .collect()
+}
+
+/// `state_kinds` with the cache types and attention, as JSON.
+fn state_json(engine: &Engine) -> serde_json::Value {
+    let kinds: Vec<_> = state_kinds(engine)
+        .into_iter()
+        .map(|(kind, layers, cells, bytes)| serde_json::json!({ "kind": kind, "layers": layers, "cells": cells, "bytes": bytes }))
         .collect();
-    let o = m.options();
+    let o = engine.state().options();
     serde_json::json!({ "kinds": kinds, "k_type": o.k_type, "v_type": o.v_type, "flash_attn": o.flash_attn, "n_ctx": o.n_ctx })
 }
 
 /// "KV 12 layers × 4096 cells 96.0 MiB + window KV 12 layers × 256 cells 6.0 MiB (f16 K, f16 V,
 /// flash attention)".
 fn state_line(engine: &Engine) -> String {
-    let m = engine.state();
-    let parts: Vec<String> = m
-        .plan()
-        .by_kind()
+    let parts: Vec<String> = state_kinds(engine)
         .into_iter()
-        .map(|(k, layers, bytes)| {
-            let cells = m.plan().layers.iter().find(|l| l.kind == k).map_or(0, |l| l.cells);
-            format!("{} {layers} layers × {cells} cells {}", k.label(), short_bytes(bytes))
-        })
+        .map(|(kind, layers, cells, bytes)| format!("{kind} {layers} layers × {cells} cells {}", short_bytes(bytes)))
         .collect();
-    let o = m.options();
+    let o = engine.state().options();
     format!(
         "{} ({} K, {} V, {})",
         parts.join(" + "),

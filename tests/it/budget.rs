@@ -3,61 +3,24 @@
 //! prompt that fills the context inside a memory cgroup (v1 here: `memory.limit_in_bytes`;
 //! v2's `memory.max` the same way) whose limit is what `--memory` is given: the smallest
 //! total that holds the model plus a quarter of its experts. No OOM kill, the cgroup's peak
-//! within the limit, the arena streaming. Needs root (CI runs as root).
+//! within the limit, the arena streaming. Needs root (CI runs as root); the cgroup is
+//! `reliability::MemCgroup`.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::reliability::MemCgroup;
 use crate::util::*;
 
 fn sage() -> Command {
     Command::new(env!("CARGO_BIN_EXE_sage"))
 }
 
-/// A memory cgroup with limit `limit`, removed on drop.
-struct Cgroup {
-    dir: PathBuf,
-    v2: bool,
-}
-
-impl Cgroup {
-    fn new(name: &str, limit: u64) -> Cgroup {
-        use std::os::unix::fs::MetadataExt;
-        let uid = std::fs::metadata("/proc/self").unwrap().uid();
-        assert_eq!(uid, 0, "the budget tests make memory cgroups: run them as root");
-        let v1 = Path::new("/sys/fs/cgroup/memory");
-        let (dir, v2) =
-            if v1.is_dir() { (v1.join(name), false) } else { (Path::new("/sys/fs/cgroup").join(name), true) };
-        let _ = std::fs::remove_dir(&dir);
-        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
-        let file = if v2 { "memory.max" } else { "memory.limit_in_bytes" };
-        std::fs::write(dir.join(file), limit.to_string()).unwrap();
-        if !v2 {
-            // No swap on these machines; where there is, the limit must hold it too.
-            let _ = std::fs::write(dir.join("memory.memsw.limit_in_bytes"), limit.to_string());
-        }
-        Cgroup { dir, v2 }
-    }
-
-    /// Run `cmd` inside the cgroup (a shell moves itself in, then execs it).
-    fn run(&self, cmd: &Command) -> std::process::Output {
-        let procs = self.dir.join("cgroup.procs");
-        let mut sh = Command::new("sh");
-        sh.arg("-c").arg(format!("echo $$ > {} && exec \"$@\"", procs.display())).arg("sh");
-        sh.arg(cmd.get_program()).args(cmd.get_args());
-        sh.output().unwrap()
-    }
-
-    fn peak(&self) -> u64 {
-        let file = if self.v2 { "memory.peak" } else { "memory.max_usage_in_bytes" };
-        std::fs::read_to_string(self.dir.join(file)).unwrap().trim().parse().unwrap()
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.dir);
-    }
+/// Run `cmd` inside the cgroup (a shell moves itself in, then execs it).
+fn run_in(cg: &MemCgroup, cmd: &Command) -> std::process::Output {
+    let mut sh = Command::new("sh");
+    sh.arg("-c").arg(format!("echo $$ > {}/cgroup.procs && exec \"$@\"", cg.path.display())).arg("sh");
+    sh.arg(cmd.get_program()).args(cmd.get_args());
+    sh.output().unwrap()
 }
 
 /// The smallest `--memory` sage accepts for these arguments (with a one-token prompt: the
@@ -125,12 +88,12 @@ fn memory_budget_holds_under_a_cgroup_limit() {
         let limit = smallest_memory(&engine) + experts / 4;
         let mut args = engine.to_vec();
         args.extend(["--prompt", prompt.as_str(), "-n", "4", "--json"]);
-        let cg = Cgroup::new(&format!("sage-budget-test-{}-{i}", std::process::id()), limit);
+        let cg = MemCgroup::new(&format!("-budget-{i}"), limit);
         let limit_s = limit.to_string();
         let mut cmd = sage();
         cmd.args(args).args(["--memory", &limit_s]);
-        let out = cg.run(&cmd);
-        let peak = cg.peak();
+        let out = run_in(&cg, &cmd);
+        let (peak, (oom_kills, events)) = (cg.peak(), cg.oom_kills());
         let err = String::from_utf8_lossy(&out.stderr);
         eprintln!(
             "ctx {ctx} fa {fa} K {k} V {v}: limit {limit}, cgroup peak {peak} ({:.3} of it)",
@@ -143,6 +106,7 @@ fn memory_budget_holds_under_a_cgroup_limit() {
             out.status.code()
         );
         assert!(peak <= limit, "peak {peak} over the limit {limit}");
+        assert_eq!(oom_kills, 0, "{events}");
         let last: serde_json::Value =
             serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
         let json = &last["stats"];

@@ -196,16 +196,17 @@ const STATED_OVERHEAD: u64 = 32 << 20;
 /// cgroup v2 (the unified hierarchy: `memory.max`, `memory.peak`, `memory.events`) where
 /// /sys/fs/cgroup is one, else v1's memory controller (`memory.limit_in_bytes`,
 /// `memory.max_usage_in_bytes`, `memory.oom_control`).
-struct MemCgroup {
-    path: std::path::PathBuf,
+pub(crate) struct MemCgroup {
+    pub(crate) path: std::path::PathBuf,
     v2: bool,
 }
 
 impl MemCgroup {
-    fn new(limit: u64) -> MemCgroup {
+    /// `tag` tells apart the groups of tests that run at once in this process.
+    pub(crate) fn new(tag: &str, limit: u64) -> MemCgroup {
         let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
         let root = if v2 { "/sys/fs/cgroup" } else { "/sys/fs/cgroup/memory" };
-        let path = std::path::PathBuf::from(format!("{root}/sage-test-{}", std::process::id()));
+        let path = std::path::PathBuf::from(format!("{root}/sage-test-{}{tag}", std::process::id()));
         if v2 {
             // The memory controller must be enabled for the root's children.
             let _ = std::fs::write("/sys/fs/cgroup/cgroup.subtree_control", "+memory");
@@ -227,12 +228,12 @@ impl MemCgroup {
     }
 
     /// Peak memory charged to the group (page cache included).
-    fn peak(&self) -> u64 {
+    pub(crate) fn peak(&self) -> u64 {
         self.read(if self.v2 { "memory.peak" } else { "memory.max_usage_in_bytes" }).trim().parse().unwrap()
     }
 
     /// OOM kills in the group, and the file that says so.
-    fn oom_kills(&self) -> (u64, String) {
+    pub(crate) fn oom_kills(&self) -> (u64, String) {
         let text = self.read(if self.v2 { "memory.events" } else { "memory.oom_control" });
         let n = text
             .lines()
@@ -295,7 +296,7 @@ fn runs_inside_a_memory_cgroup_of_its_stated_budget() {
     assert!(overhead < STATED_OVERHEAD, "overhead {overhead} is over the stated {STATED_OVERHEAD}");
 
     let limit = engine + STATED_OVERHEAD;
-    let cg = MemCgroup::new(limit);
+    let cg = MemCgroup::new("", limit);
     let (o, _) = run(Some(&cg));
     let (peak, (kills, events)) = (cg.peak(), cg.oom_kills());
     eprintln!(
