@@ -110,9 +110,15 @@ struct PlanArgs {
     /// For a config.json: the quant type it will be converted to.
     #[arg(long, default_value = "q4_k")]
     quant: String,
-    /// Context length the model will run with (its f16 KV cache counts against --ram).
+    /// Context length the model will run with (every layer's state at it counts against --ram).
     #[arg(long, default_value_t = 4096)]
     ctx: u64,
+    /// Also find the longest context --ram holds (with the options given), by the same
+    /// budget.
+    #[arg(long)]
+    longest_ctx: bool,
+    #[command(flatten)]
+    state: StateArgs,
     /// Threads for the memory bandwidth measurement (default: all cores).
     #[arg(short, long)]
     threads: Option<usize>,
@@ -186,6 +192,51 @@ enum TraceCommand {
     },
 }
 
+/// What every layer's state and a batch's compute take: KV types, flash attention, window
+/// caches, batch size (`sage run` and the commands that count memory, `sage plan`).
+#[derive(Args)]
+struct StateArgs {
+    /// f32 K and V caches (overrides --cache-type-k/-v) and, unless --flash-attn says
+    /// otherwise, flash attention off: the setting of llama.cpp's reference runs, which sage
+    /// equals bit for bit.
+    #[arg(long)]
+    exact: bool,
+    /// Flash attention: on, off, or auto (on where the device runs it for this model, as
+    /// llama.cpp's -fa auto; the default, off with --exact). Needed for a quantized V cache.
+    #[arg(long, visible_alias = "fa", value_parser = ["on", "off", "auto"])]
+    flash_attn: Option<String>,
+    /// Element type of the K cache: f32, f16, bf16, q8_0, q4_0 (llama.cpp's -ctk).
+    #[arg(long = "cache-type-k", visible_alias = "ctk", default_value = "f16", value_parser = KV_TYPES)]
+    cache_type_k: String,
+    /// Element type of the V cache (llama.cpp's -ctv); quantized needs flash attention.
+    #[arg(long = "cache-type-v", visible_alias = "ctv", default_value = "f16", value_parser = KV_TYPES)]
+    cache_type_v: String,
+    /// Sliding-window layers keep a cache of the whole context, not a ring of their window
+    /// (llama.cpp's --swa-full; gpt-oss).
+    #[arg(long)]
+    swa_full: bool,
+    /// Most tokens evaluated in one graph (a prompt, an eval window; at most --ctx). 1
+    /// evaluates a token at a time as decoding does, so the arena's hits, loads, upgrades and
+    /// cache-aware routing are a decode's.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    batch: u32,
+}
+
+impl StateArgs {
+    /// Set `o`'s state options as these arguments ask.
+    fn apply(&self, o: &mut EngineOptions, n_ctx: usize) {
+        o.k_type = if self.exact { KvType::F32 } else { KvType::parse(&self.cache_type_k).expect("clap checked it") };
+        o.v_type = if self.exact { KvType::F32 } else { KvType::parse(&self.cache_type_v).expect("clap checked it") };
+        o.flash_attn = match &self.flash_attn {
+            Some(f) => FlashAttn::parse(f).expect("clap checked it"),
+            None if self.exact => FlashAttn::Off,
+            None => FlashAttn::Auto,
+        };
+        o.swa_full = self.swa_full;
+        o.n_batch = (self.batch as usize).min(n_ctx.max(1));
+    }
+}
+
 /// How the engine runs: arena, threads, device, KV precision, warm start.
 #[derive(Args)]
 struct EngineArgs {
@@ -225,34 +276,12 @@ struct EngineArgs {
     /// CPU threads (default: all cores).
     #[arg(short, long)]
     threads: Option<usize>,
-    /// f32 K and V caches (overrides --cache-type-k/-v) and, unless --flash-attn says
-    /// otherwise, flash attention off: the setting of llama.cpp's reference runs, which sage
-    /// equals bit for bit.
-    #[arg(long)]
-    exact: bool,
-    /// Flash attention: on, off, or auto (on where the device runs it for this model, as
-    /// llama.cpp's -fa auto; the default, off with --exact). Needed for a quantized V cache.
-    #[arg(long, visible_alias = "fa", value_parser = ["on", "off", "auto"])]
-    flash_attn: Option<String>,
-    /// Element type of the K cache: f32, f16, bf16, q8_0, q4_0 (llama.cpp's -ctk).
-    #[arg(long = "cache-type-k", visible_alias = "ctk", default_value = "f16", value_parser = KV_TYPES)]
-    cache_type_k: String,
-    /// Element type of the V cache (llama.cpp's -ctv); quantized needs flash attention.
-    #[arg(long = "cache-type-v", visible_alias = "ctv", default_value = "f16", value_parser = KV_TYPES)]
-    cache_type_v: String,
-    /// Sliding-window layers keep a cache of the whole context, not a ring of their window
-    /// (llama.cpp's --swa-full; gpt-oss).
-    #[arg(long)]
-    swa_full: bool,
+    #[command(flatten)]
+    state: StateArgs,
     /// Compute device: cpu, gpu, or a device name (CUDA/Metal need the `cuda`/`metal` features);
     /// one this build or machine lacks falls back to the CPU with a warning.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Most tokens evaluated in one graph (a prompt, an eval window; at most --ctx). 1
-    /// evaluates a token at a time as decoding does, so the arena's hits, loads, upgrades and
-    /// cache-aware routing are a decode's.
-    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=65536))]
-    batch: u32,
     /// Cache-aware routing, CHANGES THE OUTPUT: among experts close to the router's top-k,
     /// prefer those already in the arena. A resident expert replaces a missing one of the
     /// top-k when ln p + BIAS beats the missing one's ln p (p: the router's probability) and p
@@ -294,23 +323,14 @@ impl EngineArgs {
                 None => ArenaSize::All,
             },
         };
-        Ok(EngineOptions {
+        let mut o = EngineOptions {
             device: self.device.clone(),
             threads: self.threads.unwrap_or(EngineOptions::default().threads),
             n_ctx,
             arena,
-            k_type: if self.exact { KvType::F32 } else { KvType::parse(&self.cache_type_k).expect("clap checked it") },
-            v_type: if self.exact { KvType::F32 } else { KvType::parse(&self.cache_type_v).expect("clap checked it") },
-            flash_attn: match &self.flash_attn {
-                Some(f) => FlashAttn::parse(f).expect("clap checked it"),
-                None if self.exact => FlashAttn::Off,
-                None => FlashAttn::Auto,
-            },
-            swa_full: self.swa_full,
             policy: self.policy.clone(),
             page_cache: self.page_cache,
             prefetch: !self.no_prefetch,
-            n_batch: (self.batch as usize).min(n_ctx.max(1)),
             cache_bias: CacheBias { bias: self.cache_bias, keep: self.cache_keep, floor: self.cache_floor },
             cold: match self.cold_quant.as_deref() {
                 None => ColdUse::Off,
@@ -318,7 +338,9 @@ impl EngineArgs {
                 Some(_) => ColdUse::Upgrade,
             },
             ..Default::default()
-        })
+        };
+        self.state.apply(&mut o, n_ctx);
+        Ok(o)
     }
 }
 
@@ -610,7 +632,12 @@ fn main() -> ExitCode {
         Command::Tune(a) => a.engine.options(a.ctx).and_then(|mut opts| {
             if let Some(r) = &a.ram {
                 let ram = parse_size(r).with_context(|| format!("--ram '{r}'"))?;
-                opts.arena = ArenaSize::Bytes(sage::tune::arena_for_ram(&a.dir, ram, a.ctx as u64)?);
+                // The arena `--memory RAM` would give (the same split, measured once).
+                let fit = sage::engine::Engine::fit_memory(&a.dir, &opts, ram, sage::engine::budget::resident_bytes())?;
+                if !fit.runs() {
+                    return Err(anyhow::Error::new(fit.too_small()).context(format!("--ram {ram}")));
+                }
+                opts.arena = ArenaSize::Bytes(fit.budget.arena());
             }
             anyhow::ensure!(
                 a.ram.is_some()
@@ -636,14 +663,20 @@ fn main() -> ExitCode {
                 s => sage::plan::Disk::Given(parse_size(s).with_context(|| format!("--disk '{s}'"))? as f64),
             };
             let quant = sage::quant::parse_quant(&a.quant)?;
+            let mut engine = EngineOptions {
+                n_ctx: a.ctx as usize,
+                threads: a.threads.unwrap_or(EngineOptions::default().threads),
+                ..Default::default()
+            };
+            a.state.apply(&mut engine, a.ctx as usize);
             let opts = sage::plan::PlanOptions {
                 ram,
                 disk,
                 usage: a.usage,
                 trace: a.trace,
                 quant: Some(quant),
-                n_ctx: a.ctx,
-                threads: a.threads.unwrap_or(EngineOptions::default().threads),
+                engine,
+                longest_ctx: a.longest_ctx,
             };
             sage::cli::trace::plan(&a.path, &opts, a.json).map(|_| ())
         })(),

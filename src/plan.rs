@@ -1,7 +1,11 @@
 //! `sage plan`: will a model run in this much memory, and how fast, before anything is
 //! downloaded. From a config.json (at a quant type) or a model directory:
 //!
-//! - what fits: arena slots = (RAM − base − KV cache − overhead) / slot bytes;
+//! - what fits: the arena gets what `--memory` would give it: RAM − (base + every layer's
+//!   state at `--ctx` + compute buffer + activations + staging + process), split into slots
+//!   (`Engine::fit_memory` on a model directory: the same function, so `sage plan --ram X`
+//!   and `sage run --memory X` agree to the byte; `budget::estimate` for a config.json);
+//!   optionally the longest context that total holds;
 //! - the expected hit rate of that arena: replays in a usage.json (`sage profile`),
 //!   interpolated, or a trace drawn from the generator fitted to published Qwen3-30B-A3B
 //!   routing statistics (`trace_gen`), replayed through the real LRU scheduler at exactly
@@ -21,17 +25,13 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::config::ModelConfig;
+use crate::engine::budget::{self, Budget, MemoryFit};
+use crate::engine::{memory, EngineOptions, FlashAttn};
 use crate::error::{Error, IoContext, Result};
 use crate::footprint::{self, FootprintOptions};
 use crate::ggml::GgmlType;
 use crate::trace_gen::{Generator, TraceShape};
 use crate::usage::Usage;
-
-/// Bytes a running engine holds beyond base, arena and KV cache: ggml's compute buffer, the
-/// activations between graphs, one staging record, the program itself. Measured at the
-/// Qwen3-30B-A3B shape: 88 MB compute + 3 MB staging + about 60 MB of process (docs/bench.md);
-/// rounded up.
-pub const OVERHEAD_BYTES: u64 = 256 << 20;
 
 /// How the disk's speed is known.
 #[derive(Clone, Debug, PartialEq)]
@@ -52,10 +52,12 @@ pub struct PlanOptions {
     pub trace: Option<PathBuf>,
     /// For a config.json: the quant type of the converted model (default q4_k).
     pub quant: Option<GgmlType>,
-    /// KV cache length the model will run with (f16 KV).
-    pub n_ctx: u64,
-    /// Threads for the memory bandwidth measurement.
-    pub threads: usize,
+    /// How the model will run: context length, batch, KV types, flash attention, window
+    /// caches, read-ahead (what the budget counts), threads (the memory bandwidth and compute
+    /// measurements). Its arena is ignored: the plan sizes it.
+    pub engine: EngineOptions,
+    /// Also find the longest context `ram` holds with these options.
+    pub longest_ctx: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -63,9 +65,27 @@ pub struct Plan {
     pub model: String,
     pub quant: String,
     pub ram_bytes: u64,
+    pub n_ctx: u64,
     pub base_bytes: u64,
+    /// Every layer's state at `n_ctx` (the budget's `state`).
     pub kv_bytes: u64,
+    /// Everything else the budget takes before the arena: compute, activations, staging,
+    /// process.
     pub overhead_bytes: u64,
+    /// The split of `ram_bytes`, as `--memory` makes it.
+    pub budget: Budget,
+    /// "measured" (a model directory: its graphs sized on the backend, as `sage run --memory`)
+    /// or "estimated" (a config.json: the compute buffer's bounds).
+    pub budget_source: String,
+    /// The longest context (a multiple of 256 tokens, at most the model's trained length) that
+    /// `ram_bytes` holds with these options, when asked for.
+    pub longest_ctx: Option<u64>,
+    /// The context the model was trained for (`max_position_embeddings`): where the search for
+    /// the longest stops.
+    pub n_ctx_train: u64,
+    /// The smallest RAM that runs at `n_ctx`: every part but the arena, and one token's
+    /// experts (what `--memory`'s error asks for).
+    pub min_ram_bytes: u64,
     pub slot_bytes: u64,
     pub n_experts: u64,
     pub n_experts_active: u64,
@@ -113,24 +133,19 @@ pub fn interpolate(points: &[(f64, f64)], share: f64) -> f64 {
 
 /// The arithmetic of a plan from its measured inputs (separate from the measuring, so tests
 /// can check it).
-#[allow(clippy::too_many_arguments)]
 pub fn predict(
     cfg: &ModelConfig,
-    base_bytes: u64,
-    slot_bytes: u64,
-    n_experts: u64,
-    opts: &PlanOptions,
+    fit: &MemoryFit,
     hit_rate: impl FnOnce(u64, f64) -> (f64, String),
     disk: (f64, String),
     memory_bytes_per_s: f64,
     measured_compute_tok_s: Option<f64>,
 ) -> Plan {
-    let kv_bytes = kv_bytes(cfg, opts.n_ctx);
-    let free = opts.ram.saturating_sub(base_bytes + kv_bytes + OVERHEAD_BYTES);
-    let slots = (free / slot_bytes.max(1)).min(n_experts);
+    let b = &fit.budget;
+    let (base_bytes, slot_bytes, n_experts, slots) = (b.base, fit.stride, fit.n_experts, fit.slots);
     let active = cfg.n_layer as u64 * cfg.n_expert_used as u64;
     let share = slots as f64 / n_experts.max(1) as f64;
-    let runs = slots >= cfg.n_expert_used as u64;
+    let runs = fit.runs();
     let (hit, source) = if runs { hit_rate(slots, share) } else { (0.0, "the arena is too small to run".into()) };
     let bytes_per_token = active as f64 * (1.0 - hit) * slot_bytes as f64;
     let io = if bytes_per_token > 0.0 { disk.0 / bytes_per_token } else { f64::INFINITY };
@@ -146,10 +161,16 @@ pub fn predict(
     Plan {
         model: String::new(),
         quant: String::new(),
-        ram_bytes: opts.ram,
+        ram_bytes: b.total,
+        n_ctx: fit.n_ctx as u64,
         base_bytes,
-        kv_bytes,
-        overhead_bytes: OVERHEAD_BYTES,
+        kv_bytes: b.state,
+        overhead_bytes: b.fixed() - b.base - b.state,
+        budget: *b,
+        budget_source: if fit.measured { "measured".into() } else { "estimated".into() },
+        longest_ctx: None,
+        n_ctx_train: cfg.n_ctx_train,
+        min_ram_bytes: fit.need(),
         slot_bytes,
         n_experts,
         n_experts_active: active,
@@ -170,24 +191,45 @@ pub fn predict(
     }
 }
 
-/// Every layer's state at `n_ctx` as the engine lays it out by default (`engine::memory::plan`):
-/// f16 K and V for every position, sliding-window layers a ring of their window plus a batch
-/// of 512.
-pub fn kv_bytes(cfg: &ModelConfig, n_ctx: u64) -> u64 {
-    use crate::engine::memory::{plan, KvType, MemoryOptions};
-    if n_ctx == 0 {
-        return 0;
+/// How `total` bytes split for a model of `cfg` that is not converted yet (a config.json):
+/// `budget::estimate` with the base's and a slot's computed bytes, the state as
+/// `engine::memory` lays it out for `opts`, flash attention `auto` counted as on (the CPU runs
+/// it), the process at `budget::PROCESS_BYTES`.
+pub fn estimate_fit(cfg: &ModelConfig, total: u64, base: u64, stride: u64, n_experts: u64, opts: &EngineOptions) -> MemoryFit {
+    let mopts = crate::engine::memory_options(opts, opts.flash_attn != FlashAttn::Off);
+    let b = budget::estimate(
+        cfg,
+        total,
+        base,
+        memory::plan(cfg, &mopts).total(),
+        opts.n_batch as u64,
+        opts.n_ctx as u64,
+        mopts.flash_attn,
+        stride,
+        opts.read_ahead as u64,
+        0,
+    );
+    MemoryFit::new(b, stride, 0, n_experts, cfg.n_expert_used as u64, opts.n_ctx, false)
+}
+
+/// The longest context (a multiple of `STEP`, at most `max`) for which `fits` says the model
+/// runs, by bisection (`fits` is monotone: a longer context never needs less); 0 if not even
+/// `STEP` does.
+pub fn longest_ctx(max: u64, mut fits: impl FnMut(u64) -> Result<bool>) -> Result<u64> {
+    const STEP: u64 = 256;
+    let (mut lo, mut hi) = (0u64, max / STEP);
+    if hi > 0 && fits(hi * STEP)? {
+        return Ok(hi * STEP);
     }
-    let o = MemoryOptions {
-        n_ctx: n_ctx as usize,
-        n_seq: 1,
-        n_batch: 512,
-        k_type: KvType::F16,
-        v_type: KvType::F16,
-        flash_attn: false,
-        swa_full: false,
-    };
-    plan(cfg, &o).layers.iter().map(|l| l.k_bytes + l.v_bytes).sum()
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if fits(mid * STEP)? {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(lo * STEP)
 }
 
 /// Plan `path` (a config.json or a model directory).
@@ -208,6 +250,29 @@ pub fn plan(path: &Path, opts: &PlanOptions) -> Result<Plan> {
         None => (q.base_bytes, q.expert_slot_bytes, q.quant.clone()),
     };
     let cfg = &fp.config;
+    if opts.engine.n_ctx == 0 {
+        return Err(Error::Usage("--ctx 0: a context holds at least one token".into()));
+    }
+    // What `--memory ram` gives the arena: the engine's own split for a model directory, the
+    // estimate for a config.
+    let with_ctx = |n_ctx: u64| EngineOptions {
+        n_ctx: n_ctx as usize,
+        n_batch: opts.engine.n_batch.min(n_ctx as usize).max(1),
+        ..opts.engine.clone()
+    };
+    let fit_at = |n_ctx: u64| -> Result<MemoryFit> {
+        if is_dir {
+            crate::engine::Engine::fit_memory(path, &with_ctx(n_ctx), opts.ram, 0)
+        } else {
+            Ok(estimate_fit(cfg, opts.ram, base_bytes, slot_bytes, fp.n_experts, &with_ctx(n_ctx)))
+        }
+    };
+    let fit = fit_at(opts.engine.n_ctx as u64)?;
+    let longest = if opts.longest_ctx {
+        Some(longest_ctx(cfg.n_ctx_train.max(256), |n| Ok(fit_at(n)?.runs()))?)
+    } else {
+        None
+    };
     let usage = opts.usage.as_deref().map(Usage::load).transpose()?;
     if let Some(u) = &usage {
         u.check_model(opts.usage.as_deref().expect("loaded"), cfg.n_layer, cfg.n_expert)?;
@@ -220,7 +285,7 @@ pub fn plan(path: &Path, opts: &PlanOptions) -> Result<Plan> {
             (b, format!("measured: O_DIRECT reads of {slot_bytes} bytes, {what}"))
         }
     };
-    let mem = memory_bandwidth(opts.threads);
+    let mem = memory_bandwidth(opts.engine.threads);
     let trace = opts.trace.as_deref().map(crate::engine::trace::RouteTrace::open).transpose()?;
     if let Some(t) = &trace {
         let want = (cfg.n_layer as usize, cfg.n_expert as usize, cfg.n_expert_used as usize);
@@ -264,10 +329,11 @@ pub fn plan(path: &Path, opts: &PlanOptions) -> Result<Plan> {
             )
         }
     };
-    let measured = if is_dir { Some(compute_tok_s(path, opts.threads)?) } else { None };
-    let mut p = predict(cfg, base_bytes, slot_bytes, fp.n_experts, opts, hit, disk, mem, measured);
+    let measured = if is_dir { Some(compute_tok_s(path, opts.engine.threads)?) } else { None };
+    let mut p = predict(cfg, &fit, hit, disk, mem, measured);
     p.model = path.display().to_string();
     p.quant = quant;
+    p.longest_ctx = longest;
     Ok(p)
 }
 
@@ -406,24 +472,31 @@ pub fn memory_bandwidth(threads: usize) -> f64 {
 impl std::fmt::Display for Plan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         use crate::inspect::short_bytes as b;
-        writeln!(f, "{} at {}, {} of RAM", self.model, self.quant, b(self.ram_bytes))?;
+        writeln!(f, "{} at {}, {} of RAM, --ctx {}", self.model, self.quant, b(self.ram_bytes), self.n_ctx)?;
         writeln!(
             f,
-            "  base {} + KV cache {} + overhead {} leave {} experts' slots of {} ({:.1}% of {} experts)",
-            b(self.base_bytes),
-            b(self.kv_bytes),
-            b(self.overhead_bytes),
+            "  {} ({}) leave {} experts' slots of {} ({:.1}% of {} experts): what --memory {} gives the arena",
+            self.budget,
+            self.budget_source,
             self.slots,
             b(self.slot_bytes),
             100.0 * self.share,
-            self.n_experts
+            self.n_experts,
+            self.ram_bytes
         )?;
+        if let Some(n) = self.longest_ctx {
+            let edge = if n >= self.n_ctx_train { ": the model's trained length, searched no further" } else { "" };
+            writeln!(f, "  longest context in {}: {n} tokens ({}{edge})", b(self.ram_bytes), self.budget_source)?;
+        }
         if !self.runs {
             return writeln!(
                 f,
-                "  does not run: the arena must hold one token's {} experts, {} in all",
+                "  does not run: the arena must hold one token's {} experts, {} in all; it needs --ram {} ({}) or more at --ctx {}",
                 self.n_expert_used,
-                b(self.slot_bytes.saturating_mul(self.n_expert_used))
+                b(self.slot_bytes.saturating_mul(self.n_expert_used)),
+                self.min_ram_bytes,
+                b(self.min_ram_bytes),
+                self.n_ctx
             );
         }
         writeln!(f, "  expected hit rate {:.1}% ({})", 100.0 * self.hit_rate, self.hit_rate_source)?;

@@ -4,7 +4,6 @@
 //! both the reference and the first candidate (bias 0 is always allowed). One engine at a time
 //! is loaded.
 
-use std::path::Path;
 
 use crate::engine::router::CacheBias;
 use crate::engine::{ColdUse, Engine, EngineOptions};
@@ -138,18 +137,4 @@ pub fn tune(
         .min_by(|&a, &b| trials[a].bytes_per_token.total_cmp(&trials[b].bytes_per_token).then(a.cmp(&b)))
         .expect("exact routing is always within the budget");
     Ok(Tuned { arena_slots, trials, best })
-}
-
-/// Arena bytes left for experts when the whole process may use `ram` bytes: what `sage
-/// plan` leaves after the base, an f16 KV cache of `n_ctx` tokens and its overhead.
-pub fn arena_for_ram(dir: &Path, ram: u64, n_ctx: u64) -> Result<u64> {
-    let md = crate::model_dir::ModelDir::open(dir)?;
-    let taken = md.base_bytes() + crate::plan::kv_bytes(&md.config, n_ctx) + crate::plan::OVERHEAD_BYTES;
-    if ram <= taken {
-        return Err(Error::Usage(format!(
-            "--ram {ram} B leaves nothing for experts: base {} B + KV cache + overhead take {taken} B",
-            md.base_bytes()
-        )));
-    }
-    Ok(ram - taken)
 }

@@ -14,6 +14,66 @@ use crate::config::ModelConfig;
 /// the few slots' worth of the probe load (`Engine::load`).
 pub const OVERHEAD_MARGIN: u64 = 64 << 20;
 
+/// The process's own memory as a budget counts it, at least: sage's resident memory before
+/// it loads a model (the program, its libraries, the tokenizer) is under this (measured: 11 MB
+/// for `sage run` of the 30B shape, 13 MB of the bundled model). A process that holds more
+/// when loading starts is counted at what it holds; one that holds less at this, so that the
+/// same model, options and total give the same arena in `sage run`, `chat`, `serve` and
+/// `sage plan`.
+pub const PROCESS_BYTES: u64 = 32 << 20;
+
+/// The budget's `overhead` for a process holding `resident` bytes when loading starts: the
+/// larger of that and `PROCESS_BYTES`, plus `OVERHEAD_MARGIN`.
+pub fn process_bytes(resident: u64) -> u64 {
+    resident.max(PROCESS_BYTES) + OVERHEAD_MARGIN
+}
+
+/// The budget before anything is loaded, from the model's shapes: the base's and the state's
+/// bytes as they are, the compute buffer as the largest of the bounds below (the engine then
+/// measures it), activations of one batch, staging of `2 + n_expert_used + read_ahead`
+/// records of `stride` bytes. What the engine checks before it loads, and what `sage plan`
+/// counts for a config.json.
+#[allow(clippy::too_many_arguments)]
+pub fn estimate(
+    cfg: &ModelConfig,
+    total: u64,
+    base: u64,
+    state: u64,
+    n_batch: u64,
+    n_ctx: u64,
+    flash_attn: bool,
+    stride: u64,
+    read_ahead: u64,
+    resident: u64,
+) -> Budget {
+    let n = n_batch.min(n_ctx).max(1);
+    Budget {
+        total,
+        base,
+        state,
+        compute: experts_graph_bytes(cfg, n)
+            .max(output_graph_bytes(cfg, n))
+            .max(attention_graph_bytes(cfg, n, n_ctx, flash_attn)),
+        activations: activation_bytes(cfg, n),
+        staging: staging_bytes(cfg, stride, read_ahead),
+        overhead: process_bytes(resident),
+    }
+}
+
+/// The activations the streaming path carries between its graphs over batches of `n_batch`:
+/// the residual stream, its copy after attention, the normed input, the experts' sum and a
+/// shared expert's output where the family has one, [n_embd, n_batch] f32 each.
+pub fn activation_bytes(cfg: &ModelConfig, n_batch: u64) -> u64 {
+    let n = if cfg.n_ff_shexp > 0 { 5 } else { 4 };
+    n * 4 * cfg.n_embd * n_batch
+}
+
+/// Expert records on their way from disk: the staging record, one token's prefetch buffers
+/// and the read-ahead, `2 + n_expert_used + read_ahead` slots of `stride` bytes.
+pub fn staging_bytes(cfg: &ModelConfig, stride: u64, read_ahead: u64) -> u64 {
+    stride * (2 + cfg.n_expert_used as u64 + read_ahead)
+}
+
 /// Left to the rest of the machine when sage sizes itself (`available`): 5% of what it has,
 /// at least this.
 pub const AUTO_MARGIN_MIN: u64 = 256 << 20;
@@ -31,7 +91,8 @@ pub struct Budget {
     pub activations: u64,
     /// Expert records on their way from disk (the staging record, the I/O thread's buffers).
     pub staging: u64,
-    /// The process itself (resident memory when loading started, plus `OVERHEAD_MARGIN`).
+    /// The process itself (`process_bytes`: its resident memory when loading started, at
+    /// least `PROCESS_BYTES`, plus `OVERHEAD_MARGIN`).
     pub overhead: u64,
 }
 
@@ -60,6 +121,57 @@ impl fmt::Display for Budget {
             m(self.staging),
             m(self.overhead)
         )
+    }
+}
+
+/// A total split for one model and its options (`Engine::fit_memory`): the budget, the arena
+/// geometry on the backend, and how many slots the rest holds.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct MemoryFit {
+    pub budget: Budget,
+    /// Bytes of one arena slot.
+    pub stride: u64,
+    /// The arena's padding after its last slot.
+    pub tail: u64,
+    /// Slots the arena gets (all experts at most).
+    pub slots: u64,
+    pub n_experts: u64,
+    pub n_expert_used: u64,
+    pub n_ctx: usize,
+    /// The compute buffer measured on the model's graphs (false: the estimate before loading,
+    /// which already left too little).
+    pub measured: bool,
+}
+
+impl MemoryFit {
+    /// `budget` split into slots of `stride` bytes (the arena's padding `tail` after them), at
+    /// most `n_experts`.
+    pub fn new(budget: Budget, stride: u64, tail: u64, n_experts: u64, n_expert_used: u64, n_ctx: usize, measured: bool) -> MemoryFit {
+        let slots = crate::engine::arena::slots_in(budget.arena(), stride, tail).min(n_experts);
+        MemoryFit { budget, stride, tail, slots, n_experts, n_expert_used, n_ctx, measured }
+    }
+
+    /// The arena holds one token's experts.
+    pub fn runs(&self) -> bool {
+        self.slots >= self.n_expert_used
+    }
+
+    /// The smallest total that runs: every part but the arena, and one token's experts.
+    pub fn need(&self) -> u64 {
+        self.budget.fixed() + crate::engine::arena::arena_bytes(self.n_expert_used, self.stride, self.tail)
+    }
+
+    /// The error of a total that does not run: every part and the smallest total.
+    pub fn too_small(&self) -> crate::error::Error {
+        let (total, need, k) = (self.budget.total, self.need(), self.n_expert_used);
+        crate::error::Error::Usage(format!(
+            "--memory {total} bytes ({:.2} GiB) does not hold this model at --ctx {}: {} + the arena's {k} slots of {} bytes (one token's experts) need {need} bytes ({:.2} GiB); give --memory {need} or more, or a shorter --ctx, a smaller --batch, --flash-attn on or a quantized KV cache",
+            total as f64 / (1u64 << 30) as f64,
+            self.n_ctx,
+            self.budget,
+            self.stride,
+            need as f64 / (1u64 << 30) as f64
+        ))
     }
 }
 

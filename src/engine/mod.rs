@@ -47,6 +47,7 @@ use crate::io::Record;
 use crate::model_dir::ModelDir;
 use arena::Arena;
 use base::BaseWeights;
+pub use budget::MemoryFit;
 use fused::Fused;
 use io_thread::Prefetcher;
 pub use memory::{KvType, Memory, MemoryOptions, KV_PAD};
@@ -301,50 +302,42 @@ impl Engine {
         }
     }
 
-    /// `load` within a total of `total` bytes (`ArenaSize::Memory`): first what can be known
-    /// without loading (the base's bytes, the state's at --ctx, the experts' and output
-    /// graphs' bounds, the process as it stands): too little is an error here, before
-    /// anything is allocated. Then a probe: the engine with the smallest arena (top-k slots),
-    /// which sizes the attention graph of every layer at the last batch of the context on the
-    /// backend (graphs sized, not run); then dropped, and the engine loaded with the arena
-    /// what the measured parts leave. With every expert resident the one graph per batch is
-    /// sized too, and where it would not fit, batches run layer by layer instead.
-    fn load_within(dir: &Path, opts: EngineOptions, total: u64, progress: &mut dyn FnMut(u64, u64)) -> Result<Engine> {
-        let start = budget::resident_bytes();
+    /// How a total of `total` bytes splits for the model in `dir` with `opts` (its context,
+    /// batch, KV types, flash attention, threads): the budget `--memory` gives the engine, and
+    /// `sage plan --ram` and `sage tune --ram` print. First the estimate from the shapes
+    /// (`budget::estimate`); where that leaves room for one token's experts, a probe engine
+    /// with that many slots is loaded, the compute buffer of the largest batch at the end of
+    /// the context measured on its graphs (`gallocr` reserve and the CPU work buffer, not
+    /// run), the probe dropped. `resident`: the process's memory before loading
+    /// (`budget::process_bytes`; 0 counts `PROCESS_BYTES`).
+    pub fn fit_memory(dir: &Path, opts: &EngineOptions, total: u64, resident: u64) -> Result<MemoryFit> {
         let md = ModelDir::open(dir)?;
         let cfg = &md.config;
-        let mopts = memory_options(&opts, opts.flash_attn != FlashAttn::Off);
+        let mopts = memory_options(opts, opts.flash_attn != FlashAttn::Off);
         memory::check(cfg, &mopts).map_err(Error::Usage)?;
-        let layers = &md.manifest.layers;
-        let stride = arena::slot_stride(layers);
+        let stride = arena::slot_stride(&md.manifest.layers);
         let k = cfg.n_expert_used as u64;
-        let n = opts.n_batch.min(opts.n_ctx).max(1) as u64;
-        let estimate = budget::Budget {
+        let n_experts = md.manifest.layers.iter().map(|l| l.ids.len() as u64).sum();
+        let estimate = budget::estimate(
+            cfg,
             total,
-            base: md.base_bytes(),
-            state: memory::plan(cfg, &mopts).total(),
-            compute: budget::experts_graph_bytes(cfg, n)
-                .max(budget::output_graph_bytes(cfg, n))
-                .max(budget::attention_graph_bytes(cfg, n, opts.n_ctx as u64, mopts.flash_attn)),
-            activations: 5 * 4 * cfg.n_embd * opts.n_batch as u64,
-            staging: stride * (2 + k + opts.read_ahead as u64),
-            overhead: start + budget::OVERHEAD_MARGIN,
-        };
-        let too_small = |b: &budget::Budget, stride: u64, tail: u64| {
-            let need = b.fixed() + arena::arena_bytes(k, stride, tail);
-            Error::Usage(format!(
-                "--memory {total} bytes ({:.2} GiB) does not hold this model at --ctx {}: {b} + the arena's {k} slots of {stride} bytes (one token's experts) need {need} bytes ({:.2} GiB); give --memory {need} or more, or a shorter --ctx, a smaller --batch, --flash-attn on or a quantized KV cache",
-                total as f64 / (1u64 << 30) as f64,
-                opts.n_ctx,
-                need as f64 / (1u64 << 30) as f64
-            ))
-        };
-        if arena::slots_in(estimate.arena(), stride, 0) < k {
-            return Err(too_small(&estimate, stride, 0));
+            md.base_bytes(),
+            memory::plan(cfg, &mopts).total(),
+            opts.n_batch as u64,
+            opts.n_ctx as u64,
+            mopts.flash_attn,
+            stride,
+            opts.read_ahead as u64,
+            resident,
+        );
+        let fit = |budget, stride, tail, measured| MemoryFit::new(budget, stride, tail, n_experts, k, opts.n_ctx, measured);
+        if !fit(estimate, stride, 0, false).runs() {
+            return Ok(fit(estimate, stride, 0, false));
         }
         let probe_opts = EngineOptions { arena: ArenaSize::Experts(k as usize), fused: false, ..opts.clone() };
         let mut probe = Engine::load_sized(dir, probe_opts, &mut |_, _| {})?;
         let compute = probe.measure_compute()?;
+        let n = opts.n_batch.min(opts.n_ctx).max(1) as u64;
         let (stride, tail) = (
             probe.arena.stride() as u64,
             probe.arena.size() as u64 - arena::arena_bytes(k, probe.arena.stride() as u64, 0),
@@ -354,15 +347,24 @@ impl Engine {
             state: probe.memory.bytes() as u64,
             compute: (compute as u64).max(budget::experts_graph_bytes(cfg, n)).max(budget::output_graph_bytes(cfg, n)),
             activations: probe.state.buf.size() as u64,
-            staging: stride * (2 + k + opts.read_ahead as u64),
+            staging: budget::staging_bytes(cfg, stride, opts.read_ahead as u64),
             ..estimate
         };
-        drop(probe);
-        if arena::slots_in(b.arena(), stride, tail) < k {
-            return Err(too_small(&b, stride, tail));
+        Ok(fit(b, stride, tail, true))
+    }
+
+    /// `load` within a total of `total` bytes (`ArenaSize::Memory`): the split `fit_memory`
+    /// makes (too little is an error before anything large is allocated: the estimate refuses
+    /// without loading, the probe holds only one token's slots), then the engine loaded with
+    /// the arena what the measured parts leave. With every expert resident the one graph per
+    /// batch is sized too, and where it would not fit, batches run layer by layer instead.
+    fn load_within(dir: &Path, opts: EngineOptions, total: u64, progress: &mut dyn FnMut(u64, u64)) -> Result<Engine> {
+        let fit = Engine::fit_memory(dir, &opts, total, budget::resident_bytes())?;
+        if !fit.runs() {
+            return Err(fit.too_small());
         }
+        let mut b = fit.budget;
         let mut e = Engine::load_sized(dir, EngineOptions { arena: ArenaSize::Bytes(b.arena()), ..opts }, progress)?;
-        let mut b = b;
         if e.fused.is_some() {
             let one_graph = e.measure_fused()? as u64;
             if one_graph > b.compute {
@@ -707,6 +709,19 @@ impl Engine {
         let common = self.context().iter().zip(prompt).take_while(|(a, b)| a == b).count();
         let n = common.min(prompt.len().saturating_sub(1));
         self.keep(n)
+    }
+
+    /// For benchmarks only: sequence 0 holds `n` more positions (of token 0) without their
+    /// evaluation, the cache keeping what its cells hold (zeros after loading), so that the
+    /// next batches cost what they cost at that depth (`examples/bench_one.rs --depth`). Their
+    /// output means nothing.
+    #[doc(hidden)]
+    pub fn assume_evaluated(&mut self, n: usize) -> Result<()> {
+        if self.n_past() + n > self.opts.n_ctx {
+            return Err(Error::Usage(format!("a depth of {n} does not fit the context of {}", self.opts.n_ctx)));
+        }
+        self.memory.commit(0, &vec![0; n]);
+        Ok(())
     }
 
     /// Evaluate `tokens` after the current context. Returns logits for every token when

@@ -243,43 +243,47 @@ fn tune_tries_cold_copies_where_the_directory_has_them() {
     }
 }
 
-/// `sage tune --ram`: the arena is what the RAM leaves after base, KV cache and overhead (as
-/// `sage plan` counts); a RAM that leaves nothing is a clear error.
+/// `sage tune --ram X`, `sage plan --ram X` and `sage run --memory X` split X the same way, to
+/// the byte (one function, `Engine::fit_memory`): the same budget, the same arena slots; a RAM
+/// that cannot hold one token's experts is a clear error naming the smallest that can.
 #[test]
-fn tune_with_a_ram_budget() {
+fn tune_plan_and_run_agree_on_a_ram_budget() {
     let dir = tmp();
     let m = converted(dir.path(), None);
+    let ms = m.to_str().unwrap();
     let text = text(dir.path());
+    let state = ["--ctx", "32", "--batch", "1", "-t", "1"];
     let tune = |ram: &str| {
-        sage(&[
-            "tune",
-            m.to_str().unwrap(),
-            "--text",
-            text.to_str().unwrap(),
-            "--ctx",
-            "32",
-            "--ram",
-            ram,
-            "--batch",
-            "1",
-            "--biases",
-            "2",
-            "--json",
-            "-t",
-            "1",
-        ])
+        let args = ["tune", ms, "--text", text.to_str().unwrap(), "--ram", ram, "--biases", "2", "--json"];
+        sage(&[&args[..], &state[..]].concat())
+    };
+    let plan = |ram: &str| -> serde_json::Value {
+        let o = sage(&[&["plan", ms, "--ram", ram, "--disk", "1GB", "--json"][..], &state[..]].concat());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
     };
     let out = tune("1MiB");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("leaves nothing for experts"), "{err}");
-    let md = sage::model_dir::ModelDir::open(&m).unwrap();
-    let taken = md.base_bytes() + sage::plan::kv_bytes(&md.config, 32) + sage::plan::OVERHEAD_BYTES;
-    let stride = sage::engine::arena::slot_stride(&md.manifest.layers);
-    let ram = taken + sage::engine::arena::arena_bytes(5, stride, 0);
-    let out = tune(&ram.to_string());
+    assert!(err.contains("does not hold this model") && err.contains("give --memory "), "{err}");
+    // One token's experts and 3 more.
+    let p = plan("1GiB");
+    let ram = p["min_ram_bytes"].as_u64().unwrap() + 3 * p["slot_bytes"].as_u64().unwrap();
+    let rs = ram.to_string();
+    let p = plan(&rs);
+    let k = p["n_expert_used"].as_u64().unwrap();
+    assert_eq!(p["slots"].as_u64().unwrap(), k + 3, "{p}");
+    let out = tune(&rs);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["tune"]["arena_slots"], 5);
+    assert_eq!(v["tune"]["arena_slots"].as_u64().unwrap(), k + 3);
     assert!(v["flags"].as_str().unwrap().starts_with("--arena "), "{}", v["flags"]);
+    let args = ["run", ms, "--memory", &rs, "--prompt", "hello", "-n", "2", "--json"];
+    let out = sage(&[&args[..], &state[..]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let last: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    let st = &last["stats"];
+    assert_eq!(st["arena_slots"].as_u64().unwrap(), k + 3, "{st}");
+    assert_eq!(st["budget"], p["budget"], "run's budget is plan's");
 }

@@ -157,17 +157,22 @@ fn trace_commands_write_map_and_replay() {
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("none"));
 }
 
-/// `sage plan` on a config: slots = (RAM − base − KV − overhead) / slot bytes, as
-/// `sage footprint` computes base and slot; the hit rate from the fitted generator; the
-/// prediction 1 / (bytes per token / disk + weights per token / memory bandwidth); too little
-/// RAM says it does not run.
+/// `sage plan` on a config: the arena gets what `--memory` would leave it, the budget estimated
+/// from the shapes (base and slot as `sage footprint` computes them, the f16 KV cache, staging
+/// of 2 + top-k + read-ahead slots, the process at its floor); the hit rate from the fitted
+/// generator; the prediction 1 / (bytes per token / disk + weights per token / memory
+/// bandwidth); too little RAM says it does not run and what does; without flash attention a
+/// long context's scores take the compute buffer; the longest context that fits is the edge.
 #[test]
 fn plan_arithmetic_on_a_config() {
     let cfg = configs().join("qwen3-30b-a3b.config.json");
     let c = cfg.to_str().unwrap();
-    let o = sage(&["plan", c, "--ram", "8GiB", "--disk", "2GB", "--ctx", "1024", "--json"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let p: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let plan = |extra: &[&str]| -> serde_json::Value {
+        let o = sage(&[&["plan", c, "--disk", "2GB", "--json"], extra].concat());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let p = plan(&["--ram", "8GiB", "--ctx", "1024"]);
     let f = |k: &str| p[k].as_f64().unwrap_or_else(|| panic!("{k} in {p}"));
     let o = sage(&["footprint", c, "--quant", "q4_k", "--json"]);
     let fp: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -176,8 +181,16 @@ fn plan_arithmetic_on_a_config() {
     assert_eq!((f("base_bytes"), f("slot_bytes")), (base, slot));
     // 48 layers x 1024 positions x K and V x 4 heads x 128 x f16.
     assert_eq!(f("kv_bytes"), (48 * 1024 * 2 * 4 * 128 * 2) as f64);
-    let free = 8.0 * (1u64 << 30) as f64 - base - f("kv_bytes") - sage::plan::OVERHEAD_BYTES as f64;
-    assert_eq!(f("slots"), (free / slot).floor());
+    let b = &p["budget"];
+    let part = |k: &str| b[k].as_u64().unwrap_or_else(|| panic!("{k} in {b}"));
+    assert_eq!((part("total"), part("base") as f64, part("state") as f64), (8 << 30, base, f("kv_bytes")));
+    assert_eq!(part("staging") as f64, slot * (2 + 8 + 2) as f64);
+    assert_eq!(part("overhead"), sage::engine::budget::process_bytes(0));
+    let fixed: u64 = ["base", "state", "compute", "activations", "staging", "overhead"].iter().map(|k| part(k)).sum();
+    assert_eq!(f("overhead_bytes") as u64, fixed - part("base") - part("state"));
+    assert_eq!(f("slots") as u64, sage::engine::arena::slots_in((8 << 30) - fixed, slot as u64, 0));
+    assert_eq!(p["budget_source"], "estimated");
+    assert_eq!(f("min_ram_bytes") as u64, fixed + sage::engine::arena::arena_bytes(8, slot as u64, 0));
     assert_eq!(f("disk_bytes_per_s"), 2e9);
     let bpt = 48.0 * 8.0 * (1.0 - f("hit_rate")) * slot;
     assert!((f("bytes_per_token") - bpt).abs() < 1.0);
@@ -190,10 +203,22 @@ fn plan_arithmetic_on_a_config() {
     let want = Generator::fit(shape).trace(256, 1).hit_rate("lru", f("slots") as usize);
     assert_eq!(f("hit_rate"), want);
     assert!(p["hit_rate_source"].as_str().unwrap().contains("published"));
+    // Without flash attention one batch's scores at 32k: 32 heads x 512 x 32768 f32 at least.
+    let on = plan(&["--ram", "8GiB", "--ctx", "32768", "--flash-attn", "on"]);
+    let off = plan(&["--ram", "8GiB", "--ctx", "32768", "--flash-attn", "off"]);
+    let compute = |p: &serde_json::Value| p["budget"]["compute"].as_u64().unwrap();
+    assert!(compute(&off) >= 32 * 512 * 32768 * 4 && compute(&on) < 1 << 30, "{on}\n{off}");
+    assert!(off["slots"].as_u64() < on["slots"].as_u64());
+    // The longest context in 2 GiB at q8_0 K and V: it runs there, not 256 tokens further.
+    let kv = ["--ram", "2GiB", "--flash-attn", "on", "--cache-type-k", "q8_0", "--cache-type-v", "q8_0"];
+    let longest = plan(&[&kv[..], &["--longest-ctx"]].concat())["longest_ctx"].as_u64().unwrap();
+    assert!(longest > 1024 && longest % 256 == 0 && longest < 40960, "{longest}");
+    let at = |n: u64| plan(&[&kv[..], &["--ctx", &n.to_string()]].concat())["runs"].as_bool().unwrap();
+    assert!(at(longest) && !at(longest + 256));
     // 1 GiB is less than the base.
     let o = sage(&["plan", c, "--ram", "1GiB", "--disk", "2GB"]);
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success() && out.contains("does not run"), "{out}");
+    assert!(o.status.success() && out.contains("does not run") && out.contains("it needs --ram"), "{out}");
     let o = sage(&["plan", c, "--ram", "lots"]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--ram 'lots'"));
 }
@@ -210,20 +235,29 @@ fn plan_of_a_model_directory_measures_its_disk_and_reads_usage() {
     std::fs::write(&text, "The quick brown fox jumps over the lazy dog. ".repeat(40)).unwrap();
     let o = sage(&["profile", m, "--text", text.to_str().unwrap(), "-o", usage.to_str().unwrap(), "--ctx", "64"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    // Base, KV cache at 256, overhead and 5 slots of this model (at most 16 fit otherwise).
-    let md = sage::model_dir::ModelDir::open(&model_dir).unwrap();
-    let slot = md.manifest.layers[0].record_size().next_multiple_of(4096);
-    let kv = sage::plan::kv_bytes(&md.config, 256);
-    let ram = (md.base_bytes() + kv + sage::plan::OVERHEAD_BYTES + 5 * slot + 100).to_string();
-    let o = sage(&["plan", m, "--ram", &ram, "--usage", usage.to_str().unwrap(), "--ctx", "256", "--json"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let p: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    // The smallest RAM that runs at --ctx 256, and 5 slots more (at most 16 fit otherwise).
+    let plan = |ram: &str| -> serde_json::Value {
+        let o = sage(&["plan", m, "--ram", ram, "--usage", usage.to_str().unwrap(), "--ctx", "256", "--json"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    // Too little: refused from the estimate, nothing loaded; then measured.
+    let e = plan("1MiB");
+    assert!(!e["runs"].as_bool().unwrap() && e["budget_source"] == "estimated", "{e}");
+    let estimated = e["min_ram_bytes"].as_u64().unwrap();
+    let p = plan(&(estimated + (64 << 20)).to_string());
+    assert_eq!(p["budget_source"], "measured", "{p}");
+    let need = p["min_ram_bytes"].as_u64().unwrap();
+    assert!(need >= estimated, "the estimate bounds the measured need from below: {}\n{}", e["budget"], p["budget"]);
+    // 3 slots more than one token's experts.
+    let ram = need + 3 * p["slot_bytes"].as_u64().unwrap() + 100;
+    let p = plan(&ram.to_string());
     assert!(p["disk_source"].as_str().unwrap().contains("of its shards"), "{p}");
     assert!(p["disk_bytes_per_s"].as_f64().unwrap() > 0.0);
     let g = |k: &str| p[k].as_u64().unwrap_or_else(|| panic!("{k} in {p}"));
-    let free = ram.parse::<u64>().unwrap() - g("base_bytes") - g("kv_bytes") - g("overhead_bytes");
-    assert_eq!(g("slots"), free / g("slot_bytes"), "{p}");
-    assert!(p["runs"].as_bool().unwrap() && (3..16).contains(&g("slots")), "{p}");
+    assert_eq!(g("min_ram_bytes"), need);
+    assert_eq!(g("slots"), g("n_expert_used") + 3, "{p}");
+    assert!(p["runs"].as_bool().unwrap(), "{p}");
     assert!(p["hit_rate_source"].as_str().unwrap().contains("usage.json"), "{p}");
     // A model directory's compute bound is measured, and the prediction combines the two.
     assert!(p["compute_source"].as_str().unwrap().starts_with("measured"), "{p}");
