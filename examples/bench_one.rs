@@ -4,6 +4,12 @@
 //! cargo run --release --example bench_one -- llama MODEL.gguf [--no-mmap] [--no-repack] [OPTS]
 //! cargo run --release --example bench_one -- sizes MODEL_DIR
 //! OPTS: --prompt N (512) --gen N (128) --threads N (all cores) --flash-attn (both engines)
+//!       --ctk T / --ctv T (K and V cache types, f16; llama.cpp takes --ctk for both)
+//!       --ctx N (default: depth + prompt + gen + 8)
+//! sage only: --memory BYTES (a total, as sage run --memory), --memory-experts PCT (the total
+//!       that gives the arena PCT% of the experts after every other part of the budget at this
+//!       context; --fit-only prints that total and exits), --depth N (decode after N positions assumed evaluated, not computed:
+//!       Engine::assume_evaluated, the cost of a long context without its prompt)
 //!
 //! Prompt: N deterministic pseudo-random token ids, evaluated in one batch; decode: greedy, one
 //! token at a time. Both engines: f16 KV cache, graphs of at most 512 tokens, flash attention
@@ -48,7 +54,13 @@ fn main() -> anyhow::Result<()> {
     let n_gen: usize = opt("--gen").map(|s| s.parse()).transpose()?.unwrap_or(128);
     let threads: usize =
         opt("--threads").map(|s| s.parse()).transpose()?.unwrap_or(std::thread::available_parallelism()?.get());
-    let n_ctx = n_prompt + n_gen + 8;
+    let depth: usize = opt("--depth").map(|s| s.parse()).transpose()?.unwrap_or(0);
+    let n_ctx: usize = opt("--ctx").map(|s| s.parse()).transpose()?.unwrap_or(depth + n_prompt + n_gen + 8);
+    let kv = |name: &str| -> anyhow::Result<KvType> {
+        let t = opt(name).unwrap_or_else(|| "f16".into());
+        KvType::parse(&t).ok_or_else(|| anyhow::anyhow!("{name} {t}: f32, f16, bf16, q8_0 or q4_0"))
+    };
+    let (k_type, v_type) = (kv("--ctk")?, kv("--ctv")?);
     sage::ggml::route_logs();
 
     let t_load = Instant::now();
@@ -60,9 +72,10 @@ fn main() -> anyhow::Result<()> {
             serde_json::json!({"base_bytes": md.base_bytes(), "expert_bytes": md.expert_bytes(), "slot_bytes": slot})
         }
         "sage" => {
-            let arena = match opt("--arena") {
-                Some(b) => ArenaSize::Bytes(b.parse()?),
-                None => ArenaSize::All,
+            let arena = match (opt("--arena"), opt("--memory")) {
+                (Some(b), _) => ArenaSize::Bytes(b.parse()?),
+                (None, Some(b)) => ArenaSize::Memory(b.parse()?),
+                (None, None) => ArenaSize::All,
             };
             let policy = opt("--policy").unwrap_or_else(|| sage::engine::scheduler::POLICIES[0].into());
             let prefetch = !flag("--no-prefetch");
@@ -90,30 +103,43 @@ fn main() -> anyhow::Result<()> {
                 (true, _) => sage::engine::ColdUse::Upgrade,
                 _ => sage::engine::ColdUse::Off,
             };
-            let mut e = Engine::load(
-                a[2].as_ref(),
-                EngineOptions {
-                    threads,
-                    n_ctx,
-                    arena,
-                    k_type: KvType::F16,
-                    v_type: KvType::F16,
-                    flash_attn: if flag("--flash-attn") {
-                        sage::engine::FlashAttn::On
-                    } else {
-                        sage::engine::FlashAttn::Off
-                    },
-                    policy: policy.clone(),
-                    prefetch,
-                    read_ahead,
-                    load_threads,
-                    fused,
-                    arena_repack,
-                    route_trace: route_trace.map(std::sync::Arc::new),
-                    cold,
-                    ..Default::default()
+            let mut o = EngineOptions {
+                threads,
+                n_ctx,
+                arena,
+                k_type,
+                v_type,
+                flash_attn: if flag("--flash-attn") {
+                    sage::engine::FlashAttn::On
+                } else {
+                    sage::engine::FlashAttn::Off
                 },
-            )?;
+                policy: policy.clone(),
+                prefetch,
+                read_ahead,
+                load_threads,
+                fused,
+                arena_repack,
+                route_trace: route_trace.map(std::sync::Arc::new),
+                cold,
+                ..Default::default()
+            };
+            if let Some(pct) = opt("--memory-experts") {
+                let pct: f64 = pct.parse()?;
+                // The parts at this context, then the arena of PCT% of the experts on top.
+                let fit = Engine::fit_memory(a[2].as_ref(), &o, u64::MAX / 4, 0)?;
+                let slots = ((fit.n_experts as f64 * pct / 100.0).round() as u64).max(fit.n_expert_used);
+                let total = fit.budget.fixed() + sage::engine::arena::arena_bytes(slots, fit.stride, fit.tail);
+                eprintln!("{{\"memory\": {total}, \"slots\": {slots}}}");
+                if flag("--fit-only") {
+                    // For scripts that set a memory limit to this total before the run.
+                    println!("{}", serde_json::json!({"memory": total, "slots": slots, "budget": fit.budget}));
+                    return Ok(());
+                }
+                o.arena = ArenaSize::Memory(total);
+            }
+            let mut e = Engine::load(a[2].as_ref(), o)?;
+            e.assume_evaluated(depth)?;
             let load_s = t_load.elapsed().as_secs_f64();
             let prompt = prompt_ids(n_prompt, e.config.n_vocab as u32);
             let t = Instant::now();
@@ -132,7 +158,7 @@ fn main() -> anyhow::Result<()> {
             let st = e.stats().sched;
             let (hits, misses) = (st.hits - after_prompt.hits, st.misses - after_prompt.misses);
             serde_json::json!({
-                "engine": "sage", "flash_attn": e.flash_attn(), "route_trace": trace_name, "cold": cold, "cold_loads": st.cold_loads - after_prompt.cold_loads, "upgrades": st.upgrades - after_prompt.upgrades, "one_graph": e.all_resident(), "arena_repack": arena_repack, "policy": policy, "read_ahead": read_ahead, "load_threads": load_threads, "prefetch": e.stats().prefetch, "arena_bytes": e.arena_bytes(), "arena_slots": e.n_slots(),
+                "engine": "sage", "flash_attn": e.flash_attn(), "n_ctx": n_ctx, "depth": depth, "n_prompt": n_prompt, "k_type": format!("{k_type:?}"), "v_type": format!("{v_type:?}"), "budget": e.budget(), "route_trace": trace_name, "cold": cold, "cold_loads": st.cold_loads - after_prompt.cold_loads, "upgrades": st.upgrades - after_prompt.upgrades, "one_graph": e.all_resident(), "arena_repack": arena_repack, "policy": policy, "read_ahead": read_ahead, "load_threads": load_threads, "prefetch": e.stats().prefetch, "arena_bytes": e.arena_bytes(), "arena_slots": e.n_slots(),
                 "load_s": load_s,
                 "prompt_tok_s": n_prompt as f64 / prompt_s, "decode_tok_s": n_gen as f64 / decode_s,
                 "decode_hit_rate": hits as f64 / (hits + misses).max(1) as f64,
@@ -145,6 +171,7 @@ fn main() -> anyhow::Result<()> {
             })
         }
         "llama" => {
+            anyhow::ensure!(depth == 0 && opt("--memory").is_none(), "--depth and --memory are sage's only");
             let mmap = !flag("--no-mmap");
             // On the CPU llama.cpp copies every repackable matrix (q4_K: all of them) into
             // its repacking buffer by default, so with mmap it holds the mapped file's pages
@@ -157,7 +184,7 @@ fn main() -> anyhow::Result<()> {
                 n_ctx: n_ctx as u32,
                 n_batch: n_prompt as u32,
                 threads: threads as i32,
-                kv_type: sage::ggml::GgmlType::F16,
+                kv_type: k_type.ggml(),
                 // Graphs of 512 tokens, as sage's --batch.
                 n_ubatch: 512,
                 flash_attn: flag("--flash-attn"),
@@ -176,7 +203,7 @@ fn main() -> anyhow::Result<()> {
             }
             let decode_s = t.elapsed().as_secs_f64();
             serde_json::json!({
-                "engine": "llama.cpp", "flash_attn": o.flash_attn, "mmap": mmap, "repack": repack, "load_s": load_s,
+                "engine": "llama.cpp", "flash_attn": o.flash_attn, "n_ctx": n_ctx, "n_prompt": n_prompt, "kv_type": format!("{k_type:?}"), "mmap": mmap, "repack": repack, "load_s": load_s,
                 "prompt_tok_s": n_prompt as f64 / prompt_s, "decode_tok_s": n_gen as f64 / decode_s,
                 "peak_rss_bytes": peak_rss(),
             })
