@@ -65,8 +65,8 @@ struct TuneArgs {
     /// UTF-8 text to measure on (held out of anything the model was tuned on).
     #[arg(long)]
     text: PathBuf,
-    /// The memory the model may use, e.g. 8GiB: the arena is what is left after the base, the
-    /// KV cache at --ctx and an overhead (as `sage plan` counts).
+    /// The memory the model may use, e.g. 8GiB: the arena `--memory` would get (what the base,
+    /// every layer's state at --ctx, compute, staging and the process leave; as `sage plan`).
     #[arg(long, conflicts_with_all = ["arena", "arena_experts"])]
     ram: Option<String>,
     /// Most perplexity above exact routing's, e.g. 1% or 0.5%.
