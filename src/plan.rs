@@ -26,7 +26,7 @@ use serde::Serialize;
 
 use crate::config::ModelConfig;
 use crate::engine::budget::{self, Budget, MemoryFit};
-use crate::engine::{memory, EngineOptions, FlashAttn};
+use crate::engine::EngineOptions;
 use crate::error::{Error, IoContext, Result};
 use crate::footprint::{self, FootprintOptions};
 use crate::ggml::GgmlType;
@@ -191,27 +191,6 @@ pub fn predict(
     }
 }
 
-/// How `total` bytes split for a model of `cfg` that is not converted yet (a config.json):
-/// `budget::estimate` with the base's and a slot's computed bytes, the state as
-/// `engine::memory` lays it out for `opts`, flash attention `auto` counted as on (the CPU runs
-/// it), the process at `budget::PROCESS_BYTES`.
-pub fn estimate_fit(cfg: &ModelConfig, total: u64, base: u64, stride: u64, n_experts: u64, opts: &EngineOptions) -> MemoryFit {
-    let mopts = crate::engine::memory_options(opts, opts.flash_attn != FlashAttn::Off);
-    let b = budget::estimate(
-        cfg,
-        total,
-        base,
-        memory::plan(cfg, &mopts).total(),
-        opts.n_batch as u64,
-        opts.n_ctx as u64,
-        mopts.flash_attn,
-        stride,
-        opts.read_ahead as u64,
-        0,
-    );
-    MemoryFit::new(b, stride, 0, n_experts, cfg.n_expert_used as u64, opts.n_ctx, false)
-}
-
 /// The longest context (a multiple of `STEP`, at most `max`) for which `fits` says the model
 /// runs, by bisection (`fits` is monotone: a longer context never needs less); 0 if not even
 /// `STEP` does.
@@ -264,7 +243,8 @@ pub fn plan(path: &Path, opts: &PlanOptions) -> Result<Plan> {
         if is_dir {
             crate::engine::Engine::fit_memory(path, &with_ctx(n_ctx), opts.ram, 0)
         } else {
-            Ok(estimate_fit(cfg, opts.ram, base_bytes, slot_bytes, fp.n_experts, &with_ctx(n_ctx)))
+            // Not converted yet: the estimate from the shapes, the process at its floor.
+            Ok(budget::estimate_fit(cfg, &with_ctx(n_ctx), opts.ram, base_bytes, slot_bytes, fp.n_experts, 0))
         }
     };
     let fit = fit_at(opts.engine.n_ctx as u64)?;

@@ -68,6 +68,35 @@ pub fn activation_bytes(cfg: &ModelConfig, n_batch: u64) -> u64 {
     n * 4 * cfg.n_embd * n_batch
 }
 
+/// `estimate` for a model of `cfg` run with `opts`, split into slots of `stride` bytes: the
+/// state as `engine::memory` lays it out for `opts` (flash attention `auto` counted as on),
+/// the process at `resident` (`process_bytes`). The check before loading (`Engine::fit_memory`)
+/// and `sage plan`'s figures for a config.json.
+pub fn estimate_fit(
+    cfg: &ModelConfig,
+    opts: &crate::engine::EngineOptions,
+    total: u64,
+    base: u64,
+    stride: u64,
+    n_experts: u64,
+    resident: u64,
+) -> MemoryFit {
+    let mopts = crate::engine::memory_options(opts, opts.flash_attn != crate::engine::FlashAttn::Off);
+    let b = estimate(
+        cfg,
+        total,
+        base,
+        crate::engine::memory::plan(cfg, &mopts).total(),
+        opts.n_batch as u64,
+        opts.n_ctx as u64,
+        mopts.flash_attn,
+        stride,
+        opts.read_ahead as u64,
+        resident,
+    );
+    MemoryFit::new(b, stride, 0, n_experts, cfg.n_expert_used as u64, opts.n_ctx, false)
+}
+
 /// Expert records on their way from disk: the staging record, one token's prefetch buffers
 /// and the read-ahead, `2 + n_expert_used + read_ahead` slots of `stride` bytes.
 pub fn staging_bytes(cfg: &ModelConfig, stride: u64, read_ahead: u64) -> u64 {

@@ -318,22 +318,11 @@ impl Engine {
         let stride = arena::slot_stride(&md.manifest.layers);
         let k = cfg.n_expert_used as u64;
         let n_experts = md.manifest.layers.iter().map(|l| l.ids.len() as u64).sum();
-        let estimate = budget::estimate(
-            cfg,
-            total,
-            md.base_bytes(),
-            memory::plan(cfg, &mopts).total(),
-            opts.n_batch as u64,
-            opts.n_ctx as u64,
-            mopts.flash_attn,
-            stride,
-            opts.read_ahead as u64,
-            resident,
-        );
-        let fit = |budget, stride, tail, measured| MemoryFit::new(budget, stride, tail, n_experts, k, opts.n_ctx, measured);
-        if !fit(estimate, stride, 0, false).runs() {
-            return Ok(fit(estimate, stride, 0, false));
+        let estimated = budget::estimate_fit(cfg, opts, total, md.base_bytes(), stride, n_experts, resident);
+        if !estimated.runs() {
+            return Ok(estimated);
         }
+        let estimate = estimated.budget;
         let probe_opts = EngineOptions { arena: ArenaSize::Experts(k as usize), fused: false, ..opts.clone() };
         let mut probe = Engine::load_sized(dir, probe_opts, &mut |_, _| {})?;
         let compute = probe.measure_compute()?;
@@ -350,7 +339,7 @@ impl Engine {
             staging: budget::staging_bytes(cfg, stride, opts.read_ahead as u64),
             ..estimate
         };
-        Ok(fit(b, stride, tail, true))
+        Ok(MemoryFit::new(b, stride, tail, n_experts, k, opts.n_ctx, true))
     }
 
     /// `load` within a total of `total` bytes (`ArenaSize::Memory`): the split `fit_memory`
