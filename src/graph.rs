@@ -148,25 +148,22 @@ impl<'a> LayerInput<'a> {
         let (row_k, row_v) = (kc.nb()[1], vc.nb()[1]);
         let head = |t: GgmlType| t.row_size(hd as u64).expect("heads checked against the cache type") as usize;
         let (k2, v2) = (ctx.reshape_2d(k, hd * nkv, n), ctx.reshape_2d(v, hd * nkv, n));
-        let mut stores = Vec::with_capacity(2 * kv.stores.len());
-        for &(cell, first, len) in kv.stores {
-            let len_i = len as i64;
-            let piece = |t: Tensor<'a>| {
-                if first == 0 && len_i == n {
-                    t
+        // K (and V with flash attention) by row index; a transposed V (f32 or f16 only) by
+        // copies into views of its columns, a piece per run of cells.
+        let mut stores = vec![ctx.set_rows(kc, k2, kv.cells)];
+        if kv.v_trans {
+            let esz = vc.nb()[0];
+            for &(cell, first, len) in kv.stores {
+                let len_i = len as i64;
+                let src = if first == 0 && len_i == n {
+                    ctx.transpose(v)
                 } else {
-                    ctx.view_2d(t, hd * nkv, len_i, t.nb()[1], first * t.nb()[1])
-                }
-            };
-            stores.push(ctx.cpy(piece(k2), ctx.view_2d(kc, hd * nkv, len_i, row_k, cell * row_k)));
-            let v_store = if kv.v_trans {
-                let esz = vc.nb()[0];
-                let src = if first == 0 && len_i == n { ctx.transpose(v) } else { ctx.transpose(piece(v2)) };
-                ctx.cpy(src, ctx.view_2d(vc, len_i, hd * nkv, row_v, cell * esz))
-            } else {
-                ctx.cpy(piece(v2), ctx.view_2d(vc, hd * nkv, len_i, row_v, cell * row_v))
-            };
-            stores.push(v_store);
+                    ctx.transpose(ctx.view_2d(v2, hd * nkv, len_i, v2.nb()[1], first * v2.nb()[1]))
+                };
+                stores.push(ctx.cpy(src, ctx.view_2d(vc, len_i, hd * nkv, row_v, cell * esz)));
+            }
+        } else {
+            stores.push(ctx.set_rows(vc, v2, kv.cells));
         }
         let kview = ctx.view_3d(kc, [hd, n_kv, nkv], row_k, head(kv.k_type), 0);
         let scale = 1.0 / (hd as f32).sqrt();

@@ -254,6 +254,20 @@ pub struct KindBatch {
     pub mask: Vec<f32>,
 }
 
+impl KindBatch {
+    /// The cell each token of the batch is stored in, in batch order (`stores` unrolled):
+    /// the row indices of the K and V stores.
+    pub fn cells(&self) -> Vec<i64> {
+        let mut cells = vec![0i64; self.stores.iter().map(|&(_, first, len)| first + len).max().unwrap_or(0)];
+        for &(cell, first, len) in &self.stores {
+            for (i, c) in cells[first..first + len].iter_mut().enumerate() {
+                *c = (cell + i) as i64;
+            }
+        }
+        cells
+    }
+}
+
 /// One layer's cache as the layer graph sees it for a batch.
 pub struct LayerKv<'a> {
     /// K [n_embd_kv, cells] (this sequence's stream); V the same with flash attention, else
@@ -265,6 +279,11 @@ pub struct LayerKv<'a> {
     pub v_trans: bool,
     pub n_kv: usize,
     pub stores: &'a [(usize, usize, usize)],
+    /// The cell of each token of the batch (`KindBatch::cells`, i64 [n]): K, and V with flash
+    /// attention, are stored by row index there (`ggml_set_rows`, as llama.cpp stores them; a
+    /// copy into a view at a cell's offset is not one a quantized cache's rows allow on every
+    /// backend: Vulkan addresses such a view in whole blocks from an aligned base).
+    pub cells: Tensor<'a>,
     /// The batch's mask for this layer's kind ([n_kv, n] f32; f16 with flash attention).
     pub mask: Tensor<'a>,
     pub flash_attn: bool,
@@ -473,7 +492,7 @@ impl Memory {
     }
 
     /// Layer `il`'s cache for a batch of sequence `seq`, in graph context `ctx`, with the
-    /// batch's mask for its kind.
+    /// batch's mask and store cells for its kind.
     pub fn layer<'a>(
         &'a self,
         ctx: &'a Context,
@@ -481,6 +500,7 @@ impl Memory {
         seq: usize,
         b: &'a BatchPlan,
         mask: Tensor<'a>,
+        cells: Tensor<'a>,
     ) -> LayerKv<'a> {
         let kb = &b.kinds[self.kind_of(il)];
         let stream = |t: Tensor<'a>| {
@@ -501,6 +521,7 @@ impl Memory {
             v_trans: !self.opts.flash_attn,
             n_kv: kb.n_kv,
             stores: &kb.stores,
+            cells,
             mask,
             flash_attn: self.opts.flash_attn,
             rot_k: self.rot.0.map(|i| self.set.get(i)),

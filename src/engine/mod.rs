@@ -123,14 +123,15 @@ impl Runner {
     }
 }
 
-/// A batch's inputs: token ids, positions and a mask per kind of layer state ([n_kv, n],
-/// `memory::BatchPlan`; f16 with flash attention, as llama.cpp makes it), the same for every
-/// layer of that kind.
+/// A batch's inputs: token ids, positions and per kind of layer state a mask ([n_kv, n],
+/// `memory::BatchPlan`; f16 with flash attention, as llama.cpp makes it) and the cells its
+/// K and V go to (i64 [n]), the same for every layer of that kind.
 struct Inputs<'a> {
     ctx: &'a Context,
     ids: Tensor<'a>,
     pos: Tensor<'a>,
     masks: Vec<Tensor<'a>>,
+    cells: Vec<Tensor<'a>>,
     plan: &'a memory::BatchPlan,
 }
 
@@ -150,7 +151,16 @@ impl<'a> Inputs<'a> {
                 m
             })
             .collect();
-        Inputs { ctx, ids, pos, masks, plan }
+        let cells = plan
+            .kinds
+            .iter()
+            .map(|_| {
+                let c = ctx.new_tensor(GgmlType::I64, &[n]);
+                c.set_input();
+                c
+            })
+            .collect();
+        Inputs { ctx, ids, pos, masks, cells, plan }
     }
 
     /// What the family's graph of layer `il` starts from, with the residual stream `x`.
@@ -162,7 +172,8 @@ impl<'a> Inputs<'a> {
         il: u32,
         x: Tensor<'a>,
     ) -> LayerInput<'a> {
-        let kv = mem.layer(self.ctx, il, 0, self.plan, self.masks[mem.kind_of(il)]);
+        let kind = mem.kind_of(il);
+        let kv = mem.layer(self.ctx, il, 0, self.plan, self.masks[kind], self.cells[kind]);
         LayerInput { ctx: self.ctx, cfg, w: base.layer(il), x, pos: self.pos, kv }
     }
 
@@ -185,6 +196,11 @@ impl<'a> Inputs<'a> {
                 t.write(0, &bytes);
             } else {
                 t.write_f32(&k.mask);
+            }
+        }
+        for (t, k) in self.cells.iter().zip(&self.plan.kinds) {
+            if t.is_allocated() {
+                t.write_i64(&k.cells());
             }
         }
     }

@@ -145,6 +145,10 @@ impl<'c> Tensor<'c> {
         self.write(0, bytemuck::cast_slice(v));
     }
 
+    pub fn write_i64(&self, v: &[i64]) {
+        self.write(0, bytemuck::cast_slice(v));
+    }
+
     /// Read `n` f32 values from the start of the tensor's data.
     pub fn read_f32(&self, n: usize) -> Vec<f32> {
         assert!(self.is_allocated() && n * 4 <= self.nbytes());
@@ -264,6 +268,11 @@ impl Context {
     }
     pub fn cont<'a>(&'a self, a: Tensor<'a>) -> Tensor<'a> {
         op!(self, sys::ggml_cont(self.c(), a.ptr.as_ptr()))
+    }
+    /// Row i of `b` [ne0, n] (f32) into row `rows[i]` of `a` [ne0, ..] (converting to `a`'s
+    /// type), `rows` an i64 [n]; the result aliases `a`. llama.cpp stores K and V this way.
+    pub fn set_rows<'a>(&'a self, a: Tensor<'a>, b: Tensor<'a>, rows: Tensor<'a>) -> Tensor<'a> {
+        op!(self, sys::ggml_set_rows(self.c(), a.ptr.as_ptr(), b.ptr.as_ptr(), rows.ptr.as_ptr()))
     }
     /// Copy `a` into `b` (converting type); the result aliases `b`.
     pub fn cpy<'a>(&'a self, a: Tensor<'a>, b: Tensor<'a>) -> Tensor<'a> {

@@ -29,6 +29,7 @@ impl GgmlType {
     /// ggml's 8-bit integer type (used for raw byte regions).
     pub const I8: GgmlType = GgmlType(sys::GGML_TYPE_I8);
     pub const I32: GgmlType = GgmlType(sys::GGML_TYPE_I32);
+    pub const I64: GgmlType = GgmlType(sys::GGML_TYPE_I64);
 
     /// The type with this raw id, if this ggml build knows it as a weight type: not a removed
     /// type, and not one of the intermediates of its dot products (q8_1, q8_K), which no
