@@ -36,25 +36,7 @@ B=target/release/examples/bench_one
 CG=/sys/fs/cgroup/memory/sage-bench-$$
 trap 'rmdir "$CG" 2>/dev/null || true' EXIT
 
-drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
-
-# run LIMIT|none NAME CMD...: one JSON line with the limit, the cgroup's peak and OOM kills.
-run() {
-    local limit=$1 name=$2; shift 2
-    case " ${RUNS:-$name} " in *" $name "*) ;; *) return 0;; esac
-    drop_caches
-    mkdir -p "$CG"
-    if [ "$limit" != none ]; then echo "$limit" > "$CG/memory.limit_in_bytes"; fi
-    local out rc=0
-    out=$(timeout "$TIMEOUT" sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$CG" "$@" 2>/tmp/sage-bench-err) || rc=$?
-    local peak oom
-    peak=$(cat "$CG/memory.max_usage_in_bytes")
-    oom=$(awk '/^oom_kill /{print $2}' "$CG/memory.oom_control")
-    rmdir "$CG"
-    [ -n "$out" ] || out=null
-    echo "{\"run\": \"$name\", \"limit\": \"$limit\", \"cgroup_peak\": $peak, \"oom_kills\": ${oom:-0}, \"exit\": $rc, \"result\": $out}"
-    if [ "$rc" != 0 ]; then tail -3 /tmp/sage-bench-err >&2; fi
-}
+. bench/lib.sh
 
 num() { grep -o "\"$1\": *[0-9.e+-]*" | head -1 | sed 's/.*: *//'; }
 
