@@ -26,7 +26,7 @@ const FAMILIES: [(&str, &str); 5] = [
 ];
 
 /// The prompts of a reference file: (name, ids).
-fn prompts(reference: &str) -> Vec<(String, Vec<i32>)> {
+pub(crate) fn prompts(reference: &str) -> Vec<(String, Vec<i32>)> {
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixtures().join(format!("{reference}.json"))).unwrap()).unwrap();
     let bytes = std::fs::read(fixtures().join(format!("{reference}.safetensors"))).unwrap();
@@ -44,7 +44,7 @@ fn prompts(reference: &str) -> Vec<(String, Vec<i32>)> {
         .collect()
 }
 
-fn converted(dir: &Path, fixture: &str, ty: GgmlType) -> (PathBuf, PathBuf) {
+pub(crate) fn converted(dir: &Path, fixture: &str, ty: GgmlType) -> (PathBuf, PathBuf) {
     let out = dir.join(format!("{fixture}-{ty}"));
     convert(&fixtures().join(fixture), &out, &opts(Some(ty))).unwrap();
     let gguf = dir.join(format!("{fixture}-{ty}.gguf"));
@@ -52,7 +52,7 @@ fn converted(dir: &Path, fixture: &str, ty: GgmlType) -> (PathBuf, PathBuf) {
     (out, gguf)
 }
 
-fn llama_kv(t: KvType) -> KvCacheType {
+pub(crate) fn llama_kv(t: KvType) -> KvCacheType {
     match t {
         KvType::F32 => KvCacheType::F32,
         KvType::F16 => KvCacheType::F16,
