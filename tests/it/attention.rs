@@ -17,7 +17,7 @@ use sage::merge::merge;
 use crate::util::*;
 
 /// The families' fixtures and their references (prompt ids only are used here).
-const FAMILIES: [(&str, &str); 5] = [
+pub(crate) const FAMILIES: [(&str, &str); 5] = [
     ("tiny-qwen3moe", "reference"),
     ("tiny-mixtral", "reference-mixtral"),
     ("tiny-olmoe", "reference-olmoe"),
@@ -63,7 +63,7 @@ pub(crate) fn llama_kv(t: KvType) -> KvCacheType {
 }
 
 /// The KV types a model's heads can be cached in (q8_0 and q4_0 store a head in blocks of 32).
-fn kv_types(head_dim: u64) -> Vec<KvType> {
+pub(crate) fn kv_types(head_dim: u64) -> Vec<KvType> {
     [KvType::F16, KvType::Q8_0, KvType::Q4_0].into_iter().filter(|t| head_dim % t.ggml().block_size() == 0).collect()
 }
 
@@ -139,7 +139,7 @@ fn flash_attention_matches_llama_cpp(fixture: &str, reference: &str) {
 /// CPU the kernel accumulates KQ·V in f16 for an f16 V, so the order shows: measured up to
 /// 6.0e-2 (chat prompt, batches of 3, from position 62 on), 0 for a single batch and token by
 /// token. The window itself is held exactly by `window_kv_equals_full_length_kv`.
-const WINDOW_CELL_ORDER_TOL: f32 = 0.1;
+pub(crate) const WINDOW_CELL_ORDER_TOL: f32 = 0.1;
 
 /// Where a streaming arena's last-bit differences in a layer's output move a cached value
 /// across a rounding step of the cache's type, the logits after it move by about that step:
@@ -147,7 +147,7 @@ const WINDOW_CELL_ORDER_TOL: f32 = 0.1;
 /// (measured: olmoe q8_0 3.9e-3). As elsewhere, one position of a prompt may move by a q8
 /// activation rounding step (`util::close_but_one_rounding_step`: measured 3.1e-2, mixtral
 /// f16 KV token by token; 3.2e-2 qwen3moe q4_0 KV).
-fn kv_step_tol(t: KvType) -> f32 {
+pub(crate) fn kv_step_tol(t: KvType) -> f32 {
     match t {
         KvType::F32 => 1e-4,
         KvType::F16 | KvType::BF16 => F16_KV_STEP_TOL,
