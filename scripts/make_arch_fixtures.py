@@ -317,7 +317,9 @@ def expert_counts(model, router_cls, prompt_ids):
     hooks = []
     for name, mod in model.named_modules():
         if isinstance(mod, router_cls):
-            layer = int(name.split(".")[2])
+            # "model.layers.N.mlp.gate", or "model.language_model.layers.N.mlp.gate"
+            parts = name.split(".")
+            layer = int(parts[parts.index("layers") + 1])
             counts[layer] = Counter()
 
             def hook(_m, _inp, out, layer=layer):
@@ -383,7 +385,7 @@ def build(spec):
 
     cfg = spec["config"](raw)
     model = spec["model_cls"](cfg)
-    randomize(model, spec["seed"])
+    spec.get("randomize", randomize)(model, spec["seed"])
     model.eval()
     model.to(torch.bfloat16).save_pretrained(out_dir, safe_serialization=True)
     del model
@@ -391,10 +393,11 @@ def build(spec):
     # The reference comes from the committed files, loaded fresh in f32: casting the in-memory
     # model to bf16 and back would also have rounded RoPE's inv_freq buffer.
     model = spec["model_cls"].from_pretrained(
-        out_dir, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager")
+        out_dir, dtype=spec.get("ref_dtype", torch.float32), attn_implementation="eager", experts_implementation="eager")
     model.eval()
     cfg = model.config
-    n_experts = cfg.num_local_experts if arch == "mixtral" else cfg.num_experts
+    text_cfg = cfg.get_text_config()
+    n_experts = text_cfg.num_local_experts if arch == "mixtral" else text_cfg.num_experts
     tok = AutoTokenizer.from_pretrained(out_dir)
 
     chat_text = tok.apply_chat_template(CHAT_MESSAGES, add_generation_prompt=True, tokenize=False)
@@ -405,7 +408,7 @@ def build(spec):
         ids = tok(text, add_special_tokens=add_special).input_ids
         raw_ids = raw.encode(text, add_special_tokens=add_special).ids
         assert ids == raw_ids, (arch, name, ids, raw_ids)  # AutoTokenizer and tokenizer.json agree here
-        assert max(ids) < cfg.vocab_size
+        assert max(ids) < text_cfg.vocab_size
         full = logits_for(model, ids)
         pooled = pooled_logits(model, ids, spec["pool"], spec["router_cls"], n_experts, spec["renormalize"])
         same = pooled_logits(model, ids, list(range(n_experts)), spec["router_cls"], n_experts,
@@ -424,7 +427,7 @@ def build(spec):
         all_ids.append(ids)
 
     tokenize = []
-    for s in TOKENIZE_COMMON + SPECIAL_STRINGS[arch]:
+    for s in TOKENIZE_COMMON + SPECIAL_STRINGS.get(arch, SPECIAL_STRINGS["qwen2moe"]):
         assert unicodedata.is_normalized("NFC", s), s
         ids = tok(s, add_special_tokens=False).input_ids
         entry = {"text": s, "ids": ids, "decode": tok.decode(ids),
@@ -436,17 +439,17 @@ def build(spec):
 
     ref_path = os.path.join(ROOT, f"reference-{arch}.safetensors")
     save_file(ref, ref_path)
-    conf = {k: getattr(cfg, k) for k in CONFIG_KEYS if hasattr(cfg, k)}
+    conf = {k: getattr(text_cfg, k) for k in spec.get("config_keys", CONFIG_KEYS) if hasattr(text_cfg, k)}
     meta = {
         "arch": arch, "model_dir": spec["dir"], "architecture": type(model).__name__,
-        "prompts": meta_prompts, "pool": spec["pool"], "n_vocab": cfg.vocab_size,
+        "prompts": meta_prompts, "pool": spec["pool"], "n_vocab": text_cfg.vocab_size,
         "n_experts": n_experts, "tokenizer_size": raw.get_vocab_size(with_added_tokens=True),
         "config": conf, "versions": versions(), "chat_prompt": chat_text,
         "chat_messages": CHAT_MESSAGES,
         "special_token_ids": {t: raw.token_to_id(t) for t in
                               [tok.bos_token, tok.eos_token, tok.unk_token, tok.pad_token] if t is not None},
         "tokenize": tokenize,
-        "tokenizer_note": TOKENIZER_NOTES[arch],
+        "tokenizer_note": spec.get("tokenizer_note") or TOKENIZER_NOTES[arch],
         "tolerance_note": "transformers f32, eager attention, eager experts; pool logits: router logits "
                           "outside the pool set to -inf before the softmax",
     }
@@ -456,7 +459,7 @@ def build(spec):
     # Verify: a fresh load of the committed checkpoint reproduces the stored logits.
     del model
     again = spec["model_cls"].from_pretrained(
-        out_dir, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager").eval()
+        out_dir, dtype=spec.get("ref_dtype", torch.float32), attn_implementation="eager", experts_implementation="eager").eval()
     stored = load_file(ref_path)
     d = (logits_for(again, stored["fox.ids"].tolist()) - stored["fox.logits"]).abs().max().item()
     assert d < 1e-6, (arch, "reload differs", d)
@@ -466,8 +469,9 @@ def build(spec):
         assert used >= min(n_experts, 4), (arch, layer, "degenerate routing", c)
 
     with safe_open(os.path.join(out_dir, "model.safetensors"), "pt") as f:
-        layer0 = sorted(k for k in f.keys() if k.startswith("model.layers.0."))
-        others = sorted(k for k in f.keys() if not k.startswith("model.layers."))
+        layers = spec.get("layers_prefix", "model.layers.")
+        layer0 = sorted(k for k in f.keys() if k.startswith(layers + "0."))
+        others = sorted(k for k in f.keys() if not k.startswith(layers))
     print(f"== {arch}: reload max diff {d:.2e}; max |logit| "
           f"{max(ref[f'{n}.logits'].abs().max().item() for n, _, _ in prompts):.3f}")
     for layer, c in sorted(counts.items()):

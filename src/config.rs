@@ -54,6 +54,47 @@ pub struct ModelConfig {
     pub expert_bias: bool,
     /// The experts' gated activation.
     pub expert_act: ExpertAct,
+    /// Dimensions of each head RoPE rotates, from the first (partial RoPE); `head_dim` for all.
+    pub n_rot: u64,
+    /// M-RoPE's sections (frequencies per position component, `ggml_rope_multi`); None: RoPE
+    /// by `ggml_rope_ext`. Text positions are equal in every component.
+    pub rope_sections: Option<[i32; 4]>,
+    /// Per layer, whether it is a linear-attention layer with a recurrent state instead of a
+    /// KV cache (empty: none is).
+    pub recurrent_layers: Vec<bool>,
+    /// The recurrent layers' sizes; None when the model has none.
+    pub ssm: Option<Ssm>,
+}
+
+/// A Gated-DeltaNet layer's sizes, named as llama.cpp's `ssm.*` keys: `n_group` key heads and
+/// `dt_rank` value heads of `d_state` values each (llama.cpp requires the key and value head
+/// sizes equal), a causal convolution of `d_conv` taps over q, k and v.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Ssm {
+    pub d_conv: u64,
+    pub d_state: u64,
+    pub n_group: u32,
+    pub dt_rank: u32,
+}
+
+impl Ssm {
+    /// Width of the value heads together (`ssm.inner_size`).
+    pub fn d_inner(&self) -> u64 {
+        self.d_state * self.dt_rank as u64
+    }
+    /// Channels of the convolution: q, k and v.
+    pub fn conv_channels(&self) -> u64 {
+        2 * self.d_state * self.n_group as u64 + self.d_inner()
+    }
+    /// f32 values of one sequence's convolution window (the last `d_conv - 1` inputs).
+    pub fn conv_state(&self) -> u64 {
+        (self.d_conv - 1) * self.conv_channels()
+    }
+    /// f32 values of one sequence's delta-rule state: a `d_state` × `d_state` matrix per value
+    /// head.
+    pub fn delta_state(&self) -> u64 {
+        self.d_state * self.d_state * self.dt_rank as u64
+    }
 }
 
 /// YaRN's parameters (transformers' `rope_parameters` of type `yarn`; llama.cpp's
@@ -111,6 +152,11 @@ impl ModelConfig {
         }
     }
 
+    /// Whether layer `il` is a linear-attention layer with a recurrent state.
+    pub fn is_recurrent(&self, il: u32) -> bool {
+        self.recurrent_layers.get(il as usize) == Some(&true)
+    }
+
     /// Whether layer `il` attends over the sliding window only.
     pub fn is_swa(&self, il: u32) -> bool {
         self.n_swa > 0 && self.swa_layers.get(il as usize) == Some(&true)
@@ -121,7 +167,7 @@ impl ModelConfig {
     /// (ggml multiplies in YaRN's magnitude scale 0.1 ln(factor) + 1 itself).
     pub fn rope_params(&self, mode: i32) -> crate::ggml::RopeParams {
         let plain = crate::ggml::RopeParams {
-            n_dims: self.head_dim as i32,
+            n_dims: self.n_rot as i32,
             mode,
             n_ctx_orig: self.n_ctx_train.min(i32::MAX as u64) as i32,
             freq_base: self.rope_theta,
@@ -301,6 +347,10 @@ impl HfConfig<'_> {
             yarn,
             expert_bias: false,
             expert_act: ExpertAct::SwiGlu,
+            n_rot: head_dim,
+            rope_sections: None,
+            recurrent_layers: Vec::new(),
+            ssm: None,
         };
         if let Some((name, x)) = cfg.bad_float() {
             let keys: &[&str] = if name == "rms_eps" { &["rms_norm_eps"] } else { &["rope_theta"] };
@@ -497,6 +547,9 @@ impl ModelConfig {
         if self.n_swa > 0 {
             kv.push((k(K_SLIDING_WINDOW), u32v(self.n_swa)));
         }
+        if self.n_rot != self.head_dim {
+            kv.push((k(K_ROPE_DIMENSION_COUNT), u32v(self.n_rot)));
+        }
         arch.gguf_kv(self, &mut kv);
         for (key, v) in &kv {
             g.set(key, v).map_err(|e| Error::Usage(e.to_string()))?;
@@ -543,7 +596,12 @@ impl ModelConfig {
             yarn: None,
             expert_bias: false,
             expert_act: ExpertAct::SwiGlu,
+            n_rot: 0,
+            rope_sections: None,
+            recurrent_layers: Vec::new(),
+            ssm: None,
         };
+        cfg.n_rot = k.opt_u64(K_ROPE_DIMENSION_COUNT)?.unwrap_or(cfg.head_dim);
         cfg.yarn = match g.get(&k.key(K_ROPE_SCALING_TYPE)) {
             None => None,
             Some(GgufValue::Str(t))

@@ -949,6 +949,10 @@ mod tests {
             yarn: None,
             expert_bias: false,
             expert_act: crate::config::ExpertAct::SwiGlu,
+            n_rot: n_embd / 2,
+            rope_sections: None,
+            recurrent_layers: Vec::new(),
+            ssm: None,
         }
     }
 

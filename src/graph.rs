@@ -4,9 +4,11 @@
 //! its router), and the output. A family's layer graph (`Arch::build_layer`) is made of these.
 
 use crate::config::{ExpertAct, ModelConfig};
-use crate::engine::memory::LayerKv;
+use crate::engine::memory::{LayerKv, LayerRs, LayerState};
 use crate::ggml::{Context, GgmlType, Tensor, TensorSet};
-use crate::names::{ATTN_OUT, ATTN_POST_NORM, FFN_GATE_INP, FFN_GATE_INP_BIAS, FFN_NORM};
+use crate::names::{
+    ATTN_OUT, ATTN_POST_NORM, FFN_GATE_INP, FFN_GATE_INP_BIAS, FFN_NORM, SSM_A, SSM_CONV1D, SSM_DT, SSM_NORM, SSM_OUT,
+};
 
 /// llama.cpp's RoPE modes (`GGML_ROPE_TYPE_*` in ggml.h, macros bindgen skips): "normal"
 /// rotates adjacent pairs (llama), NEOX the two halves of each head (Qwen, OLMoE).
@@ -60,10 +62,14 @@ pub struct LayerInput<'a> {
     pub x: Tensor<'a>,
     /// Positions (i32 [n]).
     pub pos: Tensor<'a>,
-    /// The layer's cache for this batch (`engine::memory`): its tensors, where the batch's K
-    /// and V go, the cells attended over and the mask of the layer's kind (a sliding layer's
-    /// masks everything outside its window).
-    pub kv: LayerKv<'a>,
+    /// The positions for M-RoPE (i32 [4 n]: each of the four components in turn, text
+    /// positions equal in the first three, 0 in the fourth, as llama.cpp expands them), where
+    /// the model has M-RoPE sections.
+    pub pos_multi: Option<Tensor<'a>>,
+    /// The layer's state for this batch (`engine::memory`): a KV cache (its tensors, where the
+    /// batch's K and V go, the cells attended over and the mask of the layer's kind: a sliding
+    /// layer's masks everything outside its window), or a recurrent state.
+    pub state: LayerState<'a>,
 }
 
 /// What some families add to attention (`LayerInput::attend_with`).
@@ -74,6 +80,9 @@ pub struct Attention<'a> {
     pub sinks: Option<Tensor<'a>>,
     /// A bias on the output projection.
     pub o_bias: Option<Tensor<'a>>,
+    /// An output gate ([head_dim * n_head, n]): sigmoid(gate) multiplies the heads' output
+    /// before the output projection (Qwen3.5's and Qwen3-Next's gated attention).
+    pub o_gate: Option<Tensor<'a>>,
 }
 
 /// A layer's graph up to the routed experts.
@@ -117,6 +126,78 @@ impl<'a> LayerInput<'a> {
         self.ctx.rope(t, self.pos, &self.cfg.rope_params(mode))
     }
 
+    /// M-RoPE of `t` [head_dim, heads, n] at the batch's positions in the model's sections,
+    /// in `mode` (`ggml::ROPE_TYPE_IMROPE`).
+    pub fn rope_multi(&self, t: Tensor<'a>, mode: i32) -> Tensor<'a> {
+        let sections = self.cfg.rope_sections.expect("a model with M-RoPE has its sections");
+        let pos = self.pos_multi.expect("a model with M-RoPE has its positions");
+        self.ctx.rope_multi(t, pos, sections, &self.cfg.rope_params(mode))
+    }
+
+    /// The layer's KV cache.
+    fn kv(&self) -> &LayerKv<'a> {
+        match &self.state {
+            LayerState::Kv(kv) => kv,
+            LayerState::Recurrent(_) => panic!("layer {} is a recurrent layer, not an attention layer", self.w.il),
+        }
+    }
+
+    /// The residual `x` plus a layer's attention output `o` [n_embd, n], then the FFN norm,
+    /// with the stores that update the layer's state.
+    pub fn residual(&self, o: Tensor<'a>, stores: Vec<Tensor<'a>>) -> PreMoe<'a> {
+        let ffn_inp = self.ctx.add(o, self.x);
+        let normed = self.norm(ffn_inp, self.w.ffn_norm());
+        PreMoe { stores, ffn_inp, normed, shared: None }
+    }
+
+    /// A Gated-DeltaNet linear-attention layer over its recurrent state, as llama.cpp's
+    /// qwen35moe / qwen3next graphs compute it: `qkv` [conv channels, n] (q, k, v of every
+    /// head, value heads in llama.cpp's tiled order) through the causal convolution over the
+    /// kept window and silu; q and k L2-normalized per head; the gated delta rule with gate
+    /// softplus(`alpha` + dt) · a and beta sigmoid(`beta`) ([value heads, n] each) from the
+    /// state; its output through the gated RMS norm (norm · silu(`z`), `z` [value heads ·
+    /// d_state, n]) and the output projection; the residual and the FFN norm. The last
+    /// `d_conv - 1` inputs and the new state are stored back.
+    pub fn delta_net(&self, qkv: Tensor<'a>, z: Tensor<'a>, beta: Tensor<'a>, alpha: Tensor<'a>) -> PreMoe<'a> {
+        let (ctx, w) = (self.ctx, &self.w);
+        let rs: &LayerRs<'a> = match &self.state {
+            LayerState::Recurrent(rs) => rs,
+            LayerState::Kv(_) => panic!("layer {} is an attention layer, not a recurrent one", w.il),
+        };
+        let s = self.cfg.ssm.expect("a model with recurrent layers has their sizes");
+        let n = self.x.ne()[1];
+        let (hd, nk, nv) = (s.d_state as i64, s.n_group as i64, s.dt_rank as i64);
+        let (ch, k_conv) = (s.conv_channels() as i64, s.d_conv as i64);
+        let beta = ctx.sigmoid(ctx.reshape_4d(beta, [1, nv, n, 1]));
+        let g = ctx.mul(ctx.softplus(ctx.add(ctx.reshape_3d(alpha, nv, n, 1), w.get(SSM_DT))), w.get(SSM_A));
+        let g = ctx.reshape_4d(g, [1, nv, n, 1]);
+        // The convolution's input: the kept window, then this batch, along ne0.
+        let window = ctx.reshape_3d(rs.conv, k_conv - 1, ch, 1);
+        let x = ctx.concat(window, ctx.transpose(ctx.reshape_3d(qkv, ch, n, 1)), 0); // [k-1+n, ch, 1]
+        let f32 = x.nb()[0];
+        let last = ctx.view_3d(x, [k_conv - 1, ch, 1], x.nb()[1], x.nb()[2], n as usize * f32);
+        let mut stores = vec![ctx.cpy(last, rs.conv)];
+        let c = ctx.silu(ctx.ssm_conv(x, w.get(SSM_CONV1D))); // [ch, n, 1]
+        let row = c.nb()[1];
+        let head = |heads: i64, at: i64| {
+            ctx.view_4d(c, [hd, heads, n, 1], [hd as usize * f32, row, row * n as usize], at as usize * f32)
+        };
+        let l2 = |t: Tensor<'a>| ctx.scale(ctx.rms_norm(t, self.cfg.rms_eps / hd as f32), 1.0 / (hd as f32).sqrt());
+        let q = l2(head(nk, 0));
+        let k = l2(head(nk, hd * nk));
+        let v = head(nv, 2 * hd * nk);
+        let state = ctx.reshape_4d(rs.delta, [hd, hd, nv, 1]);
+        let r = ctx.gated_delta_net(q, k, v, g, beta, state);
+        let out_bytes = (hd * nv * n) as usize * f32;
+        let o = ctx.view_4d(r, [hd, nv, n, 1], [hd as usize * f32, (hd * nv) as usize * f32, out_bytes], 0);
+        let new_state = ctx.view_2d(r, hd * hd * nv, 1, (hd * hd * nv) as usize * f32, out_bytes);
+        stores.push(ctx.cpy(new_state, rs.delta));
+        let z = ctx.reshape_4d(z, [hd, nv, n, 1]);
+        let o = ctx.mul(self.norm(o, w.get(SSM_NORM)), ctx.silu(z));
+        let o = ctx.mul_mat(w.get(SSM_OUT), ctx.reshape_2d(o, hd * nv, n));
+        self.residual(o, stores)
+    }
+
     /// Attention of `q` [head_dim, n_head, n] over the cache after this batch's `k`
     /// [head_dim, n_head_kv, n] and `v` [head_dim * n_head_kv, n] are stored in it; the heads'
     /// output through `attn_output`, plus the residual `x`, then the FFN norm. `q` and `k`
@@ -132,7 +213,7 @@ impl<'a> LayerInput<'a> {
 
     /// `attend` with what some families add (`Attention`).
     pub fn attend_with(&self, q: Tensor<'a>, k: Tensor<'a>, v: Tensor<'a>, extra: Attention<'a>) -> PreMoe<'a> {
-        let (ctx, cfg, kv) = (self.ctx, self.cfg, &self.kv);
+        let (ctx, cfg, kv) = (self.ctx, self.cfg, self.kv());
         let n = self.x.ne()[1];
         let (hd, nh, nkv) = (cfg.head_dim as i64, cfg.n_head as i64, cfg.n_head_kv as i64);
         let n_kv = kv.n_kv as i64;
@@ -188,9 +269,11 @@ impl<'a> LayerInput<'a> {
             Some(r) => ctx.mul_mat_hadamard(o, r),
             None => o,
         };
-        let ffn_inp = ctx.add(self.proj(self.w.get(ATTN_OUT), extra.o_bias, o), self.x);
-        let normed = self.norm(ffn_inp, self.w.ffn_norm());
-        PreMoe { stores, ffn_inp, normed, shared: None }
+        let o = match extra.o_gate {
+            Some(g) => ctx.mul(o, ctx.sigmoid(g)),
+            None => o,
+        };
+        self.residual(self.proj(self.w.get(ATTN_OUT), extra.o_bias, o), stores)
     }
 
     /// A dense SwiGLU FFN over `x`: down(silu(gate x) * (up x)), as llama.cpp's `build_ffn`

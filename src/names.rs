@@ -33,6 +33,14 @@ pub const K_ROPE_SCALING_ORIG_CTX: &str = "rope.scaling.original_context_length"
 pub const K_ROPE_SCALING_BETA_FAST: &str = "rope.scaling.yarn_beta_fast";
 pub const K_ROPE_SCALING_BETA_SLOW: &str = "rope.scaling.yarn_beta_slow";
 pub const K_SLIDING_WINDOW: &str = "attention.sliding_window";
+pub const K_ROPE_DIMENSION_SECTIONS: &str = "rope.dimension_sections";
+pub const K_FULL_ATTENTION_INTERVAL: &str = "full_attention_interval";
+pub const K_RECURRENT_LAYERS: &str = "attention.recurrent_layers";
+pub const K_SSM_CONV_KERNEL: &str = "ssm.conv_kernel";
+pub const K_SSM_INNER_SIZE: &str = "ssm.inner_size";
+pub const K_SSM_STATE_SIZE: &str = "ssm.state_size";
+pub const K_SSM_TIME_STEP_RANK: &str = "ssm.time_step_rank";
+pub const K_SSM_GROUP_COUNT: &str = "ssm.group_count";
 pub const K_EXPERT_COUNT: &str = "expert_count";
 pub const K_EXPERT_USED_COUNT: &str = "expert_used_count";
 pub const K_EXPERT_WEIGHTS_NORM: &str = "expert_weights_norm";
@@ -121,6 +129,21 @@ pub const FFN_GATE_SHEXP: &str = "ffn_gate_shexp.weight";
 pub const FFN_UP_SHEXP: &str = "ffn_up_shexp.weight";
 pub const FFN_DOWN_SHEXP: &str = "ffn_down_shexp.weight";
 pub const FFN_GATE_INP_SHEXP: &str = "ffn_gate_inp_shexp.weight";
+
+/// A Gated-DeltaNet linear-attention layer (Qwen3.5, Qwen3-Next): the q/k/v projection (its
+/// rows q, k, v) and the output gate z, the causal convolution's kernels, the gate's bias and
+/// decay (−exp(A_log)), beta and alpha (or both in one, Qwen3-Next's `ssm_ba`), the gated
+/// norm and the output projection.
+pub const ATTN_QKV: &str = "attn_qkv.weight";
+pub const ATTN_GATE: &str = "attn_gate.weight";
+pub const SSM_CONV1D: &str = "ssm_conv1d.weight";
+pub const SSM_DT: &str = "ssm_dt.bias";
+pub const SSM_A: &str = "ssm_a";
+pub const SSM_BETA: &str = "ssm_beta.weight";
+pub const SSM_ALPHA: &str = "ssm_alpha.weight";
+pub const SSM_BA: &str = "ssm_ba.weight";
+pub const SSM_NORM: &str = "ssm_norm.weight";
+pub const SSM_OUT: &str = "ssm_out.weight";
 
 /// The three projections of an expert, in the order they are laid out in a shard record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -248,11 +248,8 @@ pub fn plan(path: &Path, opts: &PlanOptions) -> Result<Plan> {
         }
     };
     let fit = fit_at(opts.engine.n_ctx as u64)?;
-    let longest = if opts.longest_ctx {
-        Some(longest_ctx(cfg.n_ctx_train.max(256), |n| Ok(fit_at(n)?.runs()))?)
-    } else {
-        None
-    };
+    let longest =
+        if opts.longest_ctx { Some(longest_ctx(cfg.n_ctx_train.max(256), |n| Ok(fit_at(n)?.runs()))?) } else { None };
     let usage = opts.usage.as_deref().map(Usage::load).transpose()?;
     if let Some(u) = &usage {
         u.check_model(opts.usage.as_deref().expect("loaded"), cfg.n_layer, cfg.n_expert)?;

@@ -225,10 +225,15 @@ impl HfSource {
             got: format!("{:?}", e.dtype),
             expected: "F32, F16 or BF16".into(),
         })?;
-        // ggml order; trailing 1s dropped, as GGUF files record shapes ([1, n_embd] gates).
+        // ggml order; trailing 1s dropped, as GGUF files record shapes ([1, n_embd] gates), and
+        // inner 1s of 3-D tensors (a depthwise Conv1d's kernels [channels, 1, taps]), as
+        // llama.cpp's converter squeezes them.
         let mut ne: Vec<u64> = e.shape.iter().rev().copied().collect();
         while ne.len() > 1 && ne.last() == Some(&1) {
             ne.pop();
+        }
+        if ne.len() == 3 && ne[1] == 1 {
+            ne.remove(1);
         }
         Ok(TensorMeta { ty, ne })
     }
@@ -432,7 +437,13 @@ impl Source for HfSource {
     fn base_meta(&self, name: &str) -> Result<Option<TensorMeta>> {
         let hf = self.hf_base_name(name).ok_or_else(|| self.missing(name.to_string()))?;
         match self.tensors.get(&hf) {
-            Some(e) => Ok(Some(self.entry_meta(&hf, e)?)),
+            Some(e) => {
+                let mut m = self.entry_meta(&hf, e)?;
+                if let Some(FromHf::Values { .. }) = self.specs.get(name).map(|s| s.from_hf) {
+                    m.ty = GgmlType::F32;
+                }
+                Ok(Some(m))
+            }
             None => Ok(None),
         }
     }
@@ -444,6 +455,43 @@ impl Source for HfSource {
         let row = meta.row_size();
         match self.specs.get(name).map_or(FromHf::AsIs, |s| s.from_hf) {
             FromHf::AsIs => self.read(&hf, e, e.start + rows.start * row, (rows.end - rows.start) * row, buf),
+            FromHf::Values { map, v_heads } => {
+                // The whole tensor in f32, reordered and mapped, then the rows asked for.
+                let n = meta.ne.iter().product::<u64>();
+                let mut bytes = Vec::new();
+                self.read(&hf, e, e.start, meta.size(), &mut bytes)?;
+                let mut all = Vec::new();
+                dequantize_into(meta.ty, &bytes, n, &mut all).map_err(|source| Error::Tensor {
+                    path: self.files[e.file].0.clone(),
+                    tensor: hf.clone(),
+                    source,
+                })?;
+                let ne0 = meta.ne[0];
+                buf.clear();
+                for i in rows.start * ne0..rows.end * ne0 {
+                    let from = match v_heads {
+                        Some((n_k, per_k)) => crate::arch::v_head_source(i, n_k, per_k, 1),
+                        None => i,
+                    };
+                    buf.extend_from_slice(&map.apply(all[from as usize]).to_le_bytes());
+                }
+                Ok(())
+            }
+            FromHf::VHeadCols { n_k, per_k, head } => {
+                // Each row's elements gathered from their columns (an unquantized source).
+                let es = meta.ty.type_size();
+                let ne0 = meta.ne[0];
+                let mut one = Vec::new();
+                buf.clear();
+                for r in rows {
+                    self.read(&hf, e, e.start + r * row, row, &mut one)?;
+                    for c in 0..ne0 {
+                        let at = (crate::arch::v_head_source(c, n_k, per_k, head) * es) as usize;
+                        buf.extend_from_slice(&one[at..at + es as usize]);
+                    }
+                }
+                Ok(())
+            }
             // Rows reordered: each read from where it lies.
             from => {
                 let n_rows = meta.n_rows();

@@ -28,12 +28,16 @@ use crate::names::*;
 pub const QWEN2_SPLIT: &str =
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Qwen3.5's split, as in its `tokenizer.json`: Qwen2's with letters and marks together
+/// (llama.cpp: pre = "qwen35").
+pub const QWEN35_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// o200k's split (GPT-4o, gpt-oss's o200k_harmony), as in their `tokenizer.json` (llama.cpp:
 /// pre = "gpt-4o").
 pub const O200K_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// The byte-level splits tokenizer.json spells as a `Split` regex, by llama.cpp's name.
-const SPLITS: [(&str, &str); 2] = [("qwen2", QWEN2_SPLIT), ("gpt-4o", O200K_SPLIT)];
+const SPLITS: [(&str, &str); 3] = [("qwen2", QWEN2_SPLIT), ("qwen35", QWEN35_SPLIT), ("gpt-4o", O200K_SPLIT)];
 
 /// llama.cpp's pre-tokenizer names whose split is GPT-2's (`ByteLevel` with its built-in
 /// regex in tokenizer.json).

@@ -4,7 +4,6 @@
 //! both the reference and the first candidate (bias 0 is always allowed). One engine at a time
 //! is loaded.
 
-
 use crate::engine::router::CacheBias;
 use crate::engine::{ColdUse, Engine, EngineOptions};
 use crate::error::{Error, Result};

@@ -136,7 +136,7 @@ impl Arch for GptOss {
         let q = l.rope(l.heads(l.proj(w.get(ATTN_Q), w.opt(ATTN_Q_BIAS), cur)), ROPE_NEOX);
         let k = l.rope(l.heads(l.proj(w.get(ATTN_K), w.opt(ATTN_K_BIAS), cur)), ROPE_NEOX);
         let v = l.proj(w.get(ATTN_V), w.opt(ATTN_V_BIAS), cur);
-        l.attend_with(q, k, v, Attention { sinks: Some(w.get(ATTN_SINKS)), o_bias: w.opt(ATTN_OUT_BIAS) })
+        l.attend_with(q, k, v, Attention { sinks: Some(w.get(ATTN_SINKS)), o_bias: w.opt(ATTN_OUT_BIAS), o_gate: None })
     }
 
     fn chat_template(&self) -> &'static str {

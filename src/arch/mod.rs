@@ -37,7 +37,7 @@ macro_rules! register {
 }
 
 // Adding a family: its file, and its entry in this line.
-register!(qwen3moe::Qwen3Moe, mixtral::Mixtral, olmoe::Olmoe, qwen2moe::Qwen2Moe, gptoss::GptOss);
+register!(qwen3moe::Qwen3Moe, mixtral::Mixtral, olmoe::Olmoe, qwen2moe::Qwen2Moe, gptoss::GptOss, qwen35moe::Qwen35Moe);
 
 /// What a tensor is for, which decides the type sage-convert stores it in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,13 +75,76 @@ pub enum FromHf {
     RopePairs {
         n_head: u32,
     },
+    /// Qwen3.5's linear attention keeps its value heads grouped by key head (`per_k` value
+    /// heads after each of the `n_k` key heads); ggml's gated delta rule broadcasts the key
+    /// heads tiled (value head h uses key head h mod n_k), so llama.cpp's converter reorders
+    /// the value heads: output head v·n_k + k is input head k·per_k + v. Rows from `skip` on
+    /// (the value part of the q/k/v projection and of the convolution), in heads of `head`
+    /// rows.
+    VHeadRows {
+        n_k: u32,
+        per_k: u32,
+        head: u64,
+        skip: u64,
+    },
+    /// The same reorder along the columns (the linear attention's output projection).
+    VHeadCols {
+        n_k: u32,
+        per_k: u32,
+        head: u64,
+    },
+    /// A vector whose values llama.cpp's converter maps (`map`), its elements first reordered
+    /// by value head (`v_heads`: `n_k`, `per_k`, one element per head); computed in f32 and
+    /// stored f32.
+    Values {
+        map: ValueMap,
+        v_heads: Option<(u32, u32)>,
+    },
+}
+
+/// A value transform of `FromHf::Values`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ValueMap {
+    Same,
+    /// w + 1: a zero-centred RMSNorm weight (Qwen3.5, Qwen3-Next compute x · (1 + w)).
+    AddOne,
+    /// −exp(w): a Gated-DeltaNet's decay rate from `A_log`.
+    NegExp,
+}
+
+impl ValueMap {
+    pub fn apply(self, x: f32) -> f32 {
+        match self {
+            ValueMap::Same => x,
+            ValueMap::AddOne => x + 1.0,
+            ValueMap::NegExp => -x.exp(),
+        }
+    }
+}
+
+/// Index in a grouped layout of index `i` of the tiled one (`FromHf::VHeadRows`).
+pub fn v_head_source(i: u64, n_k: u32, per_k: u32, head: u64) -> u64 {
+    let (h, w) = (i / head, i % head);
+    let (n_k, per_k) = (n_k as u64, per_k as u64);
+    if h >= n_k * per_k {
+        return i;
+    }
+    let (v, k) = (h / n_k, h % n_k);
+    (k * per_k + v) * head + w
 }
 
 impl FromHf {
     /// The source row that output row `r` of a tensor of `n_rows` rows comes from.
     pub fn source_row(self, r: u64, n_rows: u64) -> u64 {
         match self {
-            FromHf::AsIs => r,
+            FromHf::AsIs | FromHf::VHeadCols { .. } | FromHf::Values { .. } => r,
+            FromHf::VHeadRows { n_k, per_k, head, skip } => {
+                if r < skip {
+                    r
+                } else {
+                    skip + v_head_source(r - skip, n_k, per_k, head)
+                }
+            }
             FromHf::RopePairs { n_head } => {
                 let d = n_rows / n_head as u64;
                 let (head, w) = (r / d, r % d);
@@ -209,6 +272,11 @@ pub trait Arch: Sync {
     /// The family's default chat template (Jinja, as tokenizer_config.json writes one), for a
     /// model that brings none.
     fn chat_template(&self) -> &'static str;
+    /// How the output norm's weight becomes llama.cpp's (`FromHf::Values` with `AddOne` for a
+    /// zero-centred norm).
+    fn output_norm_from_hf(&self) -> FromHf {
+        FromHf::AsIs
+    }
     /// Published models of the family, by the names `sage-convert synth --like` takes, with
     /// their config.json (configs/).
     fn published(&self) -> &'static [(&'static str, &'static str)] {
@@ -277,7 +345,7 @@ pub fn base_tensors(cfg: &ModelConfig) -> Vec<TensorSpec> {
     for il in 0..cfg.n_layer {
         t.extend(cfg.arch().layer_tensors(cfg, il));
     }
-    t.push(plain(OUTPUT_NORM, vec![e], Role::Norm, "norm.weight"));
+    t.push(plain(OUTPUT_NORM, vec![e], Role::Norm, "norm.weight").with(cfg.arch().output_norm_from_hf()));
     if !cfg.tie_word_embeddings {
         // The lm head lies outside the text model's prefix: `HfSource` names it by its layout.
         t.push(plain(OUTPUT, vec![e, v], Role::Weight, ""));
@@ -334,6 +402,17 @@ mod tests {
         let rows: Vec<u64> = (0..8).map(|r| p.source_row(r, 8)).collect();
         assert_eq!(rows, vec![0, 2, 1, 3, 4, 6, 5, 7]);
         assert_eq!(FromHf::AsIs.source_row(5, 8), 5);
+    }
+
+    #[test]
+    fn value_heads_go_from_grouped_to_tiled() {
+        // 2 key heads with 2 value heads each, heads of 3 rows, after 4 rows of q and k:
+        // grouped (k0v0 k0v1 k1v0 k1v1) becomes tiled (k0v0 k1v0 k0v1 k1v1).
+        let p = FromHf::VHeadRows { n_k: 2, per_k: 2, head: 3, skip: 4 };
+        let rows: Vec<u64> = (0..16).map(|r| p.source_row(r, 16)).collect();
+        assert_eq!(rows, vec![0, 1, 2, 3, 4, 5, 6, 10, 11, 12, 7, 8, 9, 13, 14, 15]);
+        assert_eq!(ValueMap::NegExp.apply(0.0), -1.0);
+        assert_eq!(ValueMap::AddOne.apply(0.5), 1.5);
     }
 
     #[test]

@@ -175,7 +175,15 @@ pub struct MemoryFit {
 impl MemoryFit {
     /// `budget` split into slots of `stride` bytes (the arena's padding `tail` after them), at
     /// most `n_experts`.
-    pub fn new(budget: Budget, stride: u64, tail: u64, n_experts: u64, n_expert_used: u64, n_ctx: usize, measured: bool) -> MemoryFit {
+    pub fn new(
+        budget: Budget,
+        stride: u64,
+        tail: u64,
+        n_experts: u64,
+        n_expert_used: u64,
+        n_ctx: usize,
+        measured: bool,
+    ) -> MemoryFit {
         let slots = crate::engine::arena::slots_in(budget.arena(), stride, tail).min(n_experts);
         MemoryFit { budget, stride, tail, slots, n_experts, n_expert_used, n_ctx, measured }
     }

@@ -103,7 +103,7 @@ impl Engine {
         let n_layer = cfg.n_layer as usize;
         let size = PER_LAYER * n_layer + GRAPH_NODES;
         let ctx = Context::new(size, size);
-        let inp = super::Inputs::new(&ctx, &self.memory, plan);
+        let inp = super::Inputs::new(&ctx, cfg, &self.memory, plan);
         inp.ids.set_input();
         let mut g = ctx.graph(size);
         let mut x = ctx.get_rows(self.base.token_embd(), inp.ids);

@@ -81,6 +81,10 @@ pub enum StateKind {
     Kv,
     /// K and V of the last `n_swa` positions (and room for a batch), in a ring of cells.
     WindowKv { n_swa: u64 },
+    /// A linear-attention layer's recurrent state, the same size at any context length: the
+    /// convolution's window (`conv` f32 values) and the delta rule's state (`delta` f32
+    /// values), per sequence. It cannot be cut back to a shorter prefix.
+    Recurrent { conv: u64, delta: u64 },
 }
 
 impl StateKind {
@@ -88,6 +92,7 @@ impl StateKind {
         match self {
             StateKind::Kv => "KV",
             StateKind::WindowKv { .. } => "window KV",
+            StateKind::Recurrent { .. } => "recurrent",
         }
     }
 }
@@ -110,7 +115,9 @@ pub struct MemoryOptions {
     pub swa_full: bool,
 }
 
-/// One layer's state: its kind, cells per sequence and bytes (all sequences).
+/// One layer's state: its kind, cells per sequence and bytes (all sequences) of its two
+/// tensors: K and V, or for a recurrent layer the convolution's window and the delta rule's
+/// state.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LayerPlan {
     pub il: u32,
@@ -169,7 +176,11 @@ pub fn rotation(head_dim: u64, k: KvType, v: KvType) -> (Option<u64>, Option<u64
 /// The kind of each layer.
 pub fn layer_kinds(cfg: &ModelConfig) -> Vec<StateKind> {
     (0..cfg.n_layer)
-        .map(|il| if cfg.is_swa(il) { StateKind::WindowKv { n_swa: cfg.n_swa } } else { StateKind::Kv })
+        .map(|il| match cfg.ssm {
+            Some(s) if cfg.is_recurrent(il) => StateKind::Recurrent { conv: s.conv_state(), delta: s.delta_state() },
+            _ if cfg.is_swa(il) => StateKind::WindowKv { n_swa: cfg.n_swa },
+            _ => StateKind::Kv,
+        })
         .collect()
 }
 
@@ -178,6 +189,7 @@ pub fn layer_kinds(cfg: &ModelConfig) -> Vec<StateKind> {
 /// the context with `swa_full` (a ring as long as the context never wraps).
 pub fn cells(kind: StateKind, o: &MemoryOptions) -> usize {
     match kind {
+        StateKind::Recurrent { .. } => 1,
         StateKind::Kv => o.n_ctx,
         StateKind::WindowKv { .. } if o.swa_full => o.n_ctx,
         StateKind::WindowKv { n_swa } => {
@@ -219,13 +231,11 @@ pub fn plan(cfg: &ModelConfig, o: &MemoryOptions) -> MemoryPlan {
         .enumerate()
         .map(|(il, kind)| {
             let c = (cells(kind, o) * o.n_seq) as u64;
-            LayerPlan {
-                il: il as u32,
-                kind,
-                cells: cells(kind, o),
-                k_bytes: row(o.k_type) * c,
-                v_bytes: row(o.v_type) * c,
-            }
+            let (k_bytes, v_bytes) = match kind {
+                StateKind::Recurrent { conv, delta } => (4 * conv * c, 4 * delta * c),
+                _ => (row(o.k_type) * c, row(o.v_type) * c),
+            };
+            LayerPlan { il: il as u32, kind, cells: cells(kind, o), k_bytes, v_bytes }
         })
         .collect();
     let (rk, rv) = rotation(cfg.head_dim, o.k_type, o.v_type);
@@ -292,6 +302,20 @@ pub struct LayerKv<'a> {
     pub rot_v: Option<Tensor<'a>>,
 }
 
+/// One recurrent layer's state as the layer graph sees it: this sequence's convolution window
+/// (f32 [(d_conv - 1) · channels]) and delta-rule state (f32 [d_state² · value heads]), read
+/// by the batch and written over with what follows it.
+pub struct LayerRs<'a> {
+    pub conv: Tensor<'a>,
+    pub delta: Tensor<'a>,
+}
+
+/// What a layer's graph reads and writes between batches.
+pub enum LayerState<'a> {
+    Kv(LayerKv<'a>),
+    Recurrent(LayerRs<'a>),
+}
+
 /// Every layer's state, allocated once on the backend.
 pub struct Memory {
     opts: MemoryOptions,
@@ -347,6 +371,12 @@ impl Memory {
         let mut set = TensorSet::new(2 * cfg.n_layer as usize + 2);
         for l in &plan.layers {
             let (c, s) = (l.cells as i64, o.n_seq as i64);
+            if let StateKind::Recurrent { conv, delta } = l.kind {
+                // llama.cpp's names of the two (`cache_r_l`, `cache_s_l`); f32 as there.
+                set.add(GgmlType::F32, &[conv as i64, s], &format!("cache_r_l{}", l.il));
+                set.add(GgmlType::F32, &[delta as i64, s], &format!("cache_s_l{}", l.il));
+                continue;
+            }
             set.add(o.k_type.ggml(), &[n_embd_kv, c, s], &format!("cache_k_l{}", l.il));
             if o.flash_attn {
                 set.add(o.v_type.ggml(), &[n_embd_kv, c, s], &format!("cache_v_l{}", l.il));
@@ -396,14 +426,31 @@ impl Memory {
         let n = n.min(len);
         let lost = self.kinds.iter().any(|&k| match k {
             StateKind::Kv => false,
+            // A recurrent state holds the whole sequence: it cannot be cut back.
+            StateKind::Recurrent { .. } => n < len,
             StateKind::WindowKv { n_swa } => {
                 let c = cells(k, &self.opts);
                 n > 0 && n.saturating_sub(n_swa as usize) < len.saturating_sub(c)
             }
         });
         let n = if lost { 0 } else { n };
+        if n == 0 {
+            self.clear_recurrent(seq);
+        }
         self.seqs[seq].truncate(n);
         n
+    }
+
+    /// Sequence `seq`'s recurrent states back to zero: what a sequence starts from.
+    fn clear_recurrent(&mut self, seq: usize) {
+        for (il, l) in self.plan.layers.iter().enumerate() {
+            if let StateKind::Recurrent { .. } = l.kind {
+                for t in [self.set.get(2 * il), self.set.get(2 * il + 1)] {
+                    let row = t.nb()[1];
+                    t.write(seq * row, &vec![0u8; row]);
+                }
+            }
+        }
     }
 
     /// Where a batch of `n` tokens after sequence `seq`'s goes, for every kind of layer, and
@@ -441,6 +488,7 @@ impl Memory {
             .map(|&kind| {
                 let c = cells(kind, &self.opts);
                 match kind {
+                    StateKind::Recurrent { .. } => KindBatch { kind, n_kv: 0, stores: Vec::new(), mask: Vec::new() },
                     StateKind::Kv => {
                         let n_kv = end.next_multiple_of(KV_PAD).min(c);
                         let mut mask = vec![f32::NEG_INFINITY; n_kv * n];
@@ -501,8 +549,18 @@ impl Memory {
         b: &'a BatchPlan,
         mask: Tensor<'a>,
         cells: Tensor<'a>,
-    ) -> LayerKv<'a> {
+    ) -> LayerState<'a> {
         let kb = &b.kinds[self.kind_of(il)];
+        if let StateKind::Recurrent { .. } = kb.kind {
+            let seq_row = |t: Tensor<'a>| {
+                let [ne0, ..] = t.ne();
+                ctx.view_2d(t, ne0, 1, t.nb()[1], seq * t.nb()[1])
+            };
+            return LayerState::Recurrent(LayerRs {
+                conv: seq_row(self.set.get(2 * il as usize)),
+                delta: seq_row(self.set.get(2 * il as usize + 1)),
+            });
+        }
         let stream = |t: Tensor<'a>| {
             let [ne0, ne1, ..] = t.ne();
             let nb = t.nb();
@@ -513,7 +571,7 @@ impl Memory {
             }
         };
         let (k, v) = (stream(self.set.get(2 * il as usize)), stream(self.set.get(2 * il as usize + 1)));
-        LayerKv {
+        LayerState::Kv(LayerKv {
             k,
             v,
             k_type: self.opts.k_type.ggml(),
@@ -526,7 +584,7 @@ impl Memory {
             flash_attn: self.opts.flash_attn,
             rot_k: self.rot.0.map(|i| self.set.get(i)),
             rot_v: self.rot.1.map(|i| self.set.get(i)),
-        }
+        })
     }
 }
 

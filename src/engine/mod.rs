@@ -130,23 +130,31 @@ struct Inputs<'a> {
     ctx: &'a Context,
     ids: Tensor<'a>,
     pos: Tensor<'a>,
+    /// M-RoPE's positions (i32 [4 n]), where the model has M-RoPE.
+    pos_multi: Option<Tensor<'a>>,
     masks: Vec<Tensor<'a>>,
     cells: Vec<Tensor<'a>>,
     plan: &'a memory::BatchPlan,
 }
 
 impl<'a> Inputs<'a> {
-    fn new(ctx: &'a Context, mem: &Memory, plan: &'a memory::BatchPlan) -> Inputs<'a> {
+    fn new(ctx: &'a Context, cfg: &ModelConfig, mem: &Memory, plan: &'a memory::BatchPlan) -> Inputs<'a> {
         let n = plan.n as i64;
         let ids = ctx.new_tensor(GgmlType::I32, &[n]);
         let pos = ctx.new_tensor(GgmlType::I32, &[n]);
         pos.set_input();
+        let pos_multi = cfg.rope_sections.map(|_| {
+            let p = ctx.new_tensor(GgmlType::I32, &[4 * n]);
+            p.set_input();
+            p
+        });
         let ty = if mem.options().flash_attn { GgmlType::F16 } else { GgmlType::F32 };
         let masks = plan
             .kinds
             .iter()
             .map(|k| {
-                let m = ctx.new_tensor(ty, &[k.n_kv as i64, n]);
+                // A recurrent kind has no mask: a placeholder no graph reads.
+                let m = ctx.new_tensor(ty, &[k.n_kv.max(1) as i64, n]);
                 m.set_input();
                 m
             })
@@ -160,7 +168,7 @@ impl<'a> Inputs<'a> {
                 c
             })
             .collect();
-        Inputs { ctx, ids, pos, masks, cells, plan }
+        Inputs { ctx, ids, pos, pos_multi, masks, cells, plan }
     }
 
     /// What the family's graph of layer `il` starts from, with the residual stream `x`.
@@ -173,8 +181,8 @@ impl<'a> Inputs<'a> {
         x: Tensor<'a>,
     ) -> LayerInput<'a> {
         let kind = mem.kind_of(il);
-        let kv = mem.layer(self.ctx, il, 0, self.plan, self.masks[kind], self.cells[kind]);
-        LayerInput { ctx: self.ctx, cfg, w: base.layer(il), x, pos: self.pos, kv }
+        let state = mem.layer(self.ctx, il, 0, self.plan, self.masks[kind], self.cells[kind]);
+        LayerInput { ctx: self.ctx, cfg, w: base.layer(il), x, pos: self.pos, pos_multi: self.pos_multi, state }
     }
 
     /// Write them once the graph is allocated (the ids only where the graph reads them).
@@ -183,7 +191,15 @@ impl<'a> Inputs<'a> {
             self.ids.write_i32(&tokens.iter().map(|&t| t as i32).collect::<Vec<_>>());
         }
         let n_past = self.plan.n_past as i32;
-        self.pos.write_i32(&(0..self.plan.n as i32).map(|i| n_past + i).collect::<Vec<_>>());
+        let pos: Vec<i32> = (0..self.plan.n as i32).map(|i| n_past + i).collect();
+        if self.pos.is_allocated() {
+            self.pos.write_i32(&pos);
+        }
+        if let Some(p) = self.pos_multi.filter(|p| p.is_allocated()) {
+            // [p, p, p, 0] per token, component after component (llama.cpp's text positions).
+            let zeros = vec![0; pos.len()];
+            p.write_i32(&[&pos[..], &pos[..], &pos[..], &zeros[..]].concat());
+        }
         // A graph of one layer uses one kind's mask; the others are not allocated.
         for (t, k) in self.masks.iter().zip(&self.plan.kinds) {
             if !t.is_allocated() {

@@ -94,7 +94,7 @@ impl Engine {
         let n = tokens.len() as i64;
         let ctx = Context::new(GRAPH_TENSORS, GRAPH_NODES);
         let st = self.state.views(&ctx, n);
-        let inp = super::Inputs::new(&ctx, &self.memory, plan);
+        let inp = super::Inputs::new(&ctx, cfg, &self.memory, plan);
         let x = if il == 0 {
             inp.ids.set_input();
             ctx.get_rows(self.base.token_embd(), inp.ids)

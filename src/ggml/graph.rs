@@ -11,6 +11,9 @@ use super::{route_logs, Backend, FfiError, GgmlType};
 
 /// llama.cpp's NEOX RoPE mode (`GGML_ROPE_TYPE_NEOX` in ggml.h, a macro bindgen skips).
 pub const ROPE_TYPE_NEOX: i32 = 2;
+/// Interleaved M-RoPE (`GGML_ROPE_TYPE_IMROPE`): Qwen3-VL's and Qwen3.5's, through
+/// `ggml_rope_multi`.
+pub const ROPE_TYPE_IMROPE: i32 = 40;
 
 pub(super) fn status(st: sys::ggml_status, what: &str) -> Result<(), FfiError> {
     if st == sys::GGML_STATUS_SUCCESS {
@@ -322,6 +325,83 @@ impl Context {
                 r.beta_slow
             )
         )
+    }
+    /// M-RoPE of `a` [head_dim, n_head, n_tokens] at positions `pos` (i32 [4 * n_tokens], the
+    /// four components of each position one after the other), the first `r.n_dims` dimensions
+    /// of each head rotated, their frequencies assigned to the components by `sections`.
+    pub fn rope_multi<'a>(&'a self, a: Tensor<'a>, pos: Tensor<'a>, sections: [i32; 4], r: &RopeParams) -> Tensor<'a> {
+        let mut sections = sections;
+        op!(
+            self,
+            sys::ggml_rope_multi(
+                self.c(),
+                a.ptr.as_ptr(),
+                pos.ptr.as_ptr(),
+                std::ptr::null_mut(),
+                r.n_dims,
+                sections.as_mut_ptr(),
+                r.mode,
+                r.n_ctx_orig,
+                r.freq_base,
+                r.freq_scale,
+                r.ext_factor,
+                r.attn_factor,
+                r.beta_fast,
+                r.beta_slow
+            )
+        )
+    }
+    /// The depthwise causal convolution of Mamba-style layers: `sx` [d_conv - 1 + n_t, d_inner,
+    /// n_s] (the kept window, then the batch, along ne0) with kernels `c` [d_conv, d_inner];
+    /// returns [d_inner, n_t, n_s].
+    pub fn ssm_conv<'a>(&'a self, sx: Tensor<'a>, c: Tensor<'a>) -> Tensor<'a> {
+        op!(self, sys::ggml_ssm_conv(self.c(), sx.ptr.as_ptr(), c.ptr.as_ptr()))
+    }
+    /// The gated delta rule over a batch (`ggml_gated_delta_net`, K = 1): q, k [S, H_k, n_t,
+    /// n_s], v [S, H_v, n_t, n_s], gate g and beta [1, H_v, n_t, n_s], state [S, S, H_v, n_s].
+    /// Returns the outputs [S, H_v, n_t, n_s] followed by the final state, flat (f32).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gated_delta_net<'a>(
+        &'a self,
+        q: Tensor<'a>,
+        k: Tensor<'a>,
+        v: Tensor<'a>,
+        g: Tensor<'a>,
+        beta: Tensor<'a>,
+        state: Tensor<'a>,
+    ) -> Tensor<'a> {
+        op!(
+            self,
+            sys::ggml_gated_delta_net(
+                self.c(),
+                q.ptr.as_ptr(),
+                k.ptr.as_ptr(),
+                v.ptr.as_ptr(),
+                g.ptr.as_ptr(),
+                beta.ptr.as_ptr(),
+                state.ptr.as_ptr(),
+                1
+            )
+        )
+    }
+    pub fn sigmoid<'a>(&'a self, a: Tensor<'a>) -> Tensor<'a> {
+        op!(self, sys::ggml_sigmoid(self.c(), a.ptr.as_ptr()))
+    }
+    pub fn softplus<'a>(&'a self, a: Tensor<'a>) -> Tensor<'a> {
+        op!(self, sys::ggml_softplus(self.c(), a.ptr.as_ptr()))
+    }
+    pub fn scale<'a>(&'a self, a: Tensor<'a>, s: f32) -> Tensor<'a> {
+        op!(self, sys::ggml_scale(self.c(), a.ptr.as_ptr(), s))
+    }
+    /// `a` and `b` one after the other along `dim`.
+    pub fn concat<'a>(&'a self, a: Tensor<'a>, b: Tensor<'a>, dim: i32) -> Tensor<'a> {
+        op!(self, sys::ggml_concat(self.c(), a.ptr.as_ptr(), b.ptr.as_ptr(), dim))
+    }
+    pub fn reshape_4d<'a>(&'a self, a: Tensor<'a>, ne: [i64; 4]) -> Tensor<'a> {
+        op!(self, sys::ggml_reshape_4d(self.c(), a.ptr.as_ptr(), ne[0], ne[1], ne[2], ne[3]))
+    }
+    pub fn view_4d<'a>(&'a self, a: Tensor<'a>, ne: [i64; 4], nb: [usize; 3], offset: usize) -> Tensor<'a> {
+        op!(self, sys::ggml_view_4d(self.c(), a.ptr.as_ptr(), ne[0], ne[1], ne[2], ne[3], nb[0], nb[1], nb[2], offset))
     }
     /// `a` plus row `ids[i, j]` of `b` ([ne0, n_rows]) at `a[:, i, j]` (`a` [ne0, k, n], `ids`
     /// i32 [k, n]): per-expert biases after `mul_mat_id`.

@@ -25,7 +25,7 @@ mod types;
 pub use backend::{devices, Backend, BufType, DeviceInfo};
 pub use buffer::{Buffer, HostWriter, SharedBuffer};
 pub use gguf::{Gguf, GgufArray, GgufTensorInfo, GgufValue};
-pub use graph::{Allocator, Context, Graph, RopeParams, Tensor, TensorSet, ROPE_TYPE_NEOX};
+pub use graph::{Allocator, Context, Graph, RopeParams, Tensor, TensorSet, ROPE_TYPE_IMROPE, ROPE_TYPE_NEOX};
 pub use llama::{llama_quantize_pure_q4_k, LlamaRunOptions, LlamaRunner};
 pub use log::route_logs;
 pub(crate) use log::take_last_error;

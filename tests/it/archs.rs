@@ -327,3 +327,4 @@ macro_rules! family {
 family!(mixtral);
 family!(olmoe);
 family!(qwen2moe);
+family!(qwen35moe);

@@ -267,7 +267,8 @@ fn vulkan_flash_attention_matches_llama_cpp(fixture: &str, reference: &str) {
                 let mut small = Engine::load(&model_dir, o(ArenaSize::Experts(k))).unwrap();
                 assert!(full.flash_attn() && small.flash_attn(), "{fixture} {kv}: flash attention off on {vk}");
                 assert_eq!(full.device_name(), vk);
-                let c = LlamaCtx { kv: llama_kv(kv), flash: true, n_ubatch: batch.min(256) as u32, ..LlamaCtx::default() };
+                let c =
+                    LlamaCtx { kv: llama_kv(kv), flash: true, n_ubatch: batch.min(256) as u32, ..LlamaCtx::default() };
                 // Token by token on the first prompt only (lavapipe's time counts in CI).
                 let n_prompts = if batch == 1 { 1 } else { ps.len() };
                 for ((name, ids), ties) in ps.iter().zip(&ties).take(n_prompts) {
@@ -284,7 +285,11 @@ fn vulkan_flash_attention_matches_llama_cpp(fixture: &str, reference: &str) {
                     let order = if reordered { WINDOW_CELL_ORDER_TOL } else { 0.0 };
                     let run = |e: &mut Engine| {
                         e.reset();
-                        if batch == 1 { sage_logits_split(e, &u, 0) } else { rows(e.eval(&u, true).unwrap(), n_vocab) }
+                        if batch == 1 {
+                            sage_logits_split(e, &u, 0)
+                        } else {
+                            rows(e.eval(&u, true).unwrap(), n_vocab)
+                        }
                     };
                     let (a, b) = (run(&mut full), run(&mut small));
                     let d_arena = max_abs_diff(&a, &b);
@@ -299,7 +304,10 @@ fn vulkan_flash_attention_matches_llama_cpp(fixture: &str, reference: &str) {
                     if own == 0.0 {
                         // llama.cpp ran this batch off the device (bit for bit the CPU's): no
                         // device reference; the two arenas on the device agree.
-                        assert!(d_arena <= tol_gpu + step, "{fixture} {kv} batch {batch} {name}: all vs smallest {d_arena}");
+                        assert!(
+                            d_arena <= tol_gpu + step,
+                            "{fixture} {kv} batch {batch} {name}: all vs smallest {d_arena}"
+                        );
                         continue;
                     }
                     compared += 1;
@@ -323,7 +331,10 @@ fn vulkan_flash_attention_matches_llama_cpp(fixture: &str, reference: &str) {
             }
         }
         eprintln!("{fixture}: {compared} of {runs} prompt runs compared on the device");
-        assert!(compared * 3 >= runs * 2, "{fixture}: only {compared} of {runs} prompt runs ran on the device in llama.cpp");
+        assert!(
+            compared * 3 >= runs * 2,
+            "{fixture}: only {compared} of {runs} prompt runs ran on the device in llama.cpp"
+        );
         assert!(streamed > 16, "{fixture}: the smallest arena streamed experts");
     }
 }

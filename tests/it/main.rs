@@ -14,6 +14,7 @@ mod footprint;
 mod fuzz_regressions;
 mod gguf_malformed;
 mod gptoss;
+mod hybrid;
 mod levers;
 mod parity;
 mod quality;

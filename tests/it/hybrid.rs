@@ -1,0 +1,97 @@
+//! The hybrid families (Qwen3.5-MoE): a recurrent state per linear-attention layer beside the
+//! KV cache of the full-attention layers, against llama.cpp (through llama-cpp-2) on the merged
+//! GGUF of the same conversion. The state crosses graph and batch boundaries: a prompt in
+//! batches of 3 and token by token, without flash attention (`attention.rs` does it with flash
+//! attention and every KV type). Then the prefix cache: a recurrent state cannot be cut back,
+//! so a follow-up evaluates only its new tokens when the context is its prefix, and a
+//! conversation edited in the middle is evaluated again from the start, correctly.
+
+use sage::engine::{ArenaSize, Engine, EngineOptions};
+use sage::ggml::GgmlType;
+
+use crate::attention::{converted, prompts};
+use crate::util::*;
+
+const HYBRID: [(&str, &str); 1] = [("tiny-qwen35moe", "reference-qwen35moe")];
+
+/// All experts resident the graph is llama.cpp's: 0 at every split; at the smallest arena as
+/// every family's streaming tolerance (`util::within_engine_tol`).
+#[test]
+fn recurrent_state_crosses_batches_as_in_llama_cpp() {
+    for (fixture, reference) in HYBRID {
+        let dir = tmp();
+        for ty in [GgmlType::F32, GgmlType::Q8_0, GgmlType::Q4_K] {
+            let (model_dir, gguf) = converted(dir.path(), fixture, ty);
+            let llama = load_llama(&gguf);
+            let cfg = sage::model_dir::ModelDir::open(&model_dir).unwrap().config;
+            assert!(cfg.recurrent_layers.iter().any(|&r| r) && cfg.recurrent_layers.iter().any(|&r| !r));
+            let (k, n_vocab) = (cfg.n_expert_used as usize, cfg.n_vocab as usize);
+            for arena in [ArenaSize::All, ArenaSize::Experts(k)] {
+                let streaming = arena != ArenaSize::All;
+                for batch in [3usize, 1] {
+                    let mut e = Engine::load(&model_dir, EngineOptions { n_batch: batch, ..exact(arena) }).unwrap();
+                    assert!(!e.flash_attn());
+                    let c = LlamaCtx { n_ubatch: batch as u32, ..LlamaCtx::default() };
+                    for (name, ids) in prompts(reference) {
+                        let u: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+                        e.reset();
+                        let (got, want) = if batch == 1 {
+                            (sage_logits_split(&mut e, &u, 0), llama_logits_split(&llama, &ids, 0, c))
+                        } else {
+                            (rows(e.eval(&u, true).unwrap(), n_vocab), llama_logits_with(&llama, &ids, c))
+                        };
+                        let d = per_position(&got, &want);
+                        eprintln!("{fixture} {ty} {arena:?} batch {batch} {name}: |sage - llama.cpp| {:e}", worst(&d));
+                        let ok = if streaming {
+                            within_engine_tol(&d, ty, true, false)
+                        } else {
+                            d.iter().all(|&x| x == 0.0)
+                        };
+                        assert!(ok, "{fixture} {ty} {arena:?} batch {batch} {name}: {d:?}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A follow-up whose context is its prefix evaluates only the new tokens and gives the logits
+/// of a fresh evaluation of the whole (all experts resident, f32: the same per-token
+/// recurrence and attention, in two graphs instead of one: measured 0); a prompt that shares
+/// only part of the context cannot keep a recurrent state cut back, so it is evaluated from
+/// the start, and gives a fresh evaluation's logits exactly.
+#[test]
+fn prefix_cache_keeps_a_recurrent_state_only_whole() {
+    for (fixture, reference) in HYBRID {
+        let dir = tmp();
+        let (model_dir, _) = converted(dir.path(), fixture, GgmlType::F32);
+        let mut e = Engine::load(&model_dir, exact(ArenaSize::All)).unwrap();
+        let mut fresh = Engine::load(&model_dir, exact(ArenaSize::All)).unwrap();
+        let n_vocab = e.config.n_vocab as usize;
+        let all = prompts(reference);
+        let first: Vec<u32> = all[0].1.iter().map(|&i| i as u32).collect();
+        let more: Vec<u32> = all[1].1.iter().map(|&i| i as u32).collect();
+        let whole: Vec<u32> = [&first[..], &more[..]].concat();
+        let want = rows(fresh.eval(&whole, true).unwrap(), n_vocab);
+
+        // Turn one, then turn two after it: only the new tokens.
+        e.eval(&first, false).unwrap();
+        let before = e.stats().tokens_evaluated;
+        assert_eq!(e.keep_prefix_of(&whole), first.len(), "{fixture}: the whole context is kept");
+        let got = rows(e.eval(&whole[first.len()..], true).unwrap(), n_vocab);
+        assert_eq!(e.stats().tokens_evaluated - before, more.len() as u64, "{fixture}: only the new tokens");
+        let d = max_abs_diff(&got, &want[first.len()..]);
+        eprintln!("{fixture}: second turn vs a fresh evaluation {d:e}");
+        assert!(d <= engine_tol(GgmlType::F32, true), "{fixture}: {d}");
+
+        // Edited in the middle: nothing can be kept; evaluated again from the start.
+        let mut edited = whole.clone();
+        edited[3] = (edited[3] + 1) % 400;
+        assert_eq!(e.keep_prefix_of(&edited), 0, "{fixture}: a recurrent state is not cut back");
+        let got = rows(e.eval(&edited, true).unwrap(), n_vocab);
+        fresh.reset();
+        let again = rows(fresh.eval(&edited, true).unwrap(), n_vocab);
+        assert_eq!(max_abs_diff(&got, &again), 0.0, "{fixture}: after the edit, as a fresh evaluation");
+        assert!(max_abs_diff(&got, &want) > 1e-3, "{fixture}: the edit changed the logits");
+    }
+}
