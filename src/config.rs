@@ -729,6 +729,37 @@ mod tests {
     }
 
     #[test]
+    fn published_hybrid_configs_read_as_the_real_models() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        // (file, n_layer, n_embd, heads, experts, used, FFN, shared FFN, key heads, value heads)
+        let want = [
+            ("qwen3.5-35b-a3b", 40, 2048, 16, 256, 8, 512, 512, 16, 32),
+            ("qwen3.5-122b-a10b", 48, 3072, 32, 256, 8, 1024, 1024, 16, 64),
+            ("qwen3.5-397b-a17b", 60, 4096, 32, 512, 10, 1024, 1024, 16, 64),
+            ("qwen3-next-80b-a3b", 48, 2048, 16, 512, 10, 512, 512, 16, 32),
+        ];
+        for (name, n_layer, n_embd, n_head, n_expert, used, ff, sh, nk, nv) in want {
+            let (l, c) = read_hf_config(&dir.join(format!("{name}.config.json"))).unwrap();
+            let next = name.starts_with("qwen3-next");
+            assert_eq!(c.arch, if next { "qwen3next" } else { "qwen35moe" }, "{name}");
+            assert_eq!(l.model_prefix, if next { "model." } else { "model.language_model." }, "{name}");
+            assert_eq!(
+                (c.n_layer, c.n_embd, c.n_head, c.n_head_kv, c.head_dim),
+                (n_layer, n_embd, n_head, 2, 256),
+                "{name}"
+            );
+            assert_eq!((c.n_expert, c.n_expert_used, c.n_ff_exp, c.n_ff_shexp), (n_expert, used, ff, sh), "{name}");
+            assert_eq!(c.ssm, Some(Ssm { d_conv: 4, d_state: 128, n_group: nk, dt_rank: nv }), "{name}");
+            // Three linear layers to one full one; RoPE on a quarter of each head.
+            let full: Vec<u32> = (0..c.n_layer).filter(|&il| !c.is_recurrent(il)).collect();
+            assert_eq!(full, (0..c.n_layer / 4).map(|i| 4 * i + 3).collect::<Vec<_>>(), "{name}");
+            assert_eq!((c.n_rot, c.rope_theta, c.norm_topk_prob), (64, 1e7, true), "{name}");
+            assert_eq!(c.rope_sections, if next { None } else { Some([11, 11, 10, 0]) }, "{name}");
+            assert_eq!(c.n_vocab, if next { 151936 } else { 248320 }, "{name}");
+        }
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let d = tempfile::tempdir().unwrap();
         let v = serde_json::json!({"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 64});

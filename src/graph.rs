@@ -158,7 +158,19 @@ impl<'a> LayerInput<'a> {
     /// state; its output through the gated RMS norm (norm · silu(`z`), `z` [value heads ·
     /// d_state, n]) and the output projection; the residual and the FFN norm. The last
     /// `d_conv - 1` inputs and the new state are stored back.
-    pub fn delta_net(&self, qkv: Tensor<'a>, z: Tensor<'a>, beta: Tensor<'a>, alpha: Tensor<'a>) -> PreMoe<'a> {
+    ///
+    /// Where value heads outnumber key heads, ggml's gated delta rule gives value head h key
+    /// head h mod n_k (Qwen3.5's checkpoints are reordered to match, `arch::FromHf::VHeadRows`);
+    /// with `interleaved` (Qwen3-Next: value heads grouped by key head) q and k are repeated
+    /// per key head first, as llama.cpp's qwen3next graph does.
+    pub fn delta_net(
+        &self,
+        qkv: Tensor<'a>,
+        z: Tensor<'a>,
+        beta: Tensor<'a>,
+        alpha: Tensor<'a>,
+        interleaved: bool,
+    ) -> PreMoe<'a> {
         let (ctx, w) = (self.ctx, &self.w);
         let rs: &LayerRs<'a> = match &self.state {
             LayerState::Recurrent(rs) => rs,
@@ -183,9 +195,15 @@ impl<'a> LayerInput<'a> {
             ctx.view_4d(c, [hd, heads, n, 1], [hd as usize * f32, row, row * n as usize], at as usize * f32)
         };
         let l2 = |t: Tensor<'a>| ctx.scale(ctx.rms_norm(t, self.cfg.rms_eps / hd as f32), 1.0 / (hd as f32).sqrt());
-        let q = l2(head(nk, 0));
-        let k = l2(head(nk, hd * nk));
+        let (mut q, mut k) = (l2(head(nk, 0)), l2(head(nk, hd * nk)));
         let v = head(nv, 2 * hd * nk);
+        if interleaved && nk != nv {
+            let rep = |t: Tensor<'a>| {
+                let t = ctx.repeat_4d(ctx.reshape_4d(t, [hd, 1, nk, n]), [hd, nv / nk, nk, n]);
+                ctx.reshape_4d(t, [hd, nv, n, 1])
+            };
+            (q, k) = (rep(q), rep(k));
+        }
         let state = ctx.reshape_4d(rs.delta, [hd, hd, nv, 1]);
         let r = ctx.gated_delta_net(q, k, v, g, beta, state);
         let out_bytes = (hd * nv * n) as usize * f32;

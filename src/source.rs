@@ -439,8 +439,13 @@ impl Source for HfSource {
         match self.tensors.get(&hf) {
             Some(e) => {
                 let mut m = self.entry_meta(&hf, e)?;
-                if let Some(FromHf::Values { .. }) = self.specs.get(name).map(|s| s.from_hf) {
-                    m.ty = GgmlType::F32;
+                match self.specs.get(name) {
+                    Some(TensorSpec { from_hf: FromHf::Values { .. }, .. }) => m.ty = GgmlType::F32,
+                    // Rows picked out of a fused tensor: the spec's rows.
+                    Some(s @ TensorSpec { from_hf: FromHf::QkvzSplit { .. }, .. }) if m.ne.len() == 2 => {
+                        m.ne[1] = s.ne[1]
+                    }
+                    _ => {}
                 }
                 Ok(Some(m))
             }

@@ -37,7 +37,15 @@ macro_rules! register {
 }
 
 // Adding a family: its file, and its entry in this line.
-register!(qwen3moe::Qwen3Moe, mixtral::Mixtral, olmoe::Olmoe, qwen2moe::Qwen2Moe, gptoss::GptOss, qwen35moe::Qwen35Moe);
+register!(
+    qwen3moe::Qwen3Moe,
+    mixtral::Mixtral,
+    olmoe::Olmoe,
+    qwen2moe::Qwen2Moe,
+    gptoss::GptOss,
+    qwen35moe::Qwen35Moe,
+    qwen3next::Qwen3Next
+);
 
 /// What a tensor is for, which decides the type sage-convert stores it in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +94,15 @@ pub enum FromHf {
         per_k: u32,
         head: u64,
         skip: u64,
+    },
+    /// Qwen3-Next's fused `in_proj_qkvz`: per key head, q (`hk` rows), k (`hk`), v and z
+    /// (`vpk` each: its value heads); llama.cpp's converter splits it into the q/k/v projection
+    /// (every head's q, then every k, then every v) and the output gate z (`z: true`).
+    QkvzSplit {
+        n_k: u32,
+        hk: u64,
+        vpk: u64,
+        z: bool,
     },
     /// The same reorder along the columns (the linear attention's output projection).
     VHeadCols {
@@ -144,6 +161,19 @@ impl FromHf {
                 } else {
                     skip + v_head_source(r - skip, n_k, per_k, head)
                 }
+            }
+            FromHf::QkvzSplit { n_k, hk, vpk, z } => {
+                let (kd, group) = (n_k as u64 * hk, 2 * hk + 2 * vpk);
+                let (head, at) = if z {
+                    (r / vpk, 2 * hk + vpk + r % vpk)
+                } else if r < kd {
+                    (r / hk, r % hk)
+                } else if r < 2 * kd {
+                    ((r - kd) / hk, hk + (r - kd) % hk)
+                } else {
+                    ((r - 2 * kd) / vpk, 2 * hk + (r - 2 * kd) % vpk)
+                };
+                head * group + at
             }
             FromHf::RopePairs { n_head } => {
                 let d = n_rows / n_head as u64;
@@ -411,6 +441,11 @@ mod tests {
         let p = FromHf::VHeadRows { n_k: 2, per_k: 2, head: 3, skip: 4 };
         let rows: Vec<u64> = (0..16).map(|r| p.source_row(r, 16)).collect();
         assert_eq!(rows, vec![0, 1, 2, 3, 4, 5, 6, 10, 11, 12, 7, 8, 9, 13, 14, 15]);
+        // 2 key heads of 1 row, one value head of 2 rows each: (q k v v z z) per key head.
+        let qkv = FromHf::QkvzSplit { n_k: 2, hk: 1, vpk: 2, z: false };
+        assert_eq!((0..8).map(|r| qkv.source_row(r, 12)).collect::<Vec<_>>(), vec![0, 6, 1, 7, 2, 3, 8, 9]);
+        let z = FromHf::QkvzSplit { n_k: 2, hk: 1, vpk: 2, z: true };
+        assert_eq!((0..4).map(|r| z.source_row(r, 12)).collect::<Vec<_>>(), vec![4, 5, 10, 11]);
         assert_eq!(ValueMap::NegExp.apply(0.0), -1.0);
         assert_eq!(ValueMap::AddOne.apply(0.5), 1.5);
     }

@@ -285,7 +285,7 @@ impl Arch for Qwen35Moe {
             let z = ctx.mul_mat(w.get(ATTN_GATE), cur);
             let beta = ctx.mul_mat(w.get(SSM_BETA), cur);
             let alpha = ctx.mul_mat(w.get(SSM_ALPHA), cur);
-            l.delta_net(qkv, z, beta, alpha)
+            l.delta_net(qkv, z, beta, alpha, false)
         } else {
             let (hd, nh) = (cfg.head_dim as i64, cfg.n_head as i64);
             let qg = ctx.mul_mat(w.get(ATTN_Q), cur); // [2 hd nh, n]
@@ -314,6 +314,14 @@ impl Arch for Qwen35Moe {
 
     fn chat_template(&self) -> &'static str {
         super::qwen3moe::CHATML
+    }
+
+    fn published(&self) -> &'static [(&'static str, &'static str)] {
+        &[
+            ("qwen3.5-35b-a3b", include_str!("../../configs/qwen3.5-35b-a3b.config.json")),
+            ("qwen3.5-122b-a10b", include_str!("../../configs/qwen3.5-122b-a10b.config.json")),
+            ("qwen3.5-397b-a17b", include_str!("../../configs/qwen3.5-397b-a17b.config.json")),
+        ]
     }
 }
 

@@ -787,8 +787,8 @@ impl Engine {
             self.eval_fused(tokens, &plan, all_logits)?
         } else {
             for il in 0..self.config.n_layer {
-                let (logits, next) = self.attention(il, tokens, &plan)?;
-                self.experts(il, n, &logits, next.as_deref())?;
+                let routed = self.attention(il, tokens, &plan)?;
+                self.experts(il, n, &routed)?;
             }
             self.output_logits(n, all_logits)?
         };

@@ -29,6 +29,24 @@ pub fn route(logits: &[f32], present: &[bool], k: usize, norm_topk_prob: bool) -
     Choice { experts: order, weights }
 }
 
+/// Route one token from the router's probabilities as ggml computed them (`ggml_soft_max`
+/// over the experts present, `ids`, in the graph): the top k by probability (ties to the
+/// lower id), their probabilities as weights, renormalized where `norm_topk_prob` by their
+/// sum accumulated in f64 and rounded to f32, as ggml's `sum_rows` and `div` do. The weights
+/// are then bit-identical to those of the all-resident graph (`engine::fused`).
+pub fn route_probs(probs: &[f32], ids: &[u32], k: usize, norm_topk_prob: bool) -> Choice {
+    debug_assert_eq!(probs.len(), ids.len());
+    let mut order: Vec<usize> = (0..probs.len()).collect();
+    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(ids[a].cmp(&ids[b])));
+    order.truncate(k);
+    let mut weights: Vec<f32> = order.iter().map(|&i| probs[i]).collect();
+    if norm_topk_prob {
+        let s = weights.iter().map(|&w| w as f64).sum::<f64>() as f32;
+        weights.iter_mut().for_each(|w| *w /= s);
+    }
+    Choice { experts: order.iter().map(|&i| ids[i]).collect(), weights }
+}
+
 /// Cache-aware routing (`EngineOptions::cache_bias`, `--cache-bias`). With p the router's
 /// softmax over the pool and R the experts resident before the token is routed:
 ///

@@ -13,12 +13,22 @@
 //! converted at the cold type does.
 
 use super::io_thread::Prefetcher;
-use super::router::{route, route_cached, Choice};
+use super::router::{route, route_cached, route_probs, Choice};
 use super::{Engine, GRAPH_NODES, GRAPH_TENSORS};
 use crate::error::Result;
 use crate::ggml::{Context, GgmlType};
 use crate::graph;
 use crate::names::*;
+
+/// What graph A returns for the router: per token the logits over every expert, the
+/// softmax over the experts present (`present`, in id order), and the next layer's
+/// predicted logits where asked.
+pub(super) struct Routed {
+    pub logits: Vec<f32>,
+    pub probs: Vec<f32>,
+    pub present: Vec<u32>,
+    pub next: Option<Vec<f32>>,
+}
 
 /// One `graph::moe` over the arena: through the full records' views or the cold ones, `k`
 /// entries per token (`ids`, `wts`: [n][k]).
@@ -80,16 +90,12 @@ enum GroupStep {
 
 impl Engine {
     /// Graph A of layer `il`: the family's layer graph up to the routed experts (storing this
-    /// batch's K and V), then the router logits, which are returned ([n][n_expert]); the
-    /// residual, the experts' input and a shared expert's output are kept in `state`. When
-    /// prefetching, also the next layer's router applied to this layer's residual stream (its
-    /// prediction).
-    pub(super) fn attention(
-        &mut self,
-        il: u32,
-        tokens: &[u32],
-        plan: &super::memory::BatchPlan,
-    ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+    /// batch's K and V, or its recurrent state), then the router logits ([n][n_expert]) and
+    /// the softmax over the experts present ([n][present], as `engine::fused` computes it, so
+    /// that exact routing takes its weights bit for bit), which are returned; the residual,
+    /// the experts' input and a shared expert's output are kept in `state`. When prefetching,
+    /// also the next layer's router applied to this layer's residual stream (its prediction).
+    pub(super) fn attention(&mut self, il: u32, tokens: &[u32], plan: &super::memory::BatchPlan) -> Result<Routed> {
         let cfg = &self.config;
         let n = tokens.len() as i64;
         let ctx = Context::new(GRAPH_TENSORS, GRAPH_NODES);
@@ -106,6 +112,21 @@ impl Engine {
         let a = cfg.arch().build_layer(&l);
         let logits = graph::router_logits(&ctx, &w, a.normed); // [n_expert, n]
         logits.set_output();
+        // The softmax over the experts present: a pooled layer's logits cut down to them
+        // (get_rows picks rows, dimension 1: experts go there and back).
+        let present: Vec<u32> =
+            self.present[il as usize].iter().enumerate().filter(|(_, &p)| p).map(|(e, _)| e as u32).collect();
+        let pool_ids = (present.len() < cfg.n_expert as usize).then(|| {
+            let t = ctx.new_tensor(GgmlType::I32, &[present.len() as i64]);
+            t.set_input();
+            t
+        });
+        let cut = match pool_ids {
+            Some(ids) => ctx.cont(ctx.transpose(ctx.get_rows(ctx.cont(ctx.transpose(logits)), ids))),
+            None => logits,
+        };
+        let probs = ctx.soft_max(cut);
+        probs.set_output();
         let keep_inp = ctx.cpy(a.ffn_inp, st.ffn_inp);
         let keep_normed = ctx.cpy(a.normed, st.normed);
         let keep_shared = a.shared.map(|s| ctx.cpy(s, st.shared.expect("a shared expert has its state")));
@@ -124,26 +145,31 @@ impl Engine {
             t
         });
         let mut g = ctx.graph(GRAPH_NODES);
-        for t in a.stores.iter().copied().chain([logits, keep_inp, keep_normed]).chain(keep_shared).chain(next) {
+        for t in a.stores.iter().copied().chain([logits, probs, keep_inp, keep_normed]).chain(keep_shared).chain(next) {
             g.expand(t);
         }
-        self.runner.run(&g, || inp.write(if il == 0 { Some(tokens) } else { None }))?;
+        self.runner.run(&g, || {
+            inp.write(if il == 0 { Some(tokens) } else { None });
+            if let Some(t) = pool_ids {
+                t.write_i32(&present.iter().map(|&e| e as i32).collect::<Vec<_>>());
+            }
+        })?;
         if self.runner.dry.is_some() {
-            return Ok((Vec::new(), None));
+            return Ok(Routed { logits: Vec::new(), probs: Vec::new(), present, next: None });
         }
         let next = next.map(|t| t.read_f32((cfg.n_expert as i64 * n) as usize));
-        Ok((logits.read_f32((cfg.n_expert as i64 * n) as usize), next))
+        Ok(Routed {
+            logits: logits.read_f32((cfg.n_expert as i64 * n) as usize),
+            probs: probs.read_f32(present.len() * n as usize),
+            present,
+            next,
+        })
     }
 
     /// Graph B of layer `il`: route, make the chosen experts resident, run them, add to the
     /// residual (left in the `hidden` state for the next layer).
-    pub(super) fn experts(
-        &mut self,
-        il: u32,
-        n: usize,
-        router_logits: &[f32],
-        predict_next: Option<&[f32]>,
-    ) -> Result<()> {
+    pub(super) fn experts(&mut self, il: u32, n: usize, routed: &Routed) -> Result<()> {
+        let (router_logits, predict_next) = (&routed.logits[..], routed.next.as_deref());
         let (n_exp, k) = (self.config.n_expert as usize, self.config.n_expert_used as usize);
         self.settle_slot_reads()?;
         self.io.retire_all_but(il);
@@ -158,7 +184,8 @@ impl Engine {
                 })
                 .collect(),
             None if self.opts.cache_bias.is_exact() => {
-                (0..n).map(|t| route(&router_logits[t * n_exp..(t + 1) * n_exp], present, k, norm)).collect()
+                let m = routed.present.len();
+                (0..n).map(|t| route_probs(&routed.probs[t * m..(t + 1) * m], &routed.present, k, norm)).collect()
             }
             // Cache-aware: every token of the batch prefers what was resident before it.
             None => {

@@ -384,6 +384,10 @@ impl Context {
             )
         )
     }
+    /// `a` repeated (tiled) to the shape `ne`, each a multiple of `a`'s.
+    pub fn repeat_4d<'a>(&'a self, a: Tensor<'a>, ne: [i64; 4]) -> Tensor<'a> {
+        op!(self, sys::ggml_repeat_4d(self.c(), a.ptr.as_ptr(), ne[0], ne[1], ne[2], ne[3]))
+    }
     pub fn sigmoid<'a>(&'a self, a: Tensor<'a>) -> Tensor<'a> {
         op!(self, sys::ggml_sigmoid(self.c(), a.ptr.as_ptr()))
     }

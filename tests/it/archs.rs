@@ -328,3 +328,4 @@ family!(mixtral);
 family!(olmoe);
 family!(qwen2moe);
 family!(qwen35moe);
+family!(qwen3next);

@@ -17,13 +17,14 @@ use sage::merge::merge;
 use crate::util::*;
 
 /// The families' fixtures and their references (prompt ids only are used here).
-pub(crate) const FAMILIES: [(&str, &str); 6] = [
+pub(crate) const FAMILIES: [(&str, &str); 7] = [
     ("tiny-qwen3moe", "reference"),
     ("tiny-mixtral", "reference-mixtral"),
     ("tiny-olmoe", "reference-olmoe"),
     ("tiny-qwen2moe", "reference-qwen2moe"),
     ("tiny-gptoss", "reference-gptoss"),
     ("tiny-qwen35moe", "reference-qwen35moe"),
+    ("tiny-qwen3next", "reference-qwen3next"),
 ];
 
 /// The prompts of a reference file: (name, ids).
@@ -173,6 +174,7 @@ family!(flash_attention_matches_llama_cpp_olmoe, 2);
 family!(flash_attention_matches_llama_cpp_qwen2moe, 3);
 family!(flash_attention_matches_llama_cpp_gptoss, 4);
 family!(flash_attention_matches_llama_cpp_qwen35moe, 5);
+family!(flash_attention_matches_llama_cpp_qwen3next, 6);
 
 /// gpt-oss's sliding layers (window 4) in a ring of 256 cells (the window plus a batch of 32,
 /// padded as llama.cpp pads it) over a 1024-token context, on 600 tokens, so that the ring

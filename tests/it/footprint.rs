@@ -419,3 +419,50 @@ fn footprint_of_the_other_families_matches_their_tensors() {
         near(&format!("{} active parameters", fam.file), active as u64, fam.params.1, 0.04);
     }
 }
+
+/// The hybrid families' published configs (Qwen3.5-35B-A3B, -122B-A10B, -397B-A17B,
+/// Qwen3-Next-80B-A3B): base, one expert and all experts at bf16 and q4_k against sizes written
+/// out here from each layer kind's tensors, and the published parameter counts (within 3%:
+/// they include Qwen3.5's vision tower and next-token-prediction layer, which sage skips;
+/// measured 34.68e9, 122.15e9, 396.48e9, 79.73e9).
+#[test]
+fn footprint_of_the_hybrid_families_matches_their_tensors() {
+    // (file, n_layer, n_embd, query heads, experts, used, FFN, key heads, value heads, vocab,
+    //  fused ba (Qwen3-Next), published total and active parameters)
+    let models = [
+        ("qwen3.5-35b-a3b", 40u64, 2048u64, 16u64, 256u64, 8u64, 512u64, 16u64, 32u64, 248320u64, false, 35e9, 3e9),
+        ("qwen3.5-122b-a10b", 48, 3072, 32, 256, 8, 1024, 16, 64, 248320, false, 122e9, 10e9),
+        ("qwen3.5-397b-a17b", 60, 4096, 32, 512, 10, 1024, 16, 64, 248320, false, 397e9, 17e9),
+        ("qwen3-next-80b-a3b", 48, 2048, 16, 512, 10, 512, 16, 32, 151936, true, 80e9, 3e9),
+    ];
+    for (name, n_layer, e, nh, n_expert, used, ff, nk, nv, vocab, fused_ba, total, active) in models {
+        let (hd, nkv, d) = (256, 2, 128); // attention heads of 256, 2 KV heads; linear heads of 128
+        let (kd, vd) = (nk * d, nv * d);
+        let base = |w: fn(u64) -> u64| {
+            let full = w(e * 2 * hd * nh) + 2 * w(e * hd * nkv) + w(hd * nh * e) // q (+ gate), k, v, o
+                + f32(2 * hd); // q_norm, k_norm
+            let ba = if fused_ba { w(e * 2 * nv) } else { 2 * w(e * nv) };
+            let linear = w(e * (2 * kd + vd)) + w(e * vd) + ba + w(vd * e) // qkv, z, beta/alpha, out
+                + f32(4 * (2 * kd + vd)) // the convolution's kernels, 4 taps
+                + f32(2 * nv + d); // dt bias, a, the gated norm
+            let every = f32(2 * e) + f32(e * n_expert) // attn_norm, post_attention_norm, router
+                + f32(e) + 3 * w(e * ff); // the shared expert's gate and FFN (as wide as an expert)
+            2 * w(vocab * e) + n_layer / 4 * full + (n_layer - n_layer / 4) * linear + n_layer * every + f32(e)
+        };
+        let f = footprint(&configs().join(format!("{name}.config.json")), &FootprintOptions::default()).unwrap();
+        let (b, q) = (quant(&f, "bf16"), quant(&f, "q4_k"));
+        assert_eq!(f.n_experts, n_layer * n_expert, "{name}");
+        assert_eq!((b.base_bytes, q.base_bytes), (base(bf16), base(q4_k)), "{name} base");
+        assert_eq!([b.expert_bytes, q.expert_bytes], [bf16(3 * e * ff), q4_k(3 * e * ff)], "{name} one expert");
+        assert_eq!(b.experts_bytes, n_layer * n_expert * b.expert_bytes, "{name} experts");
+        assert_eq!(b.active_bytes, n_layer * used * b.expert_bytes, "{name} active experts");
+        assert!(q.fallbacks.is_empty(), "{name}: {:?}", q.fallbacks);
+        let params = (b.base_bytes + b.experts_bytes) as f64 / 2.0;
+        let act = (b.base_bytes + b.active_bytes) as f64 / 2.0;
+        eprintln!("{name}: {:.2}e9 parameters, {:.2}e9 active", params / 1e9, act / 1e9);
+        near(&format!("{name} parameters"), params as u64, total, 0.03);
+        // The names round the active count to a whole billion (A3B, A10B, A17B), with or
+        // without the embeddings: measured 3.48e9, 9.81e9, 17.48e9, 3.93e9; only a loose check.
+        assert!((act - active).abs() / active < 0.35, "{name}: {act} active parameters");
+    }
+}

@@ -1,4 +1,4 @@
-//! The hybrid families (Qwen3.5-MoE): a recurrent state per linear-attention layer beside the
+//! The hybrid families (Qwen3.5-MoE, Qwen3-Next): a recurrent state per linear-attention layer beside the
 //! KV cache of the full-attention layers, against llama.cpp (through llama-cpp-2) on the merged
 //! GGUF of the same conversion. The state crosses graph and batch boundaries: a prompt in
 //! batches of 3 and token by token, without flash attention (`attention.rs` does it with flash
@@ -12,7 +12,8 @@ use sage::ggml::GgmlType;
 use crate::attention::{converted, prompts};
 use crate::util::*;
 
-const HYBRID: [(&str, &str); 1] = [("tiny-qwen35moe", "reference-qwen35moe")];
+const HYBRID: [(&str, &str); 2] =
+    [("tiny-qwen35moe", "reference-qwen35moe"), ("tiny-qwen3next", "reference-qwen3next")];
 
 /// All experts resident the graph is llama.cpp's: 0 at every split; at the smallest arena as
 /// every family's streaming tolerance (`util::within_engine_tol`).

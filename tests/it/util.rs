@@ -384,13 +384,9 @@ pub fn engine_tol(ty: GgmlType, streaming: bool) -> f32 {
 pub const F16_KV_STEP_TOL: f32 = 1e-3;
 
 /// Whether a streaming arena at `ty` may move one position of a prompt by a q8 rounding step
-/// (see `ROUNDING_STEP_TOL`): k-quant kernels tile an expert's rows by how many it gets; and
-/// a streaming arena routes on the CPU (`engine::router`), whose softmax differs from ggml's
-/// in the last bit (the f32 difference `engine_tol` allows), which a q8_0 activation can
-/// turn into a rounding step too: measured once, Qwen3.5-MoE q8_0 "mixed" 1.6e-2 at one of 27
-/// positions, with every expert resident in streaming mode as at the smallest arena.
+/// (see `ROUNDING_STEP_TOL`): k-quant kernels tile an expert's rows by how many it gets.
 pub fn may_cross_rounding_step(ty: GgmlType) -> bool {
-    ![GgmlType::F32, GgmlType::F16, GgmlType::BF16].contains(&ty)
+    ![GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0].contains(&ty)
 }
 
 /// `d` (per position) within sage's tolerance against llama.cpp at `ty` (`engine_tol`; with
