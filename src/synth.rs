@@ -187,6 +187,9 @@ fn spec_config(spec: &SpecDir, like: &str, layers: Option<u32>) -> Result<ModelC
             return Err(Error::Usage(format!("--layers {n}: the model has layers 1 to {}", cfg.n_layer)));
         }
         cfg.n_layer = n;
+        // Per-layer patterns keep their first n entries.
+        cfg.swa_layers.truncate(n as usize);
+        cfg.recurrent_layers.truncate(n as usize);
     }
     Ok(cfg)
 }

@@ -167,7 +167,7 @@ pub(crate) fn hybrid_kv(arch: &str, cfg: &ModelConfig, kv: &mut Vec<(String, Ggu
     // An interval where the layers follow one (llama.cpp's converter writes one), else the
     // flags.
     let n = cfg.recurrent_layers.len() as u64;
-    match (1..=n).find(|&every| (0..n).all(|i| cfg.recurrent_layers[i as usize] == ((i + 1) % every != 0))) {
+    match (1..=n + 1).find(|&every| (0..n).all(|i| cfg.recurrent_layers[i as usize] == ((i + 1) % every != 0))) {
         Some(every) => kv.push((k(K_FULL_ATTENTION_INTERVAL), GgufValue::U32(every as u32))),
         None => kv.push((k(K_RECURRENT_LAYERS), GgufValue::Array(GgufArray::Bool(cfg.recurrent_layers.clone())))),
     }

@@ -114,6 +114,8 @@ fn flash_attention_matches_llama_cpp(fixture: &str, reference: &str) {
                     let reordered = cfg.n_swa > 0 && batch > 1 && ids.len() > batch;
                     let ok = if reordered {
                         d.iter().all(|&x| x <= WINDOW_CELL_ORDER_TOL)
+                    } else if streaming && cfg.recurrent_layers.contains(&true) {
+                        carried_rounding_step(&d, kv_step_tol(kv))
                     } else if streaming {
                         close_but_one_rounding_step(&d, kv_step_tol(kv))
                     } else {

@@ -44,7 +44,7 @@ fn recurrent_state_crosses_batches_as_in_llama_cpp() {
                         let d = per_position(&got, &want);
                         eprintln!("{fixture} {ty} {arena:?} batch {batch} {name}: |sage - llama.cpp| {:e}", worst(&d));
                         let ok = if streaming {
-                            within_engine_tol(&d, ty, true, false)
+                            within_engine_tol_of(&d, ty, true, false, true)
                         } else {
                             d.iter().all(|&x| x == 0.0)
                         };
