@@ -185,6 +185,48 @@ pub struct Footprint {
     /// The cold copies' extra disk (`FootprintOptions::cold`, or a model directory's own).
     pub cold: Option<ColdFootprint>,
     pub measured: Option<Measured>,
+    /// One sequence's state between batches (`engine::memory::plan`), outside the resident
+    /// totals above.
+    pub state: StateFootprint,
+}
+
+/// One sequence's layer state: the recurrent layers' fixed part (with the checkpoints the
+/// engine keeps of it) and the attention layers' K and V per token, at an f16 cache.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StateFootprint {
+    pub recurrent_layers: u32,
+    /// The recurrent states: the same at any context length.
+    pub recurrent_bytes: u64,
+    /// Their checkpoints (`engine::memory::CHECKPOINTS` copies).
+    pub checkpoint_bytes: u64,
+    pub attention_layers: u32,
+    /// K and V of one position in every attention layer (a sliding layer's ring counted as a
+    /// full cache: an upper bound).
+    pub kv_bytes_per_token: u64,
+}
+
+fn state_footprint(cfg: &ModelConfig) -> StateFootprint {
+    use crate::engine::memory::{plan, KvType, LayerPlan, MemoryOptions, StateKind, CHECKPOINTS};
+    let o = MemoryOptions {
+        n_ctx: 1,
+        n_seq: 1,
+        n_batch: 1,
+        k_type: KvType::F16,
+        v_type: KvType::F16,
+        flash_attn: true,
+        swa_full: true,
+        checkpoints: CHECKPOINTS,
+    };
+    let p = plan(cfg, &o);
+    let (rec, att): (Vec<&LayerPlan>, Vec<&LayerPlan>) =
+        p.layers.iter().partition(|l| matches!(l.kind, StateKind::Recurrent { .. }));
+    StateFootprint {
+        recurrent_layers: rec.len() as u32,
+        recurrent_bytes: rec.iter().map(|l| l.k_bytes + l.v_bytes).sum(),
+        checkpoint_bytes: p.checkpoint_bytes,
+        attention_layers: att.len() as u32,
+        kv_bytes_per_token: att.iter().map(|l| l.k_bytes + l.v_bytes).sum(),
+    }
 }
 
 fn size_of(ty: GgmlType, ne: &[u64], name: &str) -> Result<u64> {
@@ -330,6 +372,7 @@ fn compute(
         quants: quants.collect::<Result<_>>()?,
         cold: opts.cold.map(|q| cold_footprint(cfg, quant_name(q), expert_plan(cfg, q), per_layer)),
         measured: None,
+        state: state_footprint(cfg),
     })
 }
 
@@ -731,6 +774,23 @@ impl fmt::Display for Footprint {
                     f,
                     "  resident: base + arena (arena = slots × slot + 4 KiB to align them; KV cache and compute buffers not included)"
                 )?;
+                let st = &self.state;
+                let kv = format!(
+                    "{} attention layers: KV {} per token (f16)",
+                    st.attention_layers,
+                    si_bytes(st.kv_bytes_per_token)
+                );
+                if st.recurrent_layers > 0 {
+                    writeln!(
+                        f,
+                        "  state per sequence: {} recurrent layers {} at any context (+ {} of checkpoints); {kv}",
+                        st.recurrent_layers,
+                        si_bytes(st.recurrent_bytes),
+                        si_bytes(st.checkpoint_bytes)
+                    )?;
+                } else {
+                    writeln!(f, "  state per sequence: {kv}")?;
+                }
                 // Slot counts go in the header where every quant gets the same (shares, counts).
                 let same: Vec<bool> = (0..q.resident.len())
                     .map(|i| {

@@ -157,8 +157,16 @@ fn state_json(engine: &Engine) -> serde_json::Value {
 fn state_line(engine: &Engine) -> String {
     let parts: Vec<String> = state_kinds(engine)
         .into_iter()
-        .map(|(kind, layers, cells, bytes)| format!("{kind} {layers} layers × {cells} cells {}", short_bytes(bytes)))
+        .map(|(kind, layers, cells, bytes)| {
+            if kind == "recurrent" {
+                format!("{kind} {layers} layers {} (any context)", short_bytes(bytes))
+            } else {
+                format!("{kind} {layers} layers × {cells} cells {}", short_bytes(bytes))
+            }
+        })
         .collect();
+    let ckpt = engine.state().plan().checkpoint_bytes;
+    let parts = if ckpt > 0 { [parts, vec![format!("checkpoints {}", short_bytes(ckpt))]].concat() } else { parts };
     let o = engine.state().options();
     format!(
         "{} ({} K, {} V, {})",

@@ -117,7 +117,17 @@ impl Engine {
             self.reset();
         }
         let t0 = Instant::now();
-        let mut logits = self.eval(&prompt_ids[cached..], false)?;
+        // A recurrent state is checkpointed before the prompt's last token (where a prompt
+        // sharing this one's prefix, or the same prompt again, continues: at least its last
+        // token is evaluated again for its logits) and after the answer.
+        let rest = &prompt_ids[cached..];
+        let mut logits = if self.is_recurrent() && rest.len() > 1 {
+            self.eval(&rest[..rest.len() - 1], false)?;
+            self.checkpoint();
+            self.eval(&rest[rest.len() - 1..], false)?
+        } else {
+            self.eval(rest, false)?
+        };
         let prompt_time = t0.elapsed();
         let mut history: Vec<u32> = prompt_ids.to_vec();
         let mut out = Vec::new();
@@ -170,6 +180,7 @@ impl Engine {
             }
         }
         let gen_time = t1.elapsed();
+        self.checkpoint();
         Ok(Generation {
             prompt_tokens: prompt_ids.len(),
             cached_tokens: cached,

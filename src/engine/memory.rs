@@ -113,7 +113,14 @@ pub struct MemoryOptions {
     pub flash_attn: bool,
     /// Sliding layers keep a full-length cache (llama.cpp's `--swa-full`).
     pub swa_full: bool,
+    /// Checkpoints of the recurrent states kept per sequence (`Memory::checkpoint`), where the
+    /// model has recurrent layers.
+    pub checkpoints: usize,
 }
+
+/// Recurrent-state checkpoints a sequence keeps by default: the end of a prompt and the end
+/// of an answer (`Engine::generate` takes them).
+pub const CHECKPOINTS: usize = 2;
 
 /// One layer's state: its kind, cells per sequence and bytes (all sequences) of its two
 /// tensors: K and V, or for a recurrent layer the convolution's window and the delta rule's
@@ -133,13 +140,16 @@ pub struct MemoryPlan {
     pub layers: Vec<LayerPlan>,
     /// The Walsh-Hadamard matrices that rotate Q, K and V around a quantized cache.
     pub rotation_bytes: u64,
+    /// The recurrent states' checkpoints (`MemoryOptions::checkpoints` copies of every
+    /// recurrent layer's state, per sequence).
+    pub checkpoint_bytes: u64,
 }
 
 impl MemoryPlan {
     /// Bytes of the state's tensors (one buffer; what `Memory::bytes` allocates, less the
     /// backend's alignment padding, at most 2 × 4 KiB per tensor on the CPU).
     pub fn total(&self) -> u64 {
-        self.layers.iter().map(|l| l.k_bytes + l.v_bytes).sum::<u64>() + self.rotation_bytes
+        self.layers.iter().map(|l| l.k_bytes + l.v_bytes).sum::<u64>() + self.rotation_bytes + self.checkpoint_bytes
     }
 
     /// (kind, layers, bytes) per kind present, in layer order of first appearance.
@@ -226,7 +236,7 @@ pub fn check(cfg: &ModelConfig, o: &MemoryOptions) -> std::result::Result<(), St
 pub fn plan(cfg: &ModelConfig, o: &MemoryOptions) -> MemoryPlan {
     let n_embd_kv = cfg.head_dim * cfg.n_head_kv as u64;
     let row = |t: KvType| t.ggml().row_size(n_embd_kv).expect("heads checked against the block size");
-    let layers = layer_kinds(cfg)
+    let layers: Vec<LayerPlan> = layer_kinds(cfg)
         .into_iter()
         .enumerate()
         .map(|(il, kind)| {
@@ -240,7 +250,12 @@ pub fn plan(cfg: &ModelConfig, o: &MemoryOptions) -> MemoryPlan {
         .collect();
     let (rk, rv) = rotation(cfg.head_dim, o.k_type, o.v_type);
     let rotation_bytes = [rk, rv].into_iter().flatten().map(|n| n * n * 4).sum();
-    MemoryPlan { layers, rotation_bytes }
+    let recurrent: u64 = layers
+        .iter()
+        .filter(|l: &&LayerPlan| matches!(l.kind, StateKind::Recurrent { .. }))
+        .map(|l| l.k_bytes + l.v_bytes)
+        .sum();
+    MemoryPlan { layers, rotation_bytes, checkpoint_bytes: recurrent * o.checkpoints as u64 }
 }
 
 /// Where one batch of a sequence goes, per kind of layer: the cells it attends over, the
@@ -326,6 +341,13 @@ pub struct Memory {
     /// Per layer: K at 2·il, V at 2·il + 1; then the rotation matrices.
     set: TensorSet,
     rot: (Option<usize>, Option<usize>),
+    /// Per checkpoint slot, per layer: the indices in `set` of its copies of the layer's two
+    /// recurrent tensors (None for other layers).
+    ckpt_tensors: Vec<Vec<Option<(usize, usize)>>>,
+    /// Per sequence, per checkpoint slot: the position it was taken at and when (a counter:
+    /// the oldest is written over first).
+    ckpts: Vec<Vec<Option<(usize, u64)>>>,
+    ckpt_clock: u64,
     buf: Buffer,
     /// The tokens each sequence holds, in position order.
     seqs: Vec<Vec<u32>>,
@@ -368,7 +390,7 @@ impl Memory {
             })
             .collect();
         let n_embd_kv = (cfg.head_dim * cfg.n_head_kv as u64) as i64;
-        let mut set = TensorSet::new(2 * cfg.n_layer as usize + 2);
+        let mut set = TensorSet::new((2 + 2 * o.checkpoints) * cfg.n_layer as usize + 2);
         for l in &plan.layers {
             let (c, s) = (l.cells as i64, o.n_seq as i64);
             if let StateKind::Recurrent { conv, delta } = l.kind {
@@ -389,6 +411,22 @@ impl Memory {
             rk.map(|n| set.add(GgmlType::F32, &[n as i64, n as i64], "attn_rot_k")),
             rv.map(|n| set.add(GgmlType::F32, &[n as i64, n as i64], "attn_rot_v")),
         );
+        let has_recurrent = plan.layers.iter().any(|l| matches!(l.kind, StateKind::Recurrent { .. }));
+        let n_ckpt = if has_recurrent { o.checkpoints } else { 0 };
+        let ckpt_tensors = (0..n_ckpt)
+            .map(|j| {
+                plan.layers
+                    .iter()
+                    .map(|l| match l.kind {
+                        StateKind::Recurrent { conv, delta } => Some((
+                            set.add(GgmlType::F32, &[conv as i64, o.n_seq as i64], &format!("ckpt{j}_r_l{}", l.il)),
+                            set.add(GgmlType::F32, &[delta as i64, o.n_seq as i64], &format!("ckpt{j}_s_l{}", l.il)),
+                        )),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .collect();
         let buf = backend.alloc_ctx_tensors(set.context()).map_err(|e| super::ffi(path, "KV cache", e))?;
         buf.clear(0);
         for (i, n) in [(rot.0, rk), (rot.1, rv)] {
@@ -396,7 +434,19 @@ impl Memory {
                 set.get(i).write_f32(&hadamard(n as usize));
             }
         }
-        Ok(Memory { opts: o, plan, kind_of, kinds, set, rot, buf, seqs: vec![Vec::new(); o.n_seq] })
+        Ok(Memory {
+            opts: o,
+            plan,
+            kind_of,
+            kinds,
+            set,
+            rot,
+            ckpt_tensors,
+            ckpts: vec![vec![None; n_ckpt]; o.n_seq],
+            ckpt_clock: 0,
+            buf,
+            seqs: vec![Vec::new(); o.n_seq],
+        })
     }
 
     pub fn options(&self) -> &MemoryOptions {
@@ -420,14 +470,37 @@ impl Memory {
     /// Keep the first `n` tokens of sequence `seq` and forget the rest; returns how many are
     /// kept. A sliding-window ring keeps only the last cells written: when the window before
     /// position `n` has been written over since, nothing can be kept (0), and the sequence
-    /// starts again (llama.cpp's server re-processes the prompt in that case too).
+    /// starts again (llama.cpp's server re-processes the prompt in that case too). A recurrent
+    /// state holds the whole sequence and cannot be cut back: a shorter prefix is kept only
+    /// where a checkpoint was taken at or before `n` (the latest such: its states are restored
+    /// and its position kept), else nothing is.
     pub fn keep(&mut self, seq: usize, n: usize) -> usize {
         let len = self.seqs[seq].len();
-        let n = n.min(len);
+        let mut n = n.min(len);
+        let recurrent = self.kinds.iter().any(|k| matches!(k, StateKind::Recurrent { .. }));
+        if recurrent && n < len {
+            let best = self.ckpts[seq]
+                .iter()
+                .enumerate()
+                .filter_map(|(j, c)| c.filter(|&(p, _)| p <= n && p > 0).map(|(p, _)| (p, j)))
+                .max();
+            n = match best {
+                Some((p, j)) => {
+                    self.restore(seq, j);
+                    p
+                }
+                None => 0,
+            };
+        }
+        // Checkpoints past what is kept held other tokens after it.
+        for c in self.ckpts[seq].iter_mut() {
+            if c.is_some_and(|(p, _)| p > n) {
+                *c = None;
+            }
+        }
         let lost = self.kinds.iter().any(|&k| match k {
             StateKind::Kv => false,
-            // A recurrent state holds the whole sequence: it cannot be cut back.
-            StateKind::Recurrent { .. } => n < len,
+            StateKind::Recurrent { .. } => false,
             StateKind::WindowKv { n_swa } => {
                 let c = cells(k, &self.opts);
                 n > 0 && n.saturating_sub(n_swa as usize) < len.saturating_sub(c)
@@ -439,6 +512,51 @@ impl Memory {
         }
         self.seqs[seq].truncate(n);
         n
+    }
+
+    /// Checkpoint sequence `seq`'s recurrent states at its current length (into a free slot,
+    /// else over the oldest), so that `keep` can go back to it. Nothing to do for a model
+    /// without recurrent layers, an empty sequence or a position already checkpointed.
+    pub fn checkpoint(&mut self, seq: usize) {
+        let pos = self.seqs[seq].len();
+        let slots = &self.ckpts[seq];
+        if slots.is_empty() || pos == 0 || slots.iter().any(|c| c.is_some_and(|(p, _)| p == pos)) {
+            return;
+        }
+        let j = match slots.iter().position(|c| c.is_none()) {
+            Some(j) => j,
+            None => (0..slots.len()).min_by_key(|&j| slots[j].map_or(0, |(_, t)| t)).expect("a slot"),
+        };
+        self.copy_states(seq, j, true);
+        self.ckpt_clock += 1;
+        self.ckpts[seq][j] = Some((pos, self.ckpt_clock));
+    }
+
+    /// The positions sequence `seq` holds checkpoints at, ascending.
+    pub fn checkpoints(&self, seq: usize) -> Vec<usize> {
+        let mut p: Vec<usize> = self.ckpts[seq].iter().flatten().map(|&(p, _)| p).collect();
+        p.sort_unstable();
+        p
+    }
+
+    fn restore(&mut self, seq: usize, j: usize) {
+        self.copy_states(seq, j, false);
+    }
+
+    /// Sequence `seq`'s row of every recurrent tensor to checkpoint slot `j` (`save`) or back.
+    fn copy_states(&self, seq: usize, j: usize, save: bool) {
+        for (il, pair) in self.ckpt_tensors[j].iter().enumerate() {
+            let Some((r, s)) = *pair else { continue };
+            for (live, copy) in [(2 * il, r), (2 * il + 1, s)] {
+                let (a, b) = if save {
+                    (self.set.get(live), self.set.get(copy))
+                } else {
+                    (self.set.get(copy), self.set.get(live))
+                };
+                let row = a.nb()[1];
+                b.write(seq * row, &a.read_bytes(seq * row, row));
+            }
+        }
     }
 
     /// Sequence `seq`'s recurrent states back to zero: what a sequence starts from.
@@ -601,6 +719,7 @@ mod tests {
             v_type: KvType::F16,
             flash_attn: false,
             swa_full: false,
+            checkpoints: CHECKPOINTS,
         }
     }
 

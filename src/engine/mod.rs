@@ -724,6 +724,23 @@ impl Engine {
         self.memory.keep(0, n)
     }
 
+    /// Checkpoint the recurrent states at the context's current length (`memory::Memory::checkpoint`;
+    /// nothing for a model without recurrent layers), so that a later prompt sharing this
+    /// prefix continues from here.
+    pub fn checkpoint(&mut self) {
+        self.memory.checkpoint(0);
+    }
+
+    /// The context lengths the recurrent states are checkpointed at.
+    pub fn checkpoints(&self) -> Vec<usize> {
+        self.memory.checkpoints(0)
+    }
+
+    /// Whether the model has recurrent layers (whose state cannot be cut back to any prefix).
+    pub fn is_recurrent(&self) -> bool {
+        self.config.recurrent_layers.contains(&true)
+    }
+
     /// Keep the longest prefix of the context that `prompt` starts with, leaving at least the
     /// prompt's last token to evaluate (its logits are the next token's); returns its length.
     pub fn keep_prefix_of(&mut self, prompt: &[u32]) -> usize {
@@ -808,6 +825,7 @@ pub fn memory_options(opts: &EngineOptions, flash_attn: bool) -> MemoryOptions {
         v_type: opts.v_type,
         flash_attn,
         swa_full: opts.swa_full,
+        checkpoints: memory::CHECKPOINTS,
     }
 }
 

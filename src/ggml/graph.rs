@@ -152,6 +152,15 @@ impl<'c> Tensor<'c> {
         self.write(0, bytemuck::cast_slice(v));
     }
 
+    /// Read `len` bytes of the tensor's data from byte `offset`.
+    pub fn read_bytes(&self, offset: usize, len: usize) -> Vec<u8> {
+        assert!(self.is_allocated() && offset + len <= self.nbytes(), "read past the tensor");
+        let mut out = vec![0u8; len];
+        // SAFETY: allocated tensor; [offset, offset + len) lies inside it (asserted) and fits `out`.
+        unsafe { sys::ggml_backend_tensor_get(self.ptr.as_ptr(), out.as_mut_ptr() as *mut c_void, offset, len) };
+        out
+    }
+
     /// Read `n` f32 values from the start of the tensor's data.
     pub fn read_f32(&self, n: usize) -> Vec<f32> {
         assert!(self.is_allocated() && n * 4 <= self.nbytes());

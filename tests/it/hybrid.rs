@@ -96,3 +96,56 @@ fn prefix_cache_keeps_a_recurrent_state_only_whole() {
         assert!(max_abs_diff(&got, &want) > 1e-3, "{fixture}: the edit changed the logits");
     }
 }
+
+/// `Engine::generate` checkpoints a recurrent state before the prompt's last token and after
+/// the answer. The same prompt again (a regenerated answer) continues from the first: one
+/// prompt token evaluated, the same greedy answer; a follow-up that keeps the answer continues
+/// from the context; one that renders the history otherwise (as templates that drop an
+/// answer's reasoning do) continues from the prompt's checkpoint, with a fresh evaluation's
+/// logits (all experts resident, f32: measured 0).
+#[test]
+fn prefix_cache_continues_from_recurrent_checkpoints() {
+    for (fixture, reference) in HYBRID {
+        let dir = tmp();
+        let (model_dir, _) = converted(dir.path(), fixture, GgmlType::F32);
+        let tk = sage::tokenizer::Tokenizer::load(&model_dir).unwrap();
+        let mut e = Engine::load(&model_dir, exact(ArenaSize::All)).unwrap();
+        let mut fresh = Engine::load(&model_dir, exact(ArenaSize::All)).unwrap();
+        let n_vocab = e.config.n_vocab as usize;
+        let prompt: Vec<u32> = prompts(reference)[2].1.iter().map(|&i| i as u32).collect();
+        let opts = sage::engine::GenOptions { max_tokens: 6, reuse_prefix: true, ..Default::default() };
+        let greedy = || {
+            sage::engine::sampler::Sampler::new(sage::engine::sampler::SamplerParams {
+                temp: 0.0,
+                ..Default::default()
+            })
+        };
+        let first = e.generate(&tk, &prompt, &opts, &mut greedy(), |_, _| true).unwrap();
+        let n = first.tokens.len();
+        assert_eq!(n, 6);
+        assert_eq!(e.checkpoints(), vec![prompt.len() - 1, prompt.len() + n - 1], "{fixture}");
+
+        // The same prompt again: from the checkpoint before its last token.
+        let before = e.stats().tokens_evaluated;
+        let again = e.generate(&tk, &prompt, &opts, &mut greedy(), |_, _| true).unwrap();
+        assert_eq!(again.cached_tokens, prompt.len() - 1, "{fixture}");
+        assert_eq!(again.tokens, first.tokens, "{fixture}: the same answer");
+        // The prompt's last token, then each answer token but the last fed back.
+        assert_eq!(e.stats().tokens_evaluated - before, n as u64, "{fixture}");
+
+        // A follow-up that keeps the answer: the whole context is its prefix.
+        let follow: Vec<u32> = [&prompt[..], &first.tokens[..], &[17, 23, 42]].concat();
+        assert_eq!(e.keep_prefix_of(&follow), prompt.len() + n - 1, "{fixture}");
+
+        // One whose history differs after the prompt: back to the prompt's checkpoint.
+        let other: Vec<u32> = [&prompt[..], &[(first.tokens[0] + 1) % 400, 6, 7, 8]].concat();
+        let kept = e.keep_prefix_of(&other);
+        assert_eq!(kept, prompt.len() - 1, "{fixture}");
+        let got = rows(e.eval(&other[kept..], true).unwrap(), n_vocab);
+        fresh.reset();
+        let want = rows(fresh.eval(&other, true).unwrap(), n_vocab);
+        let d = max_abs_diff(&got, &want[kept..]);
+        eprintln!("{fixture}: from the checkpoint vs a fresh evaluation {d:e}");
+        assert_eq!(d, 0.0, "{fixture}");
+    }
+}
