@@ -249,6 +249,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let r = convert_with_progress(&input, &out, &opts, &mut update);
             bar.finish_and_clear();
             let r = r.with_context(|| format!("converting {} to {}", input.display(), out.display()))?;
+            for s in &r.skipped {
+                println!("skipped: {s}");
+            }
             for f in &r.fallbacks {
                 println!("fallback: {f}");
             }

@@ -46,6 +46,8 @@ pub struct ConvertReport {
     pub conversion_id: String,
     /// One line per tensor whose requested type did not fit its rows.
     pub fallbacks: Vec<String>,
+    /// One line per group of source tensors left out (`Source::skipped`).
+    pub skipped: Vec<String>,
     pub base_bytes: u64,
     pub expert_bytes: u64,
     /// Bytes of the cold copies' records (0 without `cold_quant`).
@@ -487,6 +489,7 @@ pub fn convert_source(
         out: out.to_path_buf(),
         conversion_id,
         fallbacks,
+        skipped: src.skipped(),
         base_bytes,
         expert_bytes,
         cold_bytes,

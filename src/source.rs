@@ -65,6 +65,11 @@ pub trait Source {
     }
     /// A short description for the manifest (`sage.source`).
     fn describe(&self) -> String;
+    /// What of the source the conversion leaves out (a vision tower, next-token-prediction
+    /// layers), a line per group.
+    fn skipped(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// Metadata to carry into base.gguf as it is (a GGUF's own keys); sage's keys override.
     fn extra_kv(&self) -> Vec<(String, GgufValue)> {
         Vec::new()
@@ -118,6 +123,8 @@ pub struct HfSource {
     tensors: BTreeMap<String, StEntry>,
     /// The base tensors the family declares, by llama.cpp name.
     specs: BTreeMap<String, TensorSpec>,
+    /// Tensors outside the text model (`HfLayout::keep`), by their first two name parts.
+    skipped: BTreeMap<String, usize>,
 }
 
 fn ggml_type_of(dtype: Dtype) -> Option<GgmlType> {
@@ -169,6 +176,7 @@ impl HfSource {
         }
         let mut files = Vec::new();
         let mut tensors = BTreeMap::new();
+        let mut skipped = BTreeMap::new();
         for (fi, name) in names.iter().enumerate() {
             let path = dir.join(name);
             let file = File::open(&path).at(&path)?;
@@ -187,6 +195,8 @@ impl HfSource {
             let data_start = 8 + n as u64;
             for (tname, info) in meta.tensors() {
                 if !layout.keeps(&tname) {
+                    let group: Vec<&str> = tname.splitn(3, '.').take(2).collect();
+                    *skipped.entry(group.join(".")).or_insert(0) += 1;
                     continue;
                 }
                 let (b, e) = info.data_offsets;
@@ -204,7 +214,7 @@ impl HfSource {
             files.push((path, file));
         }
         let specs = base_tensors(&config).into_iter().map(|t| (t.name.clone(), t)).collect();
-        Ok(HfSource { dir: dir.to_path_buf(), layout, config, files, tensors, specs })
+        Ok(HfSource { dir: dir.to_path_buf(), layout, config, files, tensors, specs, skipped })
     }
 
     /// Hugging Face name of a base tensor (llama.cpp name in): the first of the family's
@@ -591,6 +601,10 @@ impl Source for HfSource {
 
     fn describe(&self) -> String {
         format!("Hugging Face checkpoint {}", self.dir.file_name().unwrap_or_default().to_string_lossy())
+    }
+
+    fn skipped(&self) -> Vec<String> {
+        self.skipped.iter().map(|(g, n)| format!("{g}.* ({n} tensors): not part of the text model")).collect()
     }
 
     fn source_name(&self, name: &str) -> String {

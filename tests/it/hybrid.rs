@@ -149,3 +149,16 @@ fn prefix_cache_continues_from_recurrent_checkpoints() {
         assert_eq!(d, 0.0, "{fixture}");
     }
 }
+
+/// A Qwen3.5 checkpoint as published is vision-language: the conversion keeps the text model
+/// and names what it leaves out (the fixture's vision tower).
+#[test]
+fn the_vision_tower_is_skipped_and_named() {
+    let dir = tmp();
+    let out = dir.path().join("m");
+    let r = sage::convert::convert(&fixtures().join("tiny-qwen35moe"), &out, &opts(Some(GgmlType::Q8_0))).unwrap();
+    assert_eq!(r.skipped, vec!["model.visual.* (21 tensors): not part of the text model".to_string()]);
+    let q3n =
+        sage::convert::convert(&fixtures().join("tiny-qwen3next"), &dir.path().join("n"), &opts(Some(GgmlType::Q8_0)));
+    assert!(q3n.unwrap().skipped.is_empty());
+}
