@@ -82,7 +82,7 @@ pub(crate) fn hybrid_hparams(c: &HfConfig, cfg: &mut ModelConfig) -> Result<()> 
     }
     let n_group = c.size_u32("n_head", &["linear_num_key_heads"])?;
     let dt_rank = c.size_u32("n_head", &["linear_num_value_heads"])?;
-    if dt_rank % n_group != 0 {
+    if !dt_rank.is_multiple_of(n_group) {
         return Err(c.err(
             &["linear_num_value_heads"],
             format!("{dt_rank} value heads are not a multiple of {n_group} key heads"),
@@ -101,7 +101,7 @@ pub(crate) fn hybrid_hparams(c: &HfConfig, cfg: &mut ModelConfig) -> Result<()> 
         .filter(|f| *f > 0.0 && *f <= 1.0)
         .ok_or_else(|| c.err(&["partial_rotary_factor"], "expected a number in (0, 1]"))?;
     cfg.n_rot = (cfg.head_dim as f64 * factor) as u64;
-    if cfg.n_rot % 2 != 0 || cfg.n_rot == 0 {
+    if !cfg.n_rot.is_multiple_of(2) || cfg.n_rot == 0 {
         return Err(c.err(&["partial_rotary_factor"], format!("{} rotated dimensions: expected an even number", cfg.n_rot)));
     }
     cfg.n_ff = c.get(&["intermediate_size"]).and_then(|v| v.as_u64()).unwrap_or(0);
@@ -122,7 +122,7 @@ pub(crate) fn hybrid_gguf(k: &GgufKeys, cfg: &mut ModelConfig) -> Result<()> {
         dt_rank: k.u32(K_SSM_TIME_STEP_RANK)?,
     };
     let inner = k.u64(K_SSM_INNER_SIZE)?;
-    if ssm.d_conv < 2 || ssm.n_group == 0 || ssm.dt_rank % ssm.n_group != 0 || inner != ssm.d_inner() || d_state == 0
+    if ssm.d_conv < 2 || ssm.n_group == 0 || !ssm.dt_rank.is_multiple_of(ssm.n_group) || inner != ssm.d_inner() || d_state == 0
     {
         return Err(k.err(
             K_SSM_INNER_SIZE,
@@ -205,7 +205,7 @@ impl Arch for Qwen35Moe {
             None => DEFAULT_SECTIONS,
             Some(v) => {
                 let a: Option<Vec<i32>> =
-                    v.as_array().map(|a| a.iter().map(|x| x.as_u64().map(|n| n as i32)).collect()).flatten();
+                    v.as_array().and_then(|a| a.iter().map(|x| x.as_u64().map(|n| n as i32)).collect());
                 match a {
                     Some(a) if (1..=4).contains(&a.len()) => {
                         let mut s = [0i32; 4];
