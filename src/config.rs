@@ -668,7 +668,8 @@ impl ModelConfig {
             ));
         }
         // A count of layers the file's tensors cannot hold is a lie.
-        let per_layer = arch.layer_tensors(&cfg, 0).len();
+        // (The fewest a layer of the model has: a hybrid's kinds of layer differ.)
+        let per_layer = (0..cfg.n_layer).map(|il| arch.layer_tensors(&cfg, il).len()).min().unwrap_or(1).max(1);
         if cfg.n_layer as usize * per_layer > g.n_tensors() {
             return Err(k.err(
                 K_BLOCK_COUNT,

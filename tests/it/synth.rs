@@ -409,3 +409,25 @@ fn synth_hybrid_layers_run_in_llama_cpp_and_sage() {
         sage_matches_llama_cpp(&out, &gguf, like, 8);
     }
 }
+
+/// A hybrid's layers have different tensor counts (a linear-attention layer 16, a full one
+/// 13): a file of 8 tiny layers (the tiny Qwen3.5 fixture's shapes, `full_attention_interval`
+/// 4) holds fewer tensors than 8 × its first layer's and must still open.
+#[test]
+fn a_hybrid_with_fewer_tensors_in_its_full_layers_opens() {
+    let dir = tmp();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("tiny-qwen35moe/config.json")).unwrap()).unwrap();
+    let t = cfg["text_config"].as_object_mut().unwrap();
+    t.insert("num_hidden_layers".into(), 8.into());
+    t.remove("layer_types");
+    let path = dir.path().join("config.json");
+    std::fs::write(&path, serde_json::to_string(&cfg).unwrap()).unwrap();
+    let out = dir.path().join("m");
+    write(&out, &opts(path.to_str().unwrap(), GgmlType::Q8_0, 0));
+    let m = ModelDir::open(&out).unwrap();
+    assert_eq!(m.config.n_layer, 8);
+    assert_eq!(m.config.recurrent_layers, vec![true, true, true, false, true, true, true, false]);
+    let g = sage::ggml::Gguf::open(&out.join("base.gguf")).unwrap();
+    assert!(g.n_tensors() < 8 * 16, "{} tensors", g.n_tensors());
+}
