@@ -386,9 +386,10 @@ impl HfConfig<'_> {
         })
     }
 
-    /// `layer_types` (one of `sliding_attention` / `full_attention` per layer) as per-layer
-    /// flags, or None when the config has none.
-    pub fn layer_types(&self, n_layer: u32) -> Result<Option<Vec<bool>>> {
+    /// `layer_types` (one of `other` / `full_attention` per layer) as per-layer
+    /// flags, or None when the config has none; `other` names the kind that is not full
+    /// attention (`sliding_attention`, `linear_attention`).
+    pub fn layer_types(&self, n_layer: u32, other: &str) -> Result<Option<Vec<bool>>> {
         let Some(v) = self.get(&["layer_types"]) else { return Ok(None) };
         let a = v.as_array().ok_or_else(|| self.err(&["layer_types"], format!("expected a list, got {v}")))?;
         if a.len() != n_layer as usize {
@@ -399,12 +400,12 @@ impl HfConfig<'_> {
         a.iter()
             .enumerate()
             .map(|(i, t)| match t.as_str() {
-                Some("sliding_attention") => Ok(true),
+                Some(k) if k == other => Ok(true),
                 Some("full_attention") => Ok(false),
-                _ => Err(self.err(
-                    &["layer_types"],
-                    format!("entry {i}: expected 'sliding_attention' or 'full_attention', got {t}"),
-                )),
+                _ => {
+                    Err(self
+                        .err(&["layer_types"], format!("entry {i}: expected '{other}' or 'full_attention', got {t}")))
+                }
             })
             .collect::<Result<Vec<bool>>>()
             .map(Some)

@@ -72,7 +72,7 @@ impl Arch for GptOss {
         cfg.norm_topk_prob = true;
         cfg.n_swa = c.size_or("n_ctx", &["sliding_window"], 128)?;
         cfg.swa_layers = swa_pattern(cfg.n_layer);
-        if let Some(types) = c.layer_types(cfg.n_layer)? {
+        if let Some(types) = c.layer_types(cfg.n_layer, "sliding_attention")? {
             if types != cfg.swa_layers {
                 return Err(c.err(
                     &["layer_types"],

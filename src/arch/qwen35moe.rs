@@ -37,7 +37,7 @@ const VL: HfLayout = HfLayout {
 const TEXT: HfLayout = HfLayout { keep: &["model.", "lm_head."], ..HfLayout::PLAIN };
 
 /// Hugging Face names of a zero-centred norm, and how its weight becomes llama.cpp's.
-const ADD_ONE: FromHf = FromHf::Values { map: ValueMap::AddOne, v_heads: None };
+pub(crate) const ADD_ONE: FromHf = FromHf::Values { map: ValueMap::AddOne, v_heads: None };
 
 /// transformers' default M-RoPE sections of Qwen3.5 (`mrope_section`), as llama.cpp's
 /// converter writes them when a checkpoint has none.
@@ -51,23 +51,8 @@ pub(crate) fn hybrid_hparams(c: &HfConfig, cfg: &mut ModelConfig) -> Result<()> 
         return Err(c.err(&["attention_bias"], "attention biases are not supported"));
     }
     let n_layer = cfg.n_layer;
-    cfg.recurrent_layers = match c.get(&["layer_types"]) {
-        Some(v) => {
-            let a = v.as_array().filter(|a| a.len() == n_layer as usize).ok_or_else(|| {
-                c.err(&["layer_types"], format!("expected {n_layer} entries (one per layer), got {v}"))
-            })?;
-            a.iter()
-                .enumerate()
-                .map(|(i, t)| match t.as_str() {
-                    Some("linear_attention") => Ok(true),
-                    Some("full_attention") => Ok(false),
-                    _ => Err(c.err(
-                        &["layer_types"],
-                        format!("entry {i}: expected 'linear_attention' or 'full_attention', got {t}"),
-                    )),
-                })
-                .collect::<Result<Vec<bool>>>()?
-        }
+    cfg.recurrent_layers = match c.layer_types(n_layer, "linear_attention")? {
+        Some(types) => types,
         None => {
             let every = c.size_or("full_attention_interval", &["full_attention_interval"], 4)?;
             (0..n_layer as u64).map(|i| (i + 1) % every != 0).collect()
@@ -252,29 +237,7 @@ impl Arch for Qwen35Moe {
     }
 
     fn layer_tensors(&self, cfg: &ModelConfig, il: u32) -> Vec<TensorSpec> {
-        let e = cfg.n_embd;
-        let hf = |s: &str| format!("layers.{{il}}.{s}");
-        let mut t = vec![TensorSpec::layer(il, ATTN_NORM, &[e], Role::Norm, &[&hf("input_layernorm.weight")]).with(ADD_ONE)];
-        if cfg.is_recurrent(il) {
-            t.extend(linear_attention_tensors(cfg, il));
-        } else {
-            let (hd, nh, nkv) = (cfg.head_dim, cfg.n_head as u64, cfg.n_head_kv as u64);
-            t.extend([
-                // q and its output gate, per head: [q (hd), gate (hd)] × heads.
-                TensorSpec::layer(il, ATTN_Q, &[e, 2 * hd * nh], Role::Weight, &[&hf("self_attn.q_proj.weight")]),
-                TensorSpec::layer(il, ATTN_K, &[e, hd * nkv], Role::Weight, &[&hf("self_attn.k_proj.weight")]),
-                TensorSpec::layer(il, ATTN_V, &[e, hd * nkv], Role::Weight, &[&hf("self_attn.v_proj.weight")]),
-                TensorSpec::layer(il, ATTN_OUT, &[hd * nh, e], Role::Weight, &[&hf("self_attn.o_proj.weight")]),
-                TensorSpec::layer(il, ATTN_Q_NORM, &[hd], Role::Norm, &[&hf("self_attn.q_norm.weight")]).with(ADD_ONE),
-                TensorSpec::layer(il, ATTN_K_NORM, &[hd], Role::Norm, &[&hf("self_attn.k_norm.weight")]).with(ADD_ONE),
-            ]);
-        }
-        t.push(
-            TensorSpec::layer(il, ATTN_POST_NORM, &[e], Role::Norm, &[&hf("post_attention_layernorm.weight")])
-                .with(ADD_ONE),
-        );
-        t.extend(shared_expert_tensors(cfg, il));
-        t
+        hybrid_layer_tensors(cfg, il, linear_attention_tensors)
     }
 
     fn build_layer<'a>(&self, l: &LayerInput<'a>) -> PreMoe<'a> {
@@ -287,18 +250,7 @@ impl Arch for Qwen35Moe {
             let alpha = ctx.mul_mat(w.get(SSM_ALPHA), cur);
             l.delta_net(qkv, z, beta, alpha, false)
         } else {
-            let (hd, nh) = (cfg.head_dim as i64, cfg.n_head as i64);
-            let qg = ctx.mul_mat(w.get(ATTN_Q), cur); // [2 hd nh, n]
-            let n = qg.ne()[1];
-            let es = qg.nb()[0];
-            let per_head = (2 * hd) as usize * es;
-            let q = ctx.view_3d(qg, [hd, nh, n], per_head, per_head * nh as usize, 0);
-            let gate = ctx.cont_2d(ctx.view_3d(qg, [hd, nh, n], per_head, per_head * nh as usize, hd as usize * es), hd * nh, n);
-            let q = l.norm(q, w.get(ATTN_Q_NORM));
-            let k = l.norm(l.heads(ctx.mul_mat(w.get(ATTN_K), cur)), w.get(ATTN_K_NORM));
-            let v = ctx.mul_mat(w.get(ATTN_V), cur);
-            let (q, k) = (l.rope_multi(q, ROPE_TYPE_IMROPE), l.rope_multi(k, ROPE_TYPE_IMROPE));
-            l.attend_with(q, k, v, Attention { o_gate: Some(gate), ..Default::default() })
+            gated_attention(l, cur, |t| l.rope_multi(t, ROPE_TYPE_IMROPE))
         };
         out.shared = Some(shared_expert(l, out.normed));
         out
@@ -323,6 +275,61 @@ impl Arch for Qwen35Moe {
             ("qwen3.5-397b-a17b", include_str!("../../configs/qwen3.5-397b-a17b.config.json")),
         ]
     }
+}
+
+/// A hybrid layer's base tensors (Qwen3.5 and Qwen3-Next name them alike): the input norm;
+/// for a linear-attention layer the family's own (`linear`), for a full one the gated
+/// attention's (q with its output gate, k, v, o, q/k norms); the post-attention norm, the
+/// router and the shared expert. Every norm but the linear attention's is zero-centred.
+pub(crate) fn hybrid_layer_tensors(
+    cfg: &ModelConfig,
+    il: u32,
+    linear: fn(&ModelConfig, u32) -> Vec<TensorSpec>,
+) -> Vec<TensorSpec> {
+    let e = cfg.n_embd;
+    let hf = |s: &str| format!("layers.{{il}}.{s}");
+    let mut t = vec![TensorSpec::layer(il, ATTN_NORM, &[e], Role::Norm, &[&hf("input_layernorm.weight")]).with(ADD_ONE)];
+    if cfg.is_recurrent(il) {
+        t.extend(linear(cfg, il));
+    } else {
+        let (hd, nh, nkv) = (cfg.head_dim, cfg.n_head as u64, cfg.n_head_kv as u64);
+        t.extend([
+            // q and its output gate, per head: [q (hd), gate (hd)] × heads.
+            TensorSpec::layer(il, ATTN_Q, &[e, 2 * hd * nh], Role::Weight, &[&hf("self_attn.q_proj.weight")]),
+            TensorSpec::layer(il, ATTN_K, &[e, hd * nkv], Role::Weight, &[&hf("self_attn.k_proj.weight")]),
+            TensorSpec::layer(il, ATTN_V, &[e, hd * nkv], Role::Weight, &[&hf("self_attn.v_proj.weight")]),
+            TensorSpec::layer(il, ATTN_OUT, &[hd * nh, e], Role::Weight, &[&hf("self_attn.o_proj.weight")]),
+            TensorSpec::layer(il, ATTN_Q_NORM, &[hd], Role::Norm, &[&hf("self_attn.q_norm.weight")]).with(ADD_ONE),
+            TensorSpec::layer(il, ATTN_K_NORM, &[hd], Role::Norm, &[&hf("self_attn.k_norm.weight")]).with(ADD_ONE),
+        ]);
+    }
+    t.push(
+        TensorSpec::layer(il, ATTN_POST_NORM, &[e], Role::Norm, &[&hf("post_attention_layernorm.weight")]).with(ADD_ONE),
+    );
+    t.extend(shared_expert_tensors(cfg, il));
+    t
+}
+
+/// A hybrid's gated full attention over `cur` (the normed input), as llama.cpp's qwen35moe and
+/// qwen3next graphs compute it: q and its per-head output gate from one projection, RMS norms
+/// on q and k per head, `rope` on both, sigmoid(gate) on the heads' output.
+pub(crate) fn gated_attention<'a>(
+    l: &LayerInput<'a>,
+    cur: crate::ggml::Tensor<'a>,
+    rope: impl Fn(crate::ggml::Tensor<'a>) -> crate::ggml::Tensor<'a>,
+) -> PreMoe<'a> {
+    let (w, ctx, cfg) = (&l.w, l.ctx, l.cfg);
+    let (hd, nh) = (cfg.head_dim as i64, cfg.n_head as i64);
+    let qg = ctx.mul_mat(w.get(ATTN_Q), cur); // [2 hd nh, n]
+    let n = qg.ne()[1];
+    let es = qg.nb()[0];
+    let per_head = (2 * hd) as usize * es;
+    let q = ctx.view_3d(qg, [hd, nh, n], per_head, per_head * nh as usize, 0);
+    let gate = ctx.cont_2d(ctx.view_3d(qg, [hd, nh, n], per_head, per_head * nh as usize, hd as usize * es), hd * nh, n);
+    let q = l.norm(q, w.get(ATTN_Q_NORM));
+    let k = l.norm(l.heads(ctx.mul_mat(w.get(ATTN_K), cur)), w.get(ATTN_K_NORM));
+    let v = ctx.mul_mat(w.get(ATTN_V), cur);
+    l.attend_with(rope(q), rope(k), v, Attention { o_gate: Some(gate), ..Default::default() })
 }
 
 /// The shared expert and its gate (Qwen3.5 and Qwen3-Next name them alike).

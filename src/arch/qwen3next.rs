@@ -7,17 +7,15 @@
 //! NEOX RoPE on the first quarter of each head (`partial_rotary_factor`). Text only; the
 //! next-token-prediction layers (`mtp.`) are skipped.
 
-use super::qwen35moe::{hybrid_gguf, hybrid_hparams, hybrid_kv, shared_expert, shared_expert_tensors};
+use super::qwen35moe::{gated_attention, ADD_ONE, hybrid_gguf, hybrid_hparams, hybrid_kv, hybrid_layer_tensors, shared_expert};
 use super::{Arch, FromHf, HfLayout, Role, TensorSpec, ValueMap};
 use crate::config::{GgufKeys, HfConfig, HfDefaults, ModelConfig};
 use crate::error::Result;
 use crate::ggml::GgufValue;
-use crate::graph::{Attention, LayerInput, PreMoe, ROPE_NEOX};
+use crate::graph::{LayerInput, PreMoe, ROPE_NEOX};
 use crate::names::*;
 
 pub struct Qwen3Next;
-
-const ADD_ONE: FromHf = FromHf::Values { map: ValueMap::AddOne, v_heads: None };
 
 impl Arch for Qwen3Next {
     fn name(&self) -> &'static str {
@@ -63,44 +61,7 @@ impl Arch for Qwen3Next {
     }
 
     fn layer_tensors(&self, cfg: &ModelConfig, il: u32) -> Vec<TensorSpec> {
-        let e = cfg.n_embd;
-        let hf = |s: &str| format!("layers.{{il}}.{s}");
-        let mut t = vec![TensorSpec::layer(il, ATTN_NORM, &[e], Role::Norm, &[&hf("input_layernorm.weight")]).with(ADD_ONE)];
-        if cfg.is_recurrent(il) {
-            let s = cfg.ssm.expect("a hybrid model has linear-attention sizes");
-            let (kd, vd, nv) = (s.d_state * s.n_group as u64, s.d_inner(), s.dt_rank as u64);
-            let vpk = vd / s.n_group as u64;
-            let qkvz = |z| FromHf::QkvzSplit { n_k: s.n_group, hk: s.d_state, vpk, z };
-            let la = |p: &str| hf(&format!("linear_attn.{p}"));
-            t.extend([
-                TensorSpec::layer(il, ATTN_QKV, &[e, 2 * kd + vd], Role::Weight, &[&la("in_proj_qkvz.weight")])
-                    .with(qkvz(false)),
-                TensorSpec::layer(il, ATTN_GATE, &[e, vd], Role::Weight, &[&la("in_proj_qkvz.weight")]).with(qkvz(true)),
-                TensorSpec::layer(il, SSM_CONV1D, &[s.d_conv, 2 * kd + vd], Role::Norm, &[&la("conv1d.weight")]),
-                TensorSpec::layer(il, SSM_DT, &[nv], Role::Bias, &[&la("dt_bias")]),
-                TensorSpec::layer(il, SSM_A, &[nv], Role::Norm, &[&la("A_log")])
-                    .with(FromHf::Values { map: ValueMap::NegExp, v_heads: None }),
-                TensorSpec::layer(il, SSM_BA, &[e, 2 * nv], Role::Weight, &[&la("in_proj_ba.weight")]),
-                TensorSpec::layer(il, SSM_NORM, &[s.d_state], Role::Norm, &[&la("norm.weight")]),
-                TensorSpec::layer(il, SSM_OUT, &[vd, e], Role::Weight, &[&la("out_proj.weight")]),
-            ]);
-        } else {
-            let (hd, nh, nkv) = (cfg.head_dim, cfg.n_head as u64, cfg.n_head_kv as u64);
-            t.extend([
-                TensorSpec::layer(il, ATTN_Q, &[e, 2 * hd * nh], Role::Weight, &[&hf("self_attn.q_proj.weight")]),
-                TensorSpec::layer(il, ATTN_K, &[e, hd * nkv], Role::Weight, &[&hf("self_attn.k_proj.weight")]),
-                TensorSpec::layer(il, ATTN_V, &[e, hd * nkv], Role::Weight, &[&hf("self_attn.v_proj.weight")]),
-                TensorSpec::layer(il, ATTN_OUT, &[hd * nh, e], Role::Weight, &[&hf("self_attn.o_proj.weight")]),
-                TensorSpec::layer(il, ATTN_Q_NORM, &[hd], Role::Norm, &[&hf("self_attn.q_norm.weight")]).with(ADD_ONE),
-                TensorSpec::layer(il, ATTN_K_NORM, &[hd], Role::Norm, &[&hf("self_attn.k_norm.weight")]).with(ADD_ONE),
-            ]);
-        }
-        t.push(
-            TensorSpec::layer(il, ATTN_POST_NORM, &[e], Role::Norm, &[&hf("post_attention_layernorm.weight")])
-                .with(ADD_ONE),
-        );
-        t.extend(shared_expert_tensors(cfg, il));
-        t
+        hybrid_layer_tensors(cfg, il, linear_attention_tensors)
     }
 
     fn build_layer<'a>(&self, l: &LayerInput<'a>) -> PreMoe<'a> {
@@ -122,19 +83,7 @@ impl Arch for Qwen3Next {
             };
             l.delta_net(qkv, z, half(0), half(per), true)
         } else {
-            let (hd, nh) = (cfg.head_dim as i64, cfg.n_head as i64);
-            let qg = ctx.mul_mat(w.get(ATTN_Q), cur); // [2 hd nh, n]
-            let n = qg.ne()[1];
-            let es = qg.nb()[0];
-            let per_head = (2 * hd) as usize * es;
-            let q = ctx.view_3d(qg, [hd, nh, n], per_head, per_head * nh as usize, 0);
-            let gate = ctx.view_3d(qg, [hd, nh, n], per_head, per_head * nh as usize, hd as usize * es);
-            let q = l.norm(q, w.get(ATTN_Q_NORM));
-            let k = l.norm(l.heads(ctx.mul_mat(w.get(ATTN_K), cur)), w.get(ATTN_K_NORM));
-            let v = ctx.mul_mat(w.get(ATTN_V), cur);
-            let (q, k) = (l.rope(q, ROPE_NEOX), l.rope(k, ROPE_NEOX));
-            let gate = ctx.cont_2d(gate, hd * nh, n);
-            l.attend_with(q, k, v, Attention { o_gate: Some(gate), ..Default::default() })
+            gated_attention(l, cur, |t| l.rope(t, ROPE_NEOX))
         };
         out.shared = Some(shared_expert(l, out.normed));
         out
@@ -151,4 +100,27 @@ impl Arch for Qwen3Next {
     fn published(&self) -> &'static [(&'static str, &'static str)] {
         &[("qwen3-next-80b-a3b", include_str!("../../configs/qwen3-next-80b-a3b.config.json"))]
     }
+}
+
+/// Qwen3-Next's linear-attention tensors of layer `il`: the fused projections split or kept
+/// as llama.cpp's converter writes them.
+fn linear_attention_tensors(cfg: &ModelConfig, il: u32) -> Vec<TensorSpec> {
+    let e = cfg.n_embd;
+    let la = |p: &str| format!("layers.{{il}}.linear_attn.{p}");
+        let s = cfg.ssm.expect("a hybrid model has linear-attention sizes");
+        let (kd, vd, nv) = (s.d_state * s.n_group as u64, s.d_inner(), s.dt_rank as u64);
+        let vpk = vd / s.n_group as u64;
+        let qkvz = |z| FromHf::QkvzSplit { n_k: s.n_group, hk: s.d_state, vpk, z };
+        vec![
+            TensorSpec::layer(il, ATTN_QKV, &[e, 2 * kd + vd], Role::Weight, &[&la("in_proj_qkvz.weight")])
+                .with(qkvz(false)),
+            TensorSpec::layer(il, ATTN_GATE, &[e, vd], Role::Weight, &[&la("in_proj_qkvz.weight")]).with(qkvz(true)),
+            TensorSpec::layer(il, SSM_CONV1D, &[s.d_conv, 2 * kd + vd], Role::Norm, &[&la("conv1d.weight")]),
+            TensorSpec::layer(il, SSM_DT, &[nv], Role::Bias, &[&la("dt_bias")]),
+            TensorSpec::layer(il, SSM_A, &[nv], Role::Norm, &[&la("A_log")])
+                .with(FromHf::Values { map: ValueMap::NegExp, v_heads: None }),
+            TensorSpec::layer(il, SSM_BA, &[e, 2 * nv], Role::Weight, &[&la("in_proj_ba.weight")]),
+            TensorSpec::layer(il, SSM_NORM, &[s.d_state], Role::Norm, &[&la("norm.weight")]),
+            TensorSpec::layer(il, SSM_OUT, &[vd, e], Role::Weight, &[&la("out_proj.weight")]),
+        ]
 }
