@@ -64,6 +64,64 @@ pub struct ModelConfig {
     pub recurrent_layers: Vec<bool>,
     /// The recurrent layers' sizes; None when the model has none.
     pub ssm: Option<Ssm>,
+    /// Leading layers whose FFN is dense, not experts (`first_k_dense_replace`, llama.cpp's
+    /// `leading_dense_block_count`): their FFN is part of the always-resident base and they
+    /// have no experts.
+    pub n_layer_dense_lead: u32,
+    /// How the router scores and chooses experts beyond softmax → top-k.
+    pub gating: Gating,
+    /// Per-head q/k RMS norms, in a family where they are optional (GLM-4.5: `use_qk_norm`).
+    pub qk_norm: bool,
+}
+
+/// The router's scoring function (llama.cpp's `expert_gating_func`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub enum GatingFunc {
+    /// softmax over the experts (llama.cpp 1).
+    #[default]
+    Softmax,
+    /// sigmoid of each logit (llama.cpp 2): DeepSeek-V3, GLM-4.5.
+    Sigmoid,
+}
+
+impl GatingFunc {
+    /// llama.cpp's `LLAMA_EXPERT_GATING_FUNC_TYPE_*` value.
+    pub fn llama(self) -> u32 {
+        match self {
+            GatingFunc::Softmax => 1,
+            GatingFunc::Sigmoid => 2,
+        }
+    }
+}
+
+/// How a router chooses (DeepSeek-V3's and GLM-4.5's `noaux_tc`, as llama.cpp's
+/// `build_moe_ffn`): scores by `func`; a per-expert correction bias (`exp_probs_b`, where
+/// `selection_bias`) added to the scores for choosing only; the experts split into `n_group`
+/// groups of consecutive ids, each scored by the sum of its two highest biased scores, the
+/// best `n_group_used` groups kept; the top `n_expert_used` of those; their unbiased scores
+/// as weights, renormalized where `norm_topk_prob`, then multiplied by `scale`.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct Gating {
+    pub func: GatingFunc,
+    pub selection_bias: bool,
+    /// 1: no groups.
+    pub n_group: u32,
+    pub n_group_used: u32,
+    /// `routed_scaling_factor`; 1: none.
+    pub scale: f32,
+}
+
+impl Default for Gating {
+    fn default() -> Self {
+        Gating { func: GatingFunc::Softmax, selection_bias: false, n_group: 1, n_group_used: 1, scale: 1.0 }
+    }
+}
+
+impl Gating {
+    /// Whether experts are chosen by groups.
+    pub fn grouped(&self) -> bool {
+        self.n_group > 1
+    }
 }
 
 /// A Gated-DeltaNet layer's sizes, named as llama.cpp's `ssm.*` keys: `n_group` key heads and
@@ -150,6 +208,21 @@ impl ModelConfig {
             Proj::Gate | Proj::Up => [self.n_embd, self.n_ff_exp],
             Proj::Down => [self.n_ff_exp, self.n_embd],
         }
+    }
+
+    /// Whether layer `il` has a dense FFN instead of experts.
+    pub fn is_dense(&self, il: u32) -> bool {
+        il < self.n_layer_dense_lead
+    }
+
+    /// Experts of each layer (0 in a dense one).
+    pub fn experts_per_layer(&self) -> Vec<u64> {
+        (0..self.n_layer).map(|il| if self.is_dense(il) { 0 } else { self.n_expert as u64 }).collect()
+    }
+
+    /// Layers with experts.
+    pub fn n_moe_layers(&self) -> u32 {
+        self.n_layer.saturating_sub(self.n_layer_dense_lead)
     }
 
     /// Whether layer `il` is a linear-attention layer with a recurrent state.
@@ -311,7 +384,7 @@ impl HfConfig<'_> {
         let n_embd = self.size("n_embd", &["hidden_size"])?;
         let n_head = self.size_u32("n_head", &["num_attention_heads"])?;
         let head_dim = self.size_or("head_dim", &["head_dim"], n_embd / n_head as u64)?;
-        let n_expert = self.size_u32("n_expert", &["num_experts", "num_local_experts"])?;
+        let n_expert = self.size_u32("n_expert", &["num_experts", "num_local_experts", "n_routed_experts"])?;
         let n_expert_used = self.size_u32("n_expert", &["num_experts_per_tok"])?;
         if n_expert_used > n_expert {
             return Err(self.err(
@@ -351,6 +424,9 @@ impl HfConfig<'_> {
             rope_sections: None,
             recurrent_layers: Vec::new(),
             ssm: None,
+            n_layer_dense_lead: 0,
+            gating: Gating::default(),
+            qk_norm: false,
         };
         if let Some((name, x)) = cfg.bad_float() {
             let keys: &[&str] = if name == "rms_eps" { &["rms_norm_eps"] } else { &["rope_theta"] };
@@ -384,6 +460,24 @@ impl HfConfig<'_> {
             beta_fast: num("beta_fast", Some(32.0))? as f32,
             beta_slow: num("beta_slow", Some(1.0))? as f32,
         })
+    }
+
+    /// Dimensions of each head RoPE rotates: `head_dim` × `partial_rotary_factor` (at the top
+    /// level, or in `rope_parameters` as transformers 5 writes it; `default` where absent),
+    /// an even number.
+    pub fn partial_rotary(&self, head_dim: u64, default: f64) -> Result<u64> {
+        let key = ["partial_rotary_factor"];
+        let factor = match self.get(&["rope_parameters"]).and_then(|r| r.get("partial_rotary_factor")) {
+            Some(v) => v.as_f64(),
+            None => Some(self.f64_or(&key, default)?),
+        };
+        let factor =
+            factor.filter(|f| *f > 0.0 && *f <= 1.0).ok_or_else(|| self.err(&key, "expected a number in (0, 1]"))?;
+        let n_rot = (head_dim as f64 * factor) as u64;
+        if !n_rot.is_multiple_of(2) || n_rot == 0 {
+            return Err(self.err(&key, format!("{n_rot} rotated dimensions: expected an even number")));
+        }
+        Ok(n_rot)
     }
 
     /// `layer_types` (one of `other` / `full_attention` per layer) as per-layer
@@ -601,6 +695,9 @@ impl ModelConfig {
             rope_sections: None,
             recurrent_layers: Vec::new(),
             ssm: None,
+            n_layer_dense_lead: 0,
+            gating: Gating::default(),
+            qk_norm: false,
         };
         cfg.n_rot = k.opt_u64(K_ROPE_DIMENSION_COUNT)?.unwrap_or(cfg.head_dim);
         cfg.yarn = match g.get(&k.key(K_ROPE_SCALING_TYPE)) {

@@ -264,7 +264,10 @@ pub fn convert_source(
         (None, Some(ids)) => vec![ids.clone(); cfg.n_layer as usize],
         (None, None) => vec![(0..cfg.n_expert).collect(); cfg.n_layer as usize],
     };
-    for ids in &pools {
+    // A dense layer has no experts: its pool is empty (its shard holds no record).
+    let pools: Vec<Vec<u32>> =
+        pools.into_iter().enumerate().map(|(il, ids)| if cfg.is_dense(il as u32) { Vec::new() } else { ids }).collect();
+    for ids in pools.iter().filter(|ids| !ids.is_empty()) {
         if let Some(&bad) = ids.iter().find(|&&e| e >= cfg.n_expert) {
             return Err(Error::Usage(format!(
                 "expert {bad} does not exist; the model has experts 0-{}",
@@ -326,7 +329,8 @@ pub fn convert_source(
                 }
                 src_expert_bytes += m.size();
             }
-            types[p.index()] = target.expect("pool is not empty");
+            // (A dense layer's: f32, unused.)
+            types[p.index()] = target.unwrap_or(GgmlType::F32);
             cold_types[p.index()] = cold_target.unwrap_or(GgmlType::F32);
             // The experts' biases (gpt-oss): present, one per output row, finite.
             if cfg.expert_bias {
@@ -347,6 +351,13 @@ pub fn convert_source(
         layers.push(new_layer(shard_name(il), types));
         if opts.cold_quant.is_some() {
             cold_layers.push(new_layer(cold_shard_name(il), cold_types));
+        }
+    }
+    // A dense layer's (empty) shard records the types of the first layer with experts, so
+    // that every layer's record geometry is one a slot of the arena holds.
+    for ls in [&mut layers, &mut cold_layers] {
+        if let Some(types) = ls.iter().find(|l| !l.ids.is_empty()).map(|l| l.types) {
+            ls.iter_mut().filter(|l| l.ids.is_empty()).for_each(|l| l.types = types);
         }
     }
     let tokenizer = src.tokenizer()?;

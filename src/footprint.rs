@@ -284,7 +284,8 @@ fn quant_footprint(
     for p in Proj::ALL {
         let ty = types[p.index()];
         if ty != quant {
-            *falls.entry((layerless(&p.stacked(0)), cfg.expert_shape(p)[0], ty)).or_default() += cfg.n_layer as u64;
+            *falls.entry((layerless(&p.stacked(0)), cfg.expert_shape(p)[0], ty)).or_default() +=
+                cfg.n_moe_layers() as u64;
         }
     }
     let one = layer_of(cfg, types, 1);
@@ -329,7 +330,7 @@ fn quant_footprint(
         expert_slot_bytes: slot,
         experts_bytes: n_experts * expert_bytes,
         shard_bytes,
-        active_bytes: cfg.n_layer as u64 * cfg.n_expert_used as u64 * expert_bytes,
+        active_bytes: cfg.n_moe_layers() as u64 * cfg.n_expert_used as u64 * expert_bytes,
         fallbacks,
         resident,
     })
@@ -367,7 +368,7 @@ fn compute(
         kind: kind.into(),
         config: cfg.clone(),
         n_experts: per_layer.iter().sum(),
-        n_experts_active: cfg.n_layer as u64 * cfg.n_expert_used as u64,
+        n_experts_active: cfg.n_moe_layers() as u64 * cfg.n_expert_used as u64,
         record_align: RECORD_ALIGN,
         quants: quants.collect::<Result<_>>()?,
         cold: opts.cold.map(|q| cold_footprint(cfg, quant_name(q), expert_plan(cfg, q), per_layer)),
@@ -378,7 +379,7 @@ fn compute(
 
 /// The footprint of a model with these hyperparameters (every expert present).
 pub fn of_config(cfg: &ModelConfig, opts: &FootprintOptions) -> Result<Footprint> {
-    compute(Path::new(""), "config", cfg, &vec![cfg.n_expert as u64; cfg.n_layer as usize], opts)
+    compute(Path::new(""), "config", cfg, &cfg.experts_per_layer(), opts)
 }
 
 /// What `footprint` reads a path as.
@@ -614,7 +615,7 @@ pub fn of_gguf(path: &Path, opts: &FootprintOptions) -> Result<Footprint> {
         log::info!("{}: a sage base.gguf without its experts/ beside it; its experts are not measured", path.display());
     }
     let cfg = ModelConfig::read_gguf(&g, path)?;
-    let per_layer = vec![cfg.n_expert as u64; cfg.n_layer as usize];
+    let per_layer = cfg.experts_per_layer();
     let mut f = compute(path, "gguf", &cfg, &per_layer, opts)?;
     let is_expert = |n: &str| n.ends_with("_exps.weight");
     let base = check_base(&cfg, &tensors, is_expert)?;
@@ -629,7 +630,7 @@ pub fn of_gguf(path: &Path, opts: &FootprintOptions) -> Result<Footprint> {
         experts += t.size;
         Tally::add(&mut expert_types, t.ty, t.raw_type, t.ne.get(2).copied().unwrap_or(1), t.size);
     }
-    for il in 0..cfg.n_layer {
+    for il in (0..cfg.n_layer).filter(|&il| !cfg.is_dense(il)) {
         let stacked = Proj::ALL.map(|p| by_name.get(p.stacked(il).as_str()).copied());
         match stacked {
             [Some(a), Some(b), Some(c)] => match [a.ty, b.ty, c.ty] {
@@ -642,7 +643,7 @@ pub fn of_gguf(path: &Path, opts: &FootprintOptions) -> Result<Footprint> {
             _ => notes.push(format!("layer {il}: no ffn_{{gate,up,down}}_exps tensors")),
         }
     }
-    let eq = (layer_types.len() == cfg.n_layer as usize).then(|| expert_quant(&cfg, &layer_types)).flatten();
+    let eq = (layer_types.len() == cfg.n_moe_layers() as usize).then(|| expert_quant(&cfg, &layer_types)).flatten();
     let plan_types = |t: &[GgmlType; 3]| match eq {
         Some(q) => expert_plan(&cfg, q),
         None => *t,
@@ -656,7 +657,7 @@ pub fn of_gguf(path: &Path, opts: &FootprintOptions) -> Result<Footprint> {
     }
     let agree = base.computed == base.measured
         && computed == experts
-        && n_experts == cfg.n_layer as u64 * cfg.n_expert as u64
+        && n_experts == cfg.n_moe_layers() as u64 * cfg.n_expert as u64
         && notes.iter().all(|n| n.contains("computed from the stored types"));
     f.measured = Some(Measured {
         base_quant: base.quant.map(quant_name),
@@ -725,6 +726,15 @@ impl fmt::Display for Footprint {
             "  {} experts in all, {} active per token; expert records and arena slots aligned to {} bytes",
             self.n_experts, self.n_experts_active, self.record_align
         )?;
+        if c.n_layer_dense_lead > 0 {
+            writeln!(
+                f,
+                "  {} dense layer(s) first (FFN {}, in the base, no experts); {} layers with experts",
+                c.n_layer_dense_lead,
+                c.n_ff,
+                c.n_moe_layers()
+            )?;
+        }
         writeln!(f, "  norms and the router stay f32; GiB = 2^30 bytes, GB = 10^9 bytes")?;
         writeln!(f)?;
         let mut rows = vec![["quant", "base", "one expert", "slot", "all experts", "active/token", "shards on disk"]
@@ -1013,6 +1023,9 @@ mod tests {
             rope_sections: None,
             recurrent_layers: Vec::new(),
             ssm: None,
+            n_layer_dense_lead: 0,
+            gating: Default::default(),
+            qk_norm: false,
         }
     }
 

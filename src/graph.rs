@@ -3,7 +3,7 @@
 //! the routed experts over matrices picked by id (`moe`, llama.cpp's `build_moe_ffn` without
 //! its router), and the output. A family's layer graph (`Arch::build_layer`) is made of these.
 
-use crate::config::{ExpertAct, ModelConfig};
+use crate::config::{ExpertAct, GatingFunc, ModelConfig};
 use crate::engine::memory::{LayerKv, LayerRs, LayerState};
 use crate::ggml::{Context, GgmlType, Tensor, TensorSet};
 use crate::names::{
@@ -51,6 +51,65 @@ pub fn router_logits<'a>(ctx: &'a Context, w: &LayerWeights<'a>, x: Tensor<'a>) 
         Some(b) => ctx.add(logits, b),
         None => logits,
     }
+}
+
+/// The router's scores over `logits` ([n_here, n]: every expert, or a pool's cut to it) by
+/// the model's gating function (softmax over them, or the sigmoid of each), and the scores
+/// experts are chosen by: plus the correction bias `bias` ([n_here], where the model has one)
+/// (llama.cpp's `build_moe_ffn`, which keeps the unbiased scores for the weights).
+pub fn router_scores<'a>(
+    ctx: &'a Context,
+    cfg: &ModelConfig,
+    logits: Tensor<'a>,
+    bias: Option<Tensor<'a>>,
+) -> (Tensor<'a>, Tensor<'a>) {
+    let probs = match cfg.gating.func {
+        GatingFunc::Softmax => ctx.soft_max(logits),
+        GatingFunc::Sigmoid => ctx.sigmoid(logits),
+    };
+    let select = match bias {
+        Some(b) => ctx.add(probs, b),
+        None => probs,
+    };
+    (probs, select)
+}
+
+/// `select` ([n_expert, n]) with every expert outside the best `n_group_used` groups at
+/// -inf, as llama.cpp's `build_moe_ffn` masks them: groups of consecutive ids, each scored by
+/// the sum of its two highest values. Only for all the experts (a pool's groups are chosen on
+/// the CPU, `engine::router::route_scores`).
+pub fn mask_groups<'a>(ctx: &'a Context, cfg: &ModelConfig, select: Tensor<'a>) -> Tensor<'a> {
+    let (ng, used) = (cfg.gating.n_group as i64, cfg.gating.n_group_used as i64);
+    let [n_exp, n, ..] = select.ne();
+    let per = n_exp / ng;
+    let groups = ctx.reshape_3d(select, per, ng, n);
+    let order = ctx.argsort_desc(groups);
+    let top2 = ctx.view_3d(order, [2, ng, n], order.nb()[1], order.nb()[2], 0);
+    let best = ctx.get_rows(ctx.reshape_4d(groups, [1, per, ng, n]), top2); // [1, 2, ng, n]
+    let scores = ctx.reshape_2d(ctx.sum_rows(ctx.reshape_3d(best, 2, ng, n)), ng, n);
+    let gorder = ctx.argsort_desc(scores);
+    let kept = ctx.view_2d(gorder, used, n, gorder.nb()[1], 0); // [used, n]
+    let rows = ctx.get_rows(groups, kept); // [per, used, n]
+    let masked = ctx.set_rows(ctx.fill(groups, f32::NEG_INFINITY), rows, kept);
+    ctx.reshape_2d(masked, n_exp, n)
+}
+
+/// The chosen experts' weights ([1, k, n]): `probs` ([n_here, n]) at `sel` ([k, n]),
+/// renormalized where the model does (their sum floored as llama.cpp floors it), scaled by
+/// `routed_scaling_factor`.
+pub fn router_weights<'a>(ctx: &'a Context, cfg: &ModelConfig, probs: Tensor<'a>, sel: Tensor<'a>) -> Tensor<'a> {
+    let [n_here, n, ..] = probs.ne();
+    let k = sel.ne()[0];
+    let mut wts = ctx.get_rows(ctx.reshape_3d(probs, 1, n_here, n), sel); // [1, k, n]
+    if cfg.norm_topk_prob {
+        let w2 = ctx.reshape_2d(wts, k, n);
+        let sum = ctx.clamp(ctx.sum_rows(w2), crate::engine::router::WEIGHTS_SUM_MIN, f32::INFINITY);
+        wts = ctx.reshape_3d(ctx.div(w2, sum), 1, k, n);
+    }
+    if cfg.gating.scale != 1.0 {
+        wts = ctx.scale(wts, cfg.gating.scale);
+    }
+    wts
 }
 
 /// What a family's layer graph starts from.

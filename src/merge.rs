@@ -26,7 +26,8 @@ pub fn merge(dir: &Path, out: &Path, force: bool) -> Result<MergeReport> {
             reason: "already exists; pass --force to replace it".into(),
         });
     }
-    let layers = &m.manifest.layers;
+    // A dense layer has no experts to stack.
+    let layers: Vec<_> = m.manifest.layers.iter().filter(|l| !m.config.is_dense(l.il)).collect();
     let n_pool = layers[0].ids.len();
     if let Some(l) = layers.iter().find(|l| l.ids.len() != n_pool) {
         return Err(Error::BadModelDir {
@@ -39,6 +40,30 @@ pub fn merge(dir: &Path, out: &Path, force: bool) -> Result<MergeReport> {
         });
     }
     let pooled = n_pool as u32 != m.config.n_expert;
+    let g = m.config.gating;
+    if pooled && g.grouped() {
+        // llama.cpp's groups are equal runs of consecutive experts: a pool is one GGUF only
+        // where every group keeps the same number of experts, at least 2 (each group scores by
+        // its two best).
+        let per = m.config.n_expert / g.n_group;
+        let kept = |l: &crate::model_dir::ExpertLayer| -> Vec<usize> {
+            (0..g.n_group).map(|gi| l.ids.iter().filter(|&&e| e / per == gi).count()).collect()
+        };
+        if let Some(l) = layers.iter().find(|l| {
+            let k = kept(l);
+            k.iter().any(|&c| c != k[0] || c < 2)
+        }) {
+            return Err(Error::BadModelDir {
+                path: dir.to_path_buf(),
+                reason: format!(
+                    "layer {}'s pool keeps {:?} experts of its {} groups; llama.cpp's grouped router needs the same number, at least 2, in every group to be one GGUF",
+                    l.il,
+                    kept(l),
+                    g.n_group
+                ),
+            });
+        }
+    }
 
     let mut g = Gguf::new_empty();
     for key in m.base.keys() {
@@ -59,12 +84,14 @@ pub fn merge(dir: &Path, out: &Path, force: bool) -> Result<MergeReport> {
         if pooled && split_blk(&t.name).is_some_and(|(_, suffix)| suffix == FFN_GATE_INP) {
             ne[1] = n_pool as u64;
         }
-        if pooled && split_blk(&t.name).is_some_and(|(_, suffix)| suffix == FFN_GATE_INP_BIAS) {
+        if pooled
+            && split_blk(&t.name).is_some_and(|(_, suffix)| suffix == FFN_GATE_INP_BIAS || suffix == FFN_EXP_PROBS_B)
+        {
             ne[0] = n_pool as u64;
         }
         g.add_tensor(&t.name, ty, &ne).map_err(|e| tensor_err(&t.name, e))?;
     }
-    for l in layers {
+    for &l in &layers {
         for p in Proj::ALL {
             let [ne0, ne1] = l.shapes[p.index()];
             let name = p.stacked(l.il);
@@ -86,7 +113,8 @@ pub fn merge(dir: &Path, out: &Path, force: bool) -> Result<MergeReport> {
     let mut buf = Vec::new();
     for t in &m.base_tensors {
         let il = layers.iter().position(|l| t.name == blk(l.il, FFN_GATE_INP));
-        let bias_il = layers.iter().position(|l| t.name == blk(l.il, FFN_GATE_INP_BIAS));
+        let bias_il =
+            layers.iter().position(|l| t.name == blk(l.il, FFN_GATE_INP_BIAS) || t.name == blk(l.il, FFN_EXP_PROBS_B));
         match il.or(bias_il) {
             Some(il) if pooled => {
                 // The router keeps only the pool's rows (row e is expert e's logit weights),
@@ -111,7 +139,7 @@ pub fn merge(dir: &Path, out: &Path, force: bool) -> Result<MergeReport> {
         }
         s.end_tensor(&t.name)?;
     }
-    for l in layers {
+    for &l in &layers {
         let sizes = l.sizes();
         for p in Proj::ALL {
             let name = p.stacked(l.il);

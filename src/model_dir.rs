@@ -300,10 +300,14 @@ impl Manifest {
                 Some(GgufValue::Array(GgufArray::U32(v))) => v,
                 other => return Err(bad(&key("ids"), format!("expected a u32 array, got {other:?}"))),
             };
-            if ids.is_empty() || ids.windows(2).any(|w| w[0] >= w[1]) || ids.iter().any(|&e| e >= cfg.n_expert) {
+            if cfg.is_dense(il) {
+                if !ids.is_empty() {
+                    return Err(bad(&key("ids"), format!("expected none in a dense layer, got {ids:?}")));
+                }
+            } else if ids.is_empty() || ids.windows(2).any(|w| w[0] >= w[1]) || ids.iter().any(|&e| e >= cfg.n_expert) {
                 return Err(bad(&key("ids"), format!("expected ascending ids below {}, got {ids:?}", cfg.n_expert)));
             }
-            if ids.len() < cfg.n_expert_used as usize {
+            if !cfg.is_dense(il) && ids.len() < cfg.n_expert_used as usize {
                 return Err(bad(
                     &key("ids"),
                     format!(

@@ -45,6 +45,13 @@ pub const K_EXPERT_COUNT: &str = "expert_count";
 pub const K_EXPERT_USED_COUNT: &str = "expert_used_count";
 pub const K_EXPERT_WEIGHTS_NORM: &str = "expert_weights_norm";
 pub const K_VOCAB_SIZE: &str = "vocab_size";
+pub const K_EXPERT_SHARED_COUNT: &str = "expert_shared_count";
+pub const K_EXPERT_GATING_FUNC: &str = "expert_gating_func";
+pub const K_EXPERT_WEIGHTS_SCALE: &str = "expert_weights_scale";
+pub const K_EXPERT_GROUP_COUNT: &str = "expert_group_count";
+pub const K_EXPERT_GROUP_USED_COUNT: &str = "expert_group_used_count";
+pub const K_LEADING_DENSE_BLOCK_COUNT: &str = "leading_dense_block_count";
+pub const K_NEXTN_PREDICT_LAYERS: &str = "nextn_predict_layers";
 
 pub const TOK_MODEL: &str = "tokenizer.ggml.model";
 pub const TOK_PRE: &str = "tokenizer.ggml.pre";
@@ -124,6 +131,13 @@ pub const FFN_NORM: &str = "ffn_norm.weight";
 /// The router.
 pub const FFN_GATE_INP: &str = "ffn_gate_inp.weight";
 pub const FFN_GATE_INP_BIAS: &str = "ffn_gate_inp.bias";
+/// The router's correction bias, added to its scores for choosing experts only (DeepSeek-V3's
+/// and GLM-4.5's `e_score_correction_bias`).
+pub const FFN_EXP_PROBS_B: &str = "exp_probs_b.bias";
+/// A dense layer's FFN.
+pub const FFN_GATE: &str = "ffn_gate.weight";
+pub const FFN_UP: &str = "ffn_up.weight";
+pub const FFN_DOWN: &str = "ffn_down.weight";
 /// A shared expert (always resident, part of the base) and its gate.
 pub const FFN_GATE_SHEXP: &str = "ffn_gate_shexp.weight";
 pub const FFN_UP_SHEXP: &str = "ffn_up_shexp.weight";

@@ -143,7 +143,7 @@ pub fn predict(
 ) -> Plan {
     let b = &fit.budget;
     let (base_bytes, slot_bytes, n_experts, slots) = (b.base, fit.stride, fit.n_experts, fit.slots);
-    let active = cfg.n_layer as u64 * cfg.n_expert_used as u64;
+    let active = cfg.n_moe_layers() as u64 * cfg.n_expert_used as u64;
     let share = slots as f64 / n_experts.max(1) as f64;
     let runs = fit.runs();
     let (hit, source) = if runs { hit_rate(slots, share) } else { (0.0, "the arena is too small to run".into()) };

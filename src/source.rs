@@ -199,6 +199,15 @@ impl HfSource {
                     *skipped.entry(group.join(".")).or_insert(0) += 1;
                     continue;
                 }
+                // Layers after the last (next-token prediction: GLM-4.5's model.layers.46,
+                // DeepSeek-V3's model.layers.61) are not part of the model sage runs.
+                let layers = format!("{}layers.", layout.model_prefix);
+                if let Some(il) = tname.strip_prefix(&layers).and_then(|r| r.split('.').next()?.parse::<u32>().ok()) {
+                    if il >= config.n_layer {
+                        *skipped.entry(format!("{layers}{il}")).or_insert(0) += 1;
+                        continue;
+                    }
+                }
                 let (b, e) = info.data_offsets;
                 tensors.insert(
                     tname,
@@ -604,7 +613,17 @@ impl Source for HfSource {
     }
 
     fn skipped(&self) -> Vec<String> {
-        self.skipped.iter().map(|(g, n)| format!("{g}.* ({n} tensors): not part of the text model")).collect()
+        self.skipped
+            .iter()
+            .map(|(g, n)| {
+                let what = if g.contains(".layers.") {
+                    "a layer after the last (next-token prediction)"
+                } else {
+                    "not part of the text model"
+                };
+                format!("{g}.* ({n} tensors): {what}")
+            })
+            .collect()
     }
 
     fn source_name(&self, name: &str) -> String {

@@ -190,6 +190,8 @@ fn spec_config(spec: &SpecDir, like: &str, layers: Option<u32>) -> Result<ModelC
         // Per-layer patterns keep their first n entries.
         cfg.swa_layers.truncate(n as usize);
         cfg.recurrent_layers.truncate(n as usize);
+        // At least one layer keeps its experts.
+        cfg.n_layer_dense_lead = cfg.n_layer_dense_lead.min(n - 1);
     }
     Ok(cfg)
 }
@@ -473,7 +475,7 @@ impl SynthSource {
             return Ok(p);
         }
         let c = &self.cfg;
-        let experts = c.n_expert as u64 * c.n_layer as u64;
+        let experts = c.n_expert as u64 * c.n_moe_layers() as u64;
         // No larger than the rows the experts have (a small model quantizes no more than --exact).
         let gate_up = POOL_ROWS.min(2 * c.n_ff_exp * experts);
         let down = POOL_ROWS.min(c.n_embd * experts);
@@ -510,7 +512,7 @@ impl Source for SynthSource {
         let writes = |suffix: &str| split_blk(name).is_some_and(|(_, s)| s == suffix);
         let dist = match role {
             Role::Weight if name == TOKEN_EMBD => &self.embd,
-            Role::Weight if writes(ATTN_OUT) || writes(FFN_DOWN_SHEXP) => &self.write,
+            Role::Weight if writes(ATTN_OUT) || writes(FFN_DOWN_SHEXP) || writes(FFN_DOWN) => &self.write,
             Role::Weight | Role::Bias => &self.weight,
             Role::Norm => &self.norm,
             Role::Router => &self.router,

@@ -117,9 +117,10 @@ impl Usage {
                 )));
             }
             let sum: u64 = l.counts.iter().fold(0u64, |a, &c| a.saturating_add(c));
-            if sum != u.tokens.saturating_mul(u.n_expert_used as u64) {
+            // (0: a dense layer, which routes nothing.)
+            if sum != 0 && sum != u.tokens.saturating_mul(u.n_expert_used as u64) {
                 return Err(bad(format!(
-                    "layer {i}: counts sum to {sum}, expected tokens x n_expert_used = {} x {}",
+                    "layer {i}: counts sum to {sum}, expected 0 (a dense layer) or tokens x n_expert_used = {} x {}",
                     u.tokens, u.n_expert_used
                 )));
             }

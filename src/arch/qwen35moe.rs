@@ -78,17 +78,7 @@ pub(crate) fn hybrid_hparams(c: &HfConfig, cfg: &mut ModelConfig) -> Result<()> 
         return Err(c.err(&["linear_conv_kernel_dim"], format!("expected at least 2, got {d_conv}")));
     }
     cfg.ssm = Some(Ssm { d_conv, d_state: hk, n_group, dt_rank });
-    let factor = match c.get(&["rope_parameters"]).and_then(|r| r.get("partial_rotary_factor")) {
-        Some(v) => v.as_f64(),
-        None => Some(c.f64_or(&["partial_rotary_factor"], 0.25)?),
-    };
-    let factor = factor
-        .filter(|f| *f > 0.0 && *f <= 1.0)
-        .ok_or_else(|| c.err(&["partial_rotary_factor"], "expected a number in (0, 1]"))?;
-    cfg.n_rot = (cfg.head_dim as f64 * factor) as u64;
-    if !cfg.n_rot.is_multiple_of(2) || cfg.n_rot == 0 {
-        return Err(c.err(&["partial_rotary_factor"], format!("{} rotated dimensions: expected an even number", cfg.n_rot)));
-    }
+    cfg.n_rot = c.partial_rotary(cfg.head_dim, 0.25)?;
     cfg.n_ff = c.get(&["intermediate_size"]).and_then(|v| v.as_u64()).unwrap_or(0);
     cfg.n_ff_exp = c.size("n_ff_exp", &["moe_intermediate_size"])?;
     cfg.n_ff_shexp = c.size("n_ff_shexp", &["shared_expert_intermediate_size"])?;

@@ -55,7 +55,8 @@ impl Engine {
             done += bytes;
             progress(done, total);
         }
-        let pooled = |l: &&ExpertLayer| l.ids.len() < self.config.n_expert as usize;
+        // (A dense layer has no experts and no router.)
+        let pooled = |l: &&ExpertLayer| !self.config.is_dense(l.il) && l.ids.len() < self.config.n_expert as usize;
         let mut pool_ids = TensorSet::new(self.dir.manifest.layers.len());
         let pool_index: Vec<Option<usize>> = self
             .dir
@@ -124,29 +125,38 @@ impl Engine {
                 let last = |t| last_rows(&ctx, t, n_out);
                 (ffn_inp, normed, shared, rows) = (last(ffn_inp), last(normed), shared.map(last), n_out);
             }
-            // Router: probabilities [n_expert (or the pool's size), rows], sorted. The full
-            // argsort is the output read back: a view of it (the top k) would not keep its
-            // memory from being reused later in the graph.
+            // A dense layer: its FFN (in `shared`) and the residual.
+            if cfg.is_dense(il as u32) {
+                x = graph::layer_out(&ctx, shared.expect("a dense layer's FFN"), None, ffn_inp);
+                continue;
+            }
+            // Router: scores [n_expert (or the pool's size), rows], sorted. The full argsort
+            // is the output read back: a view of it (the top k) would not keep its memory
+            // from being reused later in the graph.
             let mut logits = graph::router_logits(&ctx, &w, normed); // [n_expert, rows]
+            let mut bias = w.opt(FFN_EXP_PROBS_B);
             let present = &self.dir.manifest.layers[il].ids;
             let n_here = present.len() as i64;
-            // A pooled layer routes over its present experts only: its router logits are cut
-            // down to them, in the order of their slots, so the chosen indices are slot
-            // offsets (ranks in the pool), mapped back to ids after the graph. get_rows picks
-            // rows (dimension 1): experts go there and back, to [n_here, rows].
+            // A pooled layer routes over its present experts only: its router logits (and
+            // correction bias) are cut down to them, in the order of their slots, so the
+            // chosen indices are slot offsets (ranks in the pool), mapped back to ids after
+            // the graph. get_rows picks rows (dimension 1): experts go there and back, to
+            // [n_here, rows]. (A grouped router over a pool runs layer by layer.)
             if let Some(i) = fused.pool_index[il] {
+                let ids = fused.pool_ids.get(i);
                 let by_expert = ctx.cont(ctx.transpose(logits)); // [rows, n_expert]
-                logits = ctx.cont(ctx.transpose(ctx.get_rows(by_expert, fused.pool_ids.get(i))));
+                logits = ctx.cont(ctx.transpose(ctx.get_rows(by_expert, ids)));
+                bias = bias
+                    .map(|b| ctx.reshape_2d(ctx.get_rows(ctx.reshape_2d(b, 1, cfg.n_expert as i64), ids), n_here, 1));
             }
-            let probs = ctx.soft_max(logits);
-            let order = ctx.argsort_desc(probs);
+            let (probs, mut select) = graph::router_scores(&ctx, cfg, logits, bias);
+            if cfg.gating.grouped() {
+                select = graph::mask_groups(&ctx, cfg, select);
+            }
+            let order = ctx.argsort_desc(select);
             order.set_output();
             let sel = ctx.view_2d(order, k, rows, order.nb()[1], 0); // [k, rows]
-            let mut wts = ctx.get_rows(ctx.reshape_3d(probs, 1, n_here, rows), sel); // [1, k, rows]
-            if cfg.norm_topk_prob {
-                let w2 = ctx.reshape_2d(wts, k, rows);
-                wts = ctx.reshape_3d(ctx.div(w2, ctx.sum_rows(w2)), 1, k, rows);
-            }
+            let wts = graph::router_weights(&ctx, cfg, probs, sel);
             let mats = Proj::ALL.map(|p| {
                 let t = self.arena.view(il as u32, p);
                 let [ne0, ne1, ..] = t.ne();
@@ -159,7 +169,7 @@ impl Engine {
             let exps = graph::Experts { mats, biases };
             let moe = graph::moe(&ctx, cfg.expert_act, exps, ctx.reshape_3d(normed, n_embd, 1, rows), sel, wts);
             x = graph::layer_out(&ctx, moe, shared, ffn_inp);
-            chosen.push((order, rows, present));
+            chosen.push((il, order, rows, present));
         }
         let last = last_rows(&ctx, x, n_out);
         let logits = graph::output(&ctx, cfg.rms_eps, self.base.output_norm(), self.base.output(), last);
@@ -169,9 +179,9 @@ impl Engine {
         if self.runner.dry.is_some() {
             return Ok(Vec::new());
         }
-        for (il, (order, rows, present)) in chosen.iter().enumerate() {
+        for &(il, order, rows, present) in &chosen {
             let n_here = present.len();
-            let order = order.read_i32(n_here * *rows as usize);
+            let order = order.read_i32(n_here * rows as usize);
             // Ranks in the layer's pool (its experts in slot order) to expert ids.
             let mut used: Vec<u32> =
                 order.chunks(n_here).flat_map(|row| row[..k as usize].iter().map(|&r| present[r as usize])).collect();

@@ -172,14 +172,14 @@ impl MemoryPlan {
 /// `n_rot_k`, `n_rot_v`): for K the largest power of two from 64 that divides the head size,
 /// for V 64; none for an unquantized type or a head size that is not a multiple of 64.
 pub fn rotation(head_dim: u64, k: KvType, v: KvType) -> (Option<u64>, Option<u64>) {
-    let rk = (k.is_quantized() && head_dim % 64 == 0).then(|| {
+    let rk = (k.is_quantized() && head_dim.is_multiple_of(64)).then(|| {
         let mut n = 64;
-        while head_dim % (2 * n) == 0 {
+        while head_dim.is_multiple_of(2 * n) {
             n *= 2;
         }
         n
     });
-    let rv = (v.is_quantized() && head_dim % 64 == 0).then_some(64);
+    let rv = (v.is_quantized() && head_dim.is_multiple_of(64)).then_some(64);
     (rk, rv)
 }
 
@@ -219,7 +219,7 @@ pub fn check(cfg: &ModelConfig, o: &MemoryOptions) -> std::result::Result<(), St
     }
     for (what, t) in [("K", o.k_type), ("V", o.v_type)] {
         let b = t.ggml().block_size();
-        if cfg.head_dim % b != 0 {
+        if !cfg.head_dim.is_multiple_of(b) {
             return Err(format!(
                 "a {t} {what} cache stores each head in blocks of {b} values, but this model's heads have {} (use f16, bf16 or f32)",
                 cfg.head_dim

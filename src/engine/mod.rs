@@ -508,6 +508,14 @@ impl Engine {
         if let Some(t) = &opts.route_trace {
             check_route_trace(t, &cfg, layers)?;
         }
+        if !opts.cache_bias.is_exact() && cfg.gating != crate::config::Gating::default() {
+            return Err(Error::Usage(format!(
+                "--cache-bias: {}'s router ({:?} scores{}) is not the softmax top-k cache-aware routing is defined over",
+                cfg.arch().family(),
+                cfg.gating.func,
+                if cfg.gating.grouped() { ", grouped" } else { "" }
+            )));
+        }
         let policy =
             scheduler::policy(&opts.policy, n_slots, (cfg.n_layer * cfg.n_expert_used) as usize).ok_or_else(|| {
                 Error::Usage(format!("unknown policy '{}'; sage has {}", opts.policy, scheduler::POLICIES.join(", ")))
@@ -531,6 +539,10 @@ impl Engine {
         // The arena: one buffer, fixed size, allocated once. Repacked (on the CPU) only when
         // every expert is loaded once, up front.
         let all_resident = n_slots == total_experts;
+        // A grouped router over a pool chooses its groups on the CPU (`router::route_scores`):
+        // such a model runs layer by layer.
+        let pooled = layers.iter().any(|l| !cfg.is_dense(l.il) && l.ids.len() < cfg.n_expert as usize);
+        let grouped_pool = pooled && cfg.gating.grouped();
         let repack = if opts.repack { backend.repack_buffer_type() } else { None };
         // Cold copies: slots hold records of two layouts, written as they are (no repacking).
         let repack_arena = opts.arena_repack.unwrap_or(opts.fused && all_resident) && !cold;
@@ -570,7 +582,7 @@ impl Engine {
             budget: None,
             opts,
         };
-        if engine.opts.fused && all_resident && engine.opts.route_trace.is_none() {
+        if engine.opts.fused && all_resident && engine.opts.route_trace.is_none() && !grouped_pool {
             engine.load_all_experts(progress)?;
         }
         Ok(engine)
@@ -859,7 +871,7 @@ pub fn resolve_flash_attn(backend: &Backend, cfg: &ModelConfig, opts: &EngineOpt
 fn flash_attn_supported(backend: &Backend, cfg: &ModelConfig, k: KvType, v: KvType) -> bool {
     let f16 = |t: KvType| if t == KvType::F32 { GgmlType::F16 } else { t.ggml() };
     let (kt, vt) = (f16(k), f16(v));
-    if [kt, vt].iter().any(|t| cfg.head_dim % t.block_size() != 0) {
+    if [kt, vt].iter().any(|t| !cfg.head_dim.is_multiple_of(t.block_size())) {
         return false;
     }
     let ctx = Context::new(8, 8);

@@ -35,16 +35,104 @@ pub fn route(logits: &[f32], present: &[bool], k: usize, norm_topk_prob: bool) -
 /// sum accumulated in f64 and rounded to f32, as ggml's `sum_rows` and `div` do. The weights
 /// are then bit-identical to those of the all-resident graph (`engine::fused`).
 pub fn route_probs(probs: &[f32], ids: &[u32], k: usize, norm_topk_prob: bool) -> Choice {
-    debug_assert_eq!(probs.len(), ids.len());
-    let mut order: Vec<usize> = (0..probs.len()).collect();
-    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(ids[a].cmp(&ids[b])));
-    order.truncate(k);
-    let mut weights: Vec<f32> = order.iter().map(|&i| probs[i]).collect();
-    if norm_topk_prob {
-        let s = weights.iter().map(|&w| w as f64).sum::<f64>() as f32;
+    route_scores(probs, probs, ids, &Rule::top_k(k, norm_topk_prob))
+}
+
+/// A router's rule beyond its scores (`config::Gating`, `ModelConfig::norm_topk_prob`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rule {
+    /// Experts per token.
+    pub k: usize,
+    /// Renormalize the chosen weights to sum to 1.
+    pub norm: bool,
+    /// Groups of `per_group` consecutive expert ids, of which the best `n_group_used` are
+    /// kept; `n_group` 1: no groups.
+    pub n_group: u32,
+    pub n_group_used: u32,
+    pub per_group: u32,
+    /// The weights' scale (`routed_scaling_factor`); 1: none.
+    pub scale: f32,
+}
+
+impl Rule {
+    /// Plain top-k (softmax families): no groups, no scale.
+    pub fn top_k(k: usize, norm: bool) -> Rule {
+        Rule { k, norm, n_group: 1, n_group_used: 1, per_group: 0, scale: 1.0 }
+    }
+
+    /// The rule of a model.
+    pub fn of(cfg: &crate::config::ModelConfig) -> Rule {
+        let g = cfg.gating;
+        Rule {
+            k: cfg.n_expert_used as usize,
+            norm: cfg.norm_topk_prob,
+            n_group: g.n_group.max(1),
+            n_group_used: g.n_group_used,
+            per_group: cfg.n_expert / g.n_group.max(1),
+            scale: g.scale,
+        }
+    }
+}
+
+/// llama.cpp's floor on the sum of the chosen weights before renormalizing (the smallest
+/// normal f16).
+pub const WEIGHTS_SUM_MIN: f32 = 1.0 / 16384.0;
+
+/// Route one token from the scores as ggml computed them over the experts present (`ids`,
+/// ascending): `probs` the router's scores (softmax over the present experts, or the sigmoid
+/// of each logit), `select` what experts are chosen by (`probs` plus the correction bias, or
+/// `probs` itself), as llama.cpp's `build_moe_ffn`:
+///
+/// - with groups (`Rule::n_group` > 1), each group is scored by the sum of its two highest
+///   `select` values, and only the experts of the best `n_group_used` groups (ties to the lower
+///   group) can be chosen;
+/// - the top k of those by `select` (ties to the lower id), in that order;
+/// - their `probs` as weights, renormalized where `norm` by their sum accumulated in f64 and
+///   rounded to f32 (as ggml's `sum_rows` and `div` do), floored at `WEIGHTS_SUM_MIN`, then
+///   multiplied by `scale`.
+///
+/// Over a pool (some experts absent) a group is what is left of it: scored by its two
+/// highest present members (by its one if only one is left), a group with none cannot be
+/// chosen, and where the best `n_group_used` groups keep fewer than k experts, the next best
+/// groups are added until k can be chosen. With every expert present this is exactly the
+/// rule above, so the weights are bit-identical to the all-resident graph's (`engine::fused`).
+pub fn route_scores(probs: &[f32], select: &[f32], ids: &[u32], r: &Rule) -> Choice {
+    debug_assert!(probs.len() == ids.len() && select.len() == ids.len());
+    let mut allowed: Vec<usize> = (0..ids.len()).collect();
+    if r.n_group > 1 && r.per_group > 0 {
+        let group = |i: usize| ids[i] / r.per_group;
+        let mut scores: Vec<(f32, u32)> = Vec::new();
+        for gi in 0..r.n_group {
+            let mut v: Vec<f32> = (0..ids.len()).filter(|&i| group(i) == gi).map(|i| select[i]).collect();
+            v.sort_by(|a, b| b.total_cmp(a));
+            match v.len() {
+                0 => {}
+                1 => scores.push((v[0], gi)),
+                _ => scores.push((v[0] + v[1], gi)),
+            }
+        }
+        scores.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let mut kept = Vec::new();
+        for &(_, gi) in &scores {
+            let have = (0..ids.len()).filter(|&i| kept.contains(&group(i))).count();
+            if kept.len() >= r.n_group_used as usize && have >= r.k {
+                break;
+            }
+            kept.push(gi);
+        }
+        allowed.retain(|&i| kept.contains(&group(i)));
+    }
+    allowed.sort_by(|&a, &b| select[b].total_cmp(&select[a]).then(ids[a].cmp(&ids[b])));
+    allowed.truncate(r.k);
+    let mut weights: Vec<f32> = allowed.iter().map(|&i| probs[i]).collect();
+    if r.norm {
+        let s = (weights.iter().map(|&w| w as f64).sum::<f64>() as f32).max(WEIGHTS_SUM_MIN);
         weights.iter_mut().for_each(|w| *w /= s);
     }
-    Choice { experts: order.iter().map(|&i| ids[i]).collect(), weights }
+    if r.scale != 1.0 {
+        weights.iter_mut().for_each(|w| *w *= r.scale);
+    }
+    Choice { experts: allowed.iter().map(|&i| ids[i]).collect(), weights }
 }
 
 /// Cache-aware routing (`EngineOptions::cache_bias`, `--cache-bias`). With p the router's
@@ -142,6 +230,43 @@ mod tests {
         let c = route(&logits, &all, 2, true);
         assert!((c.weights.iter().sum::<f32>() - 1.0).abs() < 1e-6);
         assert!((c.weights[0] - 1.0 / (1.0 + (-1.0f32).exp())).abs() < 1e-6);
+    }
+
+    #[test]
+    fn groups_limit_the_choice_and_weights_are_the_unbiased_scores_scaled() {
+        // 8 experts in 4 groups of 2; group sums of the biased scores: 0.9, 1.0, 0.85, 0.6.
+        let select = [0.9, 0.0, 0.5, 0.5, 0.8, 0.05, 0.3, 0.3];
+        let bias = [0.1, -0.2, 0.0, 0.1, 0.3, 0.0, 0.0, 0.1];
+        let probs: Vec<f32> = select.iter().zip(&bias).map(|(s, b)| s - b).collect();
+        let ids: Vec<u32> = (0..8).collect();
+        let rule = Rule { k: 2, norm: true, n_group: 4, n_group_used: 2, per_group: 2, scale: 2.5 };
+        let c = route_scores(&probs, &select, &ids, &rule);
+        // Groups 1 and 0 are kept: expert 4 (0.8, group 2) is out; 2 and 3 tie, the lower id wins.
+        assert_eq!(c.experts, vec![0, 2]);
+        let s = probs[0] + probs[2];
+        assert_eq!(c.weights, vec![probs[0] / s * 2.5, probs[2] / s * 2.5]);
+        // Without groups the plain top 2 by the biased scores, weights unnormalized and unscaled.
+        let c = route_scores(&probs, &select, &ids, &Rule::top_k(2, false));
+        assert_eq!((c.experts, c.weights), (vec![0, 4], vec![probs[0], probs[4]]));
+        // Plain top-k is `route_probs`.
+        assert_eq!(route_probs(&probs, &ids, 3, true), route_scores(&probs, &probs, &ids, &Rule::top_k(3, true)));
+    }
+
+    #[test]
+    fn a_pooled_group_is_what_is_left_of_it() {
+        let select = [0.9, 0.0, 0.5, 0.5, 0.8, 0.05, 0.3, 0.3];
+        let rule = Rule { k: 3, norm: false, n_group: 4, n_group_used: 1, per_group: 2, scale: 1.0 };
+        // Pool {0, 4, 5, 6}: group 0 keeps expert 0 alone (0.9), group 2 both (0.85), group 3
+        // expert 6 (0.3), group 1 nothing. The best group holds 1 expert of the 3 needed, so
+        // the next best are added: groups 0 and 2 hold 3.
+        let ids = [0u32, 4, 5, 6];
+        let sel: Vec<f32> = ids.iter().map(|&e| select[e as usize]).collect();
+        let c = route_scores(&sel, &sel, &ids, &rule);
+        assert_eq!(c.experts, vec![0, 4, 5]);
+        // Every weight sum is floored before dividing, as llama.cpp floors it.
+        let tiny = [1e-9f32, 2e-9];
+        let c = route_scores(&tiny, &tiny, &[0, 1], &Rule::top_k(2, true));
+        assert_eq!(c.weights, vec![2e-9 / WEIGHTS_SUM_MIN, 1e-9 / WEIGHTS_SUM_MIN]);
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! converted at the cold type does.
 
 use super::io_thread::Prefetcher;
-use super::router::{route, route_cached, route_probs, Choice};
+use super::router::{route, route_cached, route_scores, Choice, Rule};
 use super::{Engine, GRAPH_NODES, GRAPH_TENSORS};
 use crate::error::Result;
 use crate::ggml::{Context, GgmlType};
@@ -26,6 +26,11 @@ use crate::names::*;
 pub(super) struct Routed {
     pub logits: Vec<f32>,
     pub probs: Vec<f32>,
+    /// What experts are chosen by: `probs` plus the correction bias, where the model has one
+    /// (else empty: `probs`).
+    pub select: Vec<f32>,
+    /// A dense layer: graph A computed the whole layer, there is nothing to route.
+    pub dense: bool,
     pub present: Vec<u32>,
     pub next: Option<Vec<f32>>,
 }
@@ -110,6 +115,24 @@ impl Engine {
         let w = self.base.layer(il);
         let l = inp.layer(cfg, &self.base, &self.memory, il, x);
         let a = cfg.arch().build_layer(&l);
+        if cfg.is_dense(il) {
+            // The dense FFN (in `shared`) and the residual, into the next layer's input.
+            let out =
+                ctx.cpy(graph::layer_out(&ctx, a.shared.expect("a dense layer's FFN"), None, a.ffn_inp), st.hidden);
+            let mut g = ctx.graph(GRAPH_NODES);
+            for t in a.stores.iter().copied().chain([out]) {
+                g.expand(t);
+            }
+            self.runner.run(&g, || inp.write(if il == 0 { Some(tokens) } else { None }))?;
+            return Ok(Routed {
+                logits: Vec::new(),
+                probs: Vec::new(),
+                select: Vec::new(),
+                dense: true,
+                present: Vec::new(),
+                next: None,
+            });
+        }
         let logits = graph::router_logits(&ctx, &w, a.normed); // [n_expert, n]
         logits.set_output();
         // The softmax over the experts present: a pooled layer's logits cut down to them
@@ -121,12 +144,25 @@ impl Engine {
             t.set_input();
             t
         });
-        let cut = match pool_ids {
-            Some(ids) => ctx.cont(ctx.transpose(ctx.get_rows(ctx.cont(ctx.transpose(logits)), ids))),
-            None => logits,
+        let (cut, bias) = match pool_ids {
+            Some(ids) => (
+                ctx.cont(ctx.transpose(ctx.get_rows(ctx.cont(ctx.transpose(logits)), ids))),
+                w.opt(FFN_EXP_PROBS_B).map(|b| {
+                    ctx.reshape_2d(
+                        ctx.get_rows(ctx.reshape_2d(b, 1, cfg.n_expert as i64), ids),
+                        present.len() as i64,
+                        1,
+                    )
+                }),
+            ),
+            None => (logits, w.opt(FFN_EXP_PROBS_B)),
         };
-        let probs = ctx.soft_max(cut);
+        let (probs, select) = graph::router_scores(&ctx, cfg, cut, bias);
         probs.set_output();
+        let select = bias.is_some().then(|| {
+            select.set_output();
+            select
+        });
         let keep_inp = ctx.cpy(a.ffn_inp, st.ffn_inp);
         let keep_normed = ctx.cpy(a.normed, st.normed);
         let keep_shared = a.shared.map(|s| ctx.cpy(s, st.shared.expect("a shared expert has its state")));
@@ -137,7 +173,8 @@ impl Engine {
         let predict =
             ((self.opts.prefetch && self.opts.route_trace.is_none() && (n == 1 || self.arena.writer(0).is_some()))
                 || recording)
-                && il + 1 < cfg.n_layer;
+                && il + 1 < cfg.n_layer
+                && !cfg.is_dense(il + 1);
         let next = predict.then(|| {
             let nw = self.base.layer(il + 1);
             let t = graph::router_logits(&ctx, &nw, l.norm(a.ffn_inp, nw.ffn_norm()));
@@ -145,7 +182,15 @@ impl Engine {
             t
         });
         let mut g = ctx.graph(GRAPH_NODES);
-        for t in a.stores.iter().copied().chain([logits, probs, keep_inp, keep_normed]).chain(keep_shared).chain(next) {
+        for t in a
+            .stores
+            .iter()
+            .copied()
+            .chain([logits, probs, keep_inp, keep_normed])
+            .chain(keep_shared)
+            .chain(select)
+            .chain(next)
+        {
             g.expand(t);
         }
         self.runner.run(&g, || {
@@ -155,12 +200,21 @@ impl Engine {
             }
         })?;
         if self.runner.dry.is_some() {
-            return Ok(Routed { logits: Vec::new(), probs: Vec::new(), present, next: None });
+            return Ok(Routed {
+                logits: Vec::new(),
+                probs: Vec::new(),
+                select: Vec::new(),
+                dense: false,
+                present,
+                next: None,
+            });
         }
         let next = next.map(|t| t.read_f32((cfg.n_expert as i64 * n) as usize));
         Ok(Routed {
             logits: logits.read_f32((cfg.n_expert as i64 * n) as usize),
             probs: probs.read_f32(present.len() * n as usize),
+            select: select.map_or(Vec::new(), |t| t.read_f32(present.len() * n as usize)),
+            dense: false,
             present,
             next,
         })
@@ -169,6 +223,9 @@ impl Engine {
     /// Graph B of layer `il`: route, make the chosen experts resident, run them, add to the
     /// residual (left in the `hidden` state for the next layer).
     pub(super) fn experts(&mut self, il: u32, n: usize, routed: &Routed) -> Result<()> {
+        if routed.dense {
+            return Ok(());
+        }
         let (router_logits, predict_next) = (&routed.logits[..], routed.next.as_deref());
         let (n_exp, k) = (self.config.n_expert as usize, self.config.n_expert_used as usize);
         self.settle_slot_reads()?;
@@ -185,7 +242,14 @@ impl Engine {
                 .collect(),
             None if self.opts.cache_bias.is_exact() => {
                 let m = routed.present.len();
-                (0..n).map(|t| route_probs(&routed.probs[t * m..(t + 1) * m], &routed.present, k, norm)).collect()
+                let rule = Rule::of(&self.config);
+                let select = if routed.select.is_empty() { &routed.probs } else { &routed.select };
+                (0..n)
+                    .map(|t| {
+                        let r = t * m..(t + 1) * m;
+                        route_scores(&routed.probs[r.clone()], &select[r], &routed.present, &rule)
+                    })
+                    .collect()
             }
             // Cache-aware: every token of the batch prefers what was resident before it.
             None => {

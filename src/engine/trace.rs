@@ -44,14 +44,16 @@ impl RouteTrace {
         }
     }
 
+    /// Tokens recorded (counted in the last layer: a model's dense layers, which route
+    /// nothing, are its first).
     pub fn n_tokens(&self) -> usize {
-        self.choices.first().map_or(0, |c| c.len() / self.n_expert_used.max(1))
+        self.choices.last().map_or(0, |c| c.len() / self.n_expert_used.max(1))
     }
 
-    /// The experts token `t` chose in layer `il`.
+    /// The experts token `t` chose in layer `il` (none in a dense layer).
     pub fn token(&self, il: usize, t: usize) -> &[u32] {
         let k = self.n_expert_used;
-        &self.choices[il][t * k..(t + 1) * k]
+        self.choices[il].get(t * k..(t + 1) * k).unwrap_or(&[])
     }
 
     /// Share of a token's experts that the next token also uses, per layer.
@@ -77,6 +79,12 @@ impl RouteTrace {
     /// `comment` lines after the header (e.g. where it came from).
     pub fn save(&self, path: &Path, comment: &str) -> Result<()> {
         use std::fmt::Write as _;
+        if let Some(il) = (0..self.n_layer).find(|&il| self.choices[il].len() != self.n_tokens() * self.n_expert_used) {
+            return Err(Error::Usage(format!(
+                "{}: layer {il} routed no experts (a dense layer); the trace format has no place for it yet",
+                path.display()
+            )));
+        }
         let mut text = format!(
             "{MAGIC} {VERSION} n_layer={} n_expert={} n_expert_used={} n_tokens={}\n",
             self.n_layer,

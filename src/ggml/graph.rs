@@ -301,6 +301,14 @@ impl Context {
     pub fn argsort_desc<'a>(&'a self, a: Tensor<'a>) -> Tensor<'a> {
         op!(self, sys::ggml_argsort(self.c(), a.ptr.as_ptr(), sys::GGML_SORT_ORDER_DESC))
     }
+    /// `a` clamped to [min, max], elementwise.
+    pub fn clamp<'a>(&'a self, a: Tensor<'a>, min: f32, max: f32) -> Tensor<'a> {
+        op!(self, sys::ggml_clamp(self.c(), a.ptr.as_ptr(), min, max))
+    }
+    /// A tensor of `a`'s shape with every value `c`.
+    pub fn fill<'a>(&'a self, a: Tensor<'a>, c: f32) -> Tensor<'a> {
+        op!(self, sys::ggml_fill(self.c(), a.ptr.as_ptr(), c))
+    }
     /// Sum of each row: [1, ne1, ...].
     pub fn sum_rows<'a>(&'a self, a: Tensor<'a>) -> Tensor<'a> {
         op!(self, sys::ggml_sum_rows(self.c(), a.ptr.as_ptr()))
