@@ -13,7 +13,8 @@ use sage::synth::{strategy, synth, synth_config, SynthOptions, ROUTING_NOTICE};
 use sage::usage::Usage;
 
 /// Convert a Mixture-of-Experts checkpoint (Hugging Face directory or llama.cpp GGUF; Qwen3-MoE,
-/// Qwen3-Omni's thinker, Mixtral, OLMoE, Qwen2-MoE) into a sage model directory: base.gguf
+/// Qwen3-Omni's thinker, Mixtral, OLMoE, Qwen2-MoE, gpt-oss, Qwen3.5-MoE, Qwen3-Next, GLM-4.5)
+/// into a sage model directory: base.gguf
 /// (everything but the experts) plus one expert shard per layer.
 #[derive(Parser)]
 #[command(name = "sage-convert", version, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -30,7 +31,7 @@ struct Cli {
 #[derive(Args)]
 struct ConvertArgs {
     /// Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json) or a
-    /// llama.cpp .gguf file (qwen3moe, llama with experts, olmoe, qwen2moe, gpt-oss).
+    /// llama.cpp .gguf file (qwen3moe, llama with experts, olmoe, qwen2moe, gpt-oss, qwen35moe, qwen3next, glm4moe).
     #[arg(required = true)]
     input: Option<PathBuf>,
     /// Output model directory.

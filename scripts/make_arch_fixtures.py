@@ -397,7 +397,7 @@ def build(spec):
     model.eval()
     cfg = model.config
     text_cfg = cfg.get_text_config()
-    n_experts = text_cfg.num_local_experts if arch == "mixtral" else text_cfg.num_experts
+    n_experts = getattr(text_cfg, spec.get("n_experts_key", "num_local_experts" if arch == "mixtral" else "num_experts"))
     tok = AutoTokenizer.from_pretrained(out_dir)
 
     chat_text = tok.apply_chat_template(CHAT_MESSAGES, add_generation_prompt=True, tokenize=False)
@@ -410,9 +410,9 @@ def build(spec):
         assert ids == raw_ids, (arch, name, ids, raw_ids)  # AutoTokenizer and tokenizer.json agree here
         assert max(ids) < text_cfg.vocab_size
         full = logits_for(model, ids)
-        pooled = pooled_logits(model, ids, spec["pool"], spec["router_cls"], n_experts, spec["renormalize"])
-        same = pooled_logits(model, ids, list(range(n_experts)), spec["router_cls"], n_experts,
-                             spec["renormalize"])
+        pool_fn = spec.get("pooled_logits", pooled_logits)
+        pooled = pool_fn(model, ids, spec["pool"], spec["router_cls"], n_experts, spec["renormalize"])
+        same = pool_fn(model, ids, list(range(n_experts)), spec["router_cls"], n_experts, spec["renormalize"])
         d_all = (same - full).abs().max().item()
         d_pool = (pooled - full).abs().max().item()
         assert d_all < 1e-5, (arch, name, "patched router with every expert differs", d_all)
@@ -450,11 +450,15 @@ def build(spec):
                               [tok.bos_token, tok.eos_token, tok.unk_token, tok.pad_token] if t is not None},
         "tokenize": tokenize,
         "tokenizer_note": spec.get("tokenizer_note") or TOKENIZER_NOTES[arch],
-        "tolerance_note": "transformers f32, eager attention, eager experts; pool logits: router logits "
-                          "outside the pool set to -inf before the softmax",
+        "tolerance_note": spec.get("tolerance_note", "transformers f32, eager attention, eager experts; pool "
+                                   "logits: router logits outside the pool set to -inf before the softmax"),
     }
     with open(os.path.join(ROOT, f"reference-{arch}.json"), "w") as f:
         json.dump(meta, f, indent=2, ensure_ascii=False)
+
+    # Tensors the checkpoint carries beside the model (a next-token-prediction layer).
+    if "extra_tensors" in spec:
+        spec["extra_tensors"](out_dir)
 
     # Verify: a fresh load of the committed checkpoint reproduces the stored logits.
     del model

@@ -44,7 +44,8 @@ register!(
     qwen2moe::Qwen2Moe,
     gptoss::GptOss,
     qwen35moe::Qwen35Moe,
-    qwen3next::Qwen3Next
+    qwen3next::Qwen3Next,
+    glm4moe::Glm4Moe
 );
 
 /// What a tensor is for, which decides the type sage-convert stores it in.

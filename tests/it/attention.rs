@@ -17,7 +17,7 @@ use sage::merge::merge;
 use crate::util::*;
 
 /// The families' fixtures and their references (prompt ids only are used here).
-pub(crate) const FAMILIES: [(&str, &str); 7] = [
+pub(crate) const FAMILIES: [(&str, &str); 8] = [
     ("tiny-qwen3moe", "reference"),
     ("tiny-mixtral", "reference-mixtral"),
     ("tiny-olmoe", "reference-olmoe"),
@@ -25,6 +25,7 @@ pub(crate) const FAMILIES: [(&str, &str); 7] = [
     ("tiny-gptoss", "reference-gptoss"),
     ("tiny-qwen35moe", "reference-qwen35moe"),
     ("tiny-qwen3next", "reference-qwen3next"),
+    ("tiny-glm4moe", "reference-glm4moe"),
 ];
 
 /// The prompts of a reference file: (name, ids).
@@ -66,7 +67,10 @@ pub(crate) fn llama_kv(t: KvType) -> KvCacheType {
 
 /// The KV types a model's heads can be cached in (q8_0 and q4_0 store a head in blocks of 32).
 pub(crate) fn kv_types(head_dim: u64) -> Vec<KvType> {
-    [KvType::F16, KvType::Q8_0, KvType::Q4_0].into_iter().filter(|t| head_dim % t.ggml().block_size() == 0).collect()
+    [KvType::F16, KvType::Q8_0, KvType::Q4_0]
+        .into_iter()
+        .filter(|t| head_dim.is_multiple_of(t.ggml().block_size()))
+        .collect()
 }
 
 /// sage with flash attention on and K and V of type `kv` against llama.cpp the same way.
@@ -177,6 +181,7 @@ family!(flash_attention_matches_llama_cpp_qwen2moe, 3);
 family!(flash_attention_matches_llama_cpp_gptoss, 4);
 family!(flash_attention_matches_llama_cpp_qwen35moe, 5);
 family!(flash_attention_matches_llama_cpp_qwen3next, 6);
+family!(flash_attention_matches_llama_cpp_glm4moe, 7);
 
 /// gpt-oss's sliding layers (window 4) in a ring of 256 cells (the window plus a batch of 32,
 /// padded as llama.cpp pads it) over a 1024-token context, on 600 tokens, so that the ring

@@ -466,3 +466,40 @@ fn footprint_of_the_hybrid_families_matches_their_tensors() {
         assert!((act - active).abs() / active < 0.35, "{name}: {act} active parameters");
     }
 }
+
+/// GLM-4.5 and GLM-4.5-Air's configs: base, one expert and all experts at bf16 against sizes
+/// written out here from their tensors (dense first layers in the base, no experts there), and
+/// the published parameter counts (within 3%: they include the next-token-prediction layer,
+/// which sage skips).
+#[test]
+fn footprint_of_glm_counts_dense_layers_in_the_base() {
+    // (file, n_layer, dense layers, n_embd, dense FFN, expert FFN, experts, used, q/k norms,
+    //  published total and active parameters; measured 106.88e9 / 12.83e9, 352.87e9 / 32.93e9)
+    let models = [
+        ("glm-4.5-air", 46u64, 1u64, 4096u64, 10944u64, 1408u64, 128u64, 8u64, false, 106e9, 12e9),
+        ("glm-4.5", 92, 3, 5120, 12288, 1536, 160, 8, true, 355e9, 32e9),
+    ];
+    for (name, n_layer, dense, e, ff, ffe, n_expert, used, qk_norm, total, active) in models {
+        let (hd, nh, nkv, vocab) = (128u64, 96u64, 8u64, 151552u64);
+        let w = bf16;
+        let attn = w(e * hd * nh) + 2 * w(e * hd * nkv) + f32(hd * nh + 2 * hd * nkv) // q, k, v + biases
+            + w(hd * nh * e) + if qk_norm { f32(2 * hd) } else { 0 } + f32(2 * e); // o, q/k norms, 2 norms
+        let dense_ffn = 3 * w(e * ff);
+        let moe = f32(e * n_expert) + f32(n_expert) + 3 * w(e * ffe); // router, correction bias, shared expert
+        let base = 2 * w(vocab * e) + n_layer * attn + dense * dense_ffn + (n_layer - dense) * moe + f32(e);
+        let f = footprint(&configs().join(format!("{name}.config.json")), &FootprintOptions::default()).unwrap();
+        let b = quant(&f, "bf16");
+        assert_eq!(f.n_experts, (n_layer - dense) * n_expert, "{name}");
+        assert_eq!(b.base_bytes, base, "{name} base");
+        assert_eq!(b.expert_bytes, bf16(3 * e * ffe), "{name} one expert");
+        assert_eq!(b.experts_bytes, (n_layer - dense) * n_expert * b.expert_bytes, "{name} experts");
+        assert_eq!(b.active_bytes, (n_layer - dense) * used * b.expert_bytes, "{name} active experts");
+        let params = (b.base_bytes + b.experts_bytes) as f64 / 2.0;
+        let act = (b.base_bytes + b.active_bytes) as f64 / 2.0;
+        eprintln!("{name}: {:.2}e9 parameters, {:.2}e9 active", params / 1e9, act / 1e9);
+        near(&format!("{name} parameters"), params as u64, total, 0.03);
+        // Active: without the token embedding (a lookup; the names count about that way).
+        let act = act - (vocab * e) as f64;
+        near(&format!("{name} active parameters"), act as u64, active, 0.08);
+    }
+}

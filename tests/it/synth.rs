@@ -410,6 +410,22 @@ fn synth_hybrid_layers_run_in_llama_cpp_and_sage() {
     }
 }
 
+/// GLM-4.5 at its real shape, cut to 2 layers: its first (dense) layer and one with 160
+/// experts, a sigmoid router with its correction bias and `routed_scaling_factor` 2.5, q/k
+/// norms: llama.cpp loads and runs the merged file, and sage gives its logits every expert
+/// resident and through the smallest arena.
+#[test]
+fn synth_glm_layers_run_in_llama_cpp_and_sage() {
+    let like = "glm-4.5";
+    let dir = tmp();
+    let (out, gguf) = (dir.path().join(like), dir.path().join(format!("{like}.gguf")));
+    let r = write(&out, &SynthOptions { layers: Some(2), merged: Some(gguf.clone()), ..opts(like, GgmlType::Q4_K, 0) });
+    let c = &r.config;
+    assert_eq!((c.n_layer_dense_lead, c.n_expert, c.gating.scale), (1, 160, 2.5));
+    llama_runs(&gguf, c.n_vocab as i32, c.n_embd as i32, 2);
+    sage_matches_llama_cpp(&out, &gguf, like, 8);
+}
+
 /// A hybrid's layers have different tensor counts (a linear-attention layer 16, a full one
 /// 13): a file of 8 tiny layers (the tiny Qwen3.5 fixture's shapes, `full_attention_interval`
 /// 4) holds fewer tensors than 8 × its first layer's and must still open.
