@@ -356,4 +356,3 @@ family!(vulkan_flash_attention_matches_llama_cpp_qwen2moe, 3);
 family!(vulkan_flash_attention_matches_llama_cpp_gptoss, 4);
 family!(vulkan_flash_attention_matches_llama_cpp_qwen35moe, 5);
 family!(vulkan_flash_attention_matches_llama_cpp_qwen3next, 6);
-family!(vulkan_flash_attention_matches_llama_cpp_glm4moe, 7);
