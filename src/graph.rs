@@ -53,6 +53,22 @@ pub fn router_logits<'a>(ctx: &'a Context, w: &LayerWeights<'a>, x: Tensor<'a>) 
     }
 }
 
+/// A pool's router: `logits` ([n_expert, n]) and the correction bias ([n_expert]) cut down to
+/// the experts `ids` (i32 [n_here], in slot order): [n_here, n] and [n_here]. get_rows picks
+/// rows (dimension 1): experts go there and back.
+pub fn cut_to_pool<'a>(
+    ctx: &'a Context,
+    logits: Tensor<'a>,
+    bias: Option<Tensor<'a>>,
+    ids: Tensor<'a>,
+) -> (Tensor<'a>, Option<Tensor<'a>>) {
+    let [n_expert, ..] = logits.ne();
+    let n_here = ids.ne()[0];
+    let cut = ctx.cont(ctx.transpose(ctx.get_rows(ctx.cont(ctx.transpose(logits)), ids)));
+    let bias = bias.map(|b| ctx.reshape_2d(ctx.get_rows(ctx.reshape_2d(b, 1, n_expert), ids), n_here, 1));
+    (cut, bias)
+}
+
 /// The router's scores over `logits` ([n_here, n]: every expert, or a pool's cut to it) by
 /// the model's gating function (softmax over them, or the sigmoid of each), and the scores
 /// experts are chosen by: plus the correction bias `bias` ([n_here], where the model has one)

@@ -95,6 +95,12 @@ pub struct ExpertLayer {
 }
 
 impl ExpertLayer {
+    /// Whether the layer keeps only some of the model's experts (a dense layer, which has
+    /// none and no router, is not a pool).
+    pub fn is_pool(&self, cfg: &ModelConfig) -> bool {
+        !cfg.is_dense(self.il) && self.ids.len() < cfg.n_expert as usize
+    }
+
     /// Bytes of each projection.
     pub fn sizes(&self) -> [u64; 3] {
         std::array::from_fn(|p| self.types[p].tensor_size(&self.shapes[p]).unwrap_or(0))

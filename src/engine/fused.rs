@@ -55,8 +55,7 @@ impl Engine {
             done += bytes;
             progress(done, total);
         }
-        // (A dense layer has no experts and no router.)
-        let pooled = |l: &&ExpertLayer| !self.config.is_dense(l.il) && l.ids.len() < self.config.n_expert as usize;
+        let pooled = |l: &&ExpertLayer| l.is_pool(&self.config);
         let mut pool_ids = TensorSet::new(self.dir.manifest.layers.len());
         let pool_index: Vec<Option<usize>> = self
             .dir
@@ -140,14 +139,10 @@ impl Engine {
             // A pooled layer routes over its present experts only: its router logits (and
             // correction bias) are cut down to them, in the order of their slots, so the
             // chosen indices are slot offsets (ranks in the pool), mapped back to ids after
-            // the graph. get_rows picks rows (dimension 1): experts go there and back, to
-            // [n_here, rows]. (A grouped router over a pool runs layer by layer.)
+            // the graph (`graph::cut_to_pool`). (A grouped router over a pool runs layer by
+            // layer.)
             if let Some(i) = fused.pool_index[il] {
-                let ids = fused.pool_ids.get(i);
-                let by_expert = ctx.cont(ctx.transpose(logits)); // [rows, n_expert]
-                logits = ctx.cont(ctx.transpose(ctx.get_rows(by_expert, ids)));
-                bias = bias
-                    .map(|b| ctx.reshape_2d(ctx.get_rows(ctx.reshape_2d(b, 1, cfg.n_expert as i64), ids), n_here, 1));
+                (logits, bias) = graph::cut_to_pool(&ctx, logits, bias, fused.pool_ids.get(i));
             }
             let (probs, mut select) = graph::router_scores(&ctx, cfg, logits, bias);
             if cfg.gating.grouped() {

@@ -541,8 +541,7 @@ impl Engine {
         let all_resident = n_slots == total_experts;
         // A grouped router over a pool chooses its groups on the CPU (`router::route_scores`):
         // such a model runs layer by layer.
-        let pooled = layers.iter().any(|l| !cfg.is_dense(l.il) && l.ids.len() < cfg.n_expert as usize);
-        let grouped_pool = pooled && cfg.gating.grouped();
+        let grouped_pool = cfg.gating.grouped() && layers.iter().any(|l| l.is_pool(&cfg));
         let repack = if opts.repack { backend.repack_buffer_type() } else { None };
         // Cold copies: slots hold records of two layouts, written as they are (no repacking).
         let repack_arena = opts.arena_repack.unwrap_or(opts.fused && all_resident) && !cold;

@@ -145,16 +145,7 @@ impl Engine {
             t
         });
         let (cut, bias) = match pool_ids {
-            Some(ids) => (
-                ctx.cont(ctx.transpose(ctx.get_rows(ctx.cont(ctx.transpose(logits)), ids))),
-                w.opt(FFN_EXP_PROBS_B).map(|b| {
-                    ctx.reshape_2d(
-                        ctx.get_rows(ctx.reshape_2d(b, 1, cfg.n_expert as i64), ids),
-                        present.len() as i64,
-                        1,
-                    )
-                }),
-            ),
+            Some(ids) => graph::cut_to_pool(&ctx, logits, w.opt(FFN_EXP_PROBS_B), ids),
             None => (logits, w.opt(FFN_EXP_PROBS_B)),
         };
         let (probs, select) = graph::router_scores(&ctx, cfg, cut, bias);
