@@ -72,6 +72,35 @@ pub struct ModelConfig {
     pub gating: Gating,
     /// Per-head q/k RMS norms, in a family where they are optional (GLM-4.5: `use_qk_norm`).
     pub qk_norm: bool,
+    /// Multi-head latent attention (DeepSeek-V2 / V3); None: attention over cached K and V
+    /// heads. With it `n_head_kv` is 1 and `head_dim` is a cached row (`Mla::k_row`), as
+    /// llama.cpp's MLA cache.
+    pub mla: Option<Mla>,
+}
+
+/// Multi-head latent attention's sizes (llama.cpp's `n_lora_q`, `n_lora_kv`,
+/// `n_embd_head_k_mla`, `n_embd_head_v_mla`; the RoPE part is `ModelConfig::n_rot`). A token's
+/// keys and values are up-projections of one compressed latent of `kv_lora_rank` values;
+/// what is cached per token is that latent (normed) and the RoPE part of the key (shared by the
+/// heads), and the up-projections are absorbed into the query and the output (`attn_k_b`,
+/// `attn_v_b`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Mla {
+    /// Rank of the query's low-rank projection (`q_lora_rank`); 0: a plain q projection
+    /// (DeepSeek-V2-Lite).
+    pub q_lora_rank: u64,
+    pub kv_lora_rank: u64,
+    /// Per-head query/key dimensions without RoPE (`qk_nope_head_dim`).
+    pub qk_nope: u64,
+    /// Per-head value dimension (`v_head_dim`).
+    pub v_head_dim: u64,
+}
+
+impl Mla {
+    /// Values cached per token and layer: the latent and the key's RoPE part.
+    pub fn k_row(&self, n_rot: u64) -> u64 {
+        self.kv_lora_rank + n_rot
+    }
 }
 
 /// The router's scoring function (llama.cpp's `expert_gating_func`).
@@ -164,6 +193,37 @@ pub struct Yarn {
     pub n_ctx_orig: u64,
     pub beta_fast: f32,
     pub beta_slow: f32,
+    /// DeepSeek's attention-scale multiplier as llama.cpp stores it
+    /// (`rope.scaling.yarn_log_multiplier`: 0.1 × `mscale_all_dim`); 0: none.
+    pub log_mul: f32,
+}
+
+/// YaRN's magnitude scale (transformers' and llama.cpp's `get_mscale`).
+fn get_mscale(scale: f32, mscale: f32) -> f32 {
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * mscale * scale.ln() + 1.0
+    }
+}
+
+impl Yarn {
+    /// `ggml_rope_ext`'s attention factor as llama.cpp's context computes it (`yarn_attn_factor`
+    /// in llama-context.cpp): the ratio of the magnitude scales of `mscale` and
+    /// `mscale_all_dim` (DeepSeek: `mscale` is taken equal to `mscale_all_dim` where that is
+    /// not 1, else 1), divided by the scale ggml multiplies in itself; 1 over that without a
+    /// log multiplier.
+    pub fn attn_factor(&self) -> f32 {
+        let factor = 1.0 / (1.0 / self.factor);
+        let f = if self.log_mul != 0.0 {
+            let all = self.log_mul / 0.1;
+            let m = if all != 1.0 { all } else { 1.0 };
+            get_mscale(factor, m) / get_mscale(factor, all)
+        } else {
+            get_mscale(factor, 1.0)
+        };
+        f * (1.0 / (1.0 + 0.1 * factor.ln()))
+    }
 }
 
 /// The routed experts' activation of gate `g` and up `u`.
@@ -236,8 +296,9 @@ impl ModelConfig {
     }
 
     /// `ggml_rope_ext`'s parameters for heads of this model in `mode`, as llama.cpp computes
-    /// them: with YaRN, frequency scale 1/factor, extrapolation mix 1, and attention factor 1
-    /// (ggml multiplies in YaRN's magnitude scale 0.1 ln(factor) + 1 itself).
+    /// them: with YaRN, frequency scale 1/factor, extrapolation mix 1, and the attention factor
+    /// of `Yarn::attn_factor` (ggml multiplies in YaRN's magnitude scale 0.1 ln(factor) + 1
+    /// itself).
     pub fn rope_params(&self, mode: i32) -> crate::ggml::RopeParams {
         let plain = crate::ggml::RopeParams {
             n_dims: self.n_rot as i32,
@@ -256,11 +317,27 @@ impl ModelConfig {
                 n_ctx_orig: y.n_ctx_orig.min(i32::MAX as u64) as i32,
                 freq_scale: 1.0 / y.factor,
                 ext_factor: 1.0,
+                attn_factor: y.attn_factor(),
                 beta_fast: y.beta_fast,
                 beta_slow: y.beta_slow,
                 ..plain
             },
         }
+    }
+
+    /// The scale of attention logits in latent attention, as llama.cpp's deepseek2 graph
+    /// computes it: 1/√(qk_nope + n_rot), times the square of YaRN's magnitude scale of
+    /// `mscale_all_dim` where the model has one (transformers' `softmax_scale`).
+    pub fn mla_kq_scale(&self) -> f32 {
+        let mla = self.mla.expect("a latent-attention model");
+        let d = (mla.qk_nope + self.n_rot) as f32;
+        let (fs, af, log_mul) = match self.yarn {
+            Some(y) => (1.0 / y.factor, y.attn_factor(), y.log_mul / 0.1),
+            None => (1.0, 1.0, 0.0),
+        };
+        let org = af * (1.0 + 0.1 * (1.0 / fs).ln());
+        let mscale = org * (1.0 + 0.1 * log_mul * (1.0 / fs).ln());
+        mscale * mscale / d.sqrt()
     }
 
     /// The first of `rms_eps` and `rope_theta` that is not a positive finite number (ggml
@@ -427,6 +504,7 @@ impl HfConfig<'_> {
             n_layer_dense_lead: 0,
             gating: Gating::default(),
             qk_norm: false,
+            mla: None,
         };
         if let Some((name, x)) = cfg.bad_float() {
             let keys: &[&str] = if name == "rms_eps" { &["rms_norm_eps"] } else { &["rope_theta"] };
@@ -454,11 +532,26 @@ impl HfConfig<'_> {
         };
         let factor = num("factor", None)?;
         let n_ctx_orig = num("original_max_position_embeddings", None)? as u64;
+        // DeepSeek's `mscale_all_dim` (its attention scale, and with `mscale` YaRN's attention
+        // factor). llama.cpp stores only it and takes `mscale` to equal it where it is not 1,
+        // else 1: another `mscale` would compute another model there.
+        let all = r.get("mscale_all_dim").and_then(|v| v.as_f64()).unwrap_or(0.0);
+        if all != 0.0 {
+            let m = r.get("mscale").and_then(|v| v.as_f64()).unwrap_or(1.0);
+            let want = if all != 1.0 { all } else { 1.0 };
+            if m != want {
+                return Err(self.err(
+                    &[&key("mscale")],
+                    format!("expected {want} with mscale_all_dim {all} (llama.cpp's GGUF cannot express another), got {m}"),
+                ));
+            }
+        }
         Ok(Yarn {
             factor: factor as f32,
             n_ctx_orig,
             beta_fast: num("beta_fast", Some(32.0))? as f32,
             beta_slow: num("beta_slow", Some(1.0))? as f32,
+            log_mul: (0.1 * all) as f32,
         })
     }
 
@@ -638,6 +731,9 @@ impl ModelConfig {
             kv.push((k(K_ROPE_SCALING_ORIG_CTX), u32v(y.n_ctx_orig)));
             kv.push((k(K_ROPE_SCALING_BETA_FAST), GgufValue::F32(y.beta_fast)));
             kv.push((k(K_ROPE_SCALING_BETA_SLOW), GgufValue::F32(y.beta_slow)));
+            if y.log_mul != 0.0 {
+                kv.push((k(K_ROPE_SCALING_YARN_LOG_MUL), GgufValue::F32(y.log_mul)));
+            }
         }
         if self.n_swa > 0 {
             kv.push((k(K_SLIDING_WINDOW), u32v(self.n_swa)));
@@ -698,6 +794,7 @@ impl ModelConfig {
             n_layer_dense_lead: 0,
             gating: Gating::default(),
             qk_norm: false,
+            mla: None,
         };
         cfg.n_rot = k.opt_u64(K_ROPE_DIMENSION_COUNT)?.unwrap_or(cfg.head_dim);
         cfg.yarn = match g.get(&k.key(K_ROPE_SCALING_TYPE)) {
@@ -713,6 +810,7 @@ impl ModelConfig {
                 // llama.cpp's defaults (it reads no beta keys).
                 beta_fast: k.f32_or(K_ROPE_SCALING_BETA_FAST, Some(32.0))?,
                 beta_slow: k.f32_or(K_ROPE_SCALING_BETA_SLOW, Some(1.0))?,
+                log_mul: k.f32_or(K_ROPE_SCALING_YARN_LOG_MUL, Some(0.0))?,
             }),
             Some(v) => return Err(k.err(K_ROPE_SCALING_TYPE, "'yarn' or 'none'", &format!("{v:?}"))),
         };

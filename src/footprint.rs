@@ -1026,6 +1026,7 @@ mod tests {
             n_layer_dense_lead: 0,
             gating: Default::default(),
             qk_norm: false,
+            mla: None,
         }
     }
 

@@ -369,6 +369,39 @@ impl<'a> LayerInput<'a> {
         self.residual(self.proj(self.w.get(ATTN_OUT), extra.o_bias, o), stores)
     }
 
+    /// Latent attention (DeepSeek's MLA with its up-projections absorbed, as llama.cpp's
+    /// deepseek2 graph computes it): `k` [row, 1, n] (each token's normed latent, then its key's
+    /// RoPE part) is stored in the cache; `q` [row, n_head, n] (each head's query through its key
+    /// up-projection, then its RoPE part) attends over the cached rows as one key head shared by
+    /// every head, with their latent part (the first `kv_lora_rank` values) as values; each
+    /// head's output through its value up-projection `v_b` ([kv_lora_rank, v_head_dim, n_head])
+    /// and `attn_output`, plus the residual, then the FFN norm. Logits are scaled by `scale`.
+    /// Without flash attention the values are the cached rows transposed for each batch, as
+    /// llama.cpp reads them.
+    pub fn attend_latent(&self, q: Tensor<'a>, k: Tensor<'a>, v_b: Tensor<'a>, scale: f32) -> PreMoe<'a> {
+        let (ctx, kv) = (self.ctx, self.kv());
+        let [row, nh, n, ..] = q.ne();
+        let [kvr, vd, ..] = v_b.ne();
+        let n_kv = kv.n_kv as i64;
+        let kc = kv.k;
+        let row_k = kc.nb()[1];
+        let stores = vec![ctx.set_rows(kc, ctx.reshape_2d(k, row, n), kv.cells)];
+        let kview = ctx.view_3d(kc, [row, n_kv, 1], row_k, row_k, 0);
+        let vview = ctx.view_3d(kc, [kvr, n_kv, 1], row_k, row_k, 0);
+        let qp = ctx.permute(q, [0, 2, 1, 3]); // [row, n, n_head]
+        let latent = if kv.flash_attn {
+            let f16 = |t: Tensor<'a>| if kv.k_type == GgmlType::F32 { ctx.cast(t, GgmlType::F16) } else { t };
+            let fa = ctx.flash_attn_ext(qp, f16(kview), f16(vview), kv.mask, scale, None); // [kvr, n_head, n]
+            ctx.permute(fa, [0, 2, 1, 3]) // [kvr, n, n_head]
+        } else {
+            let kq = ctx.soft_max_ext(ctx.mul_mat(kview, qp), kv.mask, scale); // [n_kv, n, n_head]
+            ctx.mul_mat(ctx.cont(ctx.transpose(vview)), kq) // [kvr, n, n_head]
+        };
+        let o = ctx.mul_mat(v_b, latent); // [v_head_dim, n, n_head]
+        let o = ctx.reshape_2d(ctx.cont(ctx.permute(o, [0, 2, 1, 3])), vd * nh, n);
+        self.residual(self.proj(self.w.get(ATTN_OUT), None, o), stores)
+    }
+
     /// A dense SwiGLU FFN over `x`: down(silu(gate x) * (up x)), as llama.cpp's `build_ffn`
     /// with parallel gate and up.
     pub fn swiglu(&self, x: Tensor<'a>, gate: Tensor<'a>, up: Tensor<'a>, down: Tensor<'a>) -> Tensor<'a> {

@@ -32,6 +32,11 @@ pub const K_ROPE_SCALING_FACTOR: &str = "rope.scaling.factor";
 pub const K_ROPE_SCALING_ORIG_CTX: &str = "rope.scaling.original_context_length";
 pub const K_ROPE_SCALING_BETA_FAST: &str = "rope.scaling.yarn_beta_fast";
 pub const K_ROPE_SCALING_BETA_SLOW: &str = "rope.scaling.yarn_beta_slow";
+pub const K_ROPE_SCALING_YARN_LOG_MUL: &str = "rope.scaling.yarn_log_multiplier";
+pub const K_Q_LORA_RANK: &str = "attention.q_lora_rank";
+pub const K_KV_LORA_RANK: &str = "attention.kv_lora_rank";
+pub const K_KEY_LENGTH_MLA: &str = "attention.key_length_mla";
+pub const K_VALUE_LENGTH_MLA: &str = "attention.value_length_mla";
 pub const K_SLIDING_WINDOW: &str = "attention.sliding_window";
 pub const K_ROPE_DIMENSION_SECTIONS: &str = "rope.dimension_sections";
 pub const K_FULL_ATTENTION_INTERVAL: &str = "full_attention_interval";
@@ -127,6 +132,16 @@ pub const ATTN_SINKS: &str = "attn_sinks.weight";
 pub const ATTN_POST_NORM: &str = "post_attention_norm.weight";
 pub const ATTN_Q_NORM: &str = "attn_q_norm.weight";
 pub const ATTN_K_NORM: &str = "attn_k_norm.weight";
+/// Latent attention (llama.cpp's deepseek2): the query's low-rank pair and its norm, the
+/// compressed latent with the key's RoPE part (`kv_a_mqa`) and its norm, and the latent's
+/// up-projections to each head's key (`k_b`, applied to the query) and value (`v_b`).
+pub const ATTN_Q_A: &str = "attn_q_a.weight";
+pub const ATTN_Q_B: &str = "attn_q_b.weight";
+pub const ATTN_Q_A_NORM: &str = "attn_q_a_norm.weight";
+pub const ATTN_KV_A_MQA: &str = "attn_kv_a_mqa.weight";
+pub const ATTN_KV_A_NORM: &str = "attn_kv_a_norm.weight";
+pub const ATTN_K_B: &str = "attn_k_b.weight";
+pub const ATTN_V_B: &str = "attn_v_b.weight";
 pub const FFN_NORM: &str = "ffn_norm.weight";
 /// The router.
 pub const FFN_GATE_INP: &str = "ffn_gate_inp.weight";

@@ -464,6 +464,13 @@ impl Source for HfSource {
                     Some(s @ TensorSpec { from_hf: FromHf::QkvzSplit { .. }, .. }) if m.ne.len() == 2 => {
                         m.ne[1] = s.ne[1]
                     }
+                    // Split out of kv_b_proj: the spec's shape, where the source is kv_b_proj's.
+                    Some(s @ TensorSpec { from_hf: FromHf::KvB { n_head, nope, v, key }, .. }) => {
+                        let kvr = if *key { s.ne[1] } else { s.ne[0] };
+                        if m.ne == [kvr, *n_head as u64 * (nope + v)] {
+                            m.ne = s.ne.clone();
+                        }
+                    }
                     _ => {}
                 }
                 Ok(Some(m))
@@ -498,6 +505,26 @@ impl Source for HfSource {
                         None => i,
                     };
                     buf.extend_from_slice(&map.apply(all[from as usize]).to_le_bytes());
+                }
+                Ok(())
+            }
+            FromHf::KvB { nope, v, key: true, .. } => {
+                // Row h·R + r is column r of head h's key rows (an unquantized source).
+                let es = meta.ty.type_size();
+                let kvr = meta.ne[0];
+                let mut head_rows = Vec::new();
+                let mut held = None;
+                buf.clear();
+                for out in rows {
+                    let (h, r) = (out / kvr, out % kvr);
+                    if held != Some(h) {
+                        self.read(&hf, e, e.start + h * (nope + v) * row, nope * row, &mut head_rows)?;
+                        held = Some(h);
+                    }
+                    for j in 0..nope {
+                        let at = ((j * kvr + r) * es) as usize;
+                        buf.extend_from_slice(&head_rows[at..at + es as usize]);
+                    }
                 }
                 Ok(())
             }

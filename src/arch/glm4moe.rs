@@ -224,6 +224,8 @@ pub(crate) fn gating_hf(c: &HfConfig, n_expert: u32, k: u32) -> Result<Gating> {
     if !(scale.is_finite() && scale > 0.0) {
         return Err(c.err(&["routed_scaling_factor"], format!("expected a positive number, got {scale}")));
     }
+    // Keeping every group is no grouping (and llama.cpp refuses to keep every group).
+    let (n_group, used) = if used == n_group { (1, 1) } else { (n_group, used) };
     Ok(Gating { func: GatingFunc::Sigmoid, selection_bias: true, n_group, n_group_used: used, scale })
 }
 

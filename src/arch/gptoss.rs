@@ -65,7 +65,7 @@ impl Arch for GptOss {
         let mut cfg = c.common(self.name(), name, HfDefaults { rms_eps: 1e-5, rope_theta: 150000.0, yarn: true })?;
         if c.get(&["rope_parameters", "rope_scaling"]).is_none() {
             // GptOssConfig's default.
-            cfg.yarn = Some(Yarn { factor: 32.0, n_ctx_orig: 4096, beta_fast: 32.0, beta_slow: 1.0 });
+            cfg.yarn = Some(Yarn { factor: 32.0, n_ctx_orig: 4096, beta_fast: 32.0, beta_slow: 1.0, log_mul: 0.0 });
         }
         cfg.n_ff_exp = c.size("n_ff_exp", &["intermediate_size"])?;
         cfg.n_ff = cfg.n_ff_exp;

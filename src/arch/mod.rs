@@ -45,7 +45,8 @@ register!(
     gptoss::GptOss,
     qwen35moe::Qwen35Moe,
     qwen3next::Qwen3Next,
-    glm4moe::Glm4Moe
+    glm4moe::Glm4Moe,
+    deepseek2::Deepseek2
 );
 
 /// What a tensor is for, which decides the type sage-convert stores it in.
@@ -111,6 +112,17 @@ pub enum FromHf {
         per_k: u32,
         head: u64,
     },
+    /// DeepSeek's `kv_b_proj` ([n_head · (nope + v) rows of kv_lora_rank]: per head, `nope`
+    /// key rows then `v` value rows) split as llama.cpp's converter splits it for latent
+    /// attention: the value rows as they are (`attn_v_b`, [kv_lora_rank, v, n_head]), or, with
+    /// `key`, each head's key rows transposed (`attn_k_b`, [nope, kv_lora_rank, n_head]: row
+    /// h · kv_lora_rank + r holds column r of head h's key rows).
+    KvB {
+        n_head: u32,
+        nope: u64,
+        v: u64,
+        key: bool,
+    },
     /// A vector whose values llama.cpp's converter maps (`map`), its elements first reordered
     /// by value head (`v_heads`: `n_k`, `per_k`, one element per head); computed in f32 and
     /// stored f32.
@@ -156,6 +168,9 @@ impl FromHf {
     pub fn source_row(self, r: u64, n_rows: u64) -> u64 {
         match self {
             FromHf::AsIs | FromHf::VHeadCols { .. } | FromHf::Values { .. } => r,
+            // The key part is a transpose, read by `source::HfSource` itself.
+            FromHf::KvB { key: true, .. } => r,
+            FromHf::KvB { nope, v, key: false, .. } => (r / v) * (nope + v) + nope + r % v,
             FromHf::VHeadRows { n_k, per_k, head, skip } => {
                 if r < skip {
                     r

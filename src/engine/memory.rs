@@ -85,6 +85,10 @@ pub enum StateKind {
     /// convolution's window (`conv` f32 values) and the delta rule's state (`delta` f32
     /// values), per sequence. It cannot be cut back to a shorter prefix.
     Recurrent { conv: u64, delta: u64 },
+    /// A latent-attention layer's cache (DeepSeek's MLA, as llama.cpp caches it): per
+    /// position one row of `row` values, the compressed latent then the key's RoPE part, K
+    /// only; the values are the latent, read as a view of the same rows.
+    Latent { row: u64 },
 }
 
 impl StateKind {
@@ -93,6 +97,7 @@ impl StateKind {
             StateKind::Kv => "KV",
             StateKind::WindowKv { .. } => "window KV",
             StateKind::Recurrent { .. } => "recurrent",
+            StateKind::Latent { .. } => "latent KV",
         }
     }
 }
@@ -188,6 +193,7 @@ pub fn layer_kinds(cfg: &ModelConfig) -> Vec<StateKind> {
     (0..cfg.n_layer)
         .map(|il| match cfg.ssm {
             Some(s) if cfg.is_recurrent(il) => StateKind::Recurrent { conv: s.conv_state(), delta: s.delta_state() },
+            _ if cfg.mla.is_some() => StateKind::Latent { row: cfg.head_dim },
             _ if cfg.is_swa(il) => StateKind::WindowKv { n_swa: cfg.n_swa },
             _ => StateKind::Kv,
         })
@@ -200,7 +206,7 @@ pub fn layer_kinds(cfg: &ModelConfig) -> Vec<StateKind> {
 pub fn cells(kind: StateKind, o: &MemoryOptions) -> usize {
     match kind {
         StateKind::Recurrent { .. } => 1,
-        StateKind::Kv => o.n_ctx,
+        StateKind::Kv | StateKind::Latent { .. } => o.n_ctx,
         StateKind::WindowKv { .. } if o.swa_full => o.n_ctx,
         StateKind::WindowKv { n_swa } => {
             (n_swa as usize + o.n_batch).min(o.n_ctx).next_multiple_of(KV_PAD).min(o.n_ctx)
@@ -215,6 +221,12 @@ pub fn check(cfg: &ModelConfig, o: &MemoryOptions) -> std::result::Result<(), St
         return Err(format!(
             "a quantized V cache (--cache-type-v {}) needs flash attention (--flash-attn on), as in llama.cpp",
             o.v_type
+        ));
+    }
+    if cfg.mla.is_some() && (o.k_type.is_quantized() || o.v_type.is_quantized()) {
+        return Err(format!(
+            "a latent-attention cache (this model's) is kept in f16, bf16 or f32, not {}",
+            if o.k_type.is_quantized() { o.k_type } else { o.v_type }
         ));
     }
     for (what, t) in [("K", o.k_type), ("V", o.v_type)] {
@@ -243,6 +255,7 @@ pub fn plan(cfg: &ModelConfig, o: &MemoryOptions) -> MemoryPlan {
             let c = (cells(kind, o) * o.n_seq) as u64;
             let (k_bytes, v_bytes) = match kind {
                 StateKind::Recurrent { conv, delta } => (4 * conv * c, 4 * delta * c),
+                StateKind::Latent { row } => (o.k_type.ggml().row_size(row).expect("checked unquantized") * c, 0),
                 _ => (row(o.k_type) * c, row(o.v_type) * c),
             };
             LayerPlan { il: il as u32, kind, cells: cells(kind, o), k_bytes, v_bytes }
@@ -296,7 +309,7 @@ impl KindBatch {
 /// One layer's cache as the layer graph sees it for a batch.
 pub struct LayerKv<'a> {
     /// K [n_embd_kv, cells] (this sequence's stream); V the same with flash attention, else
-    /// transposed [cells, n_embd_kv].
+    /// transposed [cells, n_embd_kv]; a latent layer's V is its K (`StateKind::Latent`).
     pub k: Tensor<'a>,
     pub v: Tensor<'a>,
     pub k_type: GgmlType,
@@ -338,8 +351,10 @@ pub struct Memory {
     /// Per layer: index of its kind in `kinds`.
     kind_of: Vec<usize>,
     kinds: Vec<StateKind>,
-    /// Per layer: K at 2·il, V at 2·il + 1; then the rotation matrices.
+    /// Per layer: the indices in `set` of its two tensors (K and V, or a recurrent layer's
+    /// window and state; a latent layer's V is its K); then the rotation matrices.
     set: TensorSet,
+    slots: Vec<(usize, usize)>,
     rot: (Option<usize>, Option<usize>),
     /// Per checkpoint slot, per layer: the indices in `set` of its copies of the layer's two
     /// recurrent tensors (None for other layers).
@@ -391,20 +406,29 @@ impl Memory {
             .collect();
         let n_embd_kv = (cfg.head_dim * cfg.n_head_kv as u64) as i64;
         let mut set = TensorSet::new((2 + 2 * o.checkpoints) * cfg.n_layer as usize + 2);
+        let mut slots = Vec::with_capacity(plan.layers.len());
         for l in &plan.layers {
             let (c, s) = (l.cells as i64, o.n_seq as i64);
-            if let StateKind::Recurrent { conv, delta } = l.kind {
+            let slot = match l.kind {
                 // llama.cpp's names of the two (`cache_r_l`, `cache_s_l`); f32 as there.
-                set.add(GgmlType::F32, &[conv as i64, s], &format!("cache_r_l{}", l.il));
-                set.add(GgmlType::F32, &[delta as i64, s], &format!("cache_s_l{}", l.il));
-                continue;
-            }
-            set.add(o.k_type.ggml(), &[n_embd_kv, c, s], &format!("cache_k_l{}", l.il));
-            if o.flash_attn {
-                set.add(o.v_type.ggml(), &[n_embd_kv, c, s], &format!("cache_v_l{}", l.il));
-            } else {
-                set.add(o.v_type.ggml(), &[c, n_embd_kv, s], &format!("cache_v_l{}", l.il));
-            }
+                StateKind::Recurrent { conv, delta } => (
+                    set.add(GgmlType::F32, &[conv as i64, s], &format!("cache_r_l{}", l.il)),
+                    set.add(GgmlType::F32, &[delta as i64, s], &format!("cache_s_l{}", l.il)),
+                ),
+                StateKind::Latent { row } => {
+                    let k = set.add(o.k_type.ggml(), &[row as i64, c, s], &format!("cache_k_l{}", l.il));
+                    (k, k)
+                }
+                _ => (
+                    set.add(o.k_type.ggml(), &[n_embd_kv, c, s], &format!("cache_k_l{}", l.il)),
+                    if o.flash_attn {
+                        set.add(o.v_type.ggml(), &[n_embd_kv, c, s], &format!("cache_v_l{}", l.il))
+                    } else {
+                        set.add(o.v_type.ggml(), &[c, n_embd_kv, s], &format!("cache_v_l{}", l.il))
+                    },
+                ),
+            };
+            slots.push(slot);
         }
         let (rk, rv) = rotation(cfg.head_dim, o.k_type, o.v_type);
         let rot = (
@@ -440,6 +464,7 @@ impl Memory {
             kind_of,
             kinds,
             set,
+            slots,
             rot,
             ckpt_tensors,
             ckpts: vec![vec![None; n_ckpt]; o.n_seq],
@@ -499,7 +524,7 @@ impl Memory {
             }
         }
         let lost = self.kinds.iter().any(|&k| match k {
-            StateKind::Kv => false,
+            StateKind::Kv | StateKind::Latent { .. } => false,
             StateKind::Recurrent { .. } => false,
             StateKind::WindowKv { n_swa } => {
                 let c = cells(k, &self.opts);
@@ -547,7 +572,8 @@ impl Memory {
     fn copy_states(&self, seq: usize, j: usize, save: bool) {
         for (il, pair) in self.ckpt_tensors[j].iter().enumerate() {
             let Some((r, s)) = *pair else { continue };
-            for (live, copy) in [(2 * il, r), (2 * il + 1, s)] {
+            let (live_r, live_s) = self.slots[il];
+            for (live, copy) in [(live_r, r), (live_s, s)] {
                 let (a, b) = if save {
                     (self.set.get(live), self.set.get(copy))
                 } else {
@@ -563,7 +589,8 @@ impl Memory {
     fn clear_recurrent(&mut self, seq: usize) {
         for (il, l) in self.plan.layers.iter().enumerate() {
             if let StateKind::Recurrent { .. } = l.kind {
-                for t in [self.set.get(2 * il), self.set.get(2 * il + 1)] {
+                let (r, s) = self.slots[il];
+                for t in [self.set.get(r), self.set.get(s)] {
                     let row = t.nb()[1];
                     t.write(seq * row, &vec![0u8; row]);
                 }
@@ -607,7 +634,7 @@ impl Memory {
                 let c = cells(kind, &self.opts);
                 match kind {
                     StateKind::Recurrent { .. } => KindBatch { kind, n_kv: 0, stores: Vec::new(), mask: Vec::new() },
-                    StateKind::Kv => {
+                    StateKind::Kv | StateKind::Latent { .. } => {
                         let n_kv = end.next_multiple_of(KV_PAD).min(c);
                         let mut mask = vec![f32::NEG_INFINITY; n_kv * n];
                         for i in 0..n {
@@ -669,14 +696,15 @@ impl Memory {
         cells: Tensor<'a>,
     ) -> LayerState<'a> {
         let kb = &b.kinds[self.kind_of(il)];
+        let (ik, iv) = self.slots[il as usize];
         if let StateKind::Recurrent { .. } = kb.kind {
             let seq_row = |t: Tensor<'a>| {
                 let [ne0, ..] = t.ne();
                 ctx.view_2d(t, ne0, 1, t.nb()[1], seq * t.nb()[1])
             };
             return LayerState::Recurrent(LayerRs {
-                conv: seq_row(self.set.get(2 * il as usize)),
-                delta: seq_row(self.set.get(2 * il as usize + 1)),
+                conv: seq_row(self.set.get(ik)),
+                delta: seq_row(self.set.get(iv)),
             });
         }
         let stream = |t: Tensor<'a>| {
@@ -688,13 +716,14 @@ impl Memory {
                 ctx.view_2d(t, ne0, ne1, nb[1], seq * nb[2])
             }
         };
-        let (k, v) = (stream(self.set.get(2 * il as usize)), stream(self.set.get(2 * il as usize + 1)));
+        let (k, v) = (stream(self.set.get(ik)), stream(self.set.get(iv)));
+        let latent = matches!(kb.kind, StateKind::Latent { .. });
         LayerState::Kv(LayerKv {
             k,
             v,
             k_type: self.opts.k_type.ggml(),
             v_type: self.opts.v_type.ggml(),
-            v_trans: !self.opts.flash_attn,
+            v_trans: !self.opts.flash_attn && !latent,
             n_kv: kb.n_kv,
             stores: &kb.stores,
             cells,

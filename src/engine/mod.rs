@@ -877,7 +877,9 @@ fn flash_attn_supported(backend: &Backend, cfg: &ModelConfig, k: KvType, v: KvTy
     let (hd, nh, nkv, n_kv) = (cfg.head_dim as i64, cfg.n_head as i64, cfg.n_head_kv as i64, KV_PAD as i64);
     let q = ctx.new_tensor(GgmlType::F32, &[hd, 1, nh]);
     let kc = ctx.new_tensor(kt, &[hd, n_kv, nkv]);
-    let vc = ctx.new_tensor(vt, &[hd, n_kv, nkv]);
+    // Latent attention's values are the cached rows' latent part.
+    let vd = cfg.mla.map_or(hd, |m| m.kv_lora_rank as i64);
+    let vc = ctx.new_tensor(vt, &[vd, n_kv, nkv]);
     let mask = ctx.new_tensor(GgmlType::F16, &[n_kv, 1]);
     let fa = ctx.flash_attn_ext(q, kc, vc, mask, 1.0, None);
     backend.supports_op(fa)

@@ -356,3 +356,5 @@ family!(qwen2moe);
 family!(qwen35moe);
 family!(qwen3next);
 family!(glm4moe);
+family!(deepseek3);
+family!(deepseek2);
