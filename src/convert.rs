@@ -98,7 +98,7 @@ fn new_conversion_id() -> String {
 /// Decide a tensor's output type (`Role::target_type` of what is asked, or of the source's
 /// type), noting any fallback.
 fn choose(name: &str, role: Role, src: &TensorMeta, wanted: Option<GgmlType>, fallbacks: &mut Vec<String>) -> GgmlType {
-    let w = if role == Role::Weight { wanted.unwrap_or(src.ty) } else { GgmlType::F32 };
+    let w = if matches!(role, Role::Weight | Role::Float) { wanted.unwrap_or(src.ty) } else { GgmlType::F32 };
     let got = role.target_type(w, src.ne[0]);
     if got != w {
         fallbacks.push(format!(
@@ -295,7 +295,7 @@ pub fn convert_source(
         if meta.ne != want {
             return Err(shape_err(&path, &src.source_name(&name), &want, &meta.ne));
         }
-        let wanted = if role == Role::Weight { opts.quant_base } else { None };
+        let wanted = if matches!(role, Role::Weight | Role::Float) { opts.quant_base } else { None };
         let target = choose(&name, role, &meta, wanted, &mut fallbacks);
         check_convertible(&path, &name, meta.ty, target)?;
         planned.push(Planned { name, src: meta, target });

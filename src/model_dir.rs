@@ -487,7 +487,7 @@ impl ModelDir {
                     // it cannot use.
                     let (ok, expected) = match (t.ty, role) {
                         (None, _) => (false, "a type this ggml build knows"),
-                        (Some(ty), Role::Weight) => {
+                        (Some(ty), Role::Weight | Role::Float) => {
                             (ty.can_matmul(), "a type ggml can multiply (f32, f16, bf16 or a quantized type)")
                         }
                         (Some(ty), Role::Norm | Role::Bias | Role::Router) => (ty == GgmlType::F32, "f32"),

@@ -465,7 +465,7 @@ impl SynthSource {
 
     fn ty(role: Role) -> GgmlType {
         match role {
-            Role::Weight => GgmlType::F16,
+            Role::Weight | Role::Float => GgmlType::F16,
             Role::Norm | Role::Bias | Role::Router => GgmlType::F32,
         }
     }
@@ -513,7 +513,7 @@ impl Source for SynthSource {
         let dist = match role {
             Role::Weight if name == TOKEN_EMBD => &self.embd,
             Role::Weight if writes(ATTN_OUT) || writes(FFN_DOWN_SHEXP) || writes(FFN_DOWN) => &self.write,
-            Role::Weight | Role::Bias => &self.weight,
+            Role::Weight | Role::Float | Role::Bias => &self.weight,
             Role::Norm => &self.norm,
             Role::Router => &self.router,
         };

@@ -214,15 +214,15 @@ impl Arch for Deepseek2 {
         }
         let kv_b = "layers.{il}.self_attn.kv_b_proj.weight";
         t.extend([
-            l(ATTN_KV_A_MQA, &[e, kvr + rope], Role::Weight, "layers.{il}.self_attn.kv_a_proj_with_mqa.weight"),
+            l(ATTN_KV_A_MQA, &[e, kvr + rope], Role::Float, "layers.{il}.self_attn.kv_a_proj_with_mqa.weight"),
             l(ATTN_KV_A_NORM, &[kvr], Role::Norm, "layers.{il}.self_attn.kv_a_layernorm.weight"),
-            l(ATTN_K_B, &[nope, kvr, nh], Role::Weight, kv_b).with(FromHf::KvB {
+            l(ATTN_K_B, &[nope, kvr, nh], Role::Float, kv_b).with(FromHf::KvB {
                 n_head: cfg.n_head,
                 nope,
                 v: vd,
                 key: true,
             }),
-            l(ATTN_V_B, &[kvr, vd, nh], Role::Weight, kv_b).with(FromHf::KvB {
+            l(ATTN_V_B, &[kvr, vd, nh], Role::Float, kv_b).with(FromHf::KvB {
                 n_head: cfg.n_head,
                 nope,
                 v: vd,

@@ -60,6 +60,10 @@ pub enum Role {
     Router,
     /// Matrices that take the requested type.
     Weight,
+    /// Matrices llama.cpp's quantizer leaves in a float type (latent attention's
+    /// `attn_kv_a_mqa`, `attn_k_b`, `attn_v_b`: `llama_tensor_quantize` skips them): f16 where a
+    /// quantized type is asked for, else the type asked for.
+    Float,
 }
 
 impl Role {
@@ -70,6 +74,8 @@ impl Role {
         match self {
             Role::Norm | Role::Bias | Role::Router => GgmlType::F32,
             Role::Weight => fit(wanted, ne0),
+            Role::Float if wanted.block_size() > 1 => GgmlType::F16,
+            Role::Float => wanted,
         }
     }
 }
@@ -471,5 +477,7 @@ mod tests {
         assert_eq!(Role::Bias.target_type(GgmlType::Q4_K, 256), GgmlType::F32);
         assert_eq!(Role::Router.target_type(GgmlType::Q8_0, 256), GgmlType::F32);
         assert_eq!(Role::Weight.target_type(GgmlType::Q4_K, 96), GgmlType::Q5_0);
+        assert_eq!(Role::Float.target_type(GgmlType::Q4_K, 512), GgmlType::F16);
+        assert_eq!(Role::Float.target_type(GgmlType::BF16, 512), GgmlType::BF16);
     }
 }

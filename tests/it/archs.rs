@@ -358,3 +358,47 @@ family!(qwen3next);
 family!(glm4moe);
 family!(deepseek3);
 family!(deepseek2);
+
+/// The latent cache's bytes per token equal llama.cpp's for the same file: llama.cpp's state of
+/// a sequence grows per token by its cache rows (K only for latent attention) and 12 bytes of
+/// cell metadata (position, count of sequences, the sequence id: `llama_kv_cache::
+/// state_write_meta`); sage's plan (what `Memory` allocates and `--memory` counts) is the rows.
+#[test]
+fn deepseek_latent_cache_bytes_per_token_equal_llama_cpp() {
+    use llama_cpp_2::context::session::LlamaStateSeqFlags;
+    use sage::engine::memory::{plan, KvType, MemoryOptions};
+    for family in ["deepseek3", "deepseek2"] {
+        let dir = tmp();
+        let (model_dir, gguf) = converted(dir.path(), family, GgmlType::F32, None);
+        let model = load_llama(&gguf);
+        let c = LlamaCtx { kv: llama_cpp_2::context::params::KvCacheType::F16, ..LlamaCtx::default() };
+        let mut ctx = llama_context_with(&model, c);
+        let (prompts, _, _) = refs(family);
+        let ids = &prompts.iter().find(|p| p.name == "chat").unwrap().ids;
+        let mut sizes = Vec::new();
+        for (i, &id) in ids.iter().take(16).enumerate() {
+            let mut b = llama_cpp_2::llama_batch::LlamaBatch::new(1, 1);
+            b.add(llama_cpp_2::token::LlamaToken(id), i as i32, &[0], true).unwrap();
+            ctx.decode(&mut b).unwrap();
+            sizes.push(ctx.state_seq_get_size_ext(0, LlamaStateSeqFlags::empty()) as u64);
+        }
+        let llama_per_token = (sizes[15] - sizes[7]) / 8 - 12;
+        assert_eq!((sizes[15] - sizes[7]) % 8, 0, "{family}: {sizes:?}");
+        let cfg = sage::model_dir::ModelDir::open(&model_dir).unwrap().config;
+        let mla = cfg.mla.unwrap();
+        let o = MemoryOptions {
+            n_ctx: 1,
+            n_seq: 1,
+            n_batch: 1,
+            k_type: KvType::F16,
+            v_type: KvType::F16,
+            flash_attn: false,
+            swa_full: true,
+            checkpoints: 0,
+        };
+        let sage_per_token = plan(&cfg, &o).total();
+        eprintln!("{family}: latent cache {sage_per_token} B per token in sage, {llama_per_token} in llama.cpp");
+        assert_eq!(sage_per_token, llama_per_token, "{family}");
+        assert_eq!(sage_per_token, cfg.n_layer as u64 * (mla.kv_lora_rank + cfg.n_rot) * 2, "{family}");
+    }
+}

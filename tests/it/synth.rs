@@ -447,3 +447,22 @@ fn a_hybrid_with_fewer_tensors_in_its_full_layers_opens() {
     let g = sage::ggml::Gguf::open(&out.join("base.gguf")).unwrap();
     assert!(g.n_tensors() < 8 * 16, "{} tensors", g.n_tensors());
 }
+
+/// DeepSeek-V2-Lite and DeepSeek-V3 at their real shapes, cut to 2 layers: the first (dense)
+/// layer and one MoE layer (64 experts with a softmax router; 256 with the grouped sigmoid
+/// router, its correction bias and `routed_scaling_factor` 2.5), latent attention with YaRN
+/// (V2-Lite a plain q, V3 a q LoRA): llama.cpp loads and runs the merged file, and sage gives
+/// its logits every expert resident and through the smallest arena.
+#[test]
+fn synth_deepseek_layers_run_in_llama_cpp_and_sage() {
+    for (like, n_expert, q_lora) in [("deepseek-v2-lite", 64, 0), ("deepseek-v3", 256, 1536)] {
+        let dir = tmp();
+        let (out, gguf) = (dir.path().join(like), dir.path().join(format!("{like}.gguf")));
+        let r =
+            write(&out, &SynthOptions { layers: Some(2), merged: Some(gguf.clone()), ..opts(like, GgmlType::Q4_K, 0) });
+        let c = &r.config;
+        assert_eq!((c.n_layer_dense_lead, c.n_expert, c.mla.map(|m| m.q_lora_rank)), (1, n_expert, Some(q_lora)));
+        llama_runs(&gguf, c.n_vocab as i32, c.n_embd as i32, 2);
+        sage_matches_llama_cpp(&out, &gguf, like, 8);
+    }
+}
