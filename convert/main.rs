@@ -13,7 +13,7 @@ use sage::synth::{strategy, synth, synth_config, SynthOptions, ROUTING_NOTICE};
 use sage::usage::Usage;
 
 /// Convert a Mixture-of-Experts checkpoint (Hugging Face directory or llama.cpp GGUF; Qwen3-MoE,
-/// Qwen3-Omni's thinker, Mixtral, OLMoE, Qwen2-MoE, gpt-oss, Qwen3.5-MoE, Qwen3-Next, GLM-4.5)
+/// Qwen3-Omni's thinker, Mixtral, OLMoE, Qwen2-MoE, gpt-oss, Qwen3.5-MoE, Qwen3-Next, GLM-4.5, DeepSeek-V3 and V2)
 /// into a sage model directory: base.gguf
 /// (everything but the experts) plus one expert shard per layer.
 #[derive(Parser)]
@@ -31,7 +31,7 @@ struct Cli {
 #[derive(Args)]
 struct ConvertArgs {
     /// Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json) or a
-    /// llama.cpp .gguf file (qwen3moe, llama with experts, olmoe, qwen2moe, gpt-oss, qwen35moe, qwen3next, glm4moe).
+    /// llama.cpp .gguf file (qwen3moe, llama with experts, olmoe, qwen2moe, gpt-oss, qwen35moe, qwen3next, glm4moe, deepseek2).
     #[arg(required = true)]
     input: Option<PathBuf>,
     /// Output model directory.
@@ -86,8 +86,9 @@ enum Command {
     /// Random routing is near uniform, so expert hit rates measured on it are a worst case.
     Synth {
         /// The model whose shapes to copy: qwen3-30b-a3b, qwen3-omni-30b-a3b, mixtral-8x7b,
-        /// olmoe-1b-7b, qwen1.5-moe-a2.7b, gpt-oss-20b, gpt-oss-120b, tiny, or the path of a
-        /// Hugging Face config.json.
+        /// olmoe-1b-7b, qwen1.5-moe-a2.7b, gpt-oss-20b, gpt-oss-120b, qwen3.5-35b-a3b,
+        /// qwen3.5-122b-a10b, qwen3.5-397b-a17b, qwen3-next-80b-a3b, glm-4.5, glm-4.5-air,
+        /// deepseek-v3, deepseek-v2-lite, tiny, or the path of a Hugging Face config.json.
         #[arg(long)]
         like: String,
         /// Type of the matrices (base and experts): f32, f16, bf16, q8_0, q6_k, q5_k, q4_k,
