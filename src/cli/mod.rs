@@ -597,9 +597,22 @@ pub fn run(dir: &Path, job: RunJob, opts: EngineOptions, warm: Option<&Path>) ->
     let gen = GenOptions { max_tokens: job.max_tokens, stop_ids: tokenizer.eog.clone(), ..Default::default() };
     let mut stdout = std::io::stdout().lock();
     let json = job.json;
+    // JSON: one line per token. After the last token the engine hands over what it held back
+    // (an incomplete character, text that could have begun a stop string) with no id: that
+    // text belongs to the last token's line, so each line waits for the next call (or the
+    // end) before it is written.
+    let mut pending: Option<(u32, String)> = None;
     let g = engine.generate(&tokenizer, &ids, &gen, &mut sampler, |id, piece| {
         if json {
-            let _ = writeln!(stdout, "{}", serde_json::json!({"id": id, "text": piece}));
+            match (id, pending.as_mut()) {
+                (None, Some((_, text))) => text.push_str(piece),
+                (id, _) => {
+                    if let Some((id, text)) = pending.take() {
+                        let _ = writeln!(stdout, "{}", serde_json::json!({"id": id, "text": text}));
+                    }
+                    pending = id.map(|id| (id, piece.to_string()));
+                }
+            }
         } else {
             let _ = write!(stdout, "{piece}");
             let _ = stdout.flush();
@@ -607,6 +620,9 @@ pub fn run(dir: &Path, job: RunJob, opts: EngineOptions, warm: Option<&Path>) ->
         true
     })?;
     if json {
+        if let Some((id, text)) = pending {
+            writeln!(stdout, "{}", serde_json::json!({"id": id, "text": text}))?;
+        }
         writeln!(stdout, "{}", serde_json::json!({ "stats": run_stats(&g, &engine) }))?;
     } else {
         writeln!(stdout)?;

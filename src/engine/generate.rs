@@ -90,17 +90,18 @@ fn held_back(text: &str, stop: &[String]) -> usize {
 }
 
 impl Engine {
-    /// Generate from `prompt_ids`. `on_token(id, text)` sees each token as it is made, with the
-    /// text it completes (empty while a UTF-8 character is incomplete or the text could be the
-    /// start of a stop string; such text comes with a later token); returning false stops the
-    /// generation (`Finish::Cancelled`) after that token.
+    /// Generate from `prompt_ids`. `on_token(Some(id), text)` sees each token as it is made,
+    /// with the text it completes (empty while a UTF-8 character is incomplete or the text could
+    /// be the start of a stop string; such text comes with a later token, or after the last
+    /// token as `on_token(None, text)`); returning false stops the generation
+    /// (`Finish::Cancelled`) after that token.
     pub fn generate(
         &mut self,
         tokenizer: &Tokenizer,
         prompt_ids: &[u32],
         opts: &GenOptions,
         sampler: &mut Sampler,
-        mut on_token: impl FnMut(u32, &str) -> bool,
+        mut on_token: impl FnMut(Option<u32>, &str) -> bool,
     ) -> Result<Generation> {
         if prompt_ids.is_empty() {
             return Err(Error::Usage("the prompt is empty".into()));
@@ -150,13 +151,13 @@ impl Engine {
             if let Some(at) = found {
                 text.truncate(at);
                 let piece = text.get(sent..).unwrap_or("").to_string();
-                on_token(id, &piece);
+                on_token(Some(id), &piece);
                 stop = Finish::Stop;
                 break;
             }
             let ready = text.len() - held_back(&text, &opts.stop);
             let piece = &text[sent.min(ready)..ready];
-            let go_on = on_token(id, piece);
+            let go_on = on_token(Some(id), piece);
             sent = sent.max(ready);
             if !go_on {
                 stop = Finish::Cancelled;
@@ -176,7 +177,7 @@ impl Engine {
             // character left undecoded.
             text.push_str(&detok.flush()?);
             if text.len() > sent {
-                on_token(*out.last().unwrap_or(&0), &text[sent..]);
+                on_token(None, &text[sent..]);
             }
         }
         let gen_time = t1.elapsed();

@@ -133,10 +133,13 @@ fn engine_matches_llama_cpp(family: &str) {
             assert!(da <= engine_tol(ty, false), "{family} {ty} {}: {da}", p.name);
             let (pb, pab) = (per_position(&b, &want), per_position(&a, &b));
             let rec = full.config.recurrent_layers.contains(&true);
-            // A scaled sigmoid router at q8_0: see `isolated_rounding_steps`.
-            let steps = ty == GgmlType::Q8_0 && full.config.gating != sage::config::Gating::default();
-            let ok =
-                |d: &[f32]| within_engine_tol_of(d, ty, true, false, rec) || steps && isolated_rounding_steps(d, 0.0);
+            // A scaled sigmoid router at q8_0 or a k-quant: see `isolated_rounding_steps` and
+            // `scaled_router_rounding_steps`.
+            let steps = ty != GgmlType::F32 && full.config.gating != sage::config::Gating::default();
+            let ok = |d: &[f32]| {
+                within_engine_tol_of(d, ty, true, false, rec)
+                    || steps && scaled_router_rounding_steps(d, engine_tol(ty, true))
+            };
             assert!(ok(&pb), "{family} {ty} {}: {pb:?}", p.name);
             assert!(ok(&pab), "{family} {ty} {}: {pab:?}", p.name);
             if ty == GgmlType::F32 {

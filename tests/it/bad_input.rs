@@ -29,12 +29,12 @@ fn unknown_architecture() {
     let dir = tmp();
     let c = damaged_copy(dir.path());
     let cfg =
-        std::fs::read_to_string(c.join("config.json")).unwrap().replace("Qwen3MoeForCausalLM", "DeepseekV2ForCausalLM");
+        std::fs::read_to_string(c.join("config.json")).unwrap().replace("Qwen3MoeForCausalLM", "DeepseekV32ForCausalLM");
     std::fs::write(c.join("config.json"), cfg).unwrap();
     let e = convert_err(&c, dir.path());
     // One error, listing every architecture sage converts, and nothing written.
     assert!(!dir.path().join("out").exists(), "{e}");
-    assert!(e.contains("config.json: unsupported architecture 'DeepseekV2ForCausalLM'; sage supports "), "{e}");
+    assert!(e.contains("config.json: unsupported architecture 'DeepseekV32ForCausalLM'; sage supports "), "{e}");
     for a in ["Qwen3MoeForCausalLM", "MixtralForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM"] {
         assert!(e.contains(a), "{a} not listed: {e}");
     }
