@@ -721,6 +721,18 @@ impl fmt::Display for Footprint {
             c.n_ff_exp,
             if c.tie_word_embeddings { "yes" } else { "no" }
         )?;
+        if let Some(m) = c.mla {
+            writeln!(
+                f,
+                "  latent attention: per token and layer a cached row of {} values (latent {} + RoPE {}); heads of {} (q/k) and {} (v){}",
+                c.head_dim,
+                m.kv_lora_rank,
+                c.n_rot,
+                m.qk_nope + c.n_rot,
+                m.v_head_dim,
+                if m.q_lora_rank > 0 { format!(", q LoRA rank {}", m.q_lora_rank) } else { String::new() }
+            )?;
+        }
         writeln!(
             f,
             "  {} experts in all, {} active per token; expert records and arena slots aligned to {} bytes",
