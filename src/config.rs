@@ -542,7 +542,9 @@ impl HfConfig<'_> {
             if m != want {
                 return Err(self.err(
                     &[&key("mscale")],
-                    format!("expected {want} with mscale_all_dim {all} (llama.cpp's GGUF cannot express another), got {m}"),
+                    format!(
+                        "expected {want} with mscale_all_dim {all} (llama.cpp's GGUF cannot express another), got {m}"
+                    ),
                 ));
             }
         }

@@ -100,7 +100,9 @@ fn new_conversion_id() -> String {
 fn choose(name: &str, role: Role, src: &TensorMeta, wanted: Option<GgmlType>, fallbacks: &mut Vec<String>) -> GgmlType {
     let w = if matches!(role, Role::Weight | Role::Float) { wanted.unwrap_or(src.ty) } else { GgmlType::F32 };
     let got = role.target_type(w, src.ne[0]);
-    if got != w {
+    if role == Role::Float && got != w {
+        fallbacks.push(format!("{name}: kept in {got}, as llama.cpp's quantizer leaves it unquantized"));
+    } else if got != w {
         fallbacks.push(format!(
             "{name}: rows of {} do not fit {w} blocks of {}; using {got}",
             src.ne[0],

@@ -415,35 +415,60 @@ fn deepseek_configs_sage_cannot_run_are_refused_clearly() {
     let v2: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("deepseek2").join("config.json")).unwrap()).unwrap();
     let dir = tmp();
-    let refused = |cfg: &serde_json::Value, edit: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>), want: &[&str]| {
-        let mut c = cfg.clone();
-        edit(c.as_object_mut().unwrap());
-        let path = dir.path().join("config.json");
-        std::fs::write(&path, serde_json::to_string(&c).unwrap()).unwrap();
-        let err = sage::config::read_hf_config(&path).map(|_| ()).unwrap_err().to_string();
-        for w in want {
-            assert!(err.contains(w), "{err:?} does not say {w:?}");
-        }
-    };
-    refused(&v2, &|c| {
-        c.insert("topk_method".into(), "group_limited_greedy".into());
-        c.insert("n_group".into(), 4.into());
-        c.insert("topk_group".into(), 2.into());
-    }, &["topk_method", "best expert"]);
-    refused(&base, &|c| {
-        c.insert("rope_interleave".into(), false.into());
-    }, &["rope_interleave"]);
-    refused(&base, &|c| {
-        c["rope_parameters"]["mscale"] = 0.5.into();
-    }, &["mscale", "llama.cpp"]);
-    refused(&base, &|c| {
-        c.insert("attention_bias".into(), true.into());
-    }, &["attention_bias"]);
-    refused(&base, &|c| {
-        c.insert("scoring_func".into(), "softmax".into());
-    }, &["scoring_func", "sigmoid"]);
-    refused(&base, &|c| {
-        c.insert("architectures".into(), serde_json::json!(["DeepseekV32ForCausalLM"]));
-        c.insert("model_type".into(), "deepseek_v32".into());
-    }, &["DeepseekV32ForCausalLM", "DeepseekV3ForCausalLM", "Glm4MoeForCausalLM"]);
+    let refused =
+        |cfg: &serde_json::Value, edit: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>), want: &[&str]| {
+            let mut c = cfg.clone();
+            edit(c.as_object_mut().unwrap());
+            let path = dir.path().join("config.json");
+            std::fs::write(&path, serde_json::to_string(&c).unwrap()).unwrap();
+            let err = sage::config::read_hf_config(&path).map(|_| ()).unwrap_err().to_string();
+            for w in want {
+                assert!(err.contains(w), "{err:?} does not say {w:?}");
+            }
+        };
+    refused(
+        &v2,
+        &|c| {
+            c.insert("topk_method".into(), "group_limited_greedy".into());
+            c.insert("n_group".into(), 4.into());
+            c.insert("topk_group".into(), 2.into());
+        },
+        &["topk_method", "best expert"],
+    );
+    refused(
+        &base,
+        &|c| {
+            c.insert("rope_interleave".into(), false.into());
+        },
+        &["rope_interleave"],
+    );
+    refused(
+        &base,
+        &|c| {
+            c["rope_parameters"]["mscale"] = 0.5.into();
+        },
+        &["mscale", "llama.cpp"],
+    );
+    refused(
+        &base,
+        &|c| {
+            c.insert("attention_bias".into(), true.into());
+        },
+        &["attention_bias"],
+    );
+    refused(
+        &base,
+        &|c| {
+            c.insert("scoring_func".into(), "softmax".into());
+        },
+        &["scoring_func", "sigmoid"],
+    );
+    refused(
+        &base,
+        &|c| {
+            c.insert("architectures".into(), serde_json::json!(["DeepseekV32ForCausalLM"]));
+            c.insert("model_type".into(), "deepseek_v32".into());
+        },
+        &["DeepseekV32ForCausalLM", "DeepseekV3ForCausalLM", "Glm4MoeForCausalLM"],
+    );
 }

@@ -28,8 +28,9 @@ fn damaged_copy(dir: &Path) -> PathBuf {
 fn unknown_architecture() {
     let dir = tmp();
     let c = damaged_copy(dir.path());
-    let cfg =
-        std::fs::read_to_string(c.join("config.json")).unwrap().replace("Qwen3MoeForCausalLM", "DeepseekV32ForCausalLM");
+    let cfg = std::fs::read_to_string(c.join("config.json"))
+        .unwrap()
+        .replace("Qwen3MoeForCausalLM", "DeepseekV32ForCausalLM");
     std::fs::write(c.join("config.json"), cfg).unwrap();
     let e = convert_err(&c, dir.path());
     // One error, listing every architecture sage converts, and nothing written.

@@ -510,15 +510,36 @@ fn footprint_of_deepseek_counts_latent_attention_and_its_cache() {
     //  experts, q_lora_rank (0: plain q), heads, vocab, a correction bias, published total and
     //  active parameters: DeepSeek-V3 671B / 37B without its MTP layer, V2-Lite 15.7B / 2.4B)
     let models = [
-        ("deepseek-v3", 61u64, 3u64, 7168u64, 18432u64, 2048u64, 256u64, 8u64, 1u64, 1536u64, 128u64, 129280u64, true, 671e9, 37e9),
+        (
+            "deepseek-v3",
+            61u64,
+            3u64,
+            7168u64,
+            18432u64,
+            2048u64,
+            256u64,
+            8u64,
+            1u64,
+            1536u64,
+            128u64,
+            129280u64,
+            true,
+            671e9,
+            37e9,
+        ),
         ("deepseek-v2-lite", 27, 1, 2048, 10944, 1408, 64, 6, 2, 0, 16, 102400, false, 15.7e9, 2.4e9),
     ];
     for (name, n_layer, dense, e, ff, ffe, n_expert, used, shared, q_lora, nh, vocab, bias, total, active) in models {
         let (kvr, rope, nope, vd) = (512u64, 64u64, 128u64, 128u64);
         let w = bf16;
-        let q = if q_lora > 0 { w(e * q_lora) + f32(q_lora) + w(q_lora * nh * (nope + rope)) } else { w(e * nh * (nope + rope)) };
+        let q = if q_lora > 0 {
+            w(e * q_lora) + f32(q_lora) + w(q_lora * nh * (nope + rope))
+        } else {
+            w(e * nh * (nope + rope))
+        };
         // kv_a_mqa, its norm, kv_b_proj split in attn_k_b and attn_v_b, o, 2 norms
-        let attn = q + w(e * (kvr + rope)) + f32(kvr) + w(nope * kvr * nh) + w(kvr * vd * nh) + w(nh * vd * e) + f32(2 * e);
+        let attn =
+            q + w(e * (kvr + rope)) + f32(kvr) + w(nope * kvr * nh) + w(kvr * vd * nh) + w(nh * vd * e) + f32(2 * e);
         let moe = f32(e * n_expert) + if bias { f32(n_expert) } else { 0 } + 3 * w(e * shared * ffe);
         let base = 2 * w(vocab * e) + n_layer * attn + dense * 3 * w(e * ff) + (n_layer - dense) * moe + f32(e);
         let f = footprint(&configs().join(format!("{name}.config.json")), &FootprintOptions::default()).unwrap();
@@ -532,7 +553,12 @@ fn footprint_of_deepseek_counts_latent_attention_and_its_cache() {
         assert_eq!(f.state.kv_bytes_per_token, n_layer * (kvr + rope) * 2, "{name} latent cache per token");
         let params = (b.base_bytes + b.experts_bytes) as f64 / 2.0;
         let act = (b.base_bytes + b.active_bytes) as f64 / 2.0 - (vocab * e) as f64;
-        eprintln!("{name}: {:.2}e9 parameters, {:.2}e9 active, {} B latent cache per token", params / 1e9, act / 1e9, f.state.kv_bytes_per_token);
+        eprintln!(
+            "{name}: {:.2}e9 parameters, {:.2}e9 active, {} B latent cache per token",
+            params / 1e9,
+            act / 1e9,
+            f.state.kv_bytes_per_token
+        );
         near(&format!("{name} parameters"), params as u64, total, 0.03);
         near(&format!("{name} active parameters"), act as u64, active, 0.08);
     }
