@@ -168,13 +168,13 @@ fn state_line(engine: &Engine) -> String {
     let ckpt = engine.state().plan().checkpoint_bytes;
     let parts = if ckpt > 0 { [parts, vec![format!("checkpoints {}", short_bytes(ckpt))]].concat() } else { parts };
     let o = engine.state().options();
-    format!(
-        "{} ({} K, {} V, {})",
-        parts.join(" + "),
-        o.k_type,
-        o.v_type,
-        if o.flash_attn { "flash attention" } else { "no flash attention" }
-    )
+    // A latent cache has no V of its own: the values are a view of its rows.
+    let types = if engine.config.mla.is_some() {
+        format!("{} latent rows", o.k_type)
+    } else {
+        format!("{} K, {} V", o.k_type, o.v_type)
+    };
+    format!("{} ({types}, {})", parts.join(" + "), if o.flash_attn { "flash attention" } else { "no flash attention" })
 }
 
 /// `sage run --stats`: speed, expert traffic, prefetch and memory, a line each.
