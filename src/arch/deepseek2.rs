@@ -21,7 +21,7 @@
 //! their best expert) is refused: llama.cpp's deepseek2 scores groups by their two best, so a GGUF
 //! of it would compute another model. The next-token-prediction layer is skipped and named.
 
-use super::glm4moe::{dense_ffn_tensors, dense_or_shared_ffn, gating_gguf, gating_hf, gating_kv, moe_router_tensors};
+use super::glm4moe::{dense_lead_and_ffn_hf, dense_or_shared_ffn, ffn_tensors, gating_gguf, gating_hf, gating_kv};
 use super::{Arch, FromHf, Role, TensorSpec};
 use crate::config::{Gating, GatingFunc, GgufKeys, HfConfig, HfDefaults, Mla, ModelConfig};
 use crate::error::Result;
@@ -82,19 +82,7 @@ impl Arch for Deepseek2 {
         cfg.head_dim = mla.k_row(cfg.n_rot);
         cfg.n_head_kv = 1;
         cfg.mla = Some(mla);
-        cfg.n_layer_dense_lead = c.get(&["first_k_dense_replace"]).map_or(Ok(0), |v| {
-            v.as_u64()
-                .filter(|&n| n < cfg.n_layer as u64)
-                .map(|n| n as u32)
-                .ok_or_else(|| c.err(&["first_k_dense_replace"], format!("expected 0 to {}, got {v}", cfg.n_layer - 1)))
-        })?;
-        cfg.n_ff = if cfg.n_layer_dense_lead > 0 {
-            c.size("n_ff", &["intermediate_size"])?
-        } else {
-            c.get(&["intermediate_size"]).and_then(|v| v.as_u64()).unwrap_or(0)
-        };
-        cfg.n_ff_exp = c.size("n_ff_exp", &["moe_intermediate_size"])?;
-        cfg.n_ff_shexp = cfg.n_ff_exp * c.size_or("n_ff_shexp", &["n_shared_experts"], 1)?;
+        dense_lead_and_ffn_hf(c, &mut cfg, 0)?;
         let scoring = c.get(&["scoring_func"]).and_then(|v| v.as_str()).unwrap_or(if v3 { "sigmoid" } else { "softmax" });
         let method = c.get(&["topk_method"]).and_then(|v| v.as_str()).unwrap_or(if v3 { "noaux_tc" } else { "greedy" });
         match (v3, scoring, method) {
@@ -231,17 +219,7 @@ impl Arch for Deepseek2 {
             l(ATTN_OUT, &[nh * vd, e], Role::Weight, "layers.{il}.self_attn.o_proj.weight"),
             l(FFN_NORM, &[e], Role::Norm, "layers.{il}.post_attention_layernorm.weight"),
         ]);
-        if cfg.is_dense(il) {
-            t.extend(dense_ffn_tensors(cfg, il));
-        } else {
-            t.extend(moe_router_tensors(cfg, il));
-            let f = cfg.n_ff_shexp;
-            t.extend([
-                l(FFN_GATE_SHEXP, &[e, f], Role::Weight, "layers.{il}.mlp.shared_experts.gate_proj.weight"),
-                l(FFN_UP_SHEXP, &[e, f], Role::Weight, "layers.{il}.mlp.shared_experts.up_proj.weight"),
-                l(FFN_DOWN_SHEXP, &[f, e], Role::Weight, "layers.{il}.mlp.shared_experts.down_proj.weight"),
-            ]);
-        }
+        t.extend(ffn_tensors(cfg, il));
         t
     }
 

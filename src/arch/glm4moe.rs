@@ -42,20 +42,7 @@ impl Arch for Glm4Moe {
     fn hparams_hf(&self, c: &HfConfig, name: String) -> Result<ModelConfig> {
         let mut cfg = c.common(self.name(), name, HfDefaults { rms_eps: 1e-5, rope_theta: 10000.0, yarn: false })?;
         cfg.n_rot = c.partial_rotary(cfg.head_dim, 0.5)?;
-        cfg.n_layer_dense_lead = c.get(&["first_k_dense_replace"]).map_or(Ok(1), |v| {
-            v.as_u64()
-                .filter(|&n| n < cfg.n_layer as u64)
-                .map(|n| n as u32)
-                .ok_or_else(|| c.err(&["first_k_dense_replace"], format!("expected 0 to {}, got {v}", cfg.n_layer - 1)))
-        })?;
-        cfg.n_ff = if cfg.n_layer_dense_lead > 0 {
-            c.size("n_ff", &["intermediate_size"])?
-        } else {
-            c.get(&["intermediate_size"]).and_then(|v| v.as_u64()).unwrap_or(0)
-        };
-        cfg.n_ff_exp = c.size("n_ff_exp", &["moe_intermediate_size"])?;
-        let n_shared = c.size_or("n_ff_shexp", &["n_shared_experts"], 1)?;
-        cfg.n_ff_shexp = cfg.n_ff_exp * n_shared;
+        dense_lead_and_ffn_hf(c, &mut cfg, 1)?;
         cfg.norm_topk_prob = c.bool_or(&["norm_topk_prob"], true)?;
         cfg.qk_norm = c.bool_or(&["use_qk_norm"], false)?;
         cfg.gating = gating_hf(c, cfg.n_expert, cfg.n_expert_used)?;
@@ -121,17 +108,7 @@ impl Arch for Glm4Moe {
             t.push(l(ATTN_K_NORM, &[hd], Role::Norm, "layers.{il}.self_attn.k_norm.weight"));
         }
         t.push(l(ATTN_POST_NORM, &[e], Role::Norm, "layers.{il}.post_attention_layernorm.weight"));
-        if cfg.is_dense(il) {
-            t.extend(dense_ffn_tensors(cfg, il));
-        } else {
-            t.extend(moe_router_tensors(cfg, il));
-            let f = cfg.n_ff_shexp;
-            t.extend([
-                l(FFN_GATE_SHEXP, &[e, f], Role::Weight, "layers.{il}.mlp.shared_experts.gate_proj.weight"),
-                l(FFN_UP_SHEXP, &[e, f], Role::Weight, "layers.{il}.mlp.shared_experts.up_proj.weight"),
-                l(FFN_DOWN_SHEXP, &[f, e], Role::Weight, "layers.{il}.mlp.shared_experts.down_proj.weight"),
-            ]);
-        }
+        t.extend(ffn_tensors(cfg, il));
         t
     }
 
@@ -168,6 +145,44 @@ impl Arch for Glm4Moe {
             ("glm-4.5-air", include_str!("../../configs/glm-4.5-air.config.json")),
         ]
     }
+}
+
+/// `first_k_dense_replace` (`default` where absent, fewer than the layers), the dense FFN's
+/// width (`intermediate_size`, needed only with dense layers), the experts' and the shared
+/// experts' (`n_shared_experts` × `moe_intermediate_size`), from a config.json.
+pub(crate) fn dense_lead_and_ffn_hf(c: &HfConfig, cfg: &mut ModelConfig, default: u32) -> Result<()> {
+    let n_layer = cfg.n_layer;
+    cfg.n_layer_dense_lead = c.get(&["first_k_dense_replace"]).map_or(Ok(default), |v| {
+        v.as_u64()
+            .filter(|&n| n < n_layer as u64)
+            .map(|n| n as u32)
+            .ok_or_else(|| c.err(&["first_k_dense_replace"], format!("expected 0 to {}, got {v}", n_layer - 1)))
+    })?;
+    cfg.n_ff = if cfg.n_layer_dense_lead > 0 {
+        c.size("n_ff", &["intermediate_size"])?
+    } else {
+        c.get(&["intermediate_size"]).and_then(|v| v.as_u64()).unwrap_or(0)
+    };
+    cfg.n_ff_exp = c.size("n_ff_exp", &["moe_intermediate_size"])?;
+    cfg.n_ff_shexp = cfg.n_ff_exp * c.size_or("n_ff_shexp", &["n_shared_experts"], 1)?;
+    Ok(())
+}
+
+/// A layer's FFN tensors in the base: a dense layer's FFN, else the router (with its
+/// correction bias where the model chooses with one) and the ungated shared experts.
+pub(crate) fn ffn_tensors(cfg: &ModelConfig, il: u32) -> Vec<TensorSpec> {
+    if cfg.is_dense(il) {
+        return dense_ffn_tensors(cfg, il);
+    }
+    let (e, f) = (cfg.n_embd, cfg.n_ff_shexp);
+    let l = |suffix, ne: &[u64], hf: &str| TensorSpec::layer(il, suffix, ne, Role::Weight, &[hf]);
+    let mut t = moe_router_tensors(cfg, il);
+    t.extend([
+        l(FFN_GATE_SHEXP, &[e, f], "layers.{il}.mlp.shared_experts.gate_proj.weight"),
+        l(FFN_UP_SHEXP, &[e, f], "layers.{il}.mlp.shared_experts.up_proj.weight"),
+        l(FFN_DOWN_SHEXP, &[f, e], "layers.{il}.mlp.shared_experts.down_proj.weight"),
+    ]);
+    t
 }
 
 /// A dense layer's SwiGLU FFN tensors (`mlp.{gate,up,down}_proj`, `intermediate_size` wide).
