@@ -399,6 +399,7 @@ fn format_1_directories_still_open() {
 /// the merged file, and sage computes what it does at the full and the smallest arena.
 #[test]
 fn synth_gpt_oss_20b_has_real_shapes_and_runs_as_llama_cpp() {
+    let _big = big_test();
     use sage::synth::{synth, SynthOptions};
     let dir = tmp();
     let (out, gguf) = (dir.path().join("m"), dir.path().join("m.gguf"));

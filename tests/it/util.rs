@@ -42,6 +42,16 @@ pub fn bundled128() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("models/sage-moe-28m")
 }
 
+/// Held by a test that writes and loads gigabytes (the real-shaped synthetic layers): one at a
+/// time, so that two of them never share this machine's memory and page cache (24 GiB, no
+/// swap) and push each other's files out of it; the lighter tests run beside. (The budget
+/// test runs in a memory cgroup of about a GiB and takes no part.)
+pub fn big_test() -> std::sync::MutexGuard<'static, ()> {
+    static BIG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A failed big test poisons the lock; the next one runs all the same.
+    BIG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 pub fn tmp() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("sage-test-").tempdir().unwrap()
 }
