@@ -358,6 +358,12 @@ pub fn per_position(got: &[Vec<f32>], want: &[Vec<f32>]) -> Vec<f32> {
     got.iter().zip(want).map(|(a, b)| max_abs_diff(std::slice::from_ref(a), std::slice::from_ref(b))).collect()
 }
 
+/// Every position within `ROUNDING_STEP_TOL`, and at least half of them within `tol`
+/// (`synth::within_real_shape_tol`).
+pub fn half_rounding_steps(d: &[f32], tol: f32) -> bool {
+    d.iter().all(|&x| x <= ROUNDING_STEP_TOL) && 2 * d.iter().filter(|&&x| x > tol).count() <= d.len()
+}
+
 /// Every position within `tol`, but at most one within `ROUNDING_STEP_TOL` (see there).
 pub fn close_but_one_rounding_step(d: &[f32], tol: f32) -> bool {
     d.iter().all(|&x| x <= ROUNDING_STEP_TOL) && d.iter().filter(|&&x| x > tol).count() <= 1
